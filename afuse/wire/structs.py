@@ -11,10 +11,10 @@ from struct import Struct
 IN_HEADER = Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen padding
 OUT_HEADER = Struct("<IiQ")  # len error unique
 
-ATTR = Struct("<QQQQQQIIIIIIIIII")
+ATTR = Struct("<QQQqqqIIIIIIIIII")
 ENTRY_OUT = Struct("<QQQQII")  # nodeid generation entry_valid attr_valid entry_nsec attr_nsec (+ attr)
-ENTRY_OUT_FULL = Struct("<QQQQIIQQQQQQIIIIIIIIII")  # entry_out with its fuse_attr flattened
-ATTR_OUT_FULL = Struct("<QIIQQQQQQIIIIIIIIII")  # attr_out with its fuse_attr flattened
+ENTRY_OUT_FULL = Struct("<QQQQIIQQQqqqIIIIIIIIII")  # times signed: pre-1970 works  # entry_out with its fuse_attr flattened
+ATTR_OUT_FULL = Struct("<QIIQQQqqqIIIIIIIIII")  # attr_out with its fuse_attr flattened
 FORGET_IN = Struct("<Q")
 FORGET_ONE = Struct("<QQ")
 BATCH_FORGET_IN = Struct("<II")

@@ -1,0 +1,414 @@
+"""The FUSE session: INIT, reader tasks, the in-flight table, interrupts and shutdown.
+
+Readers work leader/follower: one reader at a time waits on the device; when it has read a
+request it hands the device to the next idle reader and serves the request itself. When no
+reader is left idle a new one is started, each on its own descriptor cloned with
+FUSE_DEV_IOC_CLONE, up to ``max_requests``. A reply is written to the descriptor its request
+came from, in one write.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from . import device
+from .device import Mount, MountOptions
+from .dispatch import Dispatcher, errno_name
+from .errors import MountError, NotNegotiated, SessionError
+from .operations import Operations
+from .wire import replies
+from .wire import requests as r
+from .wire.constants import UNIQUE_RESEND, InitFlag, Opcode
+from .wire.init import InitConfig, InitError, Negotiated, encode_init_reply, encode_version_reply, negotiate
+from .wire.requests import Decoder, ProtocolError, UnknownOpcode
+
+log = logging.getLogger("afuse")
+
+#: Interrupts whose request has not been read yet are remembered; this many at most.
+MAX_EARLY_INTERRUPTS = 1024
+_END_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF)
+
+
+class Session:
+    """A mounted, negotiated FUSE connection being served.
+
+    Obtained from :func:`mount` or ``await nursery.start(serve, ...)``.
+    """
+
+    def __init__(self, ops: Operations, mnt: Mount, config: InitConfig, readers: int,
+                 max_requests: int) -> None:
+        if readers < 1 or max_requests < readers:
+            raise ValueError("need readers >= 1 and max_requests >= readers")
+        self.ops = ops
+        self.mount = mnt
+        self.config = config
+        self.dispatcher = Dispatcher(ops)
+        self.decoder = Decoder()
+        self.readers = readers
+        self.max_requests = max_requests
+        self.negotiated: Negotiated | None = None
+        #: unique -> cancel scope of the request being served.
+        self._inflight: dict[int, trio.CancelScope] = {}
+        self._early_interrupts: OrderedDict[int, None] = OrderedDict()
+        self._interrupted: set[int] = set()
+        self._read_lock = trio.Lock()
+        self._idle = 0
+        self._workers = 0
+        self._closed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._fds: set[int] = set()
+        self._bufsize = 0
+        self._retrieve_waiters: dict[int, trio.MemorySendChannel[r.NotifyReplyRequest]] = {}
+        #: Requests served so far (for tests and statistics).
+        self.served = 0
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def mountpoint(self) -> str:
+        """Where the filesystem is mounted."""
+        return self.mount.mountpoint
+
+    @property
+    def fd(self) -> int:
+        """The session's /dev/fuse descriptor (notifications are written here)."""
+        return self.mount.fd
+
+    @property
+    def errors(self) -> list[BaseException]:
+        """Unexpected exceptions raised by handlers (each was answered EIO and logged)."""
+        return self.dispatcher.errors
+
+    def has(self, flag: InitFlag) -> bool:
+        """True if ``flag`` was negotiated at INIT."""
+        return self.negotiated is not None and self.negotiated.has(flag)
+
+    async def wait_closed(self) -> None:
+        """Wait until serving has ended (unmounted from outside, aborted, or shut down)."""
+        await self._closed.wait()
+
+    @property
+    def closed(self) -> bool:
+        """True once serving has ended."""
+        return self._closed.is_set()
+
+    def write_notification(self, message: bytes) -> int:
+        """Write an encoded notification to the device; OSError (e.g. ENOENT) as the kernel answers."""
+        if self._closed.is_set():
+            raise SessionError("the session is closed")
+        return os.write(self.mount.fd, message)
+
+    def require(self, flag: InitFlag, what: str) -> None:
+        """Raise :class:`NotNegotiated` unless ``flag`` was negotiated."""
+        if not self.has(flag):
+            offered = self.negotiated is not None and bool(self.negotiated.offered & flag)
+            why = "was not asked for" if offered else "is not offered by this kernel"
+            raise NotNegotiated(f"{what} needs {flag.name}, which {why}")
+
+    def expect_notify_reply(self, notify_unique: int) -> trio.MemoryReceiveChannel[r.NotifyReplyRequest]:
+        """A channel that receives the kernel's NOTIFY_REPLY for ``notify_unique``."""
+        send, recv = trio.open_memory_channel[r.NotifyReplyRequest](1)
+        self._retrieve_waiters[notify_unique] = send
+        return recv
+
+    # -- INIT ------------------------------------------------------------------------------
+
+    async def _init(self) -> None:
+        fd = self.mount.fd
+        buf = bytearray(1 << 16)
+        while True:
+            n = await self._read(fd, buf)
+            if n is None:
+                raise SessionError("the connection closed before INIT")
+            try:
+                req = self.decoder.decode(memoryview(buf)[:n])
+            except ProtocolError as e:
+                raise SessionError(f"bad first request from the kernel: {e}") from e
+            if not isinstance(req, r.InitRequest):
+                raise SessionError(f"expected INIT from the kernel, got {type(req).opcode.name}")
+            if req.major > 7:
+                os.write(fd, encode_version_reply(req.unique))
+                continue
+            wanted = self.dispatcher.wanted_flags(self.config)
+            try:
+                neg = negotiate(req, self.config, wanted)
+            except InitError as e:
+                os.write(fd, replies.error(req.unique, errno.EPROTO))
+                raise SessionError(str(e)) from e
+            os.write(fd, encode_init_reply(req.unique, neg))
+            break
+        self.negotiated = neg
+        self.decoder.setxattr_ext = neg.has(InitFlag.SETXATTR_EXT)
+        self._bufsize = neg.read_buffer_size
+        if neg.refused:
+            log.info("kernel did not offer: %s", neg.refused)
+        log.debug("INIT: kernel 7.%d, negotiated 7.%d, flags %s, max_write %d",
+                  neg.kernel_minor, neg.minor, neg.flags, neg.max_write)
+        self.ops.init(neg)
+
+    # -- reading and writing ------------------------------------------------------------------
+
+    async def _read(self, fd: int, buf: bytearray) -> int | None:
+        """Read one request; None when the connection has ended."""
+        while True:
+            try:
+                return os.readv(fd, (buf,))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+            except InterruptedError:
+                pass
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # the request was interrupted while being read
+                    continue
+                if e.errno in _END_ERRNOS:
+                    return None
+                raise
+
+    def _write(self, fd: int, data: bytes, unique: int) -> None:
+        try:
+            os.write(fd, data)
+        except OSError as e:
+            if e.errno == errno.ENOENT:  # interrupted/aborted/resent meanwhile: nobody waits
+                log.debug("reply to unique %d: nobody waits (ENOENT)", unique)
+            elif e.errno in _END_ERRNOS:
+                log.debug("reply to unique %d after the connection ended", unique)
+            else:
+                log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, len(data), e)
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def _run_workers(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._start_worker(self.mount.fd, permanent=True)
+                for _ in range(self.readers - 1):
+                    self._start_worker(None, permanent=True)
+
+    def _start_worker(self, fd: int | None, permanent: bool) -> None:
+        if fd is None:
+            try:
+                fd = device.clone_device(self.mount.fd)
+            except OSError as e:
+                log.warning("cannot clone /dev/fuse (%s); serving with fewer readers", e)
+                return
+            device.set_nonblocking(fd)
+            self._fds.add(fd)
+        self._workers += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._worker, fd, permanent)
+
+    async def _worker(self, fd: int, permanent: bool) -> None:
+        buf = bytearray(self._bufsize)
+        mv = memoryview(buf)
+        lock = self._read_lock
+        try:
+            while True:
+                self._idle += 1
+                try:
+                    async with lock:
+                        n = await self._read(fd, buf)
+                finally:
+                    self._idle -= 1
+                if n is None:
+                    self._closed.set()
+                    return
+                if self._idle == 0 and self._workers < self.max_requests:
+                    self._start_worker(None, permanent=False)
+                await self._process(fd, mv[:n])
+                if not permanent and self._idle >= self.readers:
+                    return
+        finally:
+            self._workers -= 1
+            if fd != self.mount.fd:
+                self._fds.discard(fd)
+                os.close(fd)
+
+    async def _process(self, fd: int, data: memoryview) -> None:
+        try:
+            req = self.decoder.decode(data)
+        except UnknownOpcode as e:
+            log.warning("%s; answering ENOSYS", e)
+            self._write(fd, replies.error(e.unique, errno.ENOSYS), e.unique)
+            return
+        except ProtocolError as e:
+            log.error("malformed request from the kernel: %s", e)
+            if e.unique and e.opcode not in _NO_REPLY:
+                self._write(fd, replies.error(e.unique, errno.EIO), e.unique)
+            return
+        cls = type(req)
+        if cls is r.ForgetRequest:
+            await self.dispatcher.forget(req)  # type: ignore[arg-type]
+            return
+        if cls is r.InterruptRequest:
+            self._interrupt(req)  # type: ignore[arg-type]
+            return
+        if cls is r.NotifyReplyRequest:
+            self._notify_reply(req)  # type: ignore[arg-type]
+            return
+        unique = req.unique
+        debug = log.isEnabledFor(logging.DEBUG)
+        t0 = time.perf_counter() if debug else 0.0
+        with trio.CancelScope() as scope:
+            self._inflight[unique] = scope
+            if self._early_interrupts and self._early_interrupts.pop(unique & ~UNIQUE_RESEND, 0) is None:
+                self._interrupted.add(unique)
+                scope.cancel()
+            try:
+                reply = await self.dispatcher.handle(req)
+            finally:
+                del self._inflight[unique]
+        if scope.cancelled_caught:
+            self._interrupted.discard(unique)
+            reply = replies.error(unique, errno.EINTR)
+        elif unique in self._interrupted:
+            self._interrupted.discard(unique)
+        self.served += 1
+        if reply is not None:
+            self._write(fd, reply, unique)
+        if debug:
+            code = -int.from_bytes(reply[4:8], "little", signed=True) if reply else 0
+            log.debug("%s unique=%d nodeid=%d -> %s (%d bytes) in %.1f us",
+                      cls.opcode.name, unique, req.nodeid, errno_name(code),
+                      len(reply) if reply else 0, (time.perf_counter() - t0) * 1e6)
+
+    def _interrupt(self, req: r.InterruptRequest) -> None:
+        target = req.target
+        scope = self._inflight.get(target)
+        if scope is None:
+            scope = self._inflight.get(target | UNIQUE_RESEND)
+        if scope is not None:
+            log.debug("INTERRUPT of unique %d: cancelling its handler", target)
+            self._interrupted.add(target)
+            scope.cancel()
+            return
+        # Not read yet (another daemon read it, or it is being resent): remember it.
+        self._early_interrupts[target & ~UNIQUE_RESEND] = None
+        if len(self._early_interrupts) > MAX_EARLY_INTERRUPTS:
+            self._early_interrupts.popitem(last=False)
+
+    def _notify_reply(self, req: r.NotifyReplyRequest) -> None:
+        send = self._retrieve_waiters.pop(req.unique, None)
+        if send is None:
+            log.warning("NOTIFY_REPLY for unknown retrieve %d ignored", req.unique)
+            return
+        try:
+            send.send_nowait(req)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        send.close()
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        """Unmount (if still mounted) while the readers keep serving, then wait for them."""
+        if not self._closed.is_set():
+            try:
+                await trio.to_thread.run_sync(self._unmount)
+            except Exception as e:  # pragma: no cover - logged, the fds are closed anyway
+                log.error("unmounting %s failed: %s", self.mountpoint, e)
+            with trio.move_on_after(5):
+                await self._closed.wait()
+
+    def _unmount(self) -> None:
+        try:
+            self.mount.unmount()
+        except MountError as e:
+            if e.errno == errno.EBUSY:
+                log.warning("%s is busy; detaching it lazily", self.mountpoint)
+                self.mount.unmount(lazy=True)
+            else:
+                raise
+
+    def _close_fds(self) -> None:
+        for fd in list(self._fds):
+            self._fds.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.mount.close()
+        self._closed.set()
+
+
+_NO_REPLY = (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.NOTIFY_REPLY, Opcode.INTERRUPT)
+
+
+async def serve(
+    ops: Operations,
+    mountpoint: str | os.PathLike[str],
+    *,
+    options: MountOptions | str | None = None,
+    config: InitConfig | None = None,
+    readers: int = 2,
+    max_requests: int = 64,
+    task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount ``ops`` on ``mountpoint`` and serve it until unmounted or cancelled.
+
+    For ``await nursery.start(serve, ops, path)``: returns the :class:`Session` once the
+    filesystem answers requests. Cancelling unmounts. ``readers`` descriptors always wait for
+    requests; at most ``max_requests`` requests are served at once.
+    """
+    opts = MountOptions.parse(options) if isinstance(options, str) else (options or MountOptions())
+    cfg = config or InitConfig()
+    mnt = await trio.to_thread.run_sync(device.mount, os.fspath(mountpoint), opts)
+    session = Session(ops, mnt, cfg, readers, max_requests)
+    try:
+        device.set_nonblocking(mnt.fd)
+        with trio.fail_after(30):
+            await session._init()
+        async with trio.open_nursery() as nursery:
+            worker_scope = trio.CancelScope(shield=True)
+            nursery.start_soon(session._run_workers, worker_scope)
+            task_status.started(session)
+            try:
+                await session._closed.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await session._shutdown()
+                worker_scope.cancel()
+    except BaseException:
+        if not session.closed:
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(session._unmount)
+                except Exception as e:
+                    log.debug("unmount after failure: %s", e)
+        raise
+    finally:
+        for fd in (mnt.fd, *session._fds):
+            trio.lowlevel.notify_closing(fd)
+        session._close_fds()
+
+
+@asynccontextmanager
+async def mount(
+    ops: Operations,
+    mountpoint: str | os.PathLike[str],
+    **kwargs: Any,
+) -> AsyncIterator[Session]:
+    """Serve ``ops`` on ``mountpoint`` for the duration of the ``async with`` block.
+
+    Keyword arguments are those of :func:`serve`. Leaving the block unmounts.
+    """
+    async with trio.open_nursery() as nursery:
+        session: Session = await nursery.start(_serve_kw, ops, mountpoint, kwargs)
+        try:
+            yield session
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _serve_kw(ops: Operations, mountpoint: str | os.PathLike[str], kwargs: dict[str, Any],
+                    task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+    await serve(ops, mountpoint, task_status=task_status, **kwargs)

@@ -1,0 +1,274 @@
+"""Mount throw-away filesystems in tests.
+
+Three forms, all unmounting afterwards and never leaving a mount behind:
+
+* :func:`mounted` — a plain ``with`` block for synchronous tests: the filesystem's trio loop runs
+  in another thread, so the test thread may use ``open()`` and ``os.*`` on ``m.path``.
+* :func:`mounted_process` — the filesystem runs in a child process, for tests that would hold
+  the GIL while the kernel waits on the filesystem (a page fault on an mmap of a file on it).
+* :func:`trio_mount` — an ``async with`` for trio tests; touch the mount only from threads
+  (``trio.to_thread.run_sync``, ``trio.Path``), never from the loop serving it.
+
+The pytest plugin (:mod:`afuse.pytest_plugin`) wraps them as fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import trio
+
+from . import device
+from .device import MountOptions
+from .errors import MountError
+from .operations import Operations
+from .session import Session, serve
+from .wire.init import InitConfig
+
+
+class HandlerErrors(Exception):
+    """Handlers raised unexpected exceptions while a test used the filesystem (see ``__cause__``)."""
+
+
+class MountedFS:
+    """A filesystem served in a background thread; ``path`` is its mountpoint."""
+
+    def __init__(self, path: str, session: Session, ops: Operations) -> None:
+        self.path = path
+        self.session = session
+        self.ops = ops
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def join(self, *parts: str) -> str:
+        """``os.path.join(self.path, *parts)``."""
+        return os.path.join(self.path, *parts)
+
+
+def _make_mountpoint(mountpoint: str | None) -> tuple[str, bool]:
+    if mountpoint is not None:
+        return os.fspath(mountpoint), False
+    d = tempfile.mkdtemp(prefix="afuse-mnt-")
+    os.chmod(d, 0o755)
+    return d, True
+
+
+def _cleanup_mountpoint(path: str, made: bool) -> None:
+    for mp, _fstype, _src in device.find_mounts():
+        if mp == os.path.realpath(path):
+            with contextlib.suppress(OSError):
+                device.unmount(path, lazy=True)
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+@contextlib.contextmanager
+def mounted(
+    ops: Operations,
+    *,
+    options: MountOptions | str | None = None,
+    config: InitConfig | None = None,
+    mountpoint: str | None = None,
+    timeout: float = 20.0,
+    raise_handler_errors: bool = True,
+    **serve_kwargs: Any,
+) -> Iterator[MountedFS]:
+    """Serve ``ops`` in a background thread on a fresh directory (or ``mountpoint``).
+
+    On exit the filesystem is unmounted (aborted if it does not stop within ``timeout``), and
+    unexpected handler exceptions are raised as :class:`HandlerErrors`.
+    """
+    path, made = _make_mountpoint(mountpoint)
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            box["token"] = trio.lowlevel.current_trio_token()
+            box["scope"] = nursery.cancel_scope
+            session = await nursery.start(
+                partial(serve, ops, path, options=options, config=config, **serve_kwargs))
+            box["session"] = session
+            started.set()
+            await session.wait_closed()
+            nursery.cancel_scope.cancel()
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as e:  # reported to the test thread
+            box["error"] = e
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, name=f"afuse {path}", daemon=True)
+    thread.start()
+    if not started.wait(timeout):
+        _cleanup_mountpoint(path, made)
+        raise MountError(0, f"mounting {path} did not finish within {timeout} s")
+    if "error" in box:
+        thread.join(timeout)
+        _cleanup_mountpoint(path, made)
+        raise box["error"]
+    session: Session = box["session"]
+    try:
+        yield MountedFS(path, session, ops)
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            box["token"].run_sync_soon(box["scope"].cancel)
+        thread.join(timeout)
+        if thread.is_alive():
+            # A handler that never finishes: abort the connection, which fails every request.
+            with contextlib.suppress(OSError):
+                session.mount.abort()
+            thread.join(timeout)
+        _cleanup_mountpoint(path, made)
+    if "error" in box and not isinstance(box["error"], KeyboardInterrupt):
+        raise box["error"]
+    if raise_handler_errors and session.errors:
+        raise HandlerErrors(f"{len(session.errors)} handler error(s); first: {session.errors[0]!r}") \
+            from session.errors[0]
+
+
+@contextlib.asynccontextmanager
+async def trio_mount(
+    ops: Operations,
+    *,
+    mountpoint: str | None = None,
+    raise_handler_errors: bool = True,
+    **serve_kwargs: Any,
+) -> AsyncIterator[Session]:
+    """Serve ``ops`` on a fresh directory inside the current trio run; unmounts on exit."""
+    path, made = _make_mountpoint(mountpoint)
+    try:
+        async with trio.open_nursery() as nursery:
+            session: Session = await nursery.start(partial(serve, ops, path, **serve_kwargs))
+            try:
+                yield session
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        _cleanup_mountpoint(path, made)
+    if raise_handler_errors and session.errors:
+        raise HandlerErrors(f"{len(session.errors)} handler error(s); first: {session.errors[0]!r}") \
+            from session.errors[0]
+
+
+class MountedProcess:
+    """A filesystem served by a child process; ``path`` is its mountpoint."""
+
+    def __init__(self, path: str, proc: subprocess.Popen[bytes]) -> None:
+        self.path = path
+        self.proc = proc
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def join(self, *parts: str) -> str:
+        """``os.path.join(self.path, *parts)``."""
+        return os.path.join(self.path, *parts)
+
+
+@contextlib.contextmanager
+def mounted_process(
+    factory: str,
+    args: Sequence[str] = (),
+    *,
+    options: str = "",
+    mountpoint: str | None = None,
+    timeout: float = 20.0,
+) -> Iterator[MountedProcess]:
+    """Serve ``factory`` (``"module:callable"`` returning an :class:`Operations`) in a child process.
+
+    ``args`` are passed to the callable as strings. The child exits non-zero if any handler
+    raised an unexpected exception; that is reported here as :class:`HandlerErrors`.
+    """
+    path, made = _make_mountpoint(mountpoint)
+    cmd = [sys.executable, "-m", "afuse.testing", factory, path, "-o", options, *args]
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = b""
+        # The child prints "ready" once mounted.
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            import select
+
+            r, _, _ = select.select([proc.stdout], [], [], 0.1)
+            if r:
+                line = proc.stdout.readline()
+                break
+        if line.strip() != b"ready":
+            proc.kill()
+            _out, err = proc.communicate(timeout=timeout)
+            raise MountError(0, f"filesystem process did not start: {err.decode(errors='replace')}")
+        yield MountedProcess(path, proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        _cleanup_mountpoint(path, made)
+    err = proc.stderr.read() if proc.stderr else b""
+    if proc.returncode not in (0, -signal.SIGTERM):
+        raise HandlerErrors(f"filesystem process exited {proc.returncode}: {err.decode(errors='replace')}")
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """``python -m afuse.testing module:callable MOUNTPOINT -o OPTS [ARGS...]``."""
+    factory, path, _o, options, *args = argv
+    mod_name, _, attr = factory.partition(":")
+    ops = getattr(importlib.import_module(mod_name), attr)(*args)
+    failed = False
+
+    async def main() -> None:
+        nonlocal failed
+        async with trio.open_nursery() as nursery:
+            session: Session = await nursery.start(partial(serve, ops, path, options=options or None))
+            print("ready", flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async def stop() -> None:
+                    async for _ in sigs:
+                        break
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop)
+                await session.wait_closed()
+                nursery.cancel_scope.cancel()
+        failed = bool(session.errors)
+        for e in session.errors:
+            print(f"handler error: {e!r}", file=sys.stderr)
+
+    trio.run(main)
+    return 1 if failed else 0
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """``cp -a`` in Python (for tests comparing trees)."""
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,195 @@
+"""Encoders of replies: each returns the complete message (``fuse_out_header`` + body) for one write."""
+
+from __future__ import annotations
+
+import stat
+from struct import Struct
+
+from . import structs as S
+from .constants import IOCTL_RETRY
+from .types import Attr, Entry, FsStats, Handle, IoctlReply, Lock, Statx
+
+_NS = 1_000_000_000
+_HDR = S.OUT_HEADER
+_REPLY_ENTRY = Struct("<IiQ" + S.ENTRY_OUT_FULL.format[1:])
+_REPLY_ATTR = Struct("<IiQ" + S.ATTR_OUT_FULL.format[1:])
+_REPLY_OPEN = Struct("<IiQ" + S.OPEN_OUT.format[1:])
+_REPLY_CREATE = Struct("<IiQ" + S.ENTRY_OUT_FULL.format[1:] + S.OPEN_OUT.format[1:])
+_REPLY_WRITE = Struct("<IiQ" + S.WRITE_OUT.format[1:])
+_REPLY_U64 = Struct("<IiQQ")
+_REPLY_STATFS = Struct("<IiQ" + S.KSTATFS.format[1:])
+_REPLY_LK = Struct("<IiQ" + S.LK_OUT.format[1:])
+_REPLY_POLL = Struct("<IiQ" + S.POLL_OUT.format[1:])
+_REPLY_IOCTL = Struct("<IiQ" + S.IOCTL_OUT.format[1:])
+_REPLY_STATX = Struct("<IiQ" + S.STATX_OUT_HEAD.format[1:] + S.STATX.format[1:])
+_DIRENT = S.DIRENT
+_DIRENTPLUS = Struct(S.ENTRY_OUT_FULL.format + S.DIRENT.format[1:])
+_PAD = b"\0" * 8
+
+assert _REPLY_ENTRY.size == 144 and _REPLY_CREATE.size == 160 and _REPLY_STATX.size == 304
+
+
+def split_timeout(t: float) -> tuple[int, int]:
+    """Seconds as the kernel's (u64 seconds, u32 nanoseconds); negative counts as 0."""
+    if t <= 0:
+        return 0, 0
+    sec = int(t)
+    return sec, int((t - sec) * _NS)
+
+
+def error(unique: int, errno: int) -> bytes:
+    """An error reply (header only)."""
+    return _HDR.pack(16, -errno, unique)
+
+
+def empty(unique: int) -> bytes:
+    """A success reply with no body."""
+    return _HDR.pack(16, 0, unique)
+
+
+def data(unique: int, payload: bytes | bytearray | memoryview) -> bytes:
+    """A reply whose body is ``payload`` (READ, READLINK, GETXATTR/LISTXATTR values)."""
+    return _HDR.pack(16 + len(payload), 0, unique) + payload
+
+
+def _attr_fields(a: Attr) -> tuple[int, ...]:
+    asec, ans = divmod(a.atime_ns, _NS)
+    msec, mns = divmod(a.mtime_ns, _NS)
+    csec, cns = divmod(a.ctime_ns, _NS)
+    return (a.ino, a.size, a.blocks, asec, msec, csec, ans, mns, cns, a.mode, a.nlink,
+            a.uid, a.gid, a.rdev, a.blksize, a.flags)
+
+
+def entry(unique: int, e: Entry, entry_timeout: float, attr_timeout: float) -> bytes:
+    """The reply to LOOKUP, MKNOD, MKDIR, SYMLINK, LINK (``fuse_entry_out``)."""
+    a = e.attr
+    ev, evn = split_timeout(entry_timeout if e.entry_timeout is None else e.entry_timeout)
+    av, avn = split_timeout(attr_timeout if a.timeout is None else a.timeout)
+    return _REPLY_ENTRY.pack(144, 0, unique, e.nodeid, e.generation, ev, av, evn, avn, *_attr_fields(a))
+
+
+def attr(unique: int, a: Attr, attr_timeout: float) -> bytes:
+    """The reply to GETATTR and SETATTR (``fuse_attr_out``)."""
+    av, avn = split_timeout(attr_timeout if a.timeout is None else a.timeout)
+    return _REPLY_ATTR.pack(120, 0, unique, av, avn, 0, *_attr_fields(a))
+
+
+def open_(unique: int, h: Handle) -> bytes:
+    """The reply to OPEN and OPENDIR (``fuse_open_out``)."""
+    return _REPLY_OPEN.pack(32, 0, unique, h.fh, int(h.flags), h.backing_id)
+
+
+def create(unique: int, e: Entry, h: Handle, entry_timeout: float, attr_timeout: float) -> bytes:
+    """The reply to CREATE and TMPFILE (``fuse_entry_out`` + ``fuse_open_out``)."""
+    a = e.attr
+    ev, evn = split_timeout(entry_timeout if e.entry_timeout is None else e.entry_timeout)
+    av, avn = split_timeout(attr_timeout if a.timeout is None else a.timeout)
+    return _REPLY_CREATE.pack(160, 0, unique, e.nodeid, e.generation, ev, av, evn, avn,
+                              *_attr_fields(a), h.fh, int(h.flags), h.backing_id)
+
+
+def write(unique: int, size: int) -> bytes:
+    """The reply to WRITE and COPY_FILE_RANGE (``fuse_write_out``)."""
+    return _REPLY_WRITE.pack(24, 0, unique, size, 0)
+
+
+def u64(unique: int, value: int) -> bytes:
+    """A reply whose body is one u64: BMAP, LSEEK, COPY_FILE_RANGE_64."""
+    return _REPLY_U64.pack(24, 0, unique, value)
+
+
+def xattr_size(unique: int, size: int) -> bytes:
+    """The reply to GETXATTR/LISTXATTR with size 0 (``fuse_getxattr_out``)."""
+    return _REPLY_WRITE.pack(24, 0, unique, size, 0)
+
+
+def statfs(unique: int, st: FsStats) -> bytes:
+    """The reply to STATFS (``fuse_statfs_out``)."""
+    return _REPLY_STATFS.pack(96, 0, unique, st.blocks, st.bfree, st.bavail, st.files, st.ffree,
+                              st.bsize, st.namelen, st.frsize, 0)
+
+
+def lk(unique: int, lock: Lock) -> bytes:
+    """The reply to GETLK (``fuse_lk_out``)."""
+    return _REPLY_LK.pack(40, 0, unique, lock.start, lock.end, lock.type, lock.pid)
+
+
+def poll(unique: int, revents: int) -> bytes:
+    """The reply to POLL (``fuse_poll_out``)."""
+    return _REPLY_POLL.pack(24, 0, unique, revents, 0)
+
+
+def ioctl(unique: int, r: IoctlReply) -> bytes:
+    """The reply to IOCTL: ``fuse_ioctl_out`` + output data, or a RETRY with iovecs."""
+    if r.in_iovs is not None or r.out_iovs is not None:
+        ins, outs = r.in_iovs or [], r.out_iovs or []
+        body = b"".join(S.IOCTL_IOVEC.pack(base, n) for base, n in (*ins, *outs))
+        return _REPLY_IOCTL.pack(32 + len(body), 0, unique, 0, IOCTL_RETRY, len(ins), len(outs)) + body
+    return _REPLY_IOCTL.pack(32 + len(r.data), 0, unique, r.result, 0, 0, 0) + r.data
+
+
+def statx(unique: int, sx: Statx, attr_timeout: float) -> bytes:
+    """The reply to STATX (``fuse_statx_out``)."""
+    av, avn = split_timeout(attr_timeout if sx.timeout is None else sx.timeout)
+    return _REPLY_STATX.pack(
+        304, 0, unique, av, avn, 0,
+        sx.mask, sx.blksize, sx.attributes, sx.nlink, sx.uid, sx.gid, sx.mode & 0xFFFF, sx.ino,
+        sx.size, sx.blocks, sx.attributes_mask,
+        sx.atime.sec, sx.atime.nsec, 0, sx.btime.sec, sx.btime.nsec, 0,
+        sx.ctime.sec, sx.ctime.nsec, 0, sx.mtime.sec, sx.mtime.nsec, 0,
+        sx.rdev_major, sx.rdev_minor, sx.dev_major, sx.dev_minor,
+    )
+
+
+class DirBuffer:
+    """Builds a READDIR or READDIRPLUS reply body without exceeding the kernel's ``size``."""
+
+    __slots__ = ("_parts", "_room", "_plus", "_etimeout", "_atimeout")
+
+    def __init__(self, size: int, plus: bool = False, entry_timeout: float = 0.0,
+                 attr_timeout: float = 0.0) -> None:
+        self._parts: list[bytes] = []
+        self._room = size
+        self._plus = plus
+        self._etimeout = entry_timeout
+        self._atimeout = attr_timeout
+
+    def add(self, name: bytes, offset: int, ino: int, mode: int) -> bool:
+        """Append a READDIR record; False (and nothing added) when it does not fit."""
+        n = len(name)
+        reclen = (24 + n + 7) & ~7
+        if reclen > self._room:
+            return False
+        self._room -= reclen
+        self._parts.append(_DIRENT.pack(ino, offset, n, stat.S_IFMT(mode) >> 12) + name + _PAD[: reclen - 24 - n])
+        return True
+
+    def add_plus(self, name: bytes, offset: int, e: Entry) -> bool:
+        """Append a READDIRPLUS record; False (and nothing added) when it does not fit."""
+        n = len(name)
+        reclen = (152 + n + 7) & ~7
+        if reclen > self._room:
+            return False
+        self._room -= reclen
+        a = e.attr
+        if e.nodeid:
+            ev, evn = split_timeout(self._etimeout if e.entry_timeout is None else e.entry_timeout)
+            av, avn = split_timeout(self._atimeout if a.timeout is None else a.timeout)
+        else:
+            ev = evn = av = avn = 0
+        self._parts.append(
+            _DIRENTPLUS.pack(e.nodeid, e.generation, ev, av, evn, avn, *_attr_fields(a),
+                             a.ino, offset, n, stat.S_IFMT(a.mode) >> 12)
+            + name + _PAD[: reclen - 152 - n]
+        )
+        return True
+
+    def reply(self, unique: int) -> bytes:
+        """The complete reply message."""
+        body = b"".join(self._parts)
+        return _HDR.pack(16 + len(body), 0, unique) + body
+
+
+def xattr_names(names: list[bytes]) -> bytes:
+    """A LISTXATTR body: each name NUL-terminated."""
+    return b"".join(n + b"\0" for n in names)
