@@ -92,6 +92,8 @@ def mounted(
     On exit the filesystem is unmounted (aborted if it does not stop within ``timeout``), and
     unexpected handler exceptions are raised as :class:`HandlerErrors`.
     """
+    if isinstance(options, str):
+        options = MountOptions.parse(options)
     path, made = _make_mountpoint(mountpoint)
     box: dict[str, Any] = {}
     started = threading.Event()
@@ -111,6 +113,8 @@ def mounted(
         try:
             trio.run(main)
         except BaseException as e:  # reported to the test thread
+            while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                e = e.exceptions[0]
             box["error"] = e
         finally:
             started.set()

@@ -1,0 +1,234 @@
+"""The session against the real kernel: serving, interrupts, failures, unmounting."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import trio
+
+import afuse
+from afuse import testing
+from afuse.examples.hello import DATA, HelloFS
+
+
+def test_hello_read_and_list(fuse_mount):
+    m = fuse_mount(HelloFS())
+    assert os.listdir(m.path) == ["hello"]
+    with open(m.join("hello"), "rb") as f:
+        assert f.read() == DATA
+    st = os.stat(m.join("hello"))
+    assert stat.S_ISREG(st.st_mode) and st.st_size == len(DATA)
+    with pytest.raises(PermissionError):
+        open(m.join("hello"), "wb")
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.join("nope"))
+
+
+def test_mounted_shows_in_mountinfo(fuse_mount):
+    m = fuse_mount(HelloFS(), options="fsname=afuse-hello,subtype=hello")
+    found = [(mp, t, src) for mp, t, src in afuse.device.find_mounts() if mp == os.path.realpath(m.path)]
+    assert found == [(os.path.realpath(m.path), "fuse.hello", "afuse-hello")]
+
+
+def test_negotiated_flags_visible(fuse_mount):
+    m = fuse_mount(HelloFS())
+    neg = m.session.negotiated
+    assert neg is not None and neg.minor == 45
+    assert neg.offered & afuse.InitFlag.HAS_RESEND
+    assert neg.has(afuse.InitFlag.MAX_PAGES)
+    assert not neg.has(afuse.InitFlag.POSIX_LOCKS)  # HelloFS has no lock handlers
+    assert neg.max_write == 1 << 20
+
+
+class Blocking(HelloFS):
+    """Looking up "block" blocks until cancelled (a lookup's caller is interruptible; a
+    page-cache read's is not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = trio.Event()
+        self.cancelled = False
+
+    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
+        if req.name != b"block":
+            return await super().lookup(req)
+        self.entered.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            self.cancelled = True
+            raise
+        raise AssertionError("unreachable")
+
+
+_READ_CHILD = textwrap.dedent(
+    """
+    import ctypes, os, signal, sys
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    libc = ctypes.CDLL(None, use_errno=True)
+    print("reading", flush=True)
+    n = libc.access(sys.argv[1].encode(), os.F_OK)
+    print(n, ctypes.get_errno(), flush=True)
+    """
+)
+
+
+def test_interrupt_cancels_handler_and_caller_gets_eintr(fuse_mount):
+    ops = Blocking()
+    m = fuse_mount(ops)
+    child = subprocess.Popen([sys.executable, "-c", _READ_CHILD, m.join("block")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "reading"
+        deadline = time.monotonic() + 10
+        while not ops.entered.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ops.entered.is_set()
+        child.send_signal(signal.SIGUSR1)
+        out, _ = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    n, err = map(int, out.split())
+    assert (n, err) == (-1, errno.EINTR)
+    assert ops.cancelled
+
+
+class Crashing(HelloFS):
+    attr_timeout = 0.0
+
+    crash = True
+
+    async def getattr(self, req: afuse.GetattrRequest) -> afuse.Attr:
+        if req.nodeid == 2 and self.crash:
+            raise RuntimeError("boom")
+        return await super().getattr(req)
+
+    async def opendir(self, req: afuse.OpendirRequest) -> afuse.Handle:
+        return "not a handle"  # type: ignore[return-value]
+
+
+def test_crashing_handler_answers_eio_and_session_goes_on(caplog):
+    ops = Crashing()
+    with testing.mounted(ops, raise_handler_errors=False) as m:
+        with pytest.raises(OSError) as e:
+            os.stat(m.join("hello"))
+        assert e.value.errno == errno.EIO
+        with pytest.raises(OSError) as e:
+            os.listdir(m.path)
+        assert e.value.errno == errno.EIO
+        # still serving
+        ops.crash = False
+        assert stat.S_ISDIR(os.stat(m.path).st_mode)
+        with open(m.join("hello"), "rb") as f:
+            assert f.read() == DATA
+        errors = list(m.session.errors)
+    assert any(isinstance(x, RuntimeError) and str(x) == "boom" for x in errors)
+    assert any("must return a Handle" in str(x) for x in errors)
+    assert "boom" in caplog.text
+
+
+def test_handler_errors_reraised_at_teardown():
+    with pytest.raises(testing.HandlerErrors) as e:
+        with testing.mounted(Crashing()) as m:
+            with pytest.raises(OSError):
+                os.stat(m.join("hello"))
+    assert isinstance(e.value.__cause__, RuntimeError)
+
+
+def test_outside_unmount_ends_serving_cleanly(caplog):
+    caplog.set_level(logging.DEBUG, logger="afuse")
+    with testing.mounted(HelloFS()) as m:
+        assert os.listdir(m.path) == ["hello"]
+        subprocess.run(["umount", m.path], check=True)
+        deadline = time.monotonic() + 10
+        while not m.session.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert m.session.closed
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_debug_log_names_each_request(caplog):
+    caplog.set_level(logging.DEBUG, logger="afuse")
+    with testing.mounted(HelloFS()) as m:
+        os.stat(m.join("hello"))
+        with pytest.raises(FileNotFoundError):
+            os.stat(m.join("missing"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("LOOKUP unique=") and "nodeid=1 -> OK" in line and " us" in line for line in lines)
+    assert any(line.startswith("LOOKUP") and "ENOENT" in line for line in lines)
+
+
+def test_several_mounts_in_one_process(fuse_mount):
+    mounts = [fuse_mount(HelloFS()) for _ in range(3)]
+    for m in mounts:
+        with open(m.join("hello"), "rb") as f:
+            assert f.read() == DATA
+    assert len({m.path for m in mounts}) == 3
+
+
+def test_unknown_mount_option_is_a_clear_error(tmp_path):
+    with pytest.raises(afuse.MountError) as e:
+        with testing.mounted(HelloFS(), options="allow_other,bogus_option"):
+            pass
+    assert "bogus_option" in str(e.value)
+
+
+def test_mmap_through_subprocess_mode(fuse_mount_process):
+    m = fuse_mount_process("afuse.examples.hello:HelloFS")
+    with open(m.join("hello"), "rb") as f:
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            assert mm[:] == DATA
+
+
+@pytest.mark.trio
+async def test_trio_native_form():
+    async with testing.trio_mount(HelloFS()) as session:
+        data = await trio.Path(session.mountpoint, "hello").read_bytes()
+        assert data == DATA
+        names = await trio.to_thread.run_sync(os.listdir, session.mountpoint)
+        assert names == ["hello"]
+
+
+@pytest.mark.trio
+async def test_nursery_start_form_and_cancel_unmounts(tmp_path):
+    mp = str(tmp_path / "mnt")
+    os.mkdir(mp)
+    async with trio.open_nursery() as nursery:
+        session = await nursery.start(afuse.serve, HelloFS(), mp)
+        assert isinstance(session, afuse.Session)
+        st = await trio.to_thread.run_sync(os.stat, os.path.join(mp, "hello"))
+        assert st.st_size == len(DATA)
+        nursery.cancel_scope.cancel()
+    assert session.closed
+    assert os.path.realpath(mp) not in [x[0] for x in afuse.device.find_mounts()]
+
+
+@pytest.mark.trio
+async def test_async_with_mount_form(tmp_path):
+    mp = str(tmp_path / "mnt")
+    os.mkdir(mp)
+    async with afuse.mount(HelloFS(), mp, options="subtype=hello") as session:
+        assert await trio.to_thread.run_sync(os.listdir, mp) == ["hello"]
+    assert session.closed
+    assert os.path.realpath(mp) not in [x[0] for x in afuse.device.find_mounts()]
+
+
+def test_libc_errno_through_ctypes_stat(fuse_mount):
+    """A negative errno from a handler reaches a C caller unchanged."""
+    m = fuse_mount(HelloFS())
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.access(m.join("nope").encode(), os.F_OK) == -1
+    assert ctypes.get_errno() == errno.ENOENT
