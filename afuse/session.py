@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Generator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -59,8 +59,8 @@ class Session:
         #: unique -> cancel scope of the request being served.
         self._inflight: dict[int, trio.CancelScope] = {}
         self._early_interrupts: OrderedDict[int, None] = OrderedDict()
-        self._interrupted: set[int] = set()
-        self._read_lock = trio.Lock()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._leader = False
         self._idle = 0
         self._workers = 0
         self._closed = trio.Event()
@@ -210,68 +210,107 @@ class Session:
     async def _worker(self, fd: int, permanent: bool) -> None:
         buf = bytearray(self._bufsize)
         mv = memoryview(buf)
-        lock = self._read_lock
+        lot = self._lot
+        leader = False
         try:
             while True:
-                self._idle += 1
+                if not leader:
+                    # Follow until the device is free, then lead.
+                    while self._leader:
+                        if not permanent and self._idle >= self.readers:
+                            return
+                        self._idle += 1
+                        try:
+                            await lot.park()
+                        finally:
+                            self._idle -= 1
+                    self._leader = leader = True
                 try:
-                    async with lock:
-                        n = await self._read(fd, buf)
-                finally:
-                    self._idle -= 1
+                    n = await self._read(fd, buf)
+                except BaseException:
+                    self._leader = False
+                    lot.unpark()
+                    raise
                 if n is None:
+                    self._leader = False
                     self._closed.set()
+                    lot.unpark_all()
                     return
-                if self._idle == 0 and self._workers < self.max_requests:
-                    self._start_worker(None, permanent=False)
-                await self._process(fd, mv[:n])
-                if not permanent and self._idle >= self.readers:
-                    return
+                # Serve it; a handler that blocks hands the device to a follower first.
+                leader = not await self._process(fd, mv[:n])
         finally:
             self._workers -= 1
             if fd != self.mount.fd:
                 self._fds.discard(fd)
                 os.close(fd)
 
-    async def _process(self, fd: int, data: memoryview) -> None:
+    def _handoff(self) -> None:
+        """The leader is about to block in a handler: let another reader take the device."""
+        self._leader = False
+        if self._idle:
+            self._lot.unpark()
+        elif self._workers < self.max_requests:
+            self._start_worker(None, permanent=False)
+
+    async def _drive(self, coro: Coroutine[Any, Any, Any], unique: int) -> tuple[Any, bool]:
+        """Run a handler coroutine in this task: (its result, whether it blocked).
+
+        A coroutine that finishes without blocking costs no cancel scope and no handoff; one
+        that blocks gets a cancel scope (for INTERRUPT) and the device goes to another reader.
+        """
+        try:
+            msg = coro.send(None)
+        except StopIteration as e:
+            return e.value, False
+        self._handoff()
+        with trio.CancelScope() as scope:
+            self._inflight[unique] = scope
+            try:
+                while True:
+                    try:
+                        sent = await _Yield(msg)
+                    except BaseException as exc:
+                        msg = coro.throw(exc)
+                    else:
+                        msg = coro.send(sent)
+            except StopIteration as e:
+                return e.value, True
+            finally:
+                del self._inflight[unique]
+        # Interrupted: the handler let the cancellation out.
+        return replies.error(unique, errno.EINTR), True
+
+    async def _process(self, fd: int, data: memoryview) -> bool:
+        """Serve one request; True if its handler blocked (and the device was handed off)."""
         try:
             req = self.decoder.decode(data)
         except UnknownOpcode as e:
             log.warning("%s; answering ENOSYS", e)
             self._write(fd, replies.error(e.unique, errno.ENOSYS), e.unique)
-            return
+            return False
         except ProtocolError as e:
             log.error("malformed request from the kernel: %s", e)
             if e.unique and e.opcode not in _NO_REPLY:
                 self._write(fd, replies.error(e.unique, errno.EIO), e.unique)
-            return
+            return False
         cls = type(req)
         if cls is r.ForgetRequest:
-            await self.dispatcher.forget(req)  # type: ignore[arg-type]
-            return
+            return (await self._drive(self.dispatcher.forget(req), 0))[1]  # type: ignore[arg-type]
         if cls is r.InterruptRequest:
             self._interrupt(req)  # type: ignore[arg-type]
-            return
+            return False
         if cls is r.NotifyReplyRequest:
             self._notify_reply(req)  # type: ignore[arg-type]
-            return
+            return False
         unique = req.unique
         debug = log.isEnabledFor(logging.DEBUG)
         t0 = time.perf_counter() if debug else 0.0
-        with trio.CancelScope() as scope:
-            self._inflight[unique] = scope
-            if self._early_interrupts and self._early_interrupts.pop(unique & ~UNIQUE_RESEND, 0) is None:
-                self._interrupted.add(unique)
-                scope.cancel()
-            try:
-                reply = await self.dispatcher.handle(req)
-            finally:
-                del self._inflight[unique]
-        if scope.cancelled_caught:
-            self._interrupted.discard(unique)
-            reply = replies.error(unique, errno.EINTR)
-        elif unique in self._interrupted:
-            self._interrupted.discard(unique)
+        if self._early_interrupts and unique & ~UNIQUE_RESEND in self._early_interrupts:
+            del self._early_interrupts[unique & ~UNIQUE_RESEND]
+            reply: bytes | None = replies.error(unique, errno.EINTR)
+            blocked = False
+        else:
+            reply, blocked = await self._drive(self.dispatcher.handle(req), unique)
         self.served += 1
         if reply is not None:
             self._write(fd, reply, unique)
@@ -280,6 +319,7 @@ class Session:
             log.debug("%s unique=%d nodeid=%d -> %s (%d bytes) in %.1f us",
                       cls.opcode.name, unique, req.nodeid, errno_name(code),
                       len(reply) if reply else 0, (time.perf_counter() - t0) * 1e6)
+        return blocked
 
     def _interrupt(self, req: r.InterruptRequest) -> None:
         target = req.target
@@ -288,7 +328,6 @@ class Session:
             scope = self._inflight.get(target | UNIQUE_RESEND)
         if scope is not None:
             log.debug("INTERRUPT of unique %d: cancelling its handler", target)
-            self._interrupted.add(target)
             scope.cancel()
             return
         # Not read yet (another daemon read it, or it is being resent): remember it.
@@ -338,6 +377,18 @@ class Session:
                 pass
         self.mount.close()
         self._closed.set()
+
+
+class _Yield:
+    """Pass one trap of a hand-driven coroutine up to trio and return what trio sends back."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: Any) -> None:
+        self.msg = msg
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return (yield self.msg)
 
 
 _NO_REPLY = (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.NOTIFY_REPLY, Opcode.INTERRUPT)
