@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Coroutine, Generator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 
 from . import device
@@ -25,6 +26,7 @@ from .device import Mount, MountOptions
 from .dispatch import Dispatcher, errno_name
 from .errors import MountError, NotNegotiated, SessionError
 from .operations import Operations
+from .wire import notify as wire_notify
 from .wire import replies
 from .wire import requests as r
 from .wire.constants import UNIQUE_RESEND, InitFlag, Opcode
@@ -64,6 +66,8 @@ class Session:
         self._idle = 0
         self._workers = 0
         self._closed = trio.Event()
+        self._workers_done = trio.Event()
+        self._draining = False
         self._nursery: trio.Nursery | None = None
         self._fds: set[int] = set()
         self._bufsize = 0
@@ -107,6 +111,12 @@ class Session:
             raise SessionError("the session is closed")
         return os.write(self.mount.fd, message)
 
+    async def notify(self, message: bytes) -> int:
+        """Write an encoded notification from a worker thread (see :mod:`afuse.notify`)."""
+        if self._closed.is_set():
+            raise SessionError("the session is closed")
+        return await trio.to_thread.run_sync(os.write, self.mount.fd, message)
+
     def require(self, flag: InitFlag, what: str) -> None:
         """Raise :class:`NotNegotiated` unless ``flag`` was negotiated."""
         if not self.has(flag):
@@ -119,6 +129,26 @@ class Session:
         send, recv = trio.open_memory_channel[r.NotifyReplyRequest](1)
         self._retrieve_waiters[notify_unique] = send
         return recv
+
+    async def drain(self) -> None:
+        """Stop reading requests, let those in flight finish and answer, then end serving.
+
+        The mount stays: another daemon holding the descriptor (see :mod:`afuse.failover`)
+        serves on with nothing to replay.
+        """
+        if self._closed.is_set():
+            return
+        self._draining = True
+        self._lot.unpark_all()
+        for fd in (self.mount.fd, *self._fds):
+            trio.lowlevel.notify_closing(fd)
+        await self._workers_done.wait()
+        self._closed.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose handlers are blocked right now."""
+        return len(self._inflight)
 
     # -- INIT ------------------------------------------------------------------------------
 
@@ -155,15 +185,27 @@ class Session:
                   neg.kernel_minor, neg.minor, neg.flags, neg.max_write)
         self.ops.init(neg)
 
+    def _adopt(self, neg: Negotiated) -> None:
+        """Take over a connection negotiated earlier (by this or a previous daemon)."""
+        self.negotiated = neg
+        self.decoder.setxattr_ext = neg.has(InitFlag.SETXATTR_EXT)
+        self._bufsize = neg.read_buffer_size
+        self.ops.init(neg)
+
     # -- reading and writing ------------------------------------------------------------------
 
     async def _read(self, fd: int, buf: bytearray) -> int | None:
-        """Read one request; None when the connection has ended."""
+        """Read one request; None when the connection has ended, -1 when draining."""
         while True:
             try:
                 return os.readv(fd, (buf,))
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except trio.ClosedResourceError:
+                    if self._draining:
+                        return -1
+                    raise
             except InterruptedError:
                 pass
             except OSError as e:
@@ -193,6 +235,7 @@ class Session:
                 self._start_worker(self.mount.fd, permanent=True)
                 for _ in range(self.readers - 1):
                     self._start_worker(None, permanent=True)
+        self._workers_done.set()
 
     def _start_worker(self, fd: int | None, permanent: bool) -> None:
         if fd is None:
@@ -214,16 +257,20 @@ class Session:
         leader = False
         try:
             while True:
+                if self._draining:
+                    return
                 if not leader:
                     # Follow until the device is free, then lead.
                     while self._leader:
-                        if not permanent and self._idle >= self.readers:
+                        if self._draining or (not permanent and self._idle >= self.readers):
                             return
                         self._idle += 1
                         try:
                             await lot.park()
                         finally:
                             self._idle -= 1
+                    if self._draining:
+                        return
                     self._leader = leader = True
                 try:
                     n = await self._read(fd, buf)
@@ -231,9 +278,10 @@ class Session:
                     self._leader = False
                     lot.unpark()
                     raise
-                if n is None:
+                if n is None or n < 0:
                     self._leader = False
-                    self._closed.set()
+                    if n is None:
+                        self._closed.set()
                     lot.unpark_all()
                     return
                 # Serve it; a handler that blocks hands the device to a follower first.
@@ -379,6 +427,16 @@ class Session:
         self._closed.set()
 
 
+@attrs.define
+class Takeover:
+    """A live, negotiated /dev/fuse descriptor to serve instead of mounting anew."""
+
+    fd: int
+    negotiated: Negotiated
+    #: Send FUSE_NOTIFY_RESEND once serving, so requests a dead daemon had read come again.
+    resend: bool = True
+
+
 class _Yield:
     """Pass one trap of a hand-driven coroutine up to trio and return what trio sends back."""
 
@@ -402,34 +460,47 @@ async def serve(
     config: InitConfig | None = None,
     readers: int = 2,
     max_requests: int = 64,
+    takeover: Takeover | None = None,
+    unmount: bool = True,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``ops`` on ``mountpoint`` and serve it until unmounted or cancelled.
 
     For ``await nursery.start(serve, ops, path)``: returns the :class:`Session` once the
-    filesystem answers requests. Cancelling unmounts. ``readers`` descriptors always wait for
-    requests; at most ``max_requests`` requests are served at once.
+    filesystem answers requests. Cancelling unmounts (unless ``unmount`` is False).
+    ``readers`` descriptors always wait for requests; at most ``max_requests`` requests are
+    served at once. With ``takeover``, serve an already mounted, negotiated connection instead
+    of mounting: INIT is skipped and, by default, unanswered requests are resent.
     """
     opts = MountOptions.parse(options) if isinstance(options, str) else (options or MountOptions())
     cfg = config or InitConfig()
-    mnt = await trio.to_thread.run_sync(device.mount, os.fspath(mountpoint), opts)
+    if takeover is None:
+        mnt = await trio.to_thread.run_sync(device.mount, os.fspath(mountpoint), opts)
+    else:
+        mnt = Mount(takeover.fd, os.path.realpath(os.fspath(mountpoint)), opts, False)
     session = Session(ops, mnt, cfg, readers, max_requests)
     try:
         device.set_nonblocking(mnt.fd)
-        with trio.fail_after(30):
-            await session._init()
+        if takeover is None:
+            with trio.fail_after(30):
+                await session._init()
+        else:
+            session._adopt(takeover.negotiated)
         async with trio.open_nursery() as nursery:
             worker_scope = trio.CancelScope(shield=True)
             nursery.start_soon(session._run_workers, worker_scope)
+            if takeover is not None and takeover.resend:
+                await session.notify(wire_notify.resend())
             task_status.started(session)
             try:
                 await session._closed.wait()
             finally:
-                with trio.CancelScope(shield=True):
-                    await session._shutdown()
+                if unmount:
+                    with trio.CancelScope(shield=True):
+                        await session._shutdown()
                 worker_scope.cancel()
     except BaseException:
-        if not session.closed:
+        if unmount and not session.closed:
             with trio.CancelScope(shield=True):
                 try:
                     await trio.to_thread.run_sync(session._unmount)

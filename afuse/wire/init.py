@@ -141,6 +141,16 @@ class Negotiated:
         """True if ``flag`` was negotiated."""
         return bool(self.flags & flag)
 
+    def to_dict(self) -> dict[str, int]:
+        """Plain integers, for saving (e.g. as JSON) and :meth:`from_dict`."""
+        return {f.name: int(getattr(self, f.name)) for f in attrs.fields(Negotiated)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> Negotiated:
+        """The inverse of :meth:`to_dict`."""
+        flags = {"offered", "flags", "refused"}
+        return cls(**{k: InitFlag(v) if k in flags else int(v) for k, v in d.items()})
+
     @property
     def read_buffer_size(self) -> int:
         """Bytes a read of /dev/fuse needs to hold the largest request."""
@@ -160,6 +170,8 @@ def negotiate(req: InitRequest, config: InitConfig, wanted: InitFlag | None = No
     want = config.wanted_flags() if wanted is None else wanted
     offered = req.flags
     agreed = InitFlag(want & offered)
+    if not agreed & InitFlag.INIT_EXT:  # the kernel reads flags2 only with INIT_EXT
+        agreed = InitFlag(agreed & 0xFFFFFFFF)
     if agreed & InitFlag.PASSTHROUGH and agreed & InitFlag.WRITEBACK_CACHE:
         agreed &= ~InitFlag.PASSTHROUGH
     info = InitFlag(offered & INFORMATIONAL)
