@@ -19,7 +19,7 @@ from .wire import replies
 from .wire import requests as r
 from .wire.constants import InitFlag
 from .wire.init import InitConfig
-from .wire.types import DirEntry, Entry, Handle
+from .wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx
 
 log = logging.getLogger("afuse")
 
@@ -32,6 +32,16 @@ MAX_KEPT_ERRORS = 100
 
 class HandlerResultError(TypeError):
     """A handler returned something that cannot be encoded as the operation's reply."""
+
+
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def _check(value: Any, cls: type | tuple[type, ...], what: str) -> None:
+    """Raise HandlerResultError unless ``value`` is a ``cls``."""
+    if not isinstance(value, cls) or isinstance(value, bool):
+        want = cls.__name__ if isinstance(cls, type) else "bytes"
+        raise HandlerResultError(f"{what} must return {want}, not {type(value).__name__}")
 
 
 class Dispatcher:
@@ -175,6 +185,7 @@ class Dispatcher:
     def _attr_op(self, fn: Callable[[Any], Awaitable[Any]]) -> _Fn:
         async def op(req: r.Request) -> Reply:
             a = await fn(req)
+            _check(a, Attr, fn.__name__)
             return replies.attr(req.unique, a, self.attr_timeout)
         return op
 
@@ -186,7 +197,9 @@ class Dispatcher:
 
     def _data_op(self, fn: Callable[[Any], Awaitable[bytes]]) -> _Fn:
         async def op(req: r.Request) -> Reply:
-            return replies.data(req.unique, await fn(req))
+            res = await fn(req)
+            _check(res, _BYTES, fn.__name__)
+            return replies.data(req.unique, res)
         return op
 
     def _open_op(self, fn: Callable[[Any], Awaitable[Handle]]) -> _Fn:
@@ -204,18 +217,25 @@ class Dispatcher:
                 e, h = res
             except (TypeError, ValueError):
                 raise HandlerResultError(f"{fn.__name__} must return (Entry, Handle), not {res!r}") from None
+            if type(e) is not Entry or type(h) is not Handle:
+                raise HandlerResultError(f"{fn.__name__} must return (Entry, Handle), not {res!r}")
             return replies.create(req.unique, e, h, self.entry_timeout, self.attr_timeout)
         return op
 
     def _u64_op(self, fn: Callable[[Any], Awaitable[int]]) -> _Fn:
         async def op(req: r.Request) -> Reply:
-            return replies.u64(req.unique, await fn(req))
+            n = await fn(req)
+            _check(n, int, fn.__name__)
+            if not 0 <= n < 1 << 64:
+                raise HandlerResultError(f"{fn.__name__} returned {n}, out of the u64 range")
+            return replies.u64(req.unique, n)
         return op
 
     # -- operations with their own rules ---------------------------------------------------------
 
     async def _read(self, req: r.ReadRequest) -> Reply:
         buf = await self.ops.read(req)
+        _check(buf, _BYTES, "read")
         if len(buf) > req.size:
             raise HandlerResultError(f"read returned {len(buf)} bytes for a request of {req.size}")
         return replies.data(req.unique, buf)
@@ -227,10 +247,13 @@ class Dispatcher:
         return replies.write(req.unique, n)
 
     async def _statfs(self, req: r.StatfsRequest) -> Reply:
-        return replies.statfs(req.unique, await self.ops.statfs(req))
+        st = await self.ops.statfs(req)
+        _check(st, FsStats, "statfs")
+        return replies.statfs(req.unique, st)
 
     async def _getxattr(self, req: r.GetxattrRequest) -> Reply:
         value = await self.ops.getxattr(req)
+        _check(value, _BYTES, "getxattr")
         if req.size == 0:
             return replies.xattr_size(req.unique, len(value))
         if len(value) > req.size:
@@ -251,7 +274,9 @@ class Dispatcher:
 
     async def _readdir(self, req: r.ReaddirRequest) -> Reply:
         plus = type(req) is r.ReaddirplusRequest
-        result = await (self.ops.readdirplus(req) if plus else self.ops.readdir(req))  # type: ignore[arg-type]
+        call: Any = self.ops.readdirplus(req) if plus else self.ops.readdir(req)  # type: ignore[arg-type]
+        # ``async def readdir(...): yield ...`` is an async generator function: nothing to await.
+        result = call if hasattr(call, "__aiter__") else await call
         buf = replies.DirBuffer(req.size, plus, self.entry_timeout, self.attr_timeout)
         if hasattr(result, "__aiter__"):
             agen: AsyncIterator[DirEntry] = result.__aiter__()
@@ -278,7 +303,7 @@ class Dispatcher:
     @staticmethod
     def _add(buf: replies.DirBuffer, d: DirEntry, plus: bool) -> bool:
         name = d.name
-        if not name or b"/" in name or len(name) > 4095:
+        if not isinstance(name, bytes) or not name or b"/" in name or b"\0" in name or len(name) > 4095:
             raise HandlerResultError(f"invalid directory entry name {name!r}")
         if d.offset <= 0:
             raise HandlerResultError(f"directory entry {name!r} has offset {d.offset}; offsets start at 1")
@@ -292,7 +317,9 @@ class Dispatcher:
         return buf.add(name, d.offset, a.ino, a.mode)
 
     async def _getlk(self, req: r.GetlkRequest) -> Reply:
-        return replies.lk(req.unique, await self.ops.getlk(req))
+        lock = await self.ops.getlk(req)
+        _check(lock, Lock, "getlk")
+        return replies.lk(req.unique, lock)
 
     async def _setlk(self, req: r.SetlkRequest) -> Reply:
         if req.is_flock:
@@ -307,15 +334,19 @@ class Dispatcher:
 
     async def _ioctl(self, req: r.IoctlRequest) -> Reply:
         res = await self.ops.ioctl(req)
+        _check(res, IoctlReply, "ioctl")
         if len(res.data) > req.out_size and res.in_iovs is None and res.out_iovs is None:
             raise HandlerResultError(f"ioctl returned {len(res.data)} bytes; the caller takes {req.out_size}")
         return replies.ioctl(req.unique, res)
 
     async def _poll(self, req: r.PollRequest) -> Reply:
-        return replies.poll(req.unique, await self.ops.poll(req))
+        revents = await self.ops.poll(req)
+        _check(revents, int, "poll")
+        return replies.poll(req.unique, revents)
 
     async def _copy_file_range(self, req: r.CopyFileRangeRequest) -> Reply:
         n = await self.ops.copy_file_range(req)
+        _check(n, int, "copy_file_range")
         if not 0 <= n <= req.length:
             raise HandlerResultError(f"copy_file_range returned {n} for a length of {req.length}")
         if req.wide:
@@ -323,7 +354,9 @@ class Dispatcher:
         return replies.write(req.unique, min(n, 0xFFFFFFFF))
 
     async def _statx(self, req: r.StatxRequest) -> Reply:
-        return replies.statx(req.unique, await self.ops.statx(req), self.attr_timeout)
+        sx = await self.ops.statx(req)
+        _check(sx, Statx, "statx")
+        return replies.statx(req.unique, sx, self.attr_timeout)
 
 
 async def _enosys(req: r.Request) -> Reply:

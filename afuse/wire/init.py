@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from . import structs as S
@@ -149,7 +151,8 @@ class Negotiated:
     def from_dict(cls, d: dict[str, int]) -> Negotiated:
         """The inverse of :meth:`to_dict`."""
         flags = {"offered", "flags", "refused"}
-        return cls(**{k: InitFlag(v) if k in flags else int(v) for k, v in d.items()})
+        kw: dict[str, Any] = {k: InitFlag(v) if k in flags else int(v) for k, v in d.items()}
+        return cls(**kw)
 
     @property
     def read_buffer_size(self) -> int:

@@ -30,11 +30,13 @@ assert _REPLY_ENTRY.size == 144 and _REPLY_CREATE.size == 160 and _REPLY_STATX.s
 
 
 def split_timeout(t: float) -> tuple[int, int]:
-    """Seconds as the kernel's (u64 seconds, u32 nanoseconds); negative counts as 0."""
-    if t <= 0:
+    """Seconds as the kernel's (u64 seconds, u32 nanoseconds); negative (or NaN) counts as 0, inf as the maximum."""
+    if not t > 0:
         return 0, 0
-    sec = int(t)
-    return sec, int((t - sec) * _NS)
+    if t >= 1 << 64:
+        return (1 << 64) - 1, 0
+    sec, ns = divmod(round(t * _NS), _NS)
+    return sec, ns
 
 
 def error(unique: int, errno: int) -> bytes:
@@ -144,7 +146,7 @@ def statx(unique: int, sx: Statx, attr_timeout: float) -> bytes:
 class DirBuffer:
     """Builds a READDIR or READDIRPLUS reply body without exceeding the kernel's ``size``."""
 
-    __slots__ = ("_parts", "_room", "_plus", "_etimeout", "_atimeout")
+    __slots__ = ("_atimeout", "_etimeout", "_parts", "_plus", "_room")
 
     def __init__(self, size: int, plus: bool = False, entry_timeout: float = 0.0,
                  attr_timeout: float = 0.0) -> None:

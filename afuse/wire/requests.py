@@ -6,10 +6,9 @@ Names and xattr names are ``bytes`` without their terminating NUL.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import ClassVar
-
-import struct
 
 import attrs
 
@@ -644,11 +643,15 @@ def _ext(data: memoryview) -> tuple[list[SecurityContext] | None, list[int] | No
             for _ in range(nr):
                 vsize, _pad = S.SECCTX.unpack_from(data, p)
                 name, after = _cstr(data[: pos + size], p + 8)
+                if after + vsize > pos + size:
+                    raise ProtocolError("security context overruns its extension")
                 value = data[after : after + vsize].tobytes()
                 secctx.append(SecurityContext(name, value))
                 p = (after + vsize + 7) & ~7
         elif typ == EXT_GROUPS:
             (nr,) = S.SUPP_GROUPS.unpack_from(data, pos + 8)
+            if 12 + 4 * nr > size:
+                raise ProtocolError("supplementary groups overrun their extension")
             groups = list(memoryview(data[pos + 12 : pos + 12 + 4 * nr]).cast("I"))
         pos += size
     return secctx, groups
@@ -955,6 +958,8 @@ def _d_poll(d: Decoder, h: _Head, b: memoryview) -> Request:
 
 def _d_notify_reply(d: Decoder, h: _Head, b: memoryview) -> Request:
     _, off, size, *_ = S.NOTIFY_RETRIEVE_IN.unpack_from(b)
+    if len(b) - 40 < size:
+        raise ProtocolError(f"NOTIFY_REPLY of {size} bytes carries {len(b) - 40}")
     return NotifyReplyRequest(*h, off, size, b[40 : 40 + size].tobytes())
 
 
@@ -969,11 +974,13 @@ def _d_lseek(d: Decoder, h: _Head, b: memoryview) -> Request:
 
 
 def _d_cfr(d: Decoder, h: _Head, b: memoryview) -> Request:
-    return CopyFileRangeRequest(*h, *S.COPY_FILE_RANGE_IN.unpack_from(b), False)
+    fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = S.COPY_FILE_RANGE_IN.unpack_from(b)
+    return CopyFileRangeRequest(*h, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags, False)
 
 
 def _d_cfr64(d: Decoder, h: _Head, b: memoryview) -> Request:
-    return CopyFileRangeRequest(*h, *S.COPY_FILE_RANGE_IN.unpack_from(b), True)
+    fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = S.COPY_FILE_RANGE_IN.unpack_from(b)
+    return CopyFileRangeRequest(*h, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags, True)
 
 
 def _d_setupmapping(d: Decoder, h: _Head, b: memoryview) -> Request:
@@ -983,7 +990,7 @@ def _d_setupmapping(d: Decoder, h: _Head, b: memoryview) -> Request:
 def _d_removemapping(d: Decoder, h: _Head, b: memoryview) -> Request:
     (count,) = S.REMOVEMAPPING_IN.unpack_from(b)
     _need(b, 4 + 16 * count)
-    return RemovemappingRequest(*h, [tuple(x) for x in S.REMOVEMAPPING_ONE.iter_unpack(b[4 : 4 + 16 * count])])  # type: ignore[misc]
+    return RemovemappingRequest(*h, [(m, n) for m, n in S.REMOVEMAPPING_ONE.iter_unpack(b[4 : 4 + 16 * count])])
 
 
 def _d_syncfs(d: Decoder, h: _Head, b: memoryview) -> Request:

@@ -13,7 +13,7 @@ OUT_HEADER = Struct("<IiQ")  # len error unique
 
 ATTR = Struct("<QQQqqqIIIIIIIIII")
 ENTRY_OUT = Struct("<QQQQII")  # nodeid generation entry_valid attr_valid entry_nsec attr_nsec (+ attr)
-ENTRY_OUT_FULL = Struct("<QQQQIIQQQqqqIIIIIIIIII")  # times signed: pre-1970 works  # entry_out with its fuse_attr flattened
+ENTRY_OUT_FULL = Struct("<QQQQIIQQQqqqIIIIIIIIII")  # entry_out with its fuse_attr flattened; times signed
 ATTR_OUT_FULL = Struct("<QIIQQQqqqIIIIIIIIII")  # attr_out with its fuse_attr flattened
 FORGET_IN = Struct("<Q")
 FORGET_ONE = Struct("<QQ")
@@ -29,7 +29,7 @@ MKDIR_IN = Struct("<II")
 RENAME_IN = Struct("<Q")
 RENAME2_IN = Struct("<QII")
 LINK_IN = Struct("<Q")
-SETATTR_IN = Struct("<IIQQQQQQIIIIIIII")
+SETATTR_IN = Struct("<IIQQQqqqIIIIIIII")  # atime mtime ctime signed: pre-1970 times
 OPEN_IN = Struct("<II")
 CREATE_IN = Struct("<IIII")
 OPEN_OUT = Struct("<QIi")
