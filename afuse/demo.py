@@ -34,7 +34,7 @@ def _sh(cmd: str, cwd: str) -> str:
 
 
 def _wait_mounted(mountpoint: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    real = os.path.realpath(mountpoint)
+    real = device.resolve_mountpoint(mountpoint)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(mp == real for mp, _t, _s in device.find_mounts()):
@@ -53,7 +53,7 @@ def _stop(proc: subprocess.Popen[bytes], mountpoint: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if any(mp == os.path.realpath(mountpoint) for mp, _t, _s in device.find_mounts()):
+    if any(mp == device.resolve_mountpoint(mountpoint) for mp, _t, _s in device.find_mounts()):
         device.unmount(mountpoint, lazy=True)
 
 

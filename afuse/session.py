@@ -47,7 +47,7 @@ class Session:
     """
 
     def __init__(self, ops: Operations, mnt: Mount, config: InitConfig, readers: int,
-                 max_requests: int) -> None:
+                 max_requests: int, private_clones: bool = True) -> None:
         if readers < 1 or max_requests < readers:
             raise ValueError("need readers >= 1 and max_requests >= readers")
         self.ops = ops
@@ -70,6 +70,11 @@ class Session:
         self._draining = False
         self._nursery: trio.Nursery | None = None
         self._fds: set[int] = set()
+        #: Descriptors of the permanent readers: the session fd first, then its clones.
+        self.reader_fds: list[int] = []
+        #: Whether readers beyond the permanent ones get private clones (else share theirs).
+        #: A failover-capable daemon shares: requests read on a private clone die with it.
+        self.private_clones = private_clones
         self._bufsize = 0
         self._retrieve_waiters: dict[int, trio.MemorySendChannel[r.NotifyReplyRequest]] = {}
         #: Requests served so far (for tests and statistics).
@@ -232,25 +237,46 @@ class Session:
         with scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._start_worker(self.mount.fd, permanent=True)
-                for _ in range(self.readers - 1):
-                    self._start_worker(None, permanent=True)
+                for fd in self.reader_fds:
+                    self._start_worker(fd, permanent=True)
+                for i in range(self.readers - len(self.reader_fds)):
+                    self._start_worker(self.reader_fds[i % len(self.reader_fds)], permanent=True)
         self._workers_done.set()
 
-    def _start_worker(self, fd: int | None, permanent: bool) -> None:
-        if fd is None:
-            try:
-                fd = device.clone_device(self.mount.fd)
-            except OSError as e:
-                log.warning("cannot clone /dev/fuse (%s); serving with fewer readers", e)
-                return
+    def _open_readers(self, clones: list[int] | None) -> None:
+        """The permanent readers' descriptors: the session fd and its clones."""
+        if clones is None:
+            clones = []
+            for _ in range(self.readers - 1):
+                try:
+                    clones.append(device.clone_device(self.mount.fd))
+                except OSError as e:
+                    log.warning("cannot clone /dev/fuse (%s); readers share one descriptor", e)
+                    break
+        for fd in clones:
             device.set_nonblocking(fd)
-            self._fds.add(fd)
+        self._fds.update(clones)
+        self.reader_fds = [self.mount.fd, *clones]
+
+    def _start_worker(self, fd: int | None, permanent: bool) -> None:
+        owned = False
+        if fd is None:
+            if self.private_clones:
+                try:
+                    fd = device.clone_device(self.mount.fd)
+                except OSError as e:
+                    log.warning("cannot clone /dev/fuse (%s); sharing a descriptor", e)
+                else:
+                    device.set_nonblocking(fd)
+                    self._fds.add(fd)
+                    owned = True
+            if fd is None:
+                fd = self.reader_fds[self._workers % len(self.reader_fds)]
         self._workers += 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._worker, fd, permanent)
+        self._nursery.start_soon(self._worker, fd, permanent, owned)
 
-    async def _worker(self, fd: int, permanent: bool) -> None:
+    async def _worker(self, fd: int, permanent: bool, owned: bool) -> None:
         buf = bytearray(self._bufsize)
         mv = memoryview(buf)
         lot = self._lot
@@ -288,7 +314,7 @@ class Session:
                 leader = not await self._process(fd, mv[:n])
         finally:
             self._workers -= 1
-            if fd != self.mount.fd:
+            if owned:
                 self._fds.discard(fd)
                 os.close(fd)
 
@@ -433,6 +459,8 @@ class Takeover:
 
     fd: int
     negotiated: Negotiated
+    #: Further descriptors of the same connection (clones) to read from.
+    clones: list[int] = attrs.field(factory=list)
     #: Send FUSE_NOTIFY_RESEND once serving, so requests a dead daemon had read come again.
     resend: bool = True
 
@@ -462,6 +490,7 @@ async def serve(
     max_requests: int = 64,
     takeover: Takeover | None = None,
     unmount: bool = True,
+    private_clones: bool = True,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``ops`` on ``mountpoint`` and serve it until unmounted or cancelled.
@@ -469,7 +498,8 @@ async def serve(
     For ``await nursery.start(serve, ops, path)``: returns the :class:`Session` once the
     filesystem answers requests. Cancelling unmounts (unless ``unmount`` is False).
     ``readers`` descriptors always wait for requests; at most ``max_requests`` requests are
-    served at once. With ``takeover``, serve an already mounted, negotiated connection instead
+    served at once; beyond ``readers`` they get private cloned descriptors unless
+    ``private_clones`` is False. With ``takeover``, serve an already mounted, negotiated connection instead
     of mounting: INIT is skipped and, by default, unanswered requests are resent.
     """
     opts = MountOptions.parse(options) if isinstance(options, str) else (options or MountOptions())
@@ -477,8 +507,8 @@ async def serve(
     if takeover is None:
         mnt = await trio.to_thread.run_sync(device.mount, os.fspath(mountpoint), opts)
     else:
-        mnt = Mount(takeover.fd, os.path.realpath(os.fspath(mountpoint)), opts, False)
-    session = Session(ops, mnt, cfg, readers, max_requests)
+        mnt = Mount(takeover.fd, device.resolve_mountpoint(os.fspath(mountpoint)), opts, False)
+    session = Session(ops, mnt, cfg, readers, max_requests, private_clones)
     try:
         device.set_nonblocking(mnt.fd)
         if takeover is None:
@@ -486,6 +516,7 @@ async def serve(
                 await session._init()
         else:
             session._adopt(takeover.negotiated)
+        session._open_readers(None if takeover is None else list(takeover.clones))
         async with trio.open_nursery() as nursery:
             worker_scope = trio.CancelScope(shield=True)
             nursery.start_soon(session._run_workers, worker_scope)

@@ -58,17 +58,22 @@ class MountedFS:
         return os.path.join(self.path, *parts)
 
 
+#: Mountpoints this process created (for checks that no mount was left behind).
+created_mountpoints: set[str] = set()
+
+
 def _make_mountpoint(mountpoint: str | None) -> tuple[str, bool]:
     if mountpoint is not None:
         return os.fspath(mountpoint), False
     d = tempfile.mkdtemp(prefix="afuse-mnt-")
     os.chmod(d, 0o755)
+    created_mountpoints.add(os.path.realpath(d))
     return d, True
 
 
 def _cleanup_mountpoint(path: str, made: bool) -> None:
     for mp, _fstype, _src in device.find_mounts():
-        if mp == os.path.realpath(path):
+        if mp == device.resolve_mountpoint(path):
             with contextlib.suppress(OSError):
                 device.unmount(path, lazy=True)
     if made:

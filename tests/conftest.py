@@ -1,23 +1,31 @@
-"""Suite-wide guards: no afuse mount may outlive the test session."""
+"""Suite-wide guard: no mount made by this test session may outlive it.
+
+Only mounts of this process's own making are considered (mountpoints created by afuse.testing
+and anything under this session's pytest basetemp), so concurrent test runs don't interfere.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
-from afuse import device
+from afuse import device, testing
 
 
-def _afuse_mounts() -> list[str]:
-    return [mp for mp, fstype, src in device.find_mounts() if "afuse" in mp or src.startswith("afuse")]
+def _ours(basetemp: str) -> set[str]:
+    return {
+        mp for mp, _t, _s in device.find_mounts()
+        if mp in testing.created_mountpoints or mp.startswith(basetemp + os.sep)
+    }
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_mount_left_behind() -> Iterator[None]:
-    before = set(_afuse_mounts())
+def no_mount_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    basetemp = os.path.realpath(tmp_path_factory.getbasetemp())
     yield
-    left = set(_afuse_mounts()) - before
+    left = _ours(basetemp)
     for mp in left:
         device.unmount(mp, lazy=True)
     assert not left, f"mounts left behind: {sorted(left)}"
