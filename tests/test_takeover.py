@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -11,6 +12,13 @@ import trio
 import afuse
 from afuse import notify
 from afuse.examples.hello import FILE_ID, HelloFS
+
+
+def close_all(fds: list[int]) -> None:
+    """Close kept descriptors: the last close aborts the connection, so no caller stays stuck."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class SlowFirst(HelloFS):
@@ -52,34 +60,40 @@ async def test_takeover_resends_request_in_flight(tmp_path):
         except OSError as e:
             result["err"] = e
 
-    async with trio.open_nursery() as outer:
-        session = await outer.start(lambda task_status: afuse.serve(
-            first, mp, readers=2, unmount=False, private_clones=False, task_status=task_status))
-        kept = [os.dup(fd) for fd in session.reader_fds]
-        neg = session.negotiated
-        thread = threading.Thread(target=client, daemon=True)
-        thread.start()
-        with trio.fail_after(10):
-            await first.entered.wait()
-        outer.cancel_scope.cancel()  # the first daemon dies without answering
-    assert session.closed and "st" not in result and "err" not in result
+    kept: list[int] = []
+    try:
+        async with trio.open_nursery() as outer:
+            session = await outer.start(lambda task_status: afuse.serve(
+                first, mp, readers=2, unmount=False, private_clones=False, task_status=task_status))
+            kept = [os.dup(fd) for fd in session.reader_fds]
+            neg = session.negotiated
+            thread = threading.Thread(target=client, daemon=True)
+            thread.start()
+            with trio.fail_after(10):
+                await first.entered.wait()
+            outer.cancel_scope.cancel()  # the first daemon dies without answering
+        assert session.closed and "st" not in result and "err" not in result
+        assert neg is not None
 
-    second = Replacement()
-    takeover = afuse.session.Takeover(kept[0], neg, kept[1:])
-    async with trio.open_nursery() as outer:
-        session2 = await outer.start(lambda task_status: afuse.serve(
-            second, mp, takeover=takeover, task_status=task_status))
-        with trio.fail_after(10):
-            while thread.is_alive():
-                await trio.sleep(0.01)
-        assert "st" in result, result
-        assert second.resent and second.resent[0].is_resend
-        assert second.resent[0].request_id == second.resent[0].unique & ~(1 << 63)
-        # and it keeps serving
-        data = await trio.Path(mp, "hello").read_bytes()
-        assert data.startswith(b"Hello")
-        await notify.inc_epoch(session2)
-        outer.cancel_scope.cancel()
+        second = Replacement()
+        takeover = afuse.session.Takeover(kept[0], neg, kept[1:])
+        async with trio.open_nursery() as outer:
+            session2 = await outer.start(lambda task_status: afuse.serve(
+                second, mp, takeover=takeover, task_status=task_status))
+            kept = []  # the second session owns them now
+            with trio.fail_after(10):
+                while thread.is_alive():
+                    await trio.sleep(0.01)
+            assert "st" in result, result
+            assert second.resent and second.resent[0].is_resend
+            assert second.resent[0].request_id == second.resent[0].unique & ~(1 << 63)
+            # and it keeps serving
+            data = await trio.Path(mp, "hello").read_bytes()
+            assert data.startswith(b"Hello")
+            await notify.inc_epoch(session2)
+            outer.cancel_scope.cancel()
+    finally:
+        close_all(kept)
     assert os.path.realpath(mp) not in [m[0] for m in afuse.device.find_mounts()]
 
 
@@ -105,27 +119,33 @@ async def test_drain_finishes_in_flight_and_keeps_mount(tmp_path):
     def client() -> None:
         result["st"] = os.stat(os.path.join(mp, "slow"))
 
-    async with trio.open_nursery() as outer:
-        session = await outer.start(lambda task_status: afuse.serve(
-            ops, mp, unmount=False, private_clones=False, task_status=task_status))
-        kept = [os.dup(fd) for fd in session.reader_fds]
-        thread = threading.Thread(target=client, daemon=True)
-        thread.start()
-        with trio.fail_after(10):
-            await ops.entered.wait()
-        async with trio.open_nursery() as n:
-            n.start_soon(session.drain)
-            await trio.sleep(0.1)
-            assert not session.closed  # waits for the request in flight
-            gate.set()
-        assert session.closed
-    await trio.to_thread.run_sync(thread.join, 10)
-    assert "st" in result
-    # the mount is still there; a successor serves it with nothing to replay
-    second = Replacement()
-    takeover = afuse.session.Takeover(kept[0], session.negotiated, kept[1:], resend=False)
-    async with trio.open_nursery() as outer:
-        await outer.start(lambda task_status: afuse.serve(second, mp, takeover=takeover, task_status=task_status))
-        assert await trio.to_thread.run_sync(os.listdir, mp) == ["hello"]
-        outer.cancel_scope.cancel()
-    assert not second.resent
+    kept: list[int] = []
+    try:
+        async with trio.open_nursery() as outer:
+            session = await outer.start(lambda task_status: afuse.serve(
+                ops, mp, unmount=False, private_clones=False, task_status=task_status))
+            kept = [os.dup(fd) for fd in session.reader_fds]
+            thread = threading.Thread(target=client, daemon=True)
+            thread.start()
+            with trio.fail_after(10):
+                await ops.entered.wait()
+            async with trio.open_nursery() as n:
+                n.start_soon(session.drain)
+                await trio.sleep(0.1)
+                assert not session.closed  # waits for the request in flight
+                gate.set()
+            assert session.closed
+        await trio.to_thread.run_sync(thread.join, 10)
+        assert "st" in result
+        assert session.negotiated is not None
+        # the mount is still there; a successor serves it with nothing to replay
+        second = Replacement()
+        takeover = afuse.session.Takeover(kept[0], session.negotiated, kept[1:], resend=False)
+        async with trio.open_nursery() as outer:
+            await outer.start(lambda task_status: afuse.serve(second, mp, takeover=takeover, task_status=task_status))
+            kept = []
+            assert await trio.to_thread.run_sync(os.listdir, mp) == ["hello"]
+            outer.cancel_scope.cancel()
+        assert not second.resent
+    finally:
+        close_all(kept)

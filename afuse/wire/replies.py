@@ -143,6 +143,28 @@ def statx(unique: int, sx: Statx, attr_timeout: float) -> bytes:
     )
 
 
+_DIRENT_BY_LEN: dict[int, Struct] = {}
+_DIRENTPLUS_BY_LEN: dict[int, Struct] = {}
+
+
+def _dirent_struct(n: int) -> Struct:
+    """fuse_dirent followed by an ``n``-byte name and its zero padding, as one Struct."""
+    st = _DIRENT_BY_LEN.get(n)
+    if st is None:
+        pad = ((24 + n + 7) & ~7) - 24 - n
+        st = _DIRENT_BY_LEN[n] = Struct(f"{_DIRENT.format}{n}s{pad}x")
+    return st
+
+
+def _direntplus_struct(n: int) -> Struct:
+    """fuse_direntplus followed by an ``n``-byte name and its zero padding, as one Struct."""
+    st = _DIRENTPLUS_BY_LEN.get(n)
+    if st is None:
+        pad = ((152 + n + 7) & ~7) - 152 - n
+        st = _DIRENTPLUS_BY_LEN[n] = Struct(f"{_DIRENTPLUS.format}{n}s{pad}x")
+    return st
+
+
 class DirBuffer:
     """Builds a READDIR or READDIRPLUS reply body without exceeding the kernel's ``size``."""
 
@@ -153,8 +175,8 @@ class DirBuffer:
         self._parts: list[bytes] = []
         self._room = size
         self._plus = plus
-        self._etimeout = entry_timeout
-        self._atimeout = attr_timeout
+        self._etimeout = split_timeout(entry_timeout)
+        self._atimeout = split_timeout(attr_timeout)
 
     def add(self, name: bytes, offset: int, ino: int, mode: int) -> bool:
         """Append a READDIR record; False (and nothing added) when it does not fit."""
@@ -163,7 +185,7 @@ class DirBuffer:
         if reclen > self._room:
             return False
         self._room -= reclen
-        self._parts.append(_DIRENT.pack(ino, offset, n, stat.S_IFMT(mode) >> 12) + name + _PAD[: reclen - 24 - n])
+        self._parts.append(_dirent_struct(n).pack(ino, offset, n, (mode & 0o170000) >> 12, name))
         return True
 
     def add_plus(self, name: bytes, offset: int, e: Entry) -> bool:
@@ -175,15 +197,18 @@ class DirBuffer:
         self._room -= reclen
         a = e.attr
         if e.nodeid:
-            ev, evn = split_timeout(self._etimeout if e.entry_timeout is None else e.entry_timeout)
-            av, avn = split_timeout(self._atimeout if a.timeout is None else a.timeout)
+            ev, evn = self._etimeout if e.entry_timeout is None else split_timeout(e.entry_timeout)
+            av, avn = self._atimeout if a.timeout is None else split_timeout(a.timeout)
         else:
             ev = evn = av = avn = 0
-        self._parts.append(
-            _DIRENTPLUS.pack(e.nodeid, e.generation, ev, av, evn, avn, *_attr_fields(a),
-                             a.ino, offset, n, stat.S_IFMT(a.mode) >> 12)
-            + name + _PAD[: reclen - 152 - n]
-        )
+        asec, ans = divmod(a.atime_ns, _NS)
+        msec, mns = divmod(a.mtime_ns, _NS)
+        csec, cns = divmod(a.ctime_ns, _NS)
+        self._parts.append(_direntplus_struct(n).pack(
+            e.nodeid, e.generation, ev, av, evn, avn,
+            a.ino, a.size, a.blocks, asec, msec, csec, ans, mns, cns, a.mode, a.nlink,
+            a.uid, a.gid, a.rdev, a.blksize, a.flags,
+            a.ino, offset, n, (a.mode & 0o170000) >> 12, name))
         return True
 
     def reply(self, unique: int) -> bytes:
