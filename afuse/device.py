@@ -585,6 +585,9 @@ class Mount:
         except OSError:
             pass
         if self._sock is not None:
+            keep = _WATCHDOG_SOCKETS.pop(self._sock.fileno(), None)
+            if keep is not None:
+                keep.close()
             self._sock.close()
         if self._process is not None:
             try:
@@ -750,15 +753,60 @@ def _mount_fusermount(path: str, opts: MountOptions, st: os.stat_result) -> Moun
         ours.close()
         return Mount(fd=fd, mountpoint=path, options=opts, via_fusermount=True, connection=_find_connection(fd, path))
     # fusermount3 stays, holding its end of the socket; EOF on it makes it unmount a dead mount.
+    connection = _find_connection(fd, path)
+    if os.geteuid() != 0 and not opts.allow_other and _fusermount_version(prog) < (3, 15) and connection:
+        # fusermount3 before 3.15 checks the dead mount by opening it as root, which a mount
+        # without allow_other refuses (libfuse issue #586), so it never unmounts: watch ourselves.
+        _start_watchdog(ours, path, connection)
     return Mount(
         fd=fd,
         mountpoint=path,
         options=opts,
         via_fusermount=True,
-        connection=_find_connection(fd, path),
+        connection=connection,
         sock=ours,
         process=process,
     )
+
+
+# sh -c SCRIPT sh PATH DEV ESCAPED: wait for EOF on stdin (the daemon is gone), then unmount
+# lazily if that connection is still mounted there.
+_WATCHDOG = (
+    'while read -r _; do :; done; '
+    'if D="$2" P="$3" awk \'$3 == ENVIRON["D"] && $5 == ENVIRON["P"] {f = 1} END {exit !f}\' '
+    '/proc/self/mountinfo; '
+    'then exec fusermount3 -u -z -- "$1"; fi'
+)
+
+
+def _fusermount_version(prog: str) -> tuple[int, ...]:
+    out = subprocess.run([prog, "-V"], capture_output=True, text=True, check=False).stdout
+    try:
+        return tuple(int(x) for x in out.rsplit(" ", 1)[-1].strip().split("."))
+    except ValueError:
+        return (0,)
+
+
+def _start_watchdog(sock: socket.socket, path: str, connection: int) -> None:
+    """A process, in its own session, that lazily unmounts ``path`` once ``sock``'s peer end
+    (kept by this process) is closed and the same connection is still mounted there."""
+    keep, watch = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    subprocess.Popen(
+        ["/bin/sh", "-c", _WATCHDOG, "sh", path, f"0:{connection}", _escape_mountinfo(path)],
+        stdin=watch.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True,
+    )
+    watch.close()
+    # Tie the watchdog's lifetime to ``sock`` (closed by Mount.close or by our death).
+    _WATCHDOG_SOCKETS[sock.fileno()] = keep
+
+
+_WATCHDOG_SOCKETS: dict[int, socket.socket] = {}
+
+
+def _escape_mountinfo(path: str) -> str:
+    """``path`` as /proc/self/mountinfo writes it."""
+    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
 
 
 # --------------------------------------------------------------------------- unmount / abort
