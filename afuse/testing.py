@@ -211,7 +211,9 @@ def mounted_process(
     env = dict(os.environ)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # stderr goes to a file: a chatty daemon must never block on a full pipe.
+    errlog = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errlog, env=env)
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
@@ -228,7 +230,9 @@ def mounted_process(
                 break
         if line.strip() != b"ready":
             proc.kill()
-            _out, err = proc.communicate(timeout=timeout)
+            proc.wait(timeout)
+            errlog.seek(0)
+            err = errlog.read()
             raise MountError(0, f"filesystem process did not start: {err.decode(errors='replace')}")
         yield MountedProcess(path, proc)
     finally:
@@ -240,7 +244,9 @@ def mounted_process(
                 proc.kill()
                 proc.wait(timeout)
         _cleanup_mountpoint(path, made)
-    err = proc.stderr.read() if proc.stderr else b""
+    errlog.seek(0)
+    err = errlog.read()
+    errlog.close()
     if proc.returncode not in (0, -signal.SIGTERM):
         raise HandlerErrors(f"filesystem process exited {proc.returncode}: {err.decode(errors='replace')}")
 

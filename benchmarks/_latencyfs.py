@@ -1,0 +1,198 @@
+"""Filesystems for the GETATTR round-trip benchmark (``benchmarks/bench.py``).
+
+* :class:`ZeroTimeoutHello` — afuse's HelloFS with ``attr_timeout = 0``, so every ``stat`` of
+  ``hello`` is one GETATTR round trip (the name stays cached: ``entry_timeout = 3600``).
+  Served by ``python -m afuse.testing benchmarks._latencyfs:ZeroTimeoutHello MOUNTPOINT -o ''``.
+* ``python benchmarks/_latencyfs.py raw MOUNTPOINT`` — the same filesystem served by a bare
+  blocking read/decode/reply loop on afuse's wire codecs (no session, no trio): the least a
+  Python daemon can do per request.
+* ``python benchmarks/_latencyfs.py pyfuse3 MOUNTPOINT`` — the same filesystem written for
+  pyfuse3 (only if pyfuse3 is installed), the baseline.
+
+The scripts print ``ready`` once mounted and unmount on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from afuse.examples.hello import HelloFS
+
+
+class ZeroTimeoutHello(HelloFS):
+    """HelloFS whose attributes the kernel may never cache: one GETATTR per stat."""
+
+    attr_timeout = 0.0
+    entry_timeout = 3600.0
+
+
+def _raw_main(mountpoint: str) -> int:
+    """The same filesystem as the simplest possible daemon: one thread in a blocking read loop.
+
+    No session, no trio, no dispatcher: afuse's wire codecs and mount only. It measures what a
+    GETATTR round trip costs with the least Python a daemon can run, so that the figure of
+    :class:`ZeroTimeoutHello` shows how much afuse's session and dispatch layers add.
+    """
+    import errno
+    import os
+    import signal
+
+    from afuse import device
+    from afuse.device import MountOptions
+    from afuse.wire import replies
+    from afuse.wire import requests as r
+    from afuse.wire.constants import ROOT_ID, InitFlag
+    from afuse.wire.init import InitConfig, encode_init_reply, negotiate
+    from afuse.wire.types import Entry
+
+    fs = ZeroTimeoutHello()
+    file_id = 2
+    attr_timeout, entry_timeout = fs.attr_timeout, fs.entry_timeout
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    mnt = device.mount(mountpoint, MountOptions(fsname="fusebench-raw"))
+    fd = mnt.fd
+    decoder = r.Decoder()
+    try:
+        buf = bytearray((1 << 20) + 4096)
+        n = os.readv(fd, (buf,))
+        init = decoder.decode(memoryview(buf)[:n])
+        assert isinstance(init, r.InitRequest)
+        unwanted = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO | InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS
+        neg = negotiate(init, InitConfig(), InitConfig().wanted_flags() & ~unwanted)
+        os.write(fd, encode_init_reply(init.unique, neg))
+        buf = bytearray(neg.read_buffer_size)
+        mv = memoryview(buf)
+        print("ready", flush=True)
+        while True:
+            try:
+                n = os.readv(fd, (buf,))
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue
+                if e.errno in (errno.ENODEV, errno.ECONNABORTED):
+                    break
+                raise
+            req = decoder.decode(mv[:n])
+            kind = type(req)
+            if kind is r.GetattrRequest:
+                out = replies.attr(req.unique, fs._root if req.nodeid == ROOT_ID else fs._file, attr_timeout)
+            elif isinstance(req, r.LookupRequest):
+                if req.nodeid == ROOT_ID and req.name == b"hello":
+                    out = replies.entry(req.unique, Entry(file_id, fs._file), entry_timeout, attr_timeout)
+                else:
+                    out = replies.error(req.unique, errno.ENOENT)
+            elif kind in (r.ForgetRequest, r.InterruptRequest):
+                continue
+            else:
+                out = replies.error(req.unique, errno.ENOSYS)
+            try:
+                os.write(fd, out)
+            except FileNotFoundError:
+                pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            mnt.unmount()
+        finally:
+            mnt.close()
+    return 0
+
+
+def _pyfuse3_main(mountpoint: str) -> int:  # pragma: no cover - needs pyfuse3
+    import errno
+    import os
+    import signal
+    import stat
+    import time
+
+    import pyfuse3  # type: ignore[import-not-found]
+    import trio
+
+    name = b"hello"
+    data = b"Hello, world!\n"
+    root = pyfuse3.ROOT_INODE
+    file_ino = root + 1
+    now = time.time_ns()
+
+    def attr(inode: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        if inode == root:
+            e.st_mode = stat.S_IFDIR | 0o755
+            e.st_nlink = 2
+            e.st_size = 0
+        elif inode == file_ino:
+            e.st_mode = stat.S_IFREG | 0o444
+            e.st_nlink = 1
+            e.st_size = len(data)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        e.st_ino = inode
+        e.st_uid = os.getuid()
+        e.st_gid = os.getgid()
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = now
+        e.attr_timeout = 0
+        e.entry_timeout = 3600
+        return e
+
+    class Hello(pyfuse3.Operations):  # type: ignore[misc]
+        async def getattr(self, inode, ctx=None):  # type: ignore[no-untyped-def]
+            return attr(inode)
+
+        async def lookup(self, parent_inode, lookup_name, ctx=None):  # type: ignore[no-untyped-def]
+            if parent_inode != root or lookup_name != name:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return attr(file_ino)
+
+        async def opendir(self, inode, ctx):  # type: ignore[no-untyped-def]
+            if inode != root:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            return inode
+
+        async def readdir(self, fh, start_id, token):  # type: ignore[no-untyped-def]
+            if start_id == 0:
+                pyfuse3.readdir_reply(token, name, attr(file_ino), 1)
+
+        async def open(self, inode, flags, ctx):  # type: ignore[no-untyped-def]
+            if inode != file_ino:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return pyfuse3.FileInfo(fh=inode)
+
+        async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
+            return data[off : off + size]
+
+    # No default_permissions: like afuse's default, so one stat is one GETATTR.
+    pyfuse3.init(Hello(), mountpoint, {"fsname=fusebench-pyfuse3"})
+    print("ready", flush=True)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            async def stop() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        break
+                pyfuse3.terminate()
+
+            nursery.start_soon(stop)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("pyfuse3", "raw"):
+        print("usage: python benchmarks/_latencyfs.py {pyfuse3|raw} MOUNTPOINT", file=sys.stderr)
+        sys.exit(2)
+    sys.exit((_pyfuse3_main if sys.argv[1] == "pyfuse3" else _raw_main)(sys.argv[2]))
