@@ -258,8 +258,7 @@ class Session:
         self._fds.update(clones)
         self.reader_fds = [self.mount.fd, *clones]
 
-    def _start_worker(self, fd: int | None, permanent: bool) -> None:
-        owned = False
+    def _start_worker(self, fd: int | None, permanent: bool, owned: bool = False) -> None:
         if fd is None:
             if self.private_clones:
                 try:
@@ -281,40 +280,50 @@ class Session:
         mv = memoryview(buf)
         lot = self._lot
         leader = False
+        replace = False
         try:
-            while True:
-                if self._draining:
-                    return
-                if not leader:
-                    # Follow until the device is free, then lead.
-                    while self._leader:
-                        if self._draining or (not permanent and self._idle >= self.readers):
-                            return
-                        self._idle += 1
-                        try:
-                            await lot.park()
-                        finally:
-                            self._idle -= 1
+            # One cancel scope for the worker's whole life, entered before any handler runs (so
+            # handlers' own scopes nest inside it). INTERRUPT cancels it; the worker then
+            # answers EINTR and hands its descriptor to a fresh worker.
+            with trio.CancelScope() as wscope:
+                while True:
                     if self._draining:
                         return
-                    self._leader = leader = True
-                try:
-                    n = await self._read(fd, buf)
-                except BaseException:
-                    self._leader = False
-                    lot.unpark()
-                    raise
-                if n is None or n < 0:
-                    self._leader = False
-                    if n is None:
-                        self._closed.set()
-                    lot.unpark_all()
-                    return
-                # Serve it; a handler that blocks hands the device to a follower first.
-                leader = not await self._process(fd, mv[:n])
+                    if not leader:
+                        # Follow until the device is free, then lead.
+                        while self._leader:
+                            if self._draining or (not permanent and self._idle >= self.readers):
+                                return
+                            self._idle += 1
+                            try:
+                                await lot.park()
+                            finally:
+                                self._idle -= 1
+                        if self._draining:
+                            return
+                        self._leader = leader = True
+                    try:
+                        n = await self._read(fd, buf)
+                    except BaseException:
+                        self._leader = False
+                        lot.unpark()
+                        raise
+                    if n is None or n < 0:
+                        self._leader = False
+                        if n is None:
+                            self._closed.set()
+                        lot.unpark_all()
+                        return
+                    # Serve it; a handler that blocks hands the device to a follower first.
+                    leader = not await self._process(fd, mv[:n], wscope)
+                    if wscope.cancel_called:
+                        replace = True
+                        return
         finally:
             self._workers -= 1
-            if owned:
+            if replace and not self._draining and not self._closed.is_set():
+                self._start_worker(fd, permanent, owned)
+            elif owned:
                 self._fds.discard(fd)
                 os.close(fd)
 
@@ -326,35 +335,40 @@ class Session:
         elif self._workers < self.max_requests:
             self._start_worker(None, permanent=False)
 
-    async def _drive(self, coro: Coroutine[Any, Any, Any], unique: int) -> tuple[Any, bool]:
+    async def _drive(self, coro: Coroutine[Any, Any, Any], unique: int | None,
+                     wscope: trio.CancelScope) -> tuple[Any, bool]:
         """Run a handler coroutine in this task: (its result, whether it blocked).
 
-        A coroutine that finishes without blocking costs no cancel scope and no handoff; one
-        that blocks gets a cancel scope (for INTERRUPT) and the device goes to another reader.
+        A coroutine that finishes without blocking costs nothing more; one that blocks hands
+        the device to another reader and is registered for INTERRUPT, which cancels
+        ``wscope`` (the worker's scope) and makes the result an EINTR reply.
         """
         try:
             msg = coro.send(None)
         except StopIteration as e:
             return e.value, False
         self._handoff()
-        with trio.CancelScope() as scope:
-            self._inflight[unique] = scope
-            try:
-                while True:
-                    try:
-                        sent = await _Yield(msg)
-                    except BaseException as exc:
-                        msg = coro.throw(exc)
-                    else:
-                        msg = coro.send(sent)
-            except StopIteration as e:
-                return e.value, True
-            finally:
+        if unique is not None:
+            self._inflight[unique] = wscope
+        try:
+            while True:
+                try:
+                    sent = await _Yield(msg)
+                except BaseException as exc:
+                    msg = coro.throw(exc)
+                else:
+                    msg = coro.send(sent)
+        except StopIteration as e:
+            return e.value, True
+        except trio.Cancelled:
+            if unique is None or not wscope.cancel_called:
+                raise
+            return replies.error(unique, errno.EINTR), True  # interrupted
+        finally:
+            if unique is not None:
                 del self._inflight[unique]
-        # Interrupted: the handler let the cancellation out.
-        return replies.error(unique, errno.EINTR), True
 
-    async def _process(self, fd: int, data: memoryview) -> bool:
+    async def _process(self, fd: int, data: memoryview, wscope: trio.CancelScope) -> bool:
         """Serve one request; True if its handler blocked (and the device was handed off)."""
         try:
             req = self.decoder.decode(data)
@@ -369,7 +383,7 @@ class Session:
             return False
         cls = type(req)
         if cls is r.ForgetRequest:
-            return (await self._drive(self.dispatcher.forget(req), 0))[1]  # type: ignore[arg-type]
+            return (await self._drive(self.dispatcher.forget(req), None, wscope))[1]  # type: ignore[arg-type]
         if cls is r.InterruptRequest:
             self._interrupt(req)  # type: ignore[arg-type]
             return False
@@ -384,7 +398,7 @@ class Session:
             reply: bytes | None = replies.error(unique, errno.EINTR)
             blocked = False
         else:
-            reply, blocked = await self._drive(self.dispatcher.handle(req), unique)
+            reply, blocked = await self._drive(self.dispatcher.handle(req), unique, wscope)
         self.served += 1
         if reply is not None:
             self._write(fd, reply, unique)
@@ -504,6 +518,11 @@ async def serve(
     """
     opts = MountOptions.parse(options) if isinstance(options, str) else (options or MountOptions())
     cfg = config or InitConfig()
+    if cfg.allow_idmap and not opts.default_permissions and not cfg.posix_acl:
+        # The kernel fails INIT (and with it every request) for ALLOW_IDMAP without them.
+        raise MountError(errno.EINVAL, "InitConfig(allow_idmap=True) needs the default_permissions "
+                         "mount option (or posix_acl=True): the kernel does permission checks "
+                         "on idmapped mounts")
     if takeover is None:
         mnt = await trio.to_thread.run_sync(device.mount, os.fspath(mountpoint), opts)
     else:

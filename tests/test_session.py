@@ -232,3 +232,62 @@ def test_libc_errno_through_ctypes_stat(fuse_mount):
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.access(m.join("nope").encode(), os.F_OK) == -1
     assert ctypes.get_errno() == errno.ENOENT
+
+
+class ScopedWaits(HelloFS):
+    """Handlers whose first blocking point is inside their own cancel scopes."""
+
+    attr_timeout = 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = trio.Event()
+        self.cancelled = False
+
+    async def getattr(self, req: afuse.GetattrRequest) -> afuse.Attr:
+        await trio.sleep(0.001)  # a cancel scope inside trio.sleep
+        with trio.move_on_after(5):
+            await trio.to_thread.run_sync(time.sleep, 0.001)
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.sleep, 0.001)
+        return await super().getattr(req)
+
+    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
+        if req.name != b"block":
+            return await super().lookup(req)
+        self.entered.set()
+        try:
+            await trio.sleep(3600)
+        except trio.Cancelled:
+            self.cancelled = True
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_handlers_with_their_own_cancel_scopes(fuse_mount):
+    ops = ScopedWaits()
+    m = fuse_mount(ops)
+    for _ in range(20):
+        assert os.stat(m.join("hello")).st_size == len(DATA)
+
+
+def test_interrupt_of_a_handler_waiting_inside_its_own_scope(fuse_mount):
+    ops = ScopedWaits()
+    m = fuse_mount(ops)
+    child = subprocess.Popen([sys.executable, "-c", _READ_CHILD, m.join("block")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "reading"
+        deadline = time.monotonic() + 10
+        while not ops.entered.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGUSR1)
+        out, _ = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert tuple(map(int, out.split())) == (-1, errno.EINTR)
+    assert ops.cancelled
+    # the worker that was interrupted was replaced: the session still serves, many times over
+    for _ in range(50):
+        assert os.stat(m.join("hello")).st_size == len(DATA)
