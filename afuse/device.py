@@ -608,6 +608,12 @@ def mount(mountpoint: StrPath, options: MountOptions | None = None, *, device_fd
     opts = options if options is not None else MountOptions()
     path = resolve_mountpoint(os.fspath(mountpoint))
     st = _check_mountpoint(path)
+    if stat.S_ISREG(st.st_mode) and opts.rootmode is None:
+        raise MountError(
+            errno.ENOTDIR,
+            f"mountpoint {path!r} is not a directory; to mount a filesystem whose root is a file "
+            f"on it, say so with rootmode=100000",
+        )
     rootmode = opts.rootmode if opts.rootmode is not None else stat.S_IFMT(st.st_mode)
     if stat.S_ISDIR(rootmode) != stat.S_ISDIR(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a directory"

@@ -381,7 +381,10 @@ def test_mount_through_symlink(mnt: Path, tmp_path: Path) -> None:
 def test_mount_regular_file(tmp_path: Path) -> None:
     file = tmp_path / "file mount"
     file.write_bytes(b"underneath")
-    with mounted(file) as m:
+    with pytest.raises(MountError) as info:
+        device.mount(file)  # a file root must be asked for
+    assert info.value.errno == errno.ENOTDIR and "rootmode=100000" in str(info.value)
+    with mounted(file, MountOptions(rootmode=stat.S_IFREG | 0o644)) as m:
         rawfuse.handshake(m.fd)
         st = stat_via(m, root_mode=stat.S_IFREG | 0o644)
         assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1
