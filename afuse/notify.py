@@ -62,9 +62,12 @@ async def retrieve(session: Session, nodeid: int, offset: int, size: int, timeou
     or none, where the cache holds less)."""
     notify_unique = next(_retrieve_ids)
     recv = session.expect_notify_reply(notify_unique)
-    await session.notify(wire.retrieve(notify_unique, nodeid, offset, size))
-    with trio.fail_after(timeout):
-        reply = await recv.receive()
+    try:
+        await session.notify(wire.retrieve(notify_unique, nodeid, offset, size))
+        with trio.fail_after(timeout):
+            reply = await recv.receive()
+    finally:  # the kernel refused it (ENOENT: not cached) or never answered: stop waiting
+        session._retrieve_waiters.pop(notify_unique, None)
     return reply.data
 
 
