@@ -1,13 +1,34 @@
-"""An in-memory POSIX filesystem: ``python -m afuse.examples.memfs MOUNTPOINT [-o OPTS] [--debug]``.
+"""An in-memory POSIX filesystem: ``python -m afuse.examples.memfs MOUNTPOINT [-o OPTS] [--debug] [--persist DIR]``.
 
-Everything lives in Python objects and vanishes at unmount. It supports regular files (stored
-sparsely in 64 KiB chunks, so holes are real for SEEK_DATA/SEEK_HOLE and fallocate punches them),
-directories with stable readdir cookies, symlinks, hard links, device nodes, fifos and sockets,
-rename with RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT, extended attributes, owners,
-modes and nanosecond timestamps, POSIX record locks and flock(2) locks (both waiting when asked,
-and cancellable by an interrupt), O_TMPFILE, copy_file_range, statx with a birth time, and the
-kernel's lookup counting: an inode is dropped once it has no name, no kernel reference and no
-open handle.
+Everything lives in Python objects and vanishes at unmount, unless ``persist`` names a directory:
+then every change is journaled there before it is answered, and :meth:`MemFS.load` (or
+``MemFS(persist=DIR)`` on a directory holding a journal) restores it — see "Persistence" below.
+
+It supports regular files (stored sparsely in 64 KiB chunks, so holes are real for
+SEEK_DATA/SEEK_HOLE and fallocate punches them), directories with stable readdir cookies,
+symlinks, hard links, device nodes, fifos and sockets, rename with RENAME_NOREPLACE /
+RENAME_EXCHANGE / RENAME_WHITEOUT, extended attributes, owners, modes and nanosecond timestamps,
+POSIX record locks and flock(2) locks (both waiting when asked, and cancellable by an
+interrupt), O_TMPFILE, copy_file_range, statx with a birth time, and the kernel's lookup
+counting: an inode is dropped once it has no name, no kernel reference and no open handle.
+
+Persistence (``persist=DIR``): ``DIR/journal`` is an append-only log of every request that
+changed something (with the time it took effect and its request id) plus one record per
+READDIRPLUS entry the kernel took (a lookup count). Each record is appended with one plain
+``write`` before the handler returns, i.e. before the reply: it survives the daemon being
+killed (the page cache is the kernel's), not a machine crash. Restoring replays the requests in
+order through the same handlers with the recorded clock, which reproduces contents, attributes,
+nodeids, lookup counts and open handles (fh numbers) exactly — so a successor daemon can take
+over the live /dev/fuse descriptor (:class:`afuse.session.Takeover`) with the kernel's nodeids and
+open files still valid. A resent request whose first attempt is in the journal is answered with
+that attempt's result (see :mod:`afuse.resend`); one not in it had no effect and runs anew.
+Record and flock locks, atimes set by reads, and pending lock waits are not persisted. This
+journal grows with every change and is never compacted (start afresh with an empty DIR). For a
+compacted store use :mod:`afuse.state` instead: MemFS implements its ``Persistent`` protocol
+(``dump_state`` / ``restore_state``, a JSON snapshot with the data base64-encoded;
+``set_journal`` sends the same records as JSON; ``fold_record`` keeps them pending and
+``restore_state`` redoes them through the handlers). Without ``persist`` or a journal set,
+none of this costs anything: no handler is wrapped.
 
 Permissions are checked here as well (against the caller's uid and primary gid), so the
 filesystem behaves without ``-o default_permissions``; with it the kernel checks first and also
@@ -16,14 +37,21 @@ knows the caller's supplementary groups.
 
 from __future__ import annotations
 
+import base64
 import errno
+import logging
 import os
+import pickle
 import stat
+import struct
 import sys
 import time
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from typing import Any
 
+import attrs
 import trio
 
 from afuse.errors import FUSEError
@@ -222,6 +250,107 @@ def _err(code: int) -> FUSEError:
 
 _NEGATIVE = Entry(0, Attr())
 
+log = logging.getLogger("afuse.examples.memfs")
+
+# -- the journal (persist=DIR) -------------------------------------------------------------------
+
+#: Operations whose requests are journaled (those that change anything the kernel relies on).
+_JOURNALED = ("lookup", "forget", "setattr", "symlink", "mknod", "mkdir", "unlink", "rmdir", "rename", "link",
+              "open", "write", "release", "create", "tmpfile", "fallocate", "copy_file_range", "setxattr",
+              "removexattr", "opendir", "releasedir")
+#: Results of restored requests kept for answering their resent copies.
+_REPLAYED_KEEP = 4096
+_REC_LEN = struct.Struct("<I")
+
+
+def _journal_path(directory: str) -> str:
+    return os.path.join(directory, "journal")
+
+
+def _append(fd: int, record: tuple[Any, ...]) -> None:
+    """Append one record with one write (length-prefixed pickle)."""
+    blob = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+    os.write(fd, _REC_LEN.pack(len(blob)) + blob)
+
+
+def _read_journal(path: str) -> Iterator[tuple[Any, ...]]:
+    """The records of a journal; a record cut short at the end (a crash mid-append) ends it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return
+    pos = 0
+    while pos + 4 <= len(data):
+        (n,) = _REC_LEN.unpack_from(data, pos)
+        if pos + 4 + n > len(data):
+            log.warning("journal %s: incomplete last record ignored", path)
+            return
+        rec = pickle.loads(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+        yield rec
+
+
+def _read_journal_header(path: str) -> tuple[int, int, int, int, int] | None:
+    """(uid, gid, mode, capacity, birth time) of the root from the journal's first record, or None."""
+    for rec in _read_journal(path):
+        if rec[0] == "h":
+            return int(rec[1]), int(rec[2]), int(rec[3]), int(rec[4]), int(rec[5])
+        break
+    return None
+
+
+def _run_now(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a handler coroutine that does not block (the journaled ones never do)."""
+    try:
+        coro.send(None)
+    except StopIteration as e:
+        return e.value
+    coro.close()
+    raise RuntimeError("a journaled handler blocked while being replayed")
+
+
+def _b64(b: bytes | bytearray) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s)
+
+
+def _to_json(v: Any) -> Any:
+    """Requests (attrs classes of afuse.wire.requests) and their values as JSON data."""
+    if isinstance(v, bytes | bytearray | memoryview):
+        return {"b": _b64(bytes(v))}
+    if isinstance(v, list | tuple):
+        return [_to_json(x) for x in v]
+    if attrs.has(type(v)):
+        return {"c": type(v).__name__, "f": {a.name: _to_json(getattr(v, a.name)) for a in attrs.fields(type(v))}}
+    return v
+
+
+def _from_json(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_from_json(x) for x in v]
+    if isinstance(v, dict):
+        if "b" in v:
+            return _unb64(v["b"])
+        cls = getattr(r, v["c"])
+        return cls(**{k: _from_json(x) for k, x in v["f"].items()})
+    return v
+
+
+def _record_to_json(rec: tuple[Any, ...]) -> list[Any]:
+    if rec[0] == "r":
+        return ["r", rec[1], rec[2], _to_json(rec[3])]
+    return list(rec)
+
+
+def _record_from_json(rec: list[Any]) -> tuple[Any, ...]:
+    if rec[0] == "r":
+        return ("r", rec[1], rec[2], _from_json(rec[3]))
+    return tuple(rec)
+
 
 # ---------------------------------------------------------------------------------------------
 # The filesystem
@@ -234,8 +363,23 @@ class MemFS(Operations):
     attr_timeout = 1.0
 
     def __init__(self, uid: int | None = None, gid: int | None = None, mode: int = 0o755,
-                 capacity: int | None = None) -> None:
-        now = _now()
+                 capacity: int | None = None, persist: str | os.PathLike[str] | None = None) -> None:
+        self._journal_fd: int | None = None
+        self._sink: Callable[[tuple[Any, ...]], None] | None = None
+        #: request_id -> result of journaled requests (filled by a restore, for resent requests).
+        self._replayed: OrderedDict[int, Any] = OrderedDict()
+        self.persist = None if persist is None else os.fspath(persist)
+        born: int | None = None
+        if self.persist is not None:
+            header = _read_journal_header(_journal_path(self.persist))
+            if header is not None:
+                uid, gid, mode, capacity, born = header
+        self._setup(uid, gid, mode, capacity, born)
+        if self.persist is not None:
+            self._open_journal(self.persist)
+
+    def _setup(self, uid: int | None, gid: int | None, mode: int, capacity: int | None, born: int | None) -> None:
+        now = _now() if born is None else born
         root = Dir(1, _S_IFDIR | (mode & 0o7777), os.getuid() if uid is None else uid,
                    os.getgid() if gid is None else gid, now, parent=1)
         self._nodes: dict[int, Node] = {1: root}
@@ -252,6 +396,198 @@ class MemFS(Operations):
         self._used_chunks = 0
         #: Lock owners blocked in setlk: owner -> (file, type, start, end), for EDEADLK.
         self._waiting: dict[int, tuple[File, int, int, int]] = {}
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> MemFS:
+        """A MemFS restored from the journal in directory ``path`` (which it keeps journaling to).
+
+        Raises FileNotFoundError if there is no journal there.
+        """
+        if _read_journal_header(_journal_path(os.fspath(path))) is None:
+            raise FileNotFoundError(errno.ENOENT, "no MemFS journal", _journal_path(os.fspath(path)))
+        return cls(persist=path, **kwargs)
+
+    def _open_journal(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        path = _journal_path(directory)
+        fresh = _read_journal_header(path) is None
+        if not fresh:
+            self._replay_file(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if fresh:
+            os.ftruncate(fd, 0)
+            root = self._nodes[1]
+            _append(fd, ("h", root.uid, root.gid, root.mode & 0o7777, self._capacity_chunks * CHUNK, root.btime))
+        self._journal_fd = fd
+        self._install_sink(lambda rec: _append(fd, rec))
+
+    def _install_sink(self, sink: Callable[[tuple[Any, ...]], None] | None) -> None:
+        """Send a record of every change to ``sink`` (None: stop).
+
+        The changing operations become instance attributes wrapping the class's methods, so a
+        MemFS without a sink runs the plain methods.
+        """
+        self._sink = sink
+        for name in (*_JOURNALED, "readdirplus"):
+            self.__dict__.pop(name, None)
+        if sink is None:
+            return
+        for name in _JOURNALED:
+            setattr(self, name, self._journaled(name, getattr(self, name)))
+        setattr(self, "readdirplus", self._journaled_readdirplus)  # noqa: B010
+
+    def close_journal(self) -> None:
+        """Stop journaling (close the file); the filesystem keeps working in memory."""
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+            self._install_sink(None)
+
+    def _journaled(self, name: str, handler: Callable[[Any], Coroutine[Any, Any, Any]]
+                   ) -> Callable[[Any], Awaitable[Any]]:
+        replayed = self._replayed
+        only_positive = name == "lookup"
+
+        async def run(req: r.Request) -> Any:
+            global _now
+            if req.is_resend and req.request_id in replayed:
+                return replayed[req.request_id]  # the first attempt's result, restored
+            ts = time.time_ns()
+            saved = _now
+            _now = lambda: ts  # noqa: E731 - one clock reading per request: replays reproduce it
+            try:
+                result = await handler(req)
+            finally:
+                _now = saved
+            sink = self._sink
+            if sink is not None and not (only_positive and not result.nodeid):
+                sink(("r", ts, name, req))
+            return result
+        return run
+
+    async def _journaled_readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
+        entries = await type(self).readdirplus(self, req)
+        assert isinstance(entries, Iterator)
+        return self._count_taken(entries)
+
+    def _count_taken(self, entries: Iterator[DirEntry]) -> Iterator[DirEntry]:
+        for de in entries:
+            yield de
+            # Resumed only when the kernel took the entry: one lookup to journal.
+            sink = self._sink
+            if de.name != b"." and de.name != b".." and de.entry is not None and sink is not None:
+                sink(("i", de.entry.nodeid))
+
+    def _apply(self, rec: Sequence[Any]) -> bool:
+        """Redo one journal record (while restoring); True if it was a request."""
+        global _now
+        kind = rec[0]
+        if kind == "r":
+            _, ts, name, req = rec
+            saved = _now
+            _now = lambda: ts  # noqa: E731
+            try:
+                result = _run_now(getattr(type(self), name)(self, req))
+            except FUSEError as e:  # pragma: no cover - a journal from another version
+                log.warning("journal replay: %s of request %d failed: %s", name, req.request_id, e)
+                return False
+            finally:
+                _now = saved
+            self._replayed[req.request_id] = result
+            if len(self._replayed) > _REPLAYED_KEEP:
+                self._replayed.popitem(last=False)
+            return True
+        if kind == "i":
+            n = self._nodes.get(rec[1])
+            if n is not None:
+                n.lookups += 1
+        return False
+
+    def _replay_file(self, path: str) -> None:
+        count = sum(self._apply(rec) for rec in _read_journal(path))
+        log.info("restored MemFS from %s: %d requests, %d inodes, %d open handles",
+                 path, count, len(self._nodes), len(self._handles))
+
+    # -- afuse.state.Persistent (for afuse.failover and its FileStateStore) ---------------------
+
+    def dump_state(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot of the whole filesystem (data included, base64)."""
+        nodes: list[list[Any]] = []
+        for n in self._nodes.values():
+            common = [n.ino, n.mode, n.nlink, n.uid, n.gid, n.rdev, n.size, n.atime, n.mtime, n.ctime, n.btime,
+                      n.lookups, n.opens,
+                      None if n.xattrs is None else {_b64(k): _b64(v) for k, v in n.xattrs.items()}]
+            if type(n) is File:
+                extra: Any = {str(k): None if v is None else _b64(v) for k, v in n.chunks.items()}
+            elif type(n) is Dir:
+                extra = [n.parent, n.next_cookie, [[_b64(name), ino, c] for name, (ino, c) in n.children.items()]]
+            elif type(n) is Symlink:
+                extra = _b64(n.target)
+            else:
+                extra = None
+            nodes.append([type(n).__name__, common, extra])
+        return {
+            "version": 1, "next_ino": self._next_ino, "next_fh": self._next_fh,
+            "capacity_chunks": self._capacity_chunks, "nodes": nodes,
+            "handles": {str(fh): n.ino for fh, n in self._handles.items()},
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Become the filesystem of ``state`` (from :meth:`dump_state`, records folded in)."""
+        nodes: dict[int, Node] = {}
+        used = 0
+        for kind, common, extra in state["nodes"]:
+            ino, mode, nlink, uid, gid, rdev, size, atime, mtime, ctime, btime, lookups, opens, xattrs = common
+            n: Node
+            if kind == "File":
+                f = File(ino, mode, uid, gid, btime)
+                f.chunks = {int(k): None if v is None else bytearray(_unb64(v)) for k, v in extra.items()}
+                f.blocks = -1
+                used += len(f.chunks)
+                n = f
+            elif kind == "Dir":
+                parent, next_cookie, children = extra
+                d = Dir(ino, mode, uid, gid, btime, parent)
+                d.next_cookie = next_cookie
+                for name_s, child, cookie in sorted(children, key=lambda c: c[2]):
+                    name = _unb64(name_s)
+                    d.children[name] = (child, cookie)
+                    d.by_cookie[cookie] = name
+                    d.cookies.append(cookie)
+                n = d
+            elif kind == "Symlink":
+                n = Symlink(ino, _unb64(extra), uid, gid, btime)
+            else:
+                n = Special(ino, mode, uid, gid, btime)
+            n.mode, n.nlink, n.rdev, n.size = mode, nlink, rdev, size
+            n.atime, n.mtime, n.ctime, n.btime = atime, mtime, ctime, btime
+            n.lookups, n.opens = lookups, opens
+            n.xattrs = None if xattrs is None else {_unb64(k): _unb64(v) for k, v in xattrs.items()}
+            nodes[ino] = n
+        self._nodes = nodes
+        self._used_chunks = used
+        self._capacity_chunks = int(state["capacity_chunks"])
+        self._next_ino = int(state["next_ino"])
+        self._next_fh = int(state["next_fh"])
+        self._handles = {int(fh): nodes[ino] for fh, ino in state["handles"].items()}
+        self._waiting.clear()
+        for rec in state.get("pending", ()):
+            self._apply(_record_from_json(rec))
+
+    def fold_record(self, state: dict[str, Any], record: Any) -> None:
+        """Fold one journal record into a snapshot: kept as pending, redone by :meth:`restore_state`
+        through the handlers (pure data here)."""
+        state.setdefault("pending", []).append(record)
+
+    def set_journal(self, journal: Callable[[Any], None] | None) -> None:
+        """Send a JSON-serialisable record of every change to ``journal`` (None: stop)."""
+        if journal is None:
+            self._install_sink(None)
+            return
+        sink = journal
+        self._install_sink(lambda rec: sink(_record_to_json(rec)))
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -618,7 +954,29 @@ class MemFS(Operations):
 
     # -- lookups and attributes ----------------------------------------------------------------
 
+    def _lookup_dot(self, req: r.LookupRequest) -> Entry | None:
+        """Answer LOOKUP of "." and ".." (sent only with ``InitConfig(export_support=True)``).
+
+        Decoding a file handle of a forgotten inode sends "." with that inode's nodeid, whatever
+        its type; reconnecting a directory sends "..". Other names return None.
+        """
+        name = req.name
+        if name != b"." and name != b"..":
+            return None
+        n = self._nodes.get(req.nodeid)
+        if n is None:
+            raise _err(errno.ESTALE)
+        if name == b"..":
+            if type(n) is not Dir:
+                raise _err(errno.ENOTDIR)
+            n = self._nodes.get(n.parent, n)
+        n.lookups += 1
+        return Entry(n.ino, _attr(n))
+
     async def lookup(self, req: r.LookupRequest) -> Entry:
+        dot = self._lookup_dot(req)
+        if dot is not None:
+            return dot
         d = self._nodes.get(req.nodeid)
         if type(d) is not Dir:
             raise _err(errno.ENOENT if d is None else errno.ENOTDIR)
@@ -1322,9 +1680,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Mount a fresh MemFS on the mount point given on the command line, until Ctrl-C or unmount."""
     from afuse.examples._cli import make_parser, run_example
 
-    parser = make_parser("An in-memory POSIX filesystem: everything is gone at unmount.")
+    parser = make_parser("An in-memory POSIX filesystem: everything is gone at unmount (unless --persist).")
+    parser.add_argument("--persist", metavar="DIR",
+                        help="journal every change in DIR and restore what DIR holds at start")
     args = parser.parse_args(argv)
-    return run_example(MemFS(), args, argv=argv)
+    return run_example(MemFS(persist=args.persist), args, argv=argv)
 
 
 if __name__ == "__main__":
