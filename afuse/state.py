@@ -1,0 +1,209 @@
+"""Persistent filesystem state for daemons that fail over (see docs/failover.md).
+
+A replacement daemon sees no new INIT and no new lookups: the kernel keeps using the nodeids it
+looked up (with their lookup counts) and the file handles it was given. A filesystem that wants
+to survive its own death keeps that state outside the process:
+
+* :class:`Persistent` is what the filesystem implements: a full snapshot (:meth:`dump_state`),
+  restoring from one (:meth:`restore_state`), and folding one journal record into a snapshot
+  (:meth:`fold_record`). It calls the journal it was given (:meth:`set_journal`) for every change, *before* the reply
+  that makes the change visible to the kernel is written (a handler's synchronous code runs
+  before the session writes its reply, so journaling inside the handler is enough).
+* :class:`FileStateStore` keeps a snapshot file plus an append-only journal of compact JSON
+  lines, and compacts atomically (write a temporary file, fsync, rename).
+
+Durability: records are written with plain ``write(2)`` (no fsync). A daemon killed with SIGKILL
+leaves its writes in the page cache, which the replacement reads: that is the failure this
+module is for. A machine crash loses the mount anyway (and with it every nodeid and handle the
+kernel held), so fsync-per-record would buy nothing; only compaction fsyncs, to never replace a
+good snapshot by a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger("afuse.state")
+
+SNAPSHOT = "state.json"
+JOURNAL = "journal-{gen}.jsonl"
+#: Journal records after which :meth:`FileStateStore.journal` compacts by itself.
+COMPACT_EVERY = 50_000
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+@runtime_checkable
+class Persistent(Protocol):
+    """What a failover-capable filesystem implements (besides :class:`~afuse.Operations`)."""
+
+    def dump_state(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot of everything the kernel may still refer to."""
+        ...
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Become the filesystem described by ``state`` (a snapshot with the journal folded in)."""
+        ...
+
+    def fold_record(self, state: dict[str, Any], record: Any) -> None:
+        """Apply one journal record to a snapshot dict, in place (pure data, no I/O)."""
+        ...
+
+    def set_journal(self, journal: Callable[[Any], None] | None) -> None:
+        """Where to send journal records from now on (None: stop journaling)."""
+        ...
+
+
+class FileStateStore:
+    """A snapshot plus an append-only journal of JSON lines in directory ``path``.
+
+    Generation ``g`` is ``state.json`` (which names ``g``) followed by ``journal-g.jsonl``.
+    :meth:`compact` writes generation ``g+1`` with an atomic rename and only then switches the
+    journal, so a crash at any point leaves one consistent generation to :meth:`load`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], compact_every: int = COMPACT_EVERY) -> None:
+        self.path = os.fspath(path)
+        os.makedirs(self.path, exist_ok=True)
+        self.compact_every = compact_every
+        self.generation = 0
+        self._fd = -1
+        self._records = 0
+        self._source: Persistent | None = None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def load(self) -> tuple[dict[str, Any] | None, list[Any]]:
+        """The newest snapshot (None if there is none) and the journal records written after it.
+
+        A torn last line (the writer died in the middle of it) is ignored.
+        """
+        snap_path = os.path.join(self.path, SNAPSHOT)
+        try:
+            with open(snap_path, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            return None, []
+        self.generation = int(doc["generation"])
+        records: list[Any] = []
+        try:
+            with open(os.path.join(self.path, JOURNAL.format(gen=self.generation)), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if i >= len(lines) - 2:  # the last (unterminated) line may be torn
+                    log.warning("ignoring a torn last journal record in %s", self.path)
+                    break
+                raise
+        state: dict[str, Any] = doc["state"]
+        return state, records
+
+    def load_into(self, ops: Persistent) -> bool:
+        """Restore ``ops`` from the snapshot and journal; False if there is no saved state."""
+        state, records = self.load()
+        if state is None:
+            return False
+        for rec in records:
+            ops.fold_record(state, rec)
+        ops.restore_state(state)
+        return True
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def attach(self, ops: Persistent) -> None:
+        """Start a fresh generation from ``ops.dump_state()``; journal calls append to it."""
+        self._source = ops
+        self.compact()
+        ops.set_journal(self.journal)
+
+    def journal(self, record: Any) -> None:
+        """Append one record (a JSON-serialisable value). Compacts every ``compact_every``."""
+        if self._fd < 0:
+            raise RuntimeError("FileStateStore.journal before attach()")
+        os.write(self._fd, _dumps(record).encode() + b"\n")
+        self._records += 1
+        if self._records >= self.compact_every and self._source is not None:
+            self.compact()
+
+    def compact(self) -> None:
+        """Write ``dump_state()`` as the next generation and start its empty journal."""
+        if self._source is None:
+            raise RuntimeError("FileStateStore.compact before attach()")
+        gen = self.generation + 1
+        new_journal = os.path.join(self.path, JOURNAL.format(gen=gen))
+        fd = os.open(new_journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            doc = {"generation": gen, "state": self._source.dump_state()}
+            write_atomic(os.path.join(self.path, SNAPSHOT), _dumps(doc).encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        old_fd, old_gen = self._fd, self.generation
+        self._fd, self.generation, self._records = fd, gen, 0
+        if old_fd >= 0:
+            os.close(old_fd)
+        for name in os.listdir(self.path):  # every older journal (also ones a dead writer left)
+            if name.startswith("journal-") and name != JOURNAL.format(gen=gen):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.path, name))
+        log.debug("state compacted to generation %d (was %d)", gen, old_gen)
+
+    def clear(self) -> None:
+        """Forget all saved state (a new mount starts from nothing)."""
+        self.close()
+        for name in os.listdir(self.path):
+            if name == SNAPSHOT or name.startswith("journal-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.path, name))
+        self.generation = 0
+
+    def close(self) -> None:
+        """Stop journaling (the files stay)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- small files next to the state -------------------------------------------------------------
+
+    def write_json(self, name: str, value: Any) -> None:
+        """Save ``value`` as ``name`` in the state directory, atomically."""
+        write_atomic(os.path.join(self.path, name), _dumps(value).encode())
+
+    def read_json(self, name: str) -> Any:
+        """A value saved with :meth:`write_json`; None if there is none."""
+        try:
+            with open(os.path.join(self.path, name), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` by ``data`` all at once: temporary file, fsync, rename, fsync of the directory."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
