@@ -4,7 +4,8 @@ from .device import MountOptions
 from .dispatch import Dispatcher
 from .errors import FUSEError, MountError, NotNegotiated, SessionError
 from .operations import Operations
-from .session import Session, mount, serve
+from .passthrough import BackingFile
+from .session import Session, Takeover, current_session, mount, serve
 from .wire.constants import FAttr, FOpen, InitFlag, Opcode
 from .wire.init import InitConfig, Negotiated
 from .wire.requests import (
@@ -73,5 +74,5 @@ __all__ = [
     "SecurityContext", "Session", "SessionError", "SetattrRequest", "SetlkRequest",
     "SetxattrRequest", "StatfsRequest", "Statx", "StatxRequest", "SymlinkRequest",
     "SyncfsRequest", "Timestamp", "TmpfileRequest", "UnlinkRequest", "WriteRequest",
-    "__version__", "mount", "serve",
+    "BackingFile", "Takeover", "__version__", "current_session", "mount", "serve",
 ]

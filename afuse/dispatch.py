@@ -11,15 +11,18 @@ import errno
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FUSEError
 from .operations import Operations, overridden
 from .wire import replies
 from .wire import requests as r
-from .wire.constants import InitFlag
+from .wire.constants import FOpen, InitFlag
 from .wire.init import InitConfig
 from .wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx
+
+if TYPE_CHECKING:
+    from .passthrough import BackingTable
 
 log = logging.getLogger("afuse")
 
@@ -122,6 +125,14 @@ class Dispatcher:
         self._has_flock = overridden(ops, "flock")
         self._has_release = overridden(ops, "release")
 
+    def register(self, cls: type[r.Request], fn: Callable[[Any], Awaitable[Reply]]) -> None:
+        """Route requests of type ``cls`` to ``fn(req)``, which returns the reply bytes (or None).
+
+        For protocol parts outside the :class:`Operations` API, such as the experimental
+        :mod:`afuse.iomap`. Exceptions ``fn`` raises are answered as a handler's would be.
+        """
+        self._table[cls] = fn
+
     # -- negotiation ---------------------------------------------------------------------------
 
     def wanted_flags(self, config: InitConfig) -> InitFlag:
@@ -207,6 +218,8 @@ class Dispatcher:
             h = await fn(req)
             if type(h) is not Handle:
                 raise HandlerResultError(f"{fn.__name__} must return a Handle, not {type(h).__name__}")
+            if int(h.flags) & _PASSTHROUGH or h.backing_id:
+                _passthrough_refused(fn.__name__, h)
             return replies.open_(req.unique, h)
         return op
 
@@ -219,8 +232,87 @@ class Dispatcher:
                 raise HandlerResultError(f"{fn.__name__} must return (Entry, Handle), not {res!r}") from None
             if type(e) is not Entry or type(h) is not Handle:
                 raise HandlerResultError(f"{fn.__name__} must return (Entry, Handle), not {res!r}")
+            if int(h.flags) & _PASSTHROUGH or h.backing_id:
+                _passthrough_refused(fn.__name__, h)
             return replies.create(req.unique, e, h, self.entry_timeout, self.attr_timeout)
         return op
+
+    # -- passthrough -----------------------------------------------------------------------------
+
+    def enable_passthrough(self, table: BackingTable) -> None:
+        """PASSTHROUGH was negotiated: open/create/tmpfile replies may carry ``table``'s backing ids.
+
+        Replaces the OPEN, CREATE, TMPFILE and RELEASE entries (other requests are untouched):
+        handlers run with :data:`afuse.passthrough.OPENING` set, replies are checked and claim
+        their backing file, RELEASE drops the open file's reference (see :mod:`afuse.passthrough`).
+        """
+        from .passthrough import OPENING, _Opening, check_flags
+
+        o = self.ops
+        t = self._table
+
+        async def run(fn: Callable[[Any], Awaitable[Any]], req: r.Request) -> Any:
+            opening = _Opening()
+            token = OPENING.set(opening)
+            try:
+                return await fn(req)
+            finally:
+                OPENING.reset(token)
+                table.handler_done(req.unique, opening)
+
+        def claim(what: str, req: r.Request, nodeid: int, h: Handle) -> None:
+            if not int(h.flags) & _PASSTHROUGH:
+                if h.backing_id:
+                    raise HandlerResultError(f"{what} returned backing_id {h.backing_id} without FOpen.PASSTHROUGH")
+                return
+            why = check_flags(h.flags)
+            if why is not None:
+                raise HandlerResultError(f"{what}: {why}")
+            try:
+                table.claim(req.unique, nodeid, h.fh, h.backing_id)
+            except KeyError:
+                raise HandlerResultError(
+                    f"{what} returned FOpen.PASSTHROUGH with backing_id {h.backing_id}, which is not an open "
+                    "backing file of this session (use Session.open_backing())") from None
+
+        def open_op(fn: Callable[[Any], Awaitable[Handle]]) -> _Fn:
+            async def op(req: r.Request) -> Reply:
+                h = await run(fn, req)
+                if type(h) is not Handle:
+                    raise HandlerResultError(f"{fn.__name__} must return a Handle, not {type(h).__name__}")
+                reply = replies.open_(req.unique, h)
+                claim(fn.__name__, req, req.nodeid, h)  # last: nothing may fail after it
+                return reply
+            return op
+
+        def create_op(fn: Callable[[Any], Awaitable[tuple[Entry, Handle]]]) -> _Fn:
+            async def op(req: r.Request) -> Reply:
+                res = await run(fn, req)
+                try:
+                    e, h = res
+                except (TypeError, ValueError):
+                    raise HandlerResultError(f"{fn.__name__} must return (Entry, Handle), not {res!r}") from None
+                if type(e) is not Entry or type(h) is not Handle:
+                    raise HandlerResultError(f"{fn.__name__} must return (Entry, Handle), not {res!r}")
+                reply = replies.create(req.unique, e, h, self.entry_timeout, self.attr_timeout)
+                claim(fn.__name__, req, e.nodeid, h)  # last: nothing may fail after it
+                return reply
+            return op
+
+        if t.get(r.OpenRequest) is not _enosys:
+            t[r.OpenRequest] = open_op(o.open)
+        if t.get(r.CreateRequest) is not _enosys:
+            t[r.CreateRequest] = create_op(o.create)
+        if t.get(r.TmpfileRequest) is not _enosys:
+            t[r.TmpfileRequest] = create_op(o.tmpfile)
+        release = t.get(r.ReleaseRequest, _enosys)
+
+        async def release_op(req: r.ReleaseRequest) -> Reply:
+            if table.held:
+                table.released(req.nodeid, req.fh)
+            return await release(req)
+
+        t[r.ReleaseRequest] = release_op
 
     def _u64_op(self, fn: Callable[[Any], Awaitable[int]]) -> _Fn:
         async def op(req: r.Request) -> Reply:
@@ -357,6 +449,23 @@ class Dispatcher:
         sx = await self.ops.statx(req)
         _check(sx, Statx, "statx")
         return replies.statx(req.unique, sx, self.attr_timeout)
+
+
+_PASSTHROUGH = int(FOpen.PASSTHROUGH)
+
+
+def _passthrough_refused(what: str, h: Handle) -> None:
+    """A Handle with PASSTHROUGH (or a backing id) where passthrough is not negotiated."""
+    if not int(h.flags) & _PASSTHROUGH:
+        raise HandlerResultError(f"{what} returned backing_id {h.backing_id} without FOpen.PASSTHROUGH")
+    if what == "opendir":
+        raise HandlerResultError("opendir cannot answer FOpen.PASSTHROUGH (files only)")
+    from .passthrough import check_flags
+
+    why = check_flags(h.flags)
+    raise HandlerResultError(f"{what}: {why}" if why else
+                             f"{what} returned FOpen.PASSTHROUGH, but FUSE_PASSTHROUGH is not negotiated "
+                             "(InitConfig(passthrough=True), and the kernel must offer it)")
 
 
 async def _enosys(req: r.Request) -> Reply:

@@ -9,6 +9,7 @@ came from, in one write.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import os
@@ -26,6 +27,7 @@ from .device import Mount, MountOptions
 from .dispatch import Dispatcher, errno_name
 from .errors import MountError, NotNegotiated, SessionError
 from .operations import Operations
+from .passthrough import BackingFile, BackingTable
 from .wire import notify as wire_notify
 from .wire import replies
 from .wire import requests as r
@@ -38,6 +40,20 @@ log = logging.getLogger("afuse")
 #: Interrupts whose request has not been read yet are remembered; this many at most.
 MAX_EARLY_INTERRUPTS = 1024
 _END_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF)
+
+_CURRENT: contextvars.ContextVar[Session] = contextvars.ContextVar("afuse_session")
+
+
+def current_session() -> Session:
+    """The :class:`Session` serving the calling handler.
+
+    Set by :func:`serve` (and so :func:`mount`) for ``Operations.init`` and every handler, and
+    inherited by tasks and threads they start. Raises :class:`SessionError` elsewhere.
+    """
+    try:
+        return _CURRENT.get()
+    except LookupError:
+        raise SessionError("no afuse session is being served in this context") from None
 
 
 class Session:
@@ -79,6 +95,8 @@ class Session:
         self._retrieve_waiters: dict[int, trio.MemorySendChannel[r.NotifyReplyRequest]] = {}
         #: Requests served so far (for tests and statistics).
         self.served = 0
+        #: Backing files for passthrough (set once FUSE_PASSTHROUGH is negotiated).
+        self.backing: BackingTable | None = None
 
     # -- public ----------------------------------------------------------------------------
 
@@ -128,6 +146,21 @@ class Session:
             offered = self.negotiated is not None and bool(self.negotiated.offered & flag)
             why = "was not asked for" if offered else "is not offered by this kernel"
             raise NotNegotiated(f"{what} needs {flag.name}, which {why}")
+
+    def open_backing(self, fd: int) -> BackingFile:
+        """Register open regular file ``fd`` as a passthrough backing file (BACKING_OPEN).
+
+        Answer an open with ``Handle(fh, FOpen.PASSTHROUGH, backing_id=bf.id)``. Called in an
+        open/create/tmpfile handler the reference is that request's (dropped once its reply is
+        written; the open file keeps its own until RELEASE); elsewhere it is the caller's to
+        :meth:`~afuse.passthrough.BackingFile.release`. See :mod:`afuse.passthrough`.
+        Raises :class:`NotNegotiated` without FUSE_PASSTHROUGH, OSError as the kernel answers
+        (EPERM without CAP_SYS_ADMIN in the initial user namespace, EINVAL for a file that is not
+        regular, ELOOP if the file's filesystem is stacked too deep for ``max_stack_depth``).
+        """
+        self.require(InitFlag.PASSTHROUGH, "open_backing()")
+        assert self.backing is not None
+        return self.backing.open(fd)
 
     def expect_notify_reply(self, notify_unique: int) -> trio.MemoryReceiveChannel[r.NotifyReplyRequest]:
         """A channel that receives the kernel's NOTIFY_REPLY for ``notify_unique``."""
@@ -188,13 +221,20 @@ class Session:
             log.info("kernel did not offer: %s", neg.refused)
         log.debug("INIT: kernel 7.%d, negotiated 7.%d, flags %s, max_write %d",
                   neg.kernel_minor, neg.minor, neg.flags, neg.max_write)
+        self._negotiated(neg)
         self.ops.init(neg)
+
+    def _negotiated(self, neg: Negotiated) -> None:
+        if neg.has(InitFlag.PASSTHROUGH) and self.backing is None:
+            self.backing = BackingTable(self.mount.fd)
+            self.dispatcher.enable_passthrough(self.backing)
 
     def _adopt(self, neg: Negotiated) -> None:
         """Take over a connection negotiated earlier (by this or a previous daemon)."""
         self.negotiated = neg
         self.decoder.setxattr_ext = neg.has(InitFlag.SETXATTR_EXT)
         self._bufsize = neg.read_buffer_size
+        self._negotiated(neg)
         self.ops.init(neg)
 
     # -- reading and writing ------------------------------------------------------------------
@@ -220,9 +260,11 @@ class Session:
                     return None
                 raise
 
-    def _write(self, fd: int, data: bytes, unique: int) -> None:
+    def _write(self, fd: int, data: bytes, unique: int) -> bool:
+        """Write one reply; False if the kernel did not take it."""
         try:
             os.write(fd, data)
+            return True
         except OSError as e:
             if e.errno == errno.ENOENT:  # interrupted/aborted/resent meanwhile: nobody waits
                 log.debug("reply to unique %d: nobody waits (ENOENT)", unique)
@@ -230,6 +272,7 @@ class Session:
                 log.debug("reply to unique %d after the connection ended", unique)
             else:
                 log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, len(data), e)
+            return False
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -401,7 +444,11 @@ class Session:
             reply, blocked = await self._drive(self.dispatcher.handle(req), unique, wscope)
         self.served += 1
         if reply is not None:
-            self._write(fd, reply, unique)
+            written = self._write(fd, reply, unique)
+        backing = self.backing
+        if backing is not None and (backing.pending or backing.claims):
+            # After the reply: the open file took its own reference if the kernel has it.
+            backing.reply_done(unique, reply is not None and written)
         if debug:
             code = -int.from_bytes(reply[4:8], "little", signed=True) if reply else 0
             log.debug("%s unique=%d nodeid=%d -> %s (%d bytes) in %.1f us",
@@ -463,6 +510,8 @@ class Session:
                 os.close(fd)
             except OSError:
                 pass
+        if self.backing is not None:
+            self.backing.end()
         self.mount.close()
         self._closed.set()
 
@@ -528,6 +577,7 @@ async def serve(
     else:
         mnt = Mount(takeover.fd, device.resolve_mountpoint(os.fspath(mountpoint)), opts, False)
     session = Session(ops, mnt, cfg, readers, max_requests, private_clones)
+    current = _CURRENT.set(session)
     try:
         device.set_nonblocking(mnt.fd)
         if takeover is None:
@@ -561,6 +611,7 @@ async def serve(
         for fd in (mnt.fd, *session._fds):
             trio.lowlevel.notify_closing(fd)
         session._close_fds()
+        _CURRENT.reset(current)
 
 
 @asynccontextmanager
@@ -573,12 +624,20 @@ async def mount(
 
     Keyword arguments are those of :func:`serve`. Leaving the block unmounts.
     """
-    async with trio.open_nursery() as nursery:
-        session: Session = await nursery.start(_serve_kw, ops, mountpoint, kwargs)
-        try:
-            yield session
-        finally:
-            nursery.cancel_scope.cancel()
+    started = False
+    try:
+        async with trio.open_nursery() as nursery:
+            session: Session = await nursery.start(_serve_kw, ops, mountpoint, kwargs)
+            started = True
+            try:
+                yield session
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A failure to mount or negotiate is one plain exception for the caller.
+        if not started and len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _serve_kw(ops: Operations, mountpoint: str | os.PathLike[str], kwargs: dict[str, Any],

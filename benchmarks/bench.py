@@ -11,7 +11,10 @@ only ever touches the mounts from the outside.
 Workloads:
 
 1. metadata   create (open O_CREAT|O_WRONLY + close), stat, readdir, rename, unlink of N files
-2. sequential write (1 MiB os.write, fsync) then read (caches dropped, fresh open) of one file
+2. sequential write (1 MiB os.write, fsync) then read (caches dropped, fresh open) of one file;
+   "afuse" is passthroughfs serving every READ and WRITE itself (passthrough not negotiated), and
+   a second section repeats it on passthroughfs with FUSE passthrough (FOPEN_PASSTHROUGH: the
+   kernel reads and writes the source file; target >= 0.9 of native)
 3. small files write then read back N files of 4 KiB
 4. listing    os.listdir of an N-entry directory in a loop
 5. latency    os.stat on HelloFS with attr_timeout = 0: one GETATTR round trip per call, daemon and
@@ -58,6 +61,7 @@ MEMFS = "afuse.examples.memfs:MemFS"
 LATENCY_FS = "benchmarks._latencyfs:ZeroTimeoutHello"
 LISTING_TARGET = 500.0  # listings/s, afuse's target for a 2,000-entry directory
 LATENCY_TARGET = 15.0  # µs per GETATTR round trip, pinned
+PASSTHROUGH_RATIO_TARGET = 0.9  # sequential throughput with FUSE passthrough, of native
 
 MiB = 1 << 20
 #: Names of the temporary mountpoints and source directories, and the mounts' fsname. Not
@@ -193,6 +197,46 @@ def afuse_daemon(label: str, factory: str, args: list[str], cpu: int | None = No
     name = PREFIX + label.split()[0]
     return Daemon(label, lambda mnt: [sys.executable, "-m", "afuse.testing", factory, mnt,
                                       "-o", f"fsname={name}", *args], cpu=cpu)
+
+
+#: passthroughfs with FUSE passthrough negotiated (``afuse.testing`` serves the default config).
+_PASSTHROUGH_DAEMON = """
+import signal, sys
+from functools import partial
+import trio
+from afuse.examples.passthroughfs import PassthroughFS
+from afuse.session import serve
+from afuse.wire.init import InitConfig
+src, mnt, fsname = sys.argv[1:4]
+ops = PassthroughFS(src)
+failed = False
+async def main():
+    global failed
+    async with trio.open_nursery() as nursery:
+        session = await nursery.start(partial(serve, ops, mnt, options="fsname=" + fsname,
+                                              config=InitConfig(passthrough=True)))
+        if ops.passthrough_unavailable:
+            print("passthrough unavailable: " + ops.passthrough_unavailable, file=sys.stderr, flush=True)
+        print("ready", flush=True)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async def stop():
+                async for _ in sigs:
+                    break
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(stop)
+            await session.wait_closed()
+            nursery.cancel_scope.cancel()
+    failed = bool(session.errors)
+trio.run(main)
+ops.close()
+sys.exit(1 if failed else 0)
+"""
+
+
+def passthrough_daemon(label: str, src: str, cpu: int | None = None) -> Daemon:
+    """passthroughfs on ``src`` with FUSE passthrough (regular files: no READ/WRITE requests)."""
+    name = PREFIX + label.split()[0]
+    return Daemon(label, lambda mnt: [sys.executable, "-c", _PASSTHROUGH_DAEMON, src, mnt, name], cpu=cpu)
 
 
 def script_daemon(kind: str, label: str, cpu: int | None = None) -> Daemon:
@@ -498,8 +542,37 @@ def run_filesystems(cfg: Config, factory: str, with_memfs: bool, pin: int | None
                         out[phase]["samples"]["memfs"] = by_root["memfs"]
                 results[key] = out
                 log(f"    done in {clock() - t:.1f} s")
+        run_passthrough(cfg, src, pin, results, problems, log)
     finally:
         shutil.rmtree(src, ignore_errors=True)
+
+
+def run_passthrough(cfg: Config, src: str, pin: int | None, results: dict[str, Any], problems: list[str],
+                    log: Callable[[str], None]) -> None:
+    """Sequential I/O on passthroughfs with FUSE passthrough, against native (a section of its own)."""
+    title = f"sequential {cfg.seq_bytes // MiB} MiB, passthroughfs (FUSE passthrough)"
+    log(f"  {title} ...")
+    t = clock()
+    try:
+        with serving(passthrough_daemon("passthroughfs-pt", src, cpu=pin), problems) as fs:
+            with pinned(pin):
+                samples = compare(wl_sequential, "seqpt", {"native": src, "afuse": fs.path}, cfg, cfg.repeat)
+            active = "passthrough unavailable" not in fs.stderr()
+    except Exception as e:
+        problems.append(f"sequential_passthrough: {type(e).__name__}: {e}")
+        traceback.print_exc()
+        return
+    out: dict[str, Any] = {"title": title, "passthrough_active": active}
+    for phase, by_root in samples.items():
+        if phase == "caches_dropped":
+            out[phase] = all(all(v) for v in by_root.values())
+            continue
+        out[phase] = figure(by_root["native"], by_root["afuse"], "MB/s", ratio_target=PASSTHROUGH_RATIO_TARGET)
+    if not active:
+        NOTES.append("passthroughfs (FUSE passthrough): passthrough was unavailable, the daemon served the "
+                     "I/O itself; those figures are not passthrough figures")
+    results["sequential_passthrough"] = out
+    log(f"    done in {clock() - t:.1f} s")
 
 
 def pick_cpu() -> int:
@@ -590,7 +663,7 @@ def report(results: dict[str, Any]) -> str:
     if memfs:
         head += ["memfs", "memfs/native"]
     rows: list[list[str]] = [[*head, "note"]]
-    for key in ("metadata", "sequential", "small_files", "listing", "latency"):
+    for key in ("metadata", "sequential", "sequential_passthrough", "small_files", "listing", "latency"):
         section = results.get(key)
         if not section:
             continue
@@ -603,8 +676,13 @@ def report(results: dict[str, Any]) -> str:
                 cmp = ">=" if fig["higher_is_better"] else "<="
                 met = fig["afuse"] >= fig["target"] if fig["higher_is_better"] else fig["afuse"] <= fig["target"]
                 note = f"target {cmp} {fig['target']:g}: {'met' if met else 'not met'}"
-            elif key == "sequential":
+            elif key.startswith("sequential"):
                 note = "caches dropped before read" if section.get("caches_dropped") else "fadvise only"
+            if "ratio_target" in fig:
+                met = fig["ratio"] >= fig["ratio_target"]
+                note = (f"target ratio >= {fig['ratio_target']:g}: {'met' if met else 'not met'}"
+                        + ("" if section.get("passthrough_active", True) else " (PASSTHROUGH UNAVAILABLE)")
+                        + (f"; {note}" if note else ""))
             if not fig["higher_is_better"]:
                 note = (note + "; " if note else "") + "lower is better"
             row = [title, phase.replace("_", " "), fig["unit"], fmt(fig["native"]), fmt(fig["afuse"]),

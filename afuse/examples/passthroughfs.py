@@ -17,6 +17,14 @@ other users in. Run as another user, everything happens with that user's rights.
 
 Attributes report the source's inode numbers, so ``stat`` through the mount and on the source
 agree. Directory offsets are the source's own ``d_off`` cookies.
+
+Regular files are opened in FUSE passthrough mode where the kernel and privileges allow it
+(FUSE_PASSTHROUGH negotiated, which the command line asks for unless ``--no-passthrough``, and
+BACKING_OPEN permitted: CAP_SYS_ADMIN in the initial user namespace): the kernel then reads,
+writes and maps them on the source file itself, without READ or WRITE requests. Otherwise one
+log line says why and the daemon serves reads and writes itself. An inode is open either in
+passthrough mode or not, never both: every open of a regular file uses passthrough (with the
+inode's one backing registration) while it is available, other files never do.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import platform
 import select
@@ -38,11 +47,16 @@ from typing import cast
 
 import trio
 
-from afuse.errors import FUSEError
+from afuse.errors import FUSEError, SessionError
 from afuse.operations import DirEntries, Operations
+from afuse.passthrough import BackingFile, unavailable_reason
+from afuse.session import Session, current_session
 from afuse.wire import requests as r
-from afuse.wire.constants import ROOT_ID, FOpen
+from afuse.wire.constants import ROOT_ID, FOpen, InitFlag
+from afuse.wire.init import Negotiated
 from afuse.wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
+
+log = logging.getLogger("afuse.passthroughfs")
 
 # -- system interface ----------------------------------------------------------------------------
 
@@ -249,7 +263,7 @@ class _LockFd:
 
 
 class _Inode:
-    __slots__ = ("fd", "key", "locks", "nlookup", "nodeid")
+    __slots__ = ("backing", "fd", "key", "locks", "nlookup", "nodeid")
 
     def __init__(self, fd: int, key: tuple[int, int], nodeid: int) -> None:
         self.fd = fd
@@ -257,6 +271,8 @@ class _Inode:
         self.nodeid = nodeid
         self.nlookup = 0
         self.locks: dict[int, _LockFd] | None = None
+        #: The passthrough backing registration its open files share (while not closed).
+        self.backing: BackingFile | None = None
 
 
 class PassthroughFS(Operations):
@@ -266,7 +282,9 @@ class PassthroughFS(Operations):
     the kernel may remember that a name does not exist (0: not at all). ``cache_dir`` lets the
     kernel cache directory listings (FOPEN_CACHE_DIR; it drops them when the directory's mtime
     changes). ``switch_credentials`` (default: when running as root) performs each request with
-    the caller's fsuid/fsgid/groups.
+    the caller's fsuid/fsgid/groups. ``passthrough`` (default True) opens regular files in FUSE
+    passthrough mode when the session negotiated it (``InitConfig(passthrough=True)``) and
+    BACKING_OPEN is permitted; :attr:`passthrough_unavailable` then says why not.
     """
 
     def __init__(
@@ -277,8 +295,15 @@ class PassthroughFS(Operations):
         negative_timeout: float = 0.0,
         cache_dir: bool = True,
         switch_credentials: bool | None = None,
+        passthrough: bool = True,
     ) -> None:
         self.source = os.fspath(source)
+        self.passthrough = passthrough
+        #: The session whose backing files regular files are opened on (None: no passthrough).
+        self._pt_session: Session | None = None
+        #: Why passthrough is not used (None while it is, or before INIT).
+        self.passthrough_unavailable: str | None = None
+        self._eloop_logged = False
         self.entry_timeout = self.attr_timeout = float(timeout)
         self.negative_timeout = float(negative_timeout)
         self.cache_dir = cache_dir
@@ -295,6 +320,77 @@ class PassthroughFS(Operations):
         self._next_nodeid = ROOT_ID + 1
         #: ``private`` is set on threads whose umask is their own (and 0).
         self._thread = threading.local()
+
+    # -- passthrough ---------------------------------------------------------------------------
+
+    def init(self, negotiated: Negotiated) -> None:
+        self._pt_session = None
+        self.passthrough_unavailable = None
+        for node in self._inodes.values():
+            node.backing = None
+        if not self.passthrough:
+            self._no_passthrough("disabled (PassthroughFS(passthrough=False))", logging.INFO)
+        elif not negotiated.has(InitFlag.PASSTHROUGH):
+            if negotiated.offered & InitFlag.PASSTHROUGH:
+                self._no_passthrough("not asked for at INIT (InitConfig(passthrough=True) enables it)",
+                                     logging.INFO)
+            else:
+                self._no_passthrough("kernel did not offer FUSE_PASSTHROUGH", logging.WARNING)
+        else:
+            try:
+                session = current_session()
+            except SessionError as e:
+                self._no_passthrough(str(e), logging.WARNING)
+                return
+            # Try BACKING_OPEN once, on an anonymous regular file: are we privileged enough?
+            try:
+                probe = os.memfd_create("afuse-passthrough-probe", os.MFD_CLOEXEC)
+            except (OSError, AttributeError):
+                self._pt_session = session  # find out at the first open
+                return
+            try:
+                session.open_backing(probe).release()
+            except OSError as e:
+                self._no_passthrough(unavailable_reason(e), logging.WARNING)
+                return
+            finally:
+                os.close(probe)
+            self._pt_session = session
+            log.info("passthrough: regular files are read and written by the kernel on the source files")
+
+    def _no_passthrough(self, why: str, level: int) -> None:
+        self._pt_session = None
+        self.passthrough_unavailable = why
+        log.log(level, "passthrough unavailable: %s; serving reads and writes in the daemon", why)
+
+    def _handle(self, fd: int, node: _Inode) -> Handle:
+        """The Handle for ``fd``, open on ``node``: passthrough for regular files when available.
+
+        One inode is never open both ways: regular files always use passthrough (sharing the
+        inode's backing registration) while it is available; other files never do.
+        """
+        session = self._pt_session
+        if session is None:
+            return Handle(fh=fd)
+        bf = node.backing
+        if bf is None or bf.closed:
+            try:
+                bf = session.open_backing(fd)
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.EISDIR):  # not a regular file: never passthrough
+                    return Handle(fh=fd)
+                if e.errno == errno.ELOOP:  # its filesystem is stacked too deep: the same every time
+                    if not self._eloop_logged:
+                        self._eloop_logged = True
+                        log.warning("passthrough unavailable for files on stacked filesystems (ELOOP: "
+                                    "raise InitConfig.max_stack_depth to 2); serving their I/O in the daemon")
+                    return Handle(fh=fd)
+                if e.errno == errno.EPERM:  # not privileged after all (no probe was possible)
+                    self._no_passthrough(unavailable_reason(e), logging.WARNING)
+                    return Handle(fh=fd)
+                raise
+            node.backing = bf
+        return Handle(fd, FOpen.PASSTHROUGH, backing_id=bf.id)
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -535,7 +631,11 @@ class PassthroughFS(Operations):
         node = self._node(req.nodeid)
         with self._as_caller(req):
             fd = os.open(_proc(node.fd), (req.flags & ~_STRIP_OPEN) | os.O_CLOEXEC)
-        return Handle(fh=fd)
+        try:
+            return self._handle(fd, node)
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
         self._check_name(req.name)
@@ -543,14 +643,25 @@ class PassthroughFS(Operations):
         flags = (req.flags & ~_STRIP_OPEN) | (req.flags & os.O_EXCL) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         with self._creating(req):
             fd = os.open(req.name, flags, stat.S_IMODE(req.mode), dir_fd=parent.fd)
-        return self._opened_entry(fd), Handle(fh=fd)
+        return self._opened(fd)
 
     async def tmpfile(self, req: r.TmpfileRequest) -> tuple[Entry, Handle]:
         parent = self._node(req.nodeid)
         flags = (req.flags & ~_STRIP_OPEN) | (req.flags & os.O_EXCL) | os.O_TMPFILE | os.O_CLOEXEC
         with self._creating(req):
             fd = os.open(_proc(parent.fd), flags, stat.S_IMODE(req.mode))
-        return self._opened_entry(fd), Handle(fh=fd)
+        return self._opened(fd)
+
+    def _opened(self, fd: int) -> tuple[Entry, Handle]:
+        """Entry and Handle of a created file open at ``fd`` (closed on failure)."""
+        e = self._opened_entry(fd)
+        node = self._inodes[e.nodeid]
+        try:
+            return e, self._handle(fd, node)
+        except BaseException:
+            self._unref(node, 1)
+            os.close(fd)
+            raise
 
     def _opened_entry(self, fd: int) -> Entry:
         """Register the inode open at ``fd`` (closing ``fd`` on failure); counts one lookup."""
@@ -805,14 +916,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="entry and attribute cache time in seconds (default 1)")
     parser.add_argument("--no-cache-dir", action="store_true",
                         help="do not let the kernel cache directory listings")
+    parser.add_argument("--no-passthrough", action="store_true",
+                        help="serve reads and writes in the daemon (no FUSE passthrough)")
     args = parser.parse_args(argv)
+    from afuse.wire.init import InitConfig
+
     try:
-        ops = PassthroughFS(args.source, timeout=args.timeout, cache_dir=not args.no_cache_dir)
+        ops = PassthroughFS(args.source, timeout=args.timeout, cache_dir=not args.no_cache_dir,
+                            passthrough=not args.no_passthrough)
     except OSError as e:
         print(f"error: cannot open {args.source}: {e.strerror}", file=sys.stderr)
         return 1
     try:
-        return run_example(ops, args)
+        return run_example(ops, args, InitConfig(passthrough=not args.no_passthrough))
     finally:
         ops.close()
 

@@ -62,6 +62,8 @@ class InitConfig:
     def __attrs_post_init__(self) -> None:
         if not PAGE_SIZE <= self.max_write <= MAX_WRITE_LIMIT * 16:
             raise ValueError(f"max_write must be 4 KiB .. 16 MiB, not {self.max_write}")
+        if self.passthrough and not 1 <= self.max_stack_depth <= 2:
+            raise ValueError(f"max_stack_depth must be 1 or 2 for passthrough, not {self.max_stack_depth}")
         if self.passthrough and self.writeback_cache:
             raise ValueError("passthrough cannot be combined with writeback_cache")
         if not 0 <= self.request_timeout <= 0xFFFF:

@@ -1,0 +1,224 @@
+"""FUSE passthrough (kernel 6.9+, protocol 7.40): backing files and their lifetimes.
+
+Negotiate with ``InitConfig(passthrough=True, max_stack_depth=1 or 2)`` (never with
+``writeback_cache``). An open file answered with ``FOpen.PASSTHROUGH`` and a backing id has its
+reads, writes, splices and mmaps carried out by the kernel on the backing file: the daemon gets
+no READ or WRITE for it. Registering a backing file (``FUSE_DEV_IOC_BACKING_OPEN``) needs
+CAP_SYS_ADMIN in the initial user namespace.
+
+In an ``open`` / ``create`` / ``tmpfile`` handler::
+
+    session = afuse.session.current_session()
+    bf = session.open_backing(fd)          # a BackingFile: the kernel's id and a reference count
+    return Handle(fh, FOpen.PASSTHROUGH, backing_id=bf.id)
+
+Lifetimes (all handled by the framework; a backing id never leaks and is never closed while a
+reply or an open file may still need it):
+
+* A :class:`BackingFile` opened while an OPEN, CREATE or TMPFILE request is being served holds
+  one reference *for that request*, dropped once the request's reply has been written, or
+  failed to be written, or the handler raised or was interrupted.
+* A reply carrying ``FOpen.PASSTHROUGH`` and the id takes a reference *for the open file*,
+  kept until that file's RELEASE (or dropped at once if the reply could not be written). The
+  kernel looks the id up only after the reply has been read, in the opening process, so the
+  id must stay registered past the reply; and every further open of an inode that is open in
+  passthrough mode must name the *same* backing registration. So a filesystem remembers the
+  :class:`BackingFile` of each inode and answers later opens with it while it is not
+  :attr:`~BackingFile.closed` (check and reply without an ``await`` in between, or hold it
+  with :meth:`BackingFile.acquire`); once the inode's last passthrough file is released the
+  id is closed and the next open registers the backing file anew.
+* Opened elsewhere (in ``init``, another handler, a background task), the reference is the
+  caller's: :meth:`BackingFile.release` it, or use the file as a context manager.
+
+Only ``DIRECT_IO``, ``PARALLEL_DIRECT_WRITES`` and ``NOFLUSH`` may accompany ``PASSTHROUGH``
+(the kernel fails the open with EIO otherwise); the dispatcher rejects other combinations with a
+:class:`~afuse.dispatch.HandlerResultError` (the open is answered EIO and the error logged).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import errno
+import logging
+from types import TracebackType
+
+from . import device
+from .errors import SessionError
+from .wire.constants import FOpen
+
+log = logging.getLogger("afuse")
+
+__all__ = ["PASSTHROUGH_COMPATIBLE", "BackingFile", "BackingTable"]
+
+#: The FOPEN flags allowed together with ``FOpen.PASSTHROUGH``.
+PASSTHROUGH_COMPATIBLE = FOpen.DIRECT_IO | FOpen.PARALLEL_DIRECT_WRITES | FOpen.NOFLUSH
+
+
+class BackingFile:
+    """A backing file registered with the kernel: its id and a reference count.
+
+    The id is closed (``FUSE_DEV_IOC_BACKING_CLOSE``) when the count drops to 0.
+    """
+
+    __slots__ = ("_table", "id", "refs")
+
+    def __init__(self, table: BackingTable, backing_id: int) -> None:
+        self._table = table
+        #: The kernel's backing id, for :attr:`afuse.Handle.backing_id`.
+        self.id = backing_id
+        #: References held (by requests being answered, open files, and callers).
+        self.refs = 1
+
+    @property
+    def closed(self) -> bool:
+        """True once the id has been closed (it may then name another file: never reuse it)."""
+        return self.refs <= 0
+
+    def acquire(self) -> BackingFile:
+        """Take one more reference (give it back with :meth:`release`)."""
+        if self.refs <= 0:
+            raise SessionError(f"backing id {self.id} is closed")
+        self.refs += 1
+        return self
+
+    def release(self) -> None:
+        """Drop one reference; the last one closes the id."""
+        if self.refs <= 0:
+            raise SessionError(f"backing id {self.id} released more often than acquired")
+        self.refs -= 1
+        if self.refs == 0:
+            self._table._close(self)
+
+    def __enter__(self) -> BackingFile:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<BackingFile id={self.id} refs={self.refs}>"
+
+
+class _Opening:
+    """The OPEN/CREATE/TMPFILE request whose handler is running (in a context variable)."""
+
+    __slots__ = ("active", "pending")
+
+    def __init__(self) -> None:
+        self.active = True
+        self.pending: list[BackingFile] | None = None
+
+
+#: Set by the dispatcher around open/create/tmpfile handlers while passthrough is negotiated.
+OPENING: contextvars.ContextVar[_Opening | None] = contextvars.ContextVar("afuse_opening", default=None)
+
+
+class BackingTable:
+    """A session's backing files (one per connection; see :meth:`afuse.Session.open_backing`)."""
+
+    def __init__(self, session_fd: int) -> None:
+        self.fd = session_fd
+        #: Open backing files by id.
+        self.files: dict[int, BackingFile] = {}
+        #: unique -> references taken by the request's handler, dropped after its reply.
+        self.pending: dict[int, list[BackingFile]] = {}
+        #: unique -> ((nodeid, fh), backing file) a reply being written refers to.
+        self.claims: dict[int, tuple[tuple[int, int], BackingFile]] = {}
+        #: (nodeid, fh) of an open passthrough file -> the backing files its opens hold.
+        self.held: dict[tuple[int, int], list[BackingFile]] = {}
+        #: BACKING_OPEN / BACKING_CLOSE calls made (statistics, tests).
+        self.opened = 0
+        self.closed = 0
+        self._ended = False
+
+    def open(self, fd: int) -> BackingFile:
+        """Register ``fd`` (a regular file); OSError as the kernel answers (EPERM, EINVAL, ELOOP, ...)."""
+        if self._ended:
+            raise SessionError("the session is closed")
+        bid = device.backing_open(self.fd, fd)
+        self.opened += 1
+        bf = BackingFile(self, bid)
+        self.files[bid] = bf
+        opening = OPENING.get()
+        if opening is not None and opening.active:
+            if opening.pending is None:
+                opening.pending = []
+            opening.pending.append(bf)  # the request's reference
+        return bf
+
+    def _close(self, bf: BackingFile) -> None:
+        if self.files.get(bf.id) is bf:
+            del self.files[bf.id]
+        if self._ended:
+            return
+        try:
+            device.backing_close(self.fd, bf.id)
+            self.closed += 1
+        except OSError as e:  # the connection is gone (the ids with it)
+            log.debug("BACKING_CLOSE of %d: %s", bf.id, e)
+
+    # -- the framework's side ------------------------------------------------------------------
+
+    def handler_done(self, unique: int, opening: _Opening) -> None:
+        """The open handler of ``unique`` returned or raised: its references await the reply."""
+        opening.active = False
+        if opening.pending:
+            self.pending[unique] = opening.pending
+
+    def claim(self, unique: int, nodeid: int, fh: int, backing_id: int) -> None:
+        """The reply to ``unique`` opens ``(nodeid, fh)`` on ``backing_id``; KeyError if not ours."""
+        bf = self.files.get(backing_id)
+        if bf is None or bf.refs <= 0:
+            raise KeyError(backing_id)
+        bf.refs += 1
+        self.claims[unique] = ((nodeid, fh), bf)
+
+    def reply_done(self, unique: int, written: bool) -> None:
+        """The reply to ``unique`` was written (or not): settle what it referred to."""
+        claim = self.claims.pop(unique, None)
+        if claim is not None:
+            key, bf = claim
+            if written:
+                self.held.setdefault(key, []).append(bf)
+            else:
+                bf.release()
+        refs = self.pending.pop(unique, None)
+        if refs:
+            for bf in refs:
+                bf.release()
+
+    def released(self, nodeid: int, fh: int) -> None:
+        """RELEASE of ``(nodeid, fh)``: drop the reference its open took."""
+        refs = self.held.get((nodeid, fh))
+        if refs:
+            bf = refs.pop()
+            if not refs:
+                del self.held[(nodeid, fh)]
+            bf.release()
+
+    def end(self) -> None:
+        """The connection has ended: its ids are gone with it."""
+        self._ended = True
+        for bf in list(self.files.values()):
+            bf.refs = 0
+        self.files.clear()
+        self.pending.clear()
+        self.claims.clear()
+        self.held.clear()
+
+
+def check_flags(flags: int) -> str | None:
+    """Why ``flags`` (with PASSTHROUGH) would make the kernel fail the open, or None."""
+    bad = int(flags) & ~(int(PASSTHROUGH_COMPATIBLE) | FOpen.PASSTHROUGH)
+    if not bad:
+        return None
+    names = "|".join(f.name or "?" for f in FOpen if f & bad) or hex(bad)
+    return (f"FOpen.PASSTHROUGH may only be combined with DIRECT_IO, PARALLEL_DIRECT_WRITES and NOFLUSH, "
+            f"not {names} (the kernel would fail the open with EIO)")
+
+
+def unavailable_reason(err: OSError) -> str:
+    """A one-line reason for a failed BACKING_OPEN."""
+    if err.errno == errno.EPERM:
+        return ("BACKING_OPEN refused (EPERM): it needs CAP_SYS_ADMIN in the initial user namespace")
+    return f"BACKING_OPEN failed: {err.strerror or err}"
