@@ -476,7 +476,10 @@ def test_struct_size(name: str) -> None:
 
 def test_every_struct_is_checked() -> None:
     structs = {n for n, v in vars(S).items() if isinstance(v, struct.Struct) and n not in ("U32", "U64")}
-    assert structs == set(APPENDIX_A)
+    # The proposed (unmerged) iomap structs are checked byte for byte in tests/test_iomap.py.
+    assert {n for n in structs if not n.startswith("IOMAP_")} == set(APPENDIX_A)
+    iomap = {"IOMAP_IO", "IOMAP_BEGIN_IN", "IOMAP_BEGIN_OUT", "IOMAP_END_IN"}
+    assert {n for n in structs if n.startswith("IOMAP_")} == iomap
 
 
 def test_composite_sizes() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import stat
 from struct import Struct
 
 from . import structs as S

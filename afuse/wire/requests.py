@@ -49,9 +49,12 @@ class UnknownOpcode(ProtocolError):
 class Request:
     """Fields every request has (``struct fuse_in_header``).
 
-    ``uid``/``gid`` are the caller's fsuid/fsgid in the connection's user namespace;
-    under FUSE_ALLOW_IDMAP they are :data:`afuse.wire.constants.INVALID_UIDGID` for requests
-    that create no inode (see :attr:`has_ids`).
+    ``uid``/``gid`` are the caller's fsuid/fsgid in the connection's user namespace.
+    Once FUSE_ALLOW_IDMAP is negotiated (``InitConfig(allow_idmap=True)``), only requests that
+    create an inode carry them — mapped back through an idmapped mount's idmapping into the
+    filesystem's view — and every other request, on every mount of the connection, carries
+    :data:`afuse.wire.constants.INVALID_UIDGID` in both: test :attr:`has_ids` rather than
+    the number. Kernel-internal requests carry no ids either. See docs/kernel-features.md.
     """
 
     opcode: ClassVar[Opcode]

@@ -86,6 +86,11 @@ EXT_HEADER = Struct("<II")
 SUPP_GROUPS = Struct("<I")
 U32 = Struct("<I")
 U64 = Struct("<Q")
+# Proposed FUSE iomap (NOT in any released kernel; see afuse.wire.iomap). Layouts of the 2026 series.
+IOMAP_IO = Struct("<QQQHHI")  # fuse_iomap_io: offset length addr type flags dev
+IOMAP_BEGIN_IN = Struct("<IIQQQ")  # opflags reserved attr_ino pos count
+IOMAP_BEGIN_OUT = Struct("<" + IOMAP_IO.format[1:] * 2)  # read, write: fuse_iomap_io each
+IOMAP_END_IN = Struct("<IIQQQq" + IOMAP_IO.format[1:])  # opflags reserved attr_ino pos count written map
 
 _SIZES = {
     IN_HEADER: 40, OUT_HEADER: 16, ATTR: 88, ENTRY_OUT_FULL: 128, ATTR_OUT_FULL: 104,
@@ -94,6 +99,7 @@ _SIZES = {
     IOCTL_IN: 32, IOCTL_OUT: 16, POLL_IN: 24, FALLOCATE_IN: 32, DIRENT: 24,
     NOTIFY_RETRIEVE_IN: 40, NOTIFY_RETRIEVE_OUT: 32, COPY_FILE_RANGE_IN: 56, SETUPMAPPING_IN: 40,
     STATX_IN: 24, RELEASE_IN: 24, FLUSH_IN: 24, BACKING_MAP: 16, NOTIFY_PRUNE_OUT: 16,
+    IOMAP_IO: 32, IOMAP_BEGIN_IN: 32, IOMAP_BEGIN_OUT: 64, IOMAP_END_IN: 72,
 }
 for _s, _n in _SIZES.items():
     assert _s.size == _n, (_s.format, _s.size, _n)
