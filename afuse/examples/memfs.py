@@ -57,6 +57,7 @@ import trio
 from afuse.errors import FUSEError
 from afuse.operations import DirEntries, Operations
 from afuse.wire import requests as r
+from afuse.wire.constants import FOpen
 from afuse.wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __all__ = ["MemFS", "main"]
@@ -1545,7 +1546,8 @@ class MemFS(Operations):
             raise _err(errno.ENOTDIR)
         if req.uid and not _may(n, req.uid, req.gid, _R):
             raise _err(errno.EACCES)
-        return Handle(self._open_handle(n))
+        # Every change reaches memfs through the kernel, which then drops the cached listing.
+        return Handle(self._open_handle(n), FOpen.CACHE_DIR | FOpen.KEEP_CACHE)
 
     async def releasedir(self, req: r.ReleasedirRequest) -> None:
         n = self._handles.pop(req.fh, None)
