@@ -725,6 +725,25 @@ class MemFS(Operations):
 
     # -- file data -----------------------------------------------------------------------------
 
+    def _store_piece(self, chunks: dict[int, bytearray | None], idx: int, rel: int,
+                     piece: bytes | bytearray | memoryview) -> None:
+        """Write ``piece`` at offset ``rel`` of chunk ``idx``, creating or zero-extending it."""
+        ba = chunks.get(idx)
+        if ba is None:
+            if idx not in chunks:
+                self._used_chunks += 1
+            if rel:
+                ba = bytearray(rel)
+                ba += piece
+            else:
+                ba = bytearray(piece)
+            chunks[idx] = ba
+        else:
+            have = len(ba)
+            if have < rel:
+                ba += _ZEROS[: rel - have]
+            ba[rel : rel + len(piece)] = piece
+
     @staticmethod
     def _read(n: File, off: int, size: int) -> bytes:
         end = off + size
@@ -771,43 +790,14 @@ class MemFS(Operations):
         chunks = n.chunks
         idx, rel = divmod(off, CHUNK)
         if rel + size <= CHUNK:  # one chunk: the usual case for small writes
-            ba = chunks.get(idx)
-            if ba is None:
-                if idx not in chunks:
-                    self._used_chunks += 1
-                if rel:
-                    ba = bytearray(rel)
-                    ba += data
-                else:
-                    ba = bytearray(data)
-                chunks[idx] = ba
-            else:
-                have = len(ba)
-                if have < rel:
-                    ba += _ZEROS[: rel - have]
-                ba[rel : rel + size] = data
+            self._store_piece(chunks, idx, rel, data)
         else:
             mv = memoryview(data)
             pos = 0
             while pos < size:
                 idx, rel = divmod(off + pos, CHUNK)
                 take = min(CHUNK - rel, size - pos)
-                piece = mv[pos : pos + take]
-                ba = chunks.get(idx)
-                if ba is None:
-                    if idx not in chunks:
-                        self._used_chunks += 1
-                    if rel:
-                        ba = bytearray(rel)
-                        ba += piece
-                    else:
-                        ba = bytearray(piece)
-                    chunks[idx] = ba
-                else:
-                    have = len(ba)
-                    if have < rel:
-                        ba += _ZEROS[: rel - have]
-                    ba[rel : rel + take] = piece
+                self._store_piece(chunks, idx, rel, mv[pos : pos + take])
                 pos += take
         if end > n.size:
             n.size = end
