@@ -388,3 +388,68 @@ def test_systemd_fd_store_takeover():
 def test_negotiated_round_trip_json():
     neg = _negotiated()
     assert Negotiated.from_dict(json.loads(json.dumps(neg.to_dict()))) == neg
+
+
+APP = r"""
+import os, sys, time
+mnt = sys.argv[1]
+os.makedirs(f"{mnt}/dir", exist_ok=True)
+with open(f"{mnt}/dir/kept.txt", "w+") as f:
+    f.write("before the crash\n"); f.flush()
+    print("written", flush=True)
+    sys.stdin.readline()                       # the daemon is killed and replaced meanwhile
+    f.write("after the crash\n"); f.flush()
+    f.seek(0)
+    print(repr(f.read()), sorted(os.listdir(f"{mnt}/dir")), flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_memfs_under_the_keeper_survives_sigkill(tmp_path):
+    """memfs keeps its contents where a crash cannot lose them: SIGKILL it with a file open; a new
+    memfs takes the live mount over from the keeper and the application notices nothing."""
+    mnt, state, sock = tmp_path / "mnt", tmp_path / "state", str(tmp_path / "keeper.sock")
+    mnt.mkdir()
+    py = sys.executable
+    procs: list[subprocess.Popen[str]] = []
+
+    def spawn(*args: str, **kw: Any) -> subprocess.Popen[str]:
+        p = subprocess.Popen([py, *args], text=True, start_new_session=True, **kw)
+        procs.append(p)
+        return p
+
+    def memfs() -> subprocess.Popen[str]:
+        p = spawn("-m", "afuse.examples.memfs", str(mnt), "--keeper", sock, "--state-dir", str(state),
+                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        return p
+
+    try:
+        spawn("-m", "afuse.keeper", "--socket", sock, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = memfs()
+        app = spawn("-c", APP, str(mnt), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert app.stdout is not None and app.stdin is not None
+        assert app.stdout.readline().strip() == "written"
+        first.kill()
+        first.wait(10)
+        memfs()
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        out = app.stdout.readline().strip()
+        assert app.wait(20) == 0
+        assert out == "'before the crash\\nafter the crash\\n' ['kept.txt']"
+        with open(mnt / "dir" / "kept.txt") as f:
+            assert f.read() == "before the crash\nafter the crash\n"
+        res = subprocess.run([py, "-m", "afuse.failover", "unmount", "--socket", sock, str(mnt)],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+        if str(mnt) in [m for m, _t, _s in device.find_mounts()]:
+            device.unmount(str(mnt), lazy=True)
