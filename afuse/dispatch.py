@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +122,6 @@ class Dispatcher:
         self._table = t
         self._has_setlk = overridden(ops, "setlk")
         self._has_flock = overridden(ops, "flock")
-        self._has_release = overridden(ops, "release")
 
     def register(self, cls: type[r.Request], fn: Callable[[Any], Awaitable[Reply]]) -> None:
         """Route requests of type ``cls`` to ``fn(req)``, which returns the reply bytes (or None).
@@ -469,8 +467,6 @@ def _passthrough_refused(what: str, h: Handle) -> None:
 
 
 async def _enosys(req: r.Request) -> Reply:
-    if type(req) in (r.ReleaseRequest, r.ReleasedirRequest):
-        return replies.empty(req.unique)
     return replies.error(req.unique, errno.ENOSYS)
 
 
@@ -478,7 +474,3 @@ def errno_name(code: int) -> str:
     """``ENOENT`` for 2, and so on."""
     return errno.errorcode.get(code, str(code)) if code else "OK"
 
-
-def strerror(code: int) -> str:
-    """The C library's text for ``code``."""
-    return os.strerror(code)

@@ -74,7 +74,7 @@ class Session:
         self.readers = readers
         self.max_requests = max_requests
         self.negotiated: Negotiated | None = None
-        #: unique -> cancel scope of the request being served.
+        #: unique -> cancel scope of the worker whose handler for it is blocked.
         self._inflight: dict[int, trio.CancelScope] = {}
         self._early_interrupts: OrderedDict[int, None] = OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
@@ -127,12 +127,6 @@ class Session:
     def closed(self) -> bool:
         """True once serving has ended."""
         return self._closed.is_set()
-
-    def write_notification(self, message: bytes) -> int:
-        """Write an encoded notification to the device; OSError (e.g. ENOENT) as the kernel answers."""
-        if self._closed.is_set():
-            raise SessionError("the session is closed")
-        return os.write(self.mount.fd, message)
 
     async def notify(self, message: bytes) -> int:
         """Write an encoded notification from a worker thread (see :mod:`afuse.notify`)."""
@@ -214,27 +208,20 @@ class Session:
                 raise SessionError(str(e)) from e
             os.write(fd, encode_init_reply(req.unique, neg))
             break
-        self.negotiated = neg
-        self.decoder.setxattr_ext = neg.has(InitFlag.SETXATTR_EXT)
-        self._bufsize = neg.read_buffer_size
         if neg.refused:
             log.info("kernel did not offer: %s", neg.refused)
         log.debug("INIT: kernel 7.%d, negotiated 7.%d, flags %s, max_write %d",
                   neg.kernel_minor, neg.minor, neg.flags, neg.max_write)
-        self._negotiated(neg)
-        self.ops.init(neg)
-
-    def _negotiated(self, neg: Negotiated) -> None:
-        if neg.has(InitFlag.PASSTHROUGH) and self.backing is None:
-            self.backing = BackingTable(self.mount.fd)
-            self.dispatcher.enable_passthrough(self.backing)
+        self._adopt(neg)
 
     def _adopt(self, neg: Negotiated) -> None:
-        """Take over a connection negotiated earlier (by this or a previous daemon)."""
+        """Serve with ``neg``: just negotiated, or taken over from an earlier daemon."""
         self.negotiated = neg
         self.decoder.setxattr_ext = neg.has(InitFlag.SETXATTR_EXT)
         self._bufsize = neg.read_buffer_size
-        self._negotiated(neg)
+        if neg.has(InitFlag.PASSTHROUGH) and self.backing is None:
+            self.backing = BackingTable(self.mount.fd)
+            self.dispatcher.enable_passthrough(self.backing)
         self.ops.init(neg)
 
     # -- reading and writing ------------------------------------------------------------------
