@@ -45,11 +45,6 @@ def kernel_at_least(major: int, minor: int) -> bool:
     return (int(release[0]), int(release[1])) >= (major, minor)
 
 
-def fusermount_version() -> tuple[int, ...]:
-    out = subprocess.run(["fusermount3", "-V"], capture_output=True, text=True, check=False).stdout
-    return tuple(int(x) for x in out.rsplit(" ", 1)[-1].strip().split("."))
-
-
 def mounted_paths() -> set[str]:
     return {mountpoint for mountpoint, _type, _source in device.find_mounts()}
 
