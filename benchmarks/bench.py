@@ -55,6 +55,9 @@ from typing import Any, ClassVar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+from afuse import device  # noqa: E402  (after the path, so a plain checkout works)
 
 PASSTHROUGH = "afuse.examples.passthroughfs:PassthroughFS"
 MEMFS = "afuse.examples.memfs:MemFS"
@@ -64,9 +67,7 @@ LATENCY_TARGET = 15.0  # µs per GETATTR round trip, pinned
 PASSTHROUGH_RATIO_TARGET = 0.9  # sequential throughput with FUSE passthrough, of native
 
 MiB = 1 << 20
-#: Names of the temporary mountpoints and source directories, and the mounts' fsname. Not
-#: "afuse...": tests/conftest.py lazily unmounts every "afuse" mount that appears while a pytest
-#: session runs, which would detach ours whenever a test session ends during a benchmark.
+#: Names of the temporary mountpoints and source directories, and the mounts' fsname.
 PREFIX = "fusebench-"
 clock = time.perf_counter
 
@@ -86,23 +87,9 @@ class Config:
 # mounts and daemons
 
 
-def _unescape_mountinfo(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounted_here(path: str) -> bool:
-    """True if ``path`` is a mountpoint in /proc/self/mountinfo."""
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(_unescape_mountinfo(line.split()[4]) == path for line in f)
+    """True if ``path`` is a mountpoint (never stats it: a dead FUSE mount root would hang)."""
+    return device.resolve_mountpoint(path) in {mp for mp, _t, _s in device.find_mounts("")}
 
 
 class Daemon:
