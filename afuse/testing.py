@@ -72,10 +72,10 @@ def _make_mountpoint(mountpoint: str | None) -> tuple[str, bool]:
 
 
 def _cleanup_mountpoint(path: str, made: bool) -> None:
-    for mp, _fstype, _src in device.find_mounts():
-        if mp == device.resolve_mountpoint(path):
-            with contextlib.suppress(OSError):
-                device.unmount(path, lazy=True)
+    resolved = device.resolve_mountpoint(path)
+    if any(mp == resolved for mp, _fstype, _src in device.find_mounts()):
+        with contextlib.suppress(OSError):
+            device.unmount(path, lazy=True)
     if made:
         with contextlib.suppress(OSError):
             os.rmdir(path)
