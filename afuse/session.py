@@ -128,6 +128,13 @@ class Session:
         """True once serving has ended."""
         return self._closed.is_set()
 
+    def write_notification(self, message: bytes) -> int:
+        """Write an encoded notification now, from a thread other than the serving loop's
+        (from the loop use :meth:`notify`); OSError (e.g. ENOENT) as the kernel answers."""
+        if self._closed.is_set():
+            raise SessionError("the session is closed")
+        return os.write(self.mount.fd, message)
+
     async def notify(self, message: bytes) -> int:
         """Write an encoded notification from a worker thread (see :mod:`afuse.notify`)."""
         if self._closed.is_set():
