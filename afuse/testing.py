@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -36,6 +36,9 @@ from .errors import MountError
 from .operations import Operations
 from .session import Session, serve
 from .wire.init import InitConfig
+
+if TYPE_CHECKING:
+    from .cuse import CuseSession, DeviceOperations
 
 
 class HandlerErrors(Exception):
@@ -278,6 +281,71 @@ def _child_main(argv: Sequence[str]) -> int:
 
     trio.run(main)
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def served_device(
+    ops: DeviceOperations,
+    name: str,
+    *,
+    timeout: float = 20.0,
+    raise_handler_errors: bool = True,
+    **serve_kwargs: Any,
+) -> Iterator[CuseSession]:
+    """Serve CUSE device ``ops`` as /dev/``name`` in a background thread (see :mod:`afuse.cuse`).
+
+    The test thread may open and use ``session.path``. On exit the device is removed (its
+    connection aborted if serving does not stop within ``timeout``), and unexpected handler
+    exceptions are raised as :class:`HandlerErrors`.
+    """
+    from .cuse import serve_device
+
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            box["token"] = trio.lowlevel.current_trio_token()
+            box["scope"] = nursery.cancel_scope
+            session = await nursery.start(partial(serve_device, ops, name, **serve_kwargs))
+            box["session"] = session
+            started.set()
+            await session.wait_closed()
+            nursery.cancel_scope.cancel()
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as e:  # reported to the test thread
+            while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                e = e.exceptions[0]
+            box["error"] = e
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, name=f"afuse /dev/{name}", daemon=True)
+    thread.start()
+    if not started.wait(timeout):
+        raise TimeoutError(f"creating /dev/{name} did not finish within {timeout} s")
+    if "error" in box:
+        thread.join(timeout)
+        raise box["error"]
+    session: CuseSession = box["session"]
+    try:
+        yield session
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            box["token"].run_sync_soon(box["scope"].cancel)
+        thread.join(timeout)
+        if thread.is_alive():
+            with contextlib.suppress(OSError):
+                session.abort()
+            thread.join(timeout)
+    if "error" in box and not isinstance(box["error"], KeyboardInterrupt):
+        raise box["error"]
+    if raise_handler_errors and session.errors:
+        raise HandlerErrors(f"{len(session.errors)} handler error(s); first: {session.errors[0]!r}") \
+            from session.errors[0]
 
 
 def copy_tree(src: str, dst: str) -> None:
