@@ -347,7 +347,11 @@ async def _setup_node(session: CuseSession, mode: int | None, uid: int | None, g
                 st = os.stat(path)
             except FileNotFoundError:
                 st = None
-            if st is not None and stat.S_ISCHR(st.st_mode) and st.st_rdev == devno:
+            if st is not None and (not stat.S_ISCHR(st.st_mode) or st.st_rdev != devno):
+                await trio.sleep(0.5)  # another node there: give udev a moment to replace it
+                st = os.stat(path)
+                break
+            if st is not None:
                 break
             await trio.sleep(0.01)
     if st is None:

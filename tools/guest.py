@@ -1,23 +1,24 @@
 #!/usr/bin/env python3
 """Run a command inside a Debian kernel booted under qemu, with this machine's root shared read-only.
 
-    python tools/guest.py --kernel 6.12 -- .venv/bin/python -m pytest -q tests/test_cuse.py
+    python tools/guest.py --kernel 6.12 -- .venv/bin/python -m pytest -q tests/guest/guest_cuse.py
     python tools/guest.py --kernel 6.1 --prepare        # only download and build (cached)
 
 Set-up is the harness's own (root needed, Debian 12 host): it installs qemu-system-x86,
-busybox-static, kmod, xz-utils and cpio with apt if they are missing; downloads the newest Debian
+busybox-static, kmod, xz-utils, cpio (and gcc, libc6-dev for the tests' C client) with apt
+``--no-install-recommends`` if they are missing; downloads the newest Debian
 kernel package of the chosen series with a private apt configuration (its own sources list, lists
 and cache under the cache dir; the host's apt state is untouched); unpacks it; and builds a busybox
-initramfs that loads the modules the guest needs (virtio 9p, overlay, fuse, cuse). Everything is
+initramfs that loads the modules the guest needs (virtio 9p, overlay, fuse, cuse, loop). Everything is
 cached in ``$AFUSE_GUEST_CACHE`` (default ``~/.cache/afuse-guest``).
 
 The guest (TCG: ``-machine q35,accel=tcg -cpu max``, no KVM) mounts the host's ``/`` over
 virtio-9p read-only under an overlay with a tmpfs upper (writes succeed and are discarded), mounts
-fresh ``/proc``, ``/sys``, ``/dev`` (devtmpfs: CUSE device nodes appear there), fusectl, tracefs
-and tmpfs ``/tmp``, and runs the command with ``/bin/sh`` in the given directory as root, with
-``AFUSE_GUEST`` set to the guest's kernel release. Its stdout, stderr and exit status come back
-through a small writable 9p share. Use a venv's ``bin/python`` or ``/usr/bin/python3`` inside, not
-pyenv-style shims (they take ~30 s to start under TCG).
+fresh ``/proc``, ``/sys``, ``/dev`` (devtmpfs: CUSE device nodes appear there), fusectl and
+tracefs (``/tmp`` is the host's, through the overlay), and runs the command with ``/bin/sh`` in
+the given directory as root, with ``AFUSE_GUEST`` set to the guest's kernel release. Its stdout,
+stderr and exit status come back through a small writable 9p share. Use a venv's ``bin/python``
+or ``/usr/bin/python3`` inside, not pyenv-style shims (they take ~30 s to start under TCG).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import shlex
@@ -43,14 +45,9 @@ KERNELS = {
     "6.12": "bookworm-backports",   # FUSE 7.41
 }
 #: Modules the guest loads, in this order after their dependencies (those built in are skipped).
-MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay", "fuse", "cuse")
-HOST_PACKAGES = {  # a program we need -> the package that provides it
-    "qemu-system-x86_64": "qemu-system-x86",
-    "busybox": "busybox-static",
-    "depmod": "kmod",
-    "xz": "xz-utils",
-    "cpio": "cpio",
-}
+MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "fuse", "cuse", "loop")
+#: Host packages the harness (and the tests' C client: gcc, libc6-dev) needs.
+HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "xz-utils", "cpio", "gcc", "libc6-dev")
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -103,7 +100,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def ensure_host_packages() -> None:
     """Install the host programs the harness uses with apt, if any is missing."""
-    missing = sorted({pkg for prog, pkg in HOST_PACKAGES.items() if not _which(prog) or not _installed(pkg)})
+    missing = [pkg for pkg in HOST_PACKAGES if not _installed(pkg)]
     if not missing:
         return
     if os.geteuid() != 0:
@@ -201,20 +198,25 @@ def prepare(series: str) -> Kernel:
     base = cache_dir() / series
     with _locked(cache_dir() / f"{series}.lock"):
         ready = base / "ready"
+        stamp = _build_stamp()
         if ready.exists():
-            release = ready.read_text().strip()
+            release, _, built = ready.read_text().partition("\n")
             k = Kernel(series, release, base / "vmlinuz", base / "initramfs.cpio")
-            if k.vmlinuz.exists() and k.initramfs.exists():
+            if built.strip() == stamp and k.vmlinuz.exists() and k.initramfs.exists():
                 return k
         t0 = time.monotonic()
-        suite = KERNELS[series]
-        _log(f"fetching the newest {series} kernel from Debian {suite}")
-        apt = PrivateApt(cache_dir() / "apt" / suite, suite)
-        apt.update()
-        images = [d for d in apt.depends_of("linux-image-amd64") if d.startswith("linux-image-")]
-        if not images:
-            raise GuestError(f"linux-image-amd64 in {suite} depends on no linux-image-* package")
-        deb = apt.download(images[0], base / "debs")
+        debs = sorted((base / "debs").glob("linux-image-*.deb"))
+        if debs:  # downloaded before: rebuild from it (delete the cache dir for a newer kernel)
+            deb = debs[-1]
+        else:
+            suite = KERNELS[series]
+            _log(f"fetching the newest {series} kernel from Debian {suite}")
+            apt = PrivateApt(cache_dir() / "apt" / suite, suite)
+            apt.update()
+            images = [d for d in apt.depends_of("linux-image-amd64") if d.startswith("linux-image-")]
+            if not images:
+                raise GuestError(f"linux-image-amd64 in {suite} depends on no linux-image-* package")
+            deb = apt.download(images[0], base / "debs")
         root = base / "root"
         shutil.rmtree(root, ignore_errors=True)
         _run(["dpkg-deb", "-x", str(deb), str(root)])
@@ -226,9 +228,14 @@ def prepare(series: str) -> Kernel:
         _build_initramfs(root, release, base / "initramfs.cpio")
         # The unpacked tree is only needed for the build; the .deb stays for a rebuild.
         shutil.rmtree(root, ignore_errors=True)
-        ready.write_text(release + "\n")
+        ready.write_text(f"{release}\n{stamp}\n")
         _log(f"kernel {release} ready in {time.monotonic() - t0:.0f} s")
         return Kernel(series, release, base / "vmlinuz", base / "initramfs.cpio")
+
+
+def _build_stamp() -> str:
+    """Changes whenever what goes into the initramfs changes (then it is rebuilt)."""
+    return hashlib.sha256(repr((MODULES, _INIT)).encode()).hexdigest()[:16]
 
 
 def _module_name(path: str) -> str:
@@ -310,7 +317,6 @@ $B mount -t devtmpfs dev $N/dev
 $B mkdir -p $N/dev/pts $N/dev/shm
 $B mount -t devpts devpts $N/dev/pts
 $B mount -t tmpfs tmpfs $N/dev/shm
-$B mount -t tmpfs tmpfs $N/tmp
 $B mount -t tmpfs tmpfs $N/run
 $B mount -t fusectl fusectl $N/sys/fs/fuse/connections 2>/dev/null
 $B mount -t tracefs tracefs $N/sys/kernel/tracing 2>/dev/null
