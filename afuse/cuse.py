@@ -94,11 +94,13 @@ def _enosys() -> FUSEError:
 class DeviceOperations:
     """Base class of a character device: one async method per device operation.
 
-    An operation that is not overridden answers ENOSYS (for POLL, FLUSH and FSYNC the kernel then
-    stops sending it: poll reports readable and writable, close and fsync succeed); ``open``
-    succeeds with file handle 0 and ``release`` succeeds. READ and WRITE are direct I/O: every
-    read(2)/write(2) is one request (split at ``max_read``/``max_write``), at offset 0 (a CUSE
-    device has no file position).
+    An operation that is not overridden answers ENOSYS (for POLL the kernel then stops asking and
+    reports the device readable and writable; an ioctl's caller sees ENOTTY); ``open`` succeeds
+    with file handle 0 and ``release`` succeeds. READ and WRITE are direct I/O: each read(2) or
+    write(2) is one request, or several at increasing offsets from 0 when larger than
+    ``max_read``/``max_write`` (a CUSE device has no file position). The kernel sends no FLUSH and
+    no FSYNC to a CUSE server (its character-device file operations have neither: fsync(2) fails
+    EINVAL), so there are no such methods.
     """
 
     def init(self, session: CuseSession) -> None:
@@ -126,14 +128,6 @@ class DeviceOperations:
         If ``req.flags`` has POLL_SCHEDULE_NOTIFY, call :meth:`CuseSession.poll_wakeup` with
         ``req.kh`` when readiness changes.
         """
-        raise _enosys()
-
-    async def flush(self, req: r.FlushRequest) -> None:
-        """A close(2) of one descriptor of ``req.fh``."""
-        raise _enosys()
-
-    async def fsync(self, req: r.FsyncRequest) -> None:
-        """fsync(2)/fdatasync(2) on ``req.fh``."""
         raise _enosys()
 
     async def release(self, req: r.ReleaseRequest) -> None:
@@ -313,8 +307,7 @@ class CuseSession(Session):
         reg(r.ReleaseRequest, empty(ops.release))
         for cls, name, fn in (
             (r.ReadRequest, "read", read), (r.WriteRequest, "write", write), (r.IoctlRequest, "ioctl", ioctl),
-            (r.PollRequest, "poll", poll), (r.FlushRequest, "flush", empty(ops.flush)),
-            (r.FsyncRequest, "fsync", empty(ops.fsync)),
+            (r.PollRequest, "poll", poll),
         ):
             if _overridden(ops, name):
                 reg(cls, fn)

@@ -90,7 +90,7 @@ def test_in_guest(kernel: str, client: str) -> None:
     assert res.kernel.startswith(kernel + "."), report
     assert res.returncode == 0, report
     counts = _summary(res.stdout)
-    assert counts.get("passed", 0) >= 100 and set(counts) <= {"passed", "deselected"}, report
+    assert counts.get("passed", 0) >= 90 and set(counts) <= {"passed", "deselected"}, report
     assert counts.get("deselected", 0) == len(deselect) // 2, report
 
 
