@@ -3,7 +3,7 @@
 This host's kernel has no CUSE and speaks FUSE 7.45. Each test boots a Debian kernel — 6.12
 (FUSE 7.41) and 6.1 (7.38) — with this machine's root shared read-only, and runs there, in one
 pytest run: the CUSE tests (``tests/guest/guest_cuse.py``), the core FUSE mount tests (every
-opcode, notifications, interrupts, INIT negotiation) and ``tests/guest/guest_fuse.py`` (the
+opcode, notifications, interrupts, INIT against the real kernel) and ``tests/guest/guest_fuse.py`` (the
 newer features refused or falling back as that kernel requires). Core tests about a feature
 the guest kernel lacks are left out there (listed in :data:`NEWER`); they run on the host.
 """
@@ -34,9 +34,11 @@ def _load_guest_tool() -> ModuleType:
 
 guest = _load_guest_tool()
 
+#: The core mount tests (test_init.py is sans-IO against a simulated kernel: INIT against these real
+#: kernels is guest_fuse.py's and test_session.py's).
 CORE = [
-    "tests/test_kernel_ops.py", "tests/test_notify.py", "tests/test_init.py", "tests/test_session.py",
-    "tests/test_recent_features.py", "tests/guest/guest_fuse.py",
+    "tests/test_kernel_ops.py", "tests/test_notify.py", "tests/test_session.py", "tests/test_recent_features.py",
+    "tests/guest/guest_fuse.py",
 ]
 CUSE = ["tests/guest/guest_cuse.py"]
 
@@ -90,7 +92,7 @@ def test_in_guest(kernel: str, client: str) -> None:
     assert res.kernel.startswith(kernel + "."), report
     assert res.returncode == 0, report
     counts = _summary(res.stdout)
-    assert counts.get("passed", 0) >= 90 and set(counts) <= {"passed", "deselected"}, report
+    assert counts.get("passed", 0) >= 80 and set(counts) <= {"passed", "deselected"}, report
     assert counts.get("deselected", 0) == len(deselect) // 2, report
 
 

@@ -30,6 +30,7 @@ from afuse.errors import FUSEError
 from afuse.examples.cusedev import BufferDevice
 from afuse.testing import HandlerErrors, served_device
 from afuse.wire import requests as r
+from afuse.wire.constants import POLL_SCHEDULE_NOTIFY
 from afuse.wire.types import Handle
 
 HERE = Path(__file__).parent
@@ -246,8 +247,12 @@ def test_poll_wakeup(name: str) -> None:
             t0 = time.monotonic()
             waiter = threading.Thread(target=lambda: result.append(p.poll(30_000)))
             waiter.start()
-            time.sleep(0.5)
-            assert waiter.is_alive()  # still waiting: nothing to read yet
+            deadline = time.monotonic() + 20
+            while not any(isinstance(q, r.PollRequest) and q.flags & POLL_SCHEDULE_NOTIFY for q in ops.seen):
+                assert time.monotonic() < deadline, "the sleeping poll never reached the device"
+                time.sleep(0.02)
+            time.sleep(0.2)
+            assert waiter.is_alive()  # asleep in poll(2): nothing to read yet
             os.write(writer, b"data")
             waiter.join(30)
             assert result and result[0] == [(reader, select.POLLIN)]
@@ -257,7 +262,8 @@ def test_poll_wakeup(name: str) -> None:
             os.close(reader)
             os.close(writer)
     polls = [q for q in ops.of(r.PollRequest) if isinstance(q, r.PollRequest)]
-    assert len(polls) >= 2 and polls[0].kh != 0
+    # The sleeping poll asked for a notification; the wake-up made the kernel poll again.
+    assert any(q.flags & POLL_SCHEDULE_NOTIFY and q.kh for q in polls) and len(polls) >= 3
 
 
 class Blocking(DeviceOperations):
@@ -280,7 +286,7 @@ class Blocking(DeviceOperations):
 def test_interrupting_a_blocked_read(name: str, client: str) -> None:
     ops = Blocking()
     with served_device(ops, name) as dev:
-        res = run_client(client, dev.path, "readwait", "1")
+        res = run_client(client, dev.path, "readwait", "2")
         assert (res.returncode, res.stdout) == (0, b"EINTR\n"), res.stderr
         assert ops.started.is_set() and ops.cancelled.wait(10)
         assert dev.in_flight == 0
