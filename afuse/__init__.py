@@ -1,5 +1,6 @@
 """afuse: FUSE filesystems in pure Python on trio, speaking the kernel protocol over /dev/fuse."""
 
+from .context import RequestContext, current_request
 from .device import MountOptions
 from .dispatch import Dispatcher
 from .errors import FUSEError, MountError, NotNegotiated, SessionError
@@ -74,5 +75,6 @@ __all__ = [
     "SecurityContext", "Session", "SessionError", "SetattrRequest", "SetlkRequest",
     "SetxattrRequest", "StatfsRequest", "Statx", "StatxRequest", "SymlinkRequest",
     "SyncfsRequest", "Timestamp", "TmpfileRequest", "UnlinkRequest", "WriteRequest",
-    "BackingFile", "Takeover", "__version__", "current_session", "mount", "serve",
+    "BackingFile", "RequestContext", "Takeover", "__version__", "current_request", "current_session", "mount",
+    "serve",
 ]

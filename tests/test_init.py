@@ -244,6 +244,6 @@ def test_negotiation_invariants(offered_lo: int, offered_hi: int, wanted: int, m
     assert not (rep.flags & F.PASSTHROUGH and rep.flags & F.WRITEBACK_CACHE)
     if not rep.flags & F.INIT_EXT:
         assert rep.flags2 == 0
-    assert int(n.flags) & ~int(INFORMATIONAL) == int(rep.flags)
+    assert int(n.flags) & ~int(INFORMATIONAL) == int(rep.flags) | rep.flags2 << 32  # both words
     assert n.refused == F(wanted & ~offered & ~INFORMATIONAL)
     assert rep.minor == min(minor, 45)

@@ -31,7 +31,7 @@ from afuse.wire.iomap import (
     IomapType,
 )
 from afuse.wire.kernel import split_reply
-from afuse.wire.requests import Decoder, ProtocolError
+from afuse.wire.requests import Decoder, ProtocolError, UnknownOpcode
 
 
 def le(n: int, size: int, signed: bool = False) -> bytes:
@@ -68,27 +68,34 @@ def test_request_encoders_golden() -> None:
         == END_GOLDEN
 
 
+def _iomap_decoder() -> Decoder:
+    d = Decoder()
+    w.enable(d)
+    return d
+
+
 def test_decoders() -> None:
-    w.enable()
-    assert w.enabled()
-    req = Decoder().decode(BEGIN_GOLDEN)
+    d = _iomap_decoder()
+    assert w.enabled(d)
+    req = d.decode(BEGIN_GOLDEN)
     assert req == IomapBeginRequest(2, 5, 0, 0, 7, IomapOp.WRITE | IomapOp.DIRECT, 5, 4096, 8192)
-    end = Decoder().decode(END_GOLDEN)
+    end = d.decode(END_GOLDEN)
     assert isinstance(end, IomapEndRequest)
     assert (end.unique, end.nodeid, end.opflags, end.pos, end.count, end.written) \
         == (4, 5, IomapOp.WRITE | IomapOp.DIRECT, 4096, 8192, -1)
     assert end.map == MAP and end.map.type is IomapType.MAPPED
     # Malformed: short body, non-zero reserved field.
     with pytest.raises(ProtocolError):
-        Decoder().decode(in_header(64, 4094, 2, 5, 7) + bytes(24))
+        d.decode(in_header(64, 4094, 2, 5, 7) + bytes(24))
     bad = bytearray(BEGIN_GOLDEN)
     bad[44] = 1
     with pytest.raises(ProtocolError) as e:
-        Decoder().decode(bytes(bad))
+        d.decode(bytes(bad))
     assert e.value.unique == 2
 
 
 def test_not_decoded_unless_enabled() -> None:
+    # Per connection: enabling iomap on one decoder leaves every other one (and the process) alone.
     code = (
         "from afuse.wire.requests import Decoder, UnknownOpcode\n"
         f"b = {BEGIN_GOLDEN!r}\n"
@@ -96,6 +103,15 @@ def test_not_decoded_unless_enabled() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.stdout.strip() == "unknown", r.stderr
+    enabled = _iomap_decoder()
+    other = Decoder()
+    assert not w.enabled(other)
+    with pytest.raises(UnknownOpcode):
+        other.decode(BEGIN_GOLDEN)
+    assert isinstance(enabled.decode(BEGIN_GOLDEN), IomapBeginRequest)
+    conn = afuse.Dispatcher(MapFS()).connection
+    with pytest.raises(UnknownOpcode):
+        conn.decode(BEGIN_GOLDEN)
 
 
 def test_begin_reply_golden() -> None:
@@ -145,7 +161,7 @@ class MapFS(afuse.Operations, IomapOperations):
 
 def _serve(d: afuse.Dispatcher, message: bytes) -> bytes | None:
     """What a session does with one message: decode, dispatch, return the reply."""
-    req = Decoder().decode(message)
+    req = d.connection.decode(message)
     return trio.run(d.handle, req)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import pathlib
 import stat
 import struct
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import afuse.wire
 from afuse.wire import kernel as k
 from afuse.wire import notify, replies
 from afuse.wire import requests as r
@@ -1005,3 +1008,32 @@ def test_fuzz_extensions(req: r.Request, noise: bytes, pos: int) -> None:
         Decoder().decode(bytes(raw))
     except ProtocolError:
         pass
+
+
+def test_wire_does_no_io() -> None:
+    """afuse.wire is sans-IO: no module of it imports trio, os, socket or fcntl, or anything of
+    afuse outside afuse.wire (the package's parent imports the rest of afuse, so this reads the
+    modules' own imports rather than sys.modules)."""
+    checked = 0
+    for path in pathlib.Path(afuse.wire.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom) or _under_type_checking(tree, node):
+                continue
+            if isinstance(node, ast.ImportFrom):
+                assert node.level in (0, 1), f"{path.name} imports from outside afuse.wire"
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                names = [a.name for a in node.names]
+            for n in names:
+                assert n.split(".")[0] not in {"trio", "os", "socket", "fcntl", "afuse"}, f"{path.name} imports {n}"
+            checked += 1
+    assert checked > 20
+
+
+def _under_type_checking(tree: ast.Module, target: ast.AST) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            if any(target is sub for sub in ast.walk(node)):
+                return True
+    return False

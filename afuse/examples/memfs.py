@@ -58,6 +58,7 @@ from afuse.errors import FUSEError
 from afuse.operations import DirEntries, Operations
 from afuse.wire import requests as r
 from afuse.wire.constants import FOpen
+from afuse.wire.opcodes import STATEFUL_HANDLERS
 from afuse.wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __all__ = ["MemFS", "main"]
@@ -256,9 +257,7 @@ log = logging.getLogger("afuse.examples.memfs")
 # -- the journal (persist=DIR) -------------------------------------------------------------------
 
 #: Operations whose requests are journaled (those that change anything the kernel relies on).
-_JOURNALED = ("lookup", "forget", "setattr", "symlink", "mknod", "mkdir", "unlink", "rmdir", "rename", "link",
-              "open", "write", "release", "create", "tmpfile", "fallocate", "copy_file_range", "setxattr",
-              "removexattr", "opendir", "releasedir")
+_JOURNALED = tuple(h for h in STATEFUL_HANDLERS if h != "readdirplus")  # readdirplus: see _install_sink
 #: Results of restored requests kept for answering their resent copies.
 _REPLAYED_KEEP = 4096
 _REC_LEN = struct.Struct("<I")

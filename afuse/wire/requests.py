@@ -7,8 +7,7 @@ Names and xattr names are ``bytes`` without their terminating NUL.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
@@ -30,6 +29,9 @@ from .constants import (
     Opcode,
 )
 from .types import Lock
+
+if TYPE_CHECKING:
+    from .opcodes import OpSpec
 
 
 class ProtocolError(Exception):
@@ -604,7 +606,6 @@ class CuseInitRequest(Request):
 # Decoding
 
 _Head = tuple[int, int, int, int, int]  # unique nodeid uid gid pid
-_DecodeFn = Callable[["Decoder", _Head, memoryview], Request]
 
 
 def _cstr(body: memoryview, start: int = 0) -> tuple[bytes, int]:
@@ -668,15 +669,29 @@ def _creating(cls: type[_Creating], h: _Head, tail: memoryview, ext: memoryview 
 
 
 class Decoder:
-    """Turns one request's bytes into a :class:`Request`.
+    """Turns one request's bytes into a :class:`Request`, by the opcode table.
 
     ``setxattr_ext`` must follow the negotiated FUSE_SETXATTR_EXT (it changes setxattr_in's size).
+    Each decoder has its own copy of the table (:data:`afuse.wire.opcodes.OPCODES`):
+    :meth:`register` adds opcodes to this decoder only.
     """
 
-    __slots__ = ("setxattr_ext",)
+    __slots__ = ("_specs", "setxattr_ext")
 
     def __init__(self, setxattr_ext: bool = False) -> None:
+        from .opcodes import BY_OPCODE  # the table is built from this module's classes
+
         self.setxattr_ext = setxattr_ext
+        self._specs: dict[int, OpSpec] = dict(BY_OPCODE)
+
+    def register(self, *specs: OpSpec) -> None:
+        """Decode these opcodes too (e.g. the experimental :data:`afuse.wire.iomap.OPCODES`)."""
+        for spec in specs:
+            self._specs[spec.opcode] = spec
+
+    def spec(self, opcode: int) -> OpSpec | None:
+        """The table's record for ``opcode`` in this decoder, or None."""
+        return self._specs.get(opcode)
 
     def decode(self, buf: bytes | bytearray | memoryview) -> Request:
         """Decode one complete request; raises :class:`ProtocolError` for malformed input."""
@@ -686,21 +701,28 @@ class Decoder:
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = S.IN_HEADER.unpack_from(mv)
         if length != len(mv):
             raise ProtocolError(f"header says {length} bytes, read {len(mv)}", unique, opcode)
-        fn = _DECODERS.get(opcode)
-        if fn is None:
+        spec = self._specs.get(opcode)
+        if spec is None:
             raise UnknownOpcode(f"unknown opcode {opcode}", unique, opcode)
         end = length - extlen * 8
         if end < 40:
             raise ProtocolError("extensions longer than the request", unique, opcode)
         try:
-            if extlen and opcode in _EXT_OPS:
-                return _EXT_OPS[opcode](self, (unique, nodeid, uid, gid, pid), mv[40:end], mv[end:])
-            return fn(self, (unique, nodeid, uid, gid, pid), mv[40:end])
+            if extlen and spec.extensions:
+                return spec.decode(self, (unique, nodeid, uid, gid, pid), mv[40:end], mv[end:])
+            return spec.decode(self, (unique, nodeid, uid, gid, pid), mv[40:end])
         except ProtocolError as e:
             e.unique, e.opcode = unique, opcode
             raise
         except (struct.error, ValueError, IndexError, TypeError) as e:
-            raise ProtocolError(f"malformed {Opcode(opcode).name}: {e}", unique, opcode) from e
+            raise ProtocolError(f"malformed {_opname(opcode)}: {e}", unique, opcode) from e
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
 
 
 def _d_lookup(d: Decoder, h: _Head, b: memoryview) -> Request:
@@ -1010,76 +1032,114 @@ def _d_cuse_init(d: Decoder, h: _Head, b: memoryview) -> Request:
     return CuseInitRequest(*h, major, minor, flags)
 
 
-_DECODERS: dict[int, _DecodeFn] = {
-    Opcode.LOOKUP: _d_lookup,
-    Opcode.FORGET: _d_forget,
-    Opcode.GETATTR: _d_getattr,
-    Opcode.SETATTR: _d_setattr,
-    Opcode.READLINK: _d_readlink,
-    Opcode.SYMLINK: _d_symlink,
-    Opcode.MKNOD: _d_mknod,
-    Opcode.MKDIR: _d_mkdir,
-    Opcode.UNLINK: _d_unlink,
-    Opcode.RMDIR: _d_rmdir,
-    Opcode.RENAME: _d_rename,
-    Opcode.LINK: _d_link,
-    Opcode.OPEN: _d_open,
-    Opcode.READ: _d_read,
-    Opcode.WRITE: _d_write,
-    Opcode.STATFS: _d_statfs,
-    Opcode.RELEASE: _d_release,
-    Opcode.FSYNC: _d_fsync,
-    Opcode.SETXATTR: _d_setxattr,
-    Opcode.GETXATTR: _d_getxattr,
-    Opcode.LISTXATTR: _d_listxattr,
-    Opcode.REMOVEXATTR: _d_removexattr,
-    Opcode.FLUSH: _d_flush,
-    Opcode.INIT: _d_init,
-    Opcode.OPENDIR: _d_opendir,
-    Opcode.READDIR: _d_readdir,
-    Opcode.RELEASEDIR: _d_releasedir,
-    Opcode.FSYNCDIR: _d_fsyncdir,
-    Opcode.GETLK: _d_getlk,
-    Opcode.SETLK: _d_setlk,
-    Opcode.SETLKW: _d_setlkw,
-    Opcode.ACCESS: _d_access,
-    Opcode.CREATE: _d_create,
-    Opcode.INTERRUPT: _d_interrupt,
-    Opcode.BMAP: _d_bmap,
-    Opcode.DESTROY: _d_destroy,
-    Opcode.IOCTL: _d_ioctl,
-    Opcode.POLL: _d_poll,
-    Opcode.NOTIFY_REPLY: _d_notify_reply,
-    Opcode.BATCH_FORGET: _d_batch_forget,
-    Opcode.FALLOCATE: _d_fallocate,
-    Opcode.READDIRPLUS: _d_readdirplus,
-    Opcode.RENAME2: _d_rename2,
-    Opcode.LSEEK: _d_lseek,
-    Opcode.COPY_FILE_RANGE: _d_cfr,
-    Opcode.SETUPMAPPING: _d_setupmapping,
-    Opcode.REMOVEMAPPING: _d_removemapping,
-    Opcode.SYNCFS: _d_syncfs,
-    Opcode.TMPFILE: _d_tmpfile,
-    Opcode.STATX: _d_statx,
-    Opcode.COPY_FILE_RANGE_64: _d_cfr64,
-    Opcode.CUSE_INIT: _d_cuse_init,
-}
-
-_ExtFn = Callable[[Decoder, _Head, memoryview, memoryview], Request]
-_EXT_OPS: dict[int, _ExtFn] = {
-    Opcode.SYMLINK: _d_symlink,
-    Opcode.MKNOD: _d_mknod,
-    Opcode.MKDIR: _d_mkdir,
-    Opcode.CREATE: _d_create,
-    Opcode.TMPFILE: _d_tmpfile,
-}
-
-
-def register_decoder(opcode: int, fn: _DecodeFn) -> None:
-    """Add a decoder for an opcode (used by experimental, unmerged protocol parts)."""
-    _DECODERS[opcode] = fn
-
-
 def is_interrupt_unique(unique: int) -> bool:
     """True for the unique of an INTERRUPT message (bit 0 set)."""
     return bool(unique & INT_REQ_BIT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding (the kernel's direction: for the fake kernel and tests, via the opcode table)
+
+_NS = 1_000_000_000
+_LOW32 = 0xFFFFFFFF
+
+
+def _z(name: bytes) -> bytes:
+    """``name`` with its terminating NUL; names cannot contain NUL."""
+    if b"\0" in name:
+        raise ValueError(f"name {name!r} contains NUL")
+    return bytes(name) + b"\0"
+
+
+def _pad8(b: bytes) -> bytes:
+    return b + b"\0" * (-len(b) % 8)
+
+
+def _extensions(req: _Creating) -> bytes:
+    """Request extensions of a creating request: security context first, then groups."""
+    out = b""
+    if req.security_context is not None:
+        if len(req.security_context) > MAX_NR_SECCTX:
+            raise ValueError(f"at most {MAX_NR_SECCTX} security contexts")
+        parts = b"".join(
+            _pad8(S.SECCTX.pack(len(c.value), 0) + _z(c.name) + c.value) for c in req.security_context
+        )
+        out += S.SECCTX_HEADER.pack(8 + len(parts), len(req.security_context)) + parts
+    if req.supp_groups is not None:
+        body = S.SUPP_GROUPS.pack(len(req.supp_groups)) + b"".join(S.U32.pack(g) for g in req.supp_groups)
+        out += _pad8(S.EXT_HEADER.pack(len(_pad8(bytes(8) + body)), EXT_GROUPS) + body)
+    return out
+
+
+_SETATTR_KNOWN = int(
+    FAttr.MODE | FAttr.UID | FAttr.GID | FAttr.SIZE | FAttr.ATIME | FAttr.MTIME | FAttr.FH
+    | FAttr.ATIME_NOW | FAttr.MTIME_NOW | FAttr.LOCKOWNER | FAttr.CTIME | FAttr.KILL_SUIDGID
+)
+
+
+def _e_setattr(req: SetattrRequest) -> bytes:
+    valid = int(req.valid) & ~_SETATTR_KNOWN
+    present = (
+        (req.mode, FAttr.MODE), (req.new_uid, FAttr.UID), (req.new_gid, FAttr.GID),
+        (req.size, FAttr.SIZE), (req.atime_ns, FAttr.ATIME), (req.mtime_ns, FAttr.MTIME),
+        (req.fh, FAttr.FH), (req.lock_owner, FAttr.LOCKOWNER), (req.ctime_ns, FAttr.CTIME),
+    )
+    for value, bit in present:
+        if value is not None:
+            valid |= bit
+    if req.atime_now:
+        if req.atime_ns is not None:
+            raise ValueError("atime_now with an atime_ns")
+        valid |= FAttr.ATIME | FAttr.ATIME_NOW
+    if req.mtime_now:
+        if req.mtime_ns is not None:
+            raise ValueError("mtime_now with an mtime_ns")
+        valid |= FAttr.MTIME | FAttr.MTIME_NOW
+    if req.kill_suidgid:
+        valid |= FAttr.KILL_SUIDGID
+    asec, ans = divmod(req.atime_ns or 0, _NS)
+    msec, mns = divmod(req.mtime_ns or 0, _NS)
+    csec, cns = divmod(req.ctime_ns or 0, _NS)
+    return S.SETATTR_IN.pack(
+        valid, 0, req.fh or 0, req.size or 0, req.lock_owner or 0, asec, msec, csec, ans, mns, cns,
+        req.mode or 0, 0, req.new_uid or 0, req.new_gid or 0, 0,
+    )
+
+
+def _e_init(req: InitRequest) -> bytes:
+    flags = int(req.flags)
+    lo, hi = flags & _LOW32, flags >> 32
+    if hi and not lo & InitFlag.INIT_EXT:
+        raise ValueError("INIT flags above bit 31 need INIT_EXT")
+    if req.minor >= 36:
+        return S.INIT_IN.pack(req.major, req.minor, req.max_readahead, lo, hi)
+    if hi:
+        raise ValueError(f"a 7.{req.minor} kernel sends no flags2")
+    return S.INIT_IN_HEAD.pack(req.major, req.minor, req.max_readahead, lo)
+
+
+def _e_lk(req: GetlkRequest | SetlkRequest) -> bytes:
+    lk = req.lock
+    return S.LK_IN.pack(req.fh, req.owner, lk.start, lk.end, lk.type, lk.pid, req.lk_flags, 0)
+
+
+def _e_ioctl(req: IoctlRequest) -> bytes:
+    if len(req.in_data) != req.in_size:
+        raise ValueError(f"in_size {req.in_size} but {len(req.in_data)} bytes of in_data")
+    return S.IOCTL_IN.pack(req.fh, req.flags, req.cmd, req.arg, req.in_size, req.out_size) + req.in_data
+
+
+def _e_notify_reply(req: NotifyReplyRequest) -> bytes:
+    if len(req.data) != req.size:
+        raise ValueError(f"size {req.size} but {len(req.data)} bytes of data")
+    return S.NOTIFY_RETRIEVE_IN.pack(0, req.offset, req.size, 0, 0, 0) + req.data
+
+
+def _e_setxattr(req: SetxattrRequest, ext: bool) -> bytes:
+    if ext:
+        head = S.SETXATTR_IN.pack(len(req.value), req.flags, req.setxattr_flags, 0)
+    elif req.setxattr_flags:
+        raise ValueError("setxattr_flags need FUSE_SETXATTR_EXT")
+    else:
+        head = S.SETXATTR_IN_COMPAT.pack(len(req.value), req.flags)
+    return head + _z(req.name) + req.value

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import stat as _stat
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .constants import FOpen
+
+if TYPE_CHECKING:
+    import os
 
 
 @attrs.define(slots=True)
