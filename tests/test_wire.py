@@ -18,6 +18,7 @@ from afuse.wire import kernel as k
 from afuse.wire import notify, replies
 from afuse.wire import requests as r
 from afuse.wire import structs as S
+from afuse.wire.connection import Connection
 from afuse.wire.constants import (
     GETATTR_FH,
     IOCTL_RETRY,
@@ -668,7 +669,9 @@ def test_request_round_trip(cls: type[r.Request], ext: bool, data: st.DataObject
         req = attrs.evolve(req, setxattr_flags=0)
     raw = k.encode_request(req, setxattr_ext=ext)
     assert struct.unpack_from("<I", raw)[0] == len(raw)
-    got = Decoder(setxattr_ext=ext).decode(raw)
+    conn = Connection()  # the sans-IO connection a session decodes with
+    conn.decoder.setxattr_ext = ext
+    got = conn.decode(raw)
     assert type(got) is type(req)
     assert got == req
     assert k.encode_request(got, setxattr_ext=ext) == raw

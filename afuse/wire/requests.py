@@ -33,6 +33,20 @@ from .types import Lock
 if TYPE_CHECKING:
     from .opcodes import OpSpec
 
+#: Every request class (one per opcode, or per group of opcodes) and the decoder.
+__all__ = [
+    "AccessRequest", "BmapRequest", "CopyFileRangeRequest", "CreateRequest", "CuseInitRequest",
+    "DestroyRequest", "FallocateRequest", "FlushRequest", "ForgetRequest", "FsyncRequest", "FsyncdirRequest",
+    "GetattrRequest", "GetlkRequest", "GetxattrRequest", "InitRequest", "InterruptRequest", "IoctlRequest",
+    "LinkRequest", "ListxattrRequest", "LookupRequest", "LseekRequest", "MkdirRequest", "MknodRequest",
+    "NotifyReplyRequest", "OpenRequest", "OpendirRequest", "PollRequest", "ProtocolError", "ReadRequest",
+    "ReaddirRequest", "ReaddirplusRequest", "ReadlinkRequest", "ReleaseRequest", "ReleasedirRequest",
+    "RemovemappingRequest", "RemovexattrRequest", "RenameRequest", "RmdirRequest", "SetattrRequest",
+    "SetlkRequest", "SetupmappingRequest", "SetxattrRequest", "StatfsRequest", "StatxRequest",
+    "SymlinkRequest", "SyncfsRequest", "TmpfileRequest", "UnknownOpcode", "UnlinkRequest", "WriteRequest",
+    "Decoder", "ForgetItem", "Request", "SecurityContext",
+]
+
 
 class ProtocolError(Exception):
     """A request the decoder cannot make sense of; ``unique`` is 0 if even the header was bad."""
