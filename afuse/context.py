@@ -19,7 +19,7 @@ from .errors import SessionError
 if TYPE_CHECKING:
     import trio
 
-    from .session import Session
+    from .wire.connection import Connection
     from .wire.requests import Request
 
 log = logging.getLogger("afuse")
@@ -32,11 +32,12 @@ _CURRENT: contextvars.ContextVar[RequestContext] = contextvars.ContextVar("afuse
 class RequestContext:
     """One request being served (see the module docstring)."""
 
-    __slots__ = ("_after", "fd", "handling", "request", "scope", "session")
+    __slots__ = ("_after", "connection", "fd", "handling", "request", "scope")
 
-    def __init__(self, session: Session | None, request: Request, fd: int,
+    def __init__(self, connection: Connection | None, request: Request, fd: int,
                  scope: trio.CancelScope | None = None) -> None:
-        self.session = session
+        #: The connection the request came on (its session: :func:`afuse.current_session`).
+        self.connection = connection
         self.request = request
         #: The descriptor the request was read from; its reply is written there.
         self.fd = fd

@@ -179,7 +179,7 @@ class Dispatcher:
                 if self.backing is None or ctx is None:
                     raise HandlerResultError(f"{name} returned FOpen.PASSTHROUGH outside a serving session")
                 # Last: nothing may fail after the claim.
-                self.backing.claim(ctx, res[0].nodeid if create else req.nodeid, h, name)
+                ctx.after_reply(self.backing.claim(res[0].nodeid if create else req.nodeid, h, name))
             return reply
         return route
 

@@ -43,14 +43,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from . import device
-from .context import current_request_or_none
 from .errors import SessionError
-from .wire.opcodes import BY_OPCODE
 from .wire.results import PASSTHROUGH_COMPATIBLE
 from .wire.results import passthrough_flags_problem as check_flags
 
 if TYPE_CHECKING:
-    from .context import RequestContext
+    from collections.abc import Callable
+
     from .wire.types import Handle
 
 log = logging.getLogger("afuse")
@@ -120,8 +119,8 @@ class BackingTable:
     def open(self, fd: int) -> BackingFile:
         """Register ``fd`` (a regular file); OSError as the kernel answers (EPERM, EINVAL, ELOOP, ...).
 
-        Opened while an OPEN/CREATE/TMPFILE handler runs, the reference is that request's: it is
-        dropped once the request's reply has been written (or has failed).
+        The one reference is the caller's (:meth:`afuse.Session.open_backing` gives it to the
+        request being served when that is an OPEN/CREATE/TMPFILE).
         """
         if self._ended:
             raise SessionError("the session is closed")
@@ -129,11 +128,6 @@ class BackingTable:
         self.opened += 1
         bf = BackingFile(self, bid)
         self.files[bid] = bf
-        ctx = current_request_or_none()
-        if ctx is not None and ctx.handling and ctx.session is not None and ctx.session.backing is self:
-            spec = BY_OPCODE.get(ctx.request.opcode)
-            if spec is not None and spec.backing:
-                ctx.after_reply(lambda written: bf.release())
         return bf
 
     def _close(self, bf: BackingFile) -> None:
@@ -149,11 +143,11 @@ class BackingTable:
 
     # -- the framework's side ------------------------------------------------------------------
 
-    def claim(self, ctx: RequestContext, nodeid: int, h: Handle, what: str) -> None:
-        """The reply to ``ctx``'s request opens ``(nodeid, h.fh)`` on ``h.backing_id``.
+    def claim(self, nodeid: int, h: Handle, what: str) -> Callable[[bool], None]:
+        """A reply being written opens ``(nodeid, h.fh)`` on ``h.backing_id``: returns what to call
+        with whether the reply was written (the open file then keeps a reference until its RELEASE).
 
-        The open file takes a reference once the reply is written (kept until its RELEASE);
-        raises :class:`~afuse.errors.HandlerResultError` for an id that is not ours.
+        Raises :class:`~afuse.errors.HandlerResultError` for an id that is not ours.
         """
         bf = self.files.get(h.backing_id)
         if bf is None or bf.refs <= 0:
@@ -171,7 +165,7 @@ class BackingTable:
             else:
                 bf.release()
 
-        ctx.after_reply(settle)
+        return settle
 
     def released(self, nodeid: int, fh: int) -> None:
         """RELEASE of ``(nodeid, fh)``: drop the reference its open took."""

@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from . import device
-from .context import RequestContext
+from .context import RequestContext, current_request_or_none
 from .device import Mount, MountOptions
 from .dispatch import Dispatcher, errno_name
 from .errors import MountError, NotNegotiated, SessionError
@@ -34,9 +34,10 @@ from .wire import replies
 from .wire import requests as r
 from .wire.connection import Connection
 from .wire.constants import InitFlag
+from .wire.decoder import Decoder
 from .wire.init import InitConfig, Negotiated
-from .wire.opcodes import NO_REPLY
-from .wire.requests import Decoder, ProtocolError, UnknownOpcode
+from .wire.opcodes import BY_OPCODE, NO_REPLY
+from .wire.requests import ProtocolError, UnknownOpcode
 
 __all__ = ["NotNegotiated", "Session", "Takeover", "current_session", "mount", "serve"]
 
@@ -176,7 +177,13 @@ class Session:
         """
         self.require(InitFlag.PASSTHROUGH, "open_backing()")
         assert self.backing is not None
-        return self.backing.open(fd)
+        bf = self.backing.open(fd)
+        ctx = current_request_or_none()
+        if ctx is not None and ctx.handling and ctx.connection is self.connection:
+            spec = BY_OPCODE.get(ctx.request.opcode)
+            if spec is not None and spec.backing:  # the reference is the request's
+                ctx.after_reply(lambda written: bf.release())
+        return bf
 
     def expect_notify_reply(self, notify_unique: int) -> trio.MemoryReceiveChannel[r.NotifyReplyRequest]:
         """A channel that receives the kernel's NOTIFY_REPLY for ``notify_unique``."""
@@ -322,7 +329,7 @@ class Session:
         unique = req.unique
         debug = log.isEnabledFor(logging.DEBUG)
         t0 = time.perf_counter() if debug else 0.0
-        ctx = RequestContext(self, req, fd, wscope)
+        ctx = RequestContext(self.connection, req, fd, wscope)
         ctx.enter()
         if self.pool.interrupted_early(unique):
             reply: bytes | None = replies.error(unique, errno.EINTR)

@@ -42,6 +42,7 @@ def _raw_main(mountpoint: str) -> int:
     from afuse.wire import replies
     from afuse.wire import requests as r
     from afuse.wire.constants import ROOT_ID, InitFlag
+    from afuse.wire.decoder import Decoder
     from afuse.wire.init import InitConfig, encode_init_reply, negotiate
     from afuse.wire.types import Entry
 
@@ -56,7 +57,7 @@ def _raw_main(mountpoint: str) -> int:
     signal.signal(signal.SIGINT, stop)
     mnt = device.mount(mountpoint, MountOptions(fsname="fusebench-raw"))
     fd = mnt.fd
-    decoder = r.Decoder()
+    decoder = Decoder()
     try:
         buf = bytearray((1 << 20) + 4096)
         n = os.readv(fd, (buf,))

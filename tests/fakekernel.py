@@ -1,7 +1,7 @@
 """A fake kernel for fast dispatcher tests: requests go through the wire both ways, no /dev/fuse.
 
 Each call builds a request, encodes it as the kernel would (:func:`afuse.wire.kernel.encode_request`),
-decodes it with :class:`afuse.wire.requests.Decoder` (checking the round trip), runs
+decodes it with :class:`afuse.wire.decoder.Decoder` (checking the round trip), runs
 ``await dispatcher.handle(req)`` (whose sans-IO :class:`afuse.wire.connection.Connection` checks and
 encodes the reply) and checks the reply's header; the reply body is then decoded
 with the :mod:`afuse.wire.kernel` decoders.

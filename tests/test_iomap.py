@@ -21,6 +21,7 @@ from afuse.errors import FUSEError
 from afuse.iomap import IomapOperations, install
 from afuse.wire import iomap as w
 from afuse.wire import structs as S
+from afuse.wire.decoder import Decoder
 from afuse.wire.iomap import (
     IomapBeginReply,
     IomapBeginRequest,
@@ -31,7 +32,7 @@ from afuse.wire.iomap import (
     IomapType,
 )
 from afuse.wire.kernel import split_reply
-from afuse.wire.requests import Decoder, ProtocolError, UnknownOpcode
+from afuse.wire.requests import ProtocolError, UnknownOpcode
 
 
 def le(n: int, size: int, signed: bool = False) -> bytes:
@@ -97,7 +98,7 @@ def test_decoders() -> None:
 def test_not_decoded_unless_enabled() -> None:
     # Per connection: enabling iomap on one decoder leaves every other one (and the process) alone.
     code = (
-        "from afuse.wire.requests import Decoder, UnknownOpcode\n"
+        "from afuse.wire import Decoder, UnknownOpcode\n"
         f"b = {BEGIN_GOLDEN!r}\n"
         "try:\n    Decoder().decode(b)\nexcept UnknownOpcode:\n    print('unknown')\n"
     )

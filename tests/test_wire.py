@@ -28,7 +28,8 @@ from afuse.wire.constants import (
     NotifyCode,
     Opcode,
 )
-from afuse.wire.requests import Decoder, ProtocolError, UnknownOpcode
+from afuse.wire.decoder import Decoder
+from afuse.wire.requests import ProtocolError, UnknownOpcode
 from afuse.wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 NS = 1_000_000_000

@@ -9,10 +9,11 @@ conversions in both directions.
 from . import constants, notify, opcodes, replies, requests, results, structs
 from .connection import Connection, InitStep
 from .constants import FAttr, FOpen, InitFlag, NotifyCode, Opcode
+from .decoder import Decoder
 from .errors import HandlerResultError, NotNegotiated
 from .init import InitConfig, InitError, Negotiated, encode_init_reply, negotiate
 from .opcodes import OPCODES, OpSpec, Shape
-from .requests import Decoder, ProtocolError, Request, UnknownOpcode
+from .requests import ProtocolError, Request, UnknownOpcode
 from .types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __all__ = [

@@ -26,6 +26,7 @@ from . import notify as _notify
 from . import replies
 from . import requests as r
 from .constants import KERNEL_VERSION, InitFlag
+from .decoder import Decoder
 from .errors import HandlerResultError, NotNegotiated
 from .init import InitConfig, InitError, Negotiated, encode_init_reply, encode_version_reply, negotiate
 from .opcodes import OpSpec
@@ -52,7 +53,7 @@ class Connection:
     def __init__(self, config: InitConfig | None = None, *, entry_timeout: float = 1.0,
                  attr_timeout: float = 1.0) -> None:
         self.config = config or InitConfig()
-        self.decoder = r.Decoder()
+        self.decoder = Decoder()
         #: The outcome of INIT (None before it).
         self.negotiated: Negotiated | None = None
         #: Cache timeouts for replies whose values leave theirs unset (seconds).

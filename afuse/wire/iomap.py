@@ -28,8 +28,9 @@ import attrs
 from . import structs as S
 from .connection import Connection
 from .constants import Opcode
+from .decoder import Decoder
 from .opcodes import OpSpec, Shape
-from .requests import Decoder, ProtocolError, Request
+from .requests import ProtocolError, Request
 
 __all__ = [
     "DEV_NULL", "INIT_FLAG_IOMAP", "NULL_ADDR", "IomapBeginReply", "IomapBeginRequest",

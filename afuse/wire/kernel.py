@@ -1,6 +1,6 @@
 """The kernel's side of the protocol, for tests and the fake kernel.
 
-:func:`encode_request` is the exact inverse of :meth:`afuse.wire.requests.Decoder.decode`; the
+:func:`encode_request` is the exact inverse of :meth:`afuse.wire.decoder.Decoder.decode`; the
 ``decode_*`` functions are the inverses of the encoders in :mod:`.replies`, :mod:`.init` and
 :mod:`.notify`. They are strict: a body of the wrong size, a name without its NUL or non-zero
 padding raises :class:`~afuse.wire.requests.ProtocolError`, so tests notice malformed replies

@@ -1,4 +1,4 @@
-"""Requests the kernel sends, one attrs class each, and :class:`Decoder` from bytes to them.
+"""Requests the kernel sends, one attrs class each, with their decoders and (kernel side) encoders.
 
 Every request carries the header fields ``unique``, ``nodeid``, ``uid``, ``gid`` and ``pid``.
 Names and xattr names are ``bytes`` without their terminating NUL.
@@ -6,8 +6,7 @@ Names and xattr names are ``bytes`` without their terminating NUL.
 
 from __future__ import annotations
 
-import struct
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import attrs
 
@@ -30,9 +29,6 @@ from .constants import (
 )
 from .types import Lock
 
-if TYPE_CHECKING:
-    from .opcodes import OpSpec
-
 #: Every request class (one per opcode, or per group of opcodes) and the decoder.
 __all__ = [
     "AccessRequest", "BmapRequest", "CopyFileRangeRequest", "CreateRequest", "CuseInitRequest",
@@ -44,7 +40,7 @@ __all__ = [
     "RemovemappingRequest", "RemovexattrRequest", "RenameRequest", "RmdirRequest", "SetattrRequest",
     "SetlkRequest", "SetupmappingRequest", "SetxattrRequest", "StatfsRequest", "StatxRequest",
     "SymlinkRequest", "SyncfsRequest", "TmpfileRequest", "UnknownOpcode", "UnlinkRequest", "WriteRequest",
-    "Decoder", "ForgetItem", "Request", "SecurityContext",
+    "DecodeState", "ForgetItem", "Request", "SecurityContext",
 ]
 
 
@@ -631,7 +627,7 @@ def _cstr(body: memoryview, start: int = 0) -> tuple[bytes, int]:
     return raw[:end], start + end + 1
 
 
-def _name(d: Decoder, h: _Head, b: memoryview) -> bytes:
+def _name(d: DecodeState, h: _Head, b: memoryview) -> bytes:
     n = b.tobytes()
     end = n.find(b"\0")
     if end < 0:
@@ -682,73 +678,22 @@ def _creating(cls: type[_Creating], h: _Head, tail: memoryview, ext: memoryview 
     return req
 
 
-class Decoder:
-    """Turns one request's bytes into a :class:`Request`, by the opcode table.
+class DecodeState(Protocol):
+    """What a decoder function may read of its decoder (see :class:`afuse.wire.decoder.Decoder`)."""
 
-    ``setxattr_ext`` must follow the negotiated FUSE_SETXATTR_EXT (it changes setxattr_in's size).
-    Each decoder has its own copy of the table (:data:`afuse.wire.opcodes.OPCODES`):
-    :meth:`register` adds opcodes to this decoder only.
-    """
-
-    __slots__ = ("_specs", "setxattr_ext")
-
-    def __init__(self, setxattr_ext: bool = False) -> None:
-        from .opcodes import BY_OPCODE  # the table is built from this module's classes
-
-        self.setxattr_ext = setxattr_ext
-        self._specs: dict[int, OpSpec] = dict(BY_OPCODE)
-
-    def register(self, *specs: OpSpec) -> None:
-        """Decode these opcodes too (e.g. the experimental :data:`afuse.wire.iomap.OPCODES`)."""
-        for spec in specs:
-            self._specs[spec.opcode] = spec
-
-    def spec(self, opcode: int) -> OpSpec | None:
-        """The table's record for ``opcode`` in this decoder, or None."""
-        return self._specs.get(opcode)
-
-    def decode(self, buf: bytes | bytearray | memoryview) -> Request:
-        """Decode one complete request; raises :class:`ProtocolError` for malformed input."""
-        mv = memoryview(buf)
-        if len(mv) < 40:
-            raise ProtocolError(f"request of {len(mv)} bytes is shorter than its header")
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = S.IN_HEADER.unpack_from(mv)
-        if length != len(mv):
-            raise ProtocolError(f"header says {length} bytes, read {len(mv)}", unique, opcode)
-        spec = self._specs.get(opcode)
-        if spec is None:
-            raise UnknownOpcode(f"unknown opcode {opcode}", unique, opcode)
-        end = length - extlen * 8
-        if end < 40:
-            raise ProtocolError("extensions longer than the request", unique, opcode)
-        try:
-            if extlen and spec.extensions:
-                return spec.decode(self, (unique, nodeid, uid, gid, pid), mv[40:end], mv[end:])
-            return spec.decode(self, (unique, nodeid, uid, gid, pid), mv[40:end])
-        except ProtocolError as e:
-            e.unique, e.opcode = unique, opcode
-            raise
-        except (struct.error, ValueError, IndexError, TypeError) as e:
-            raise ProtocolError(f"malformed {_opname(opcode)}: {e}", unique, opcode) from e
+    setxattr_ext: bool
 
 
-def _opname(opcode: int) -> str:
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return f"opcode {opcode}"
-
-
-def _d_lookup(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_lookup(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return LookupRequest(*h, _name(d, h, b))
 
 
-def _d_forget(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_forget(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (n,) = S.FORGET_IN.unpack_from(b)
     return ForgetRequest(*h, [ForgetItem(h[1], n)])
 
 
-def _d_batch_forget(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_batch_forget(d: DecodeState, h: _Head, b: memoryview) -> Request:
     count, _ = S.BATCH_FORGET_IN.unpack_from(b)
     _need(b, 8 + 16 * count)
     items = [ForgetItem(n, c) for n, c in S.FORGET_ONE.iter_unpack(b[8 : 8 + 16 * count])]
@@ -756,14 +701,14 @@ def _d_batch_forget(d: Decoder, h: _Head, b: memoryview) -> Request:
     return req
 
 
-def _d_getattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_getattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     if len(b) < 16:  # very old kernels sent no getattr_in
         return GetattrRequest(*h, None)
     flags, _, fh = S.GETATTR_IN.unpack_from(b)
     return GetattrRequest(*h, fh if flags & GETATTR_FH else None)
 
 
-def _d_setattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (valid, _, fh, size, lock_owner, atime, mtime, ctime, atimens, mtimens, ctimens, mode, _,
      uid, gid, _) = S.SETATTR_IN.unpack_from(b)
     v = FAttr(valid)
@@ -784,99 +729,99 @@ def _d_setattr(d: Decoder, h: _Head, b: memoryview) -> Request:
     )
 
 
-def _d_readlink(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_readlink(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return ReadlinkRequest(*h)
 
 
-def _d_symlink(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_symlink(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     name, p = _cstr(b)
     target, _ = _cstr(b, p)
     return _creating(SymlinkRequest, h, b, ext, name=name, target=target)
 
 
-def _d_mknod(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_mknod(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     mode, rdev, umask, _ = S.MKNOD_IN.unpack_from(b)
     name, _ = _cstr(b, 16)
     return _creating(MknodRequest, h, b, ext, name=name, mode=mode, rdev=rdev, umask=umask)
 
 
-def _d_mkdir(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_mkdir(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     mode, umask = S.MKDIR_IN.unpack_from(b)
     name, _ = _cstr(b, 8)
     return _creating(MkdirRequest, h, b, ext, name=name, mode=mode, umask=umask)
 
 
-def _d_unlink(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_unlink(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return UnlinkRequest(*h, _name(d, h, b))
 
 
-def _d_rmdir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_rmdir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return RmdirRequest(*h, _name(d, h, b))
 
 
-def _d_rename(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_rename(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (newdir,) = S.RENAME_IN.unpack_from(b)
     old, p = _cstr(b, 8)
     new, _ = _cstr(b, p)
     return RenameRequest(*h, old, newdir, new, 0)
 
 
-def _d_rename2(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_rename2(d: DecodeState, h: _Head, b: memoryview) -> Request:
     newdir, flags, _ = S.RENAME2_IN.unpack_from(b)
     old, p = _cstr(b, 16)
     new, _ = _cstr(b, p)
     return RenameRequest(*h, old, newdir, new, flags)
 
 
-def _d_link(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_link(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (old,) = S.LINK_IN.unpack_from(b)
     name, _ = _cstr(b, 8)
     return LinkRequest(*h, old, name)
 
 
-def _d_open(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_open(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return OpenRequest(*h, *S.OPEN_IN.unpack_from(b))
 
 
-def _d_opendir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_opendir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return OpendirRequest(*h, *S.OPEN_IN.unpack_from(b))
 
 
-def _d_read(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_read(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, size, rflags, owner, flags, _ = S.READ_IN.unpack_from(b)
     return ReadRequest(*h, fh, off, size, rflags, owner, flags)
 
 
-def _d_write(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_write(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, size, wflags, owner, flags, _ = S.WRITE_IN.unpack_from(b)
     if len(b) - 40 < size:
         raise ProtocolError(f"WRITE of {size} bytes carries {len(b) - 40}")
     return WriteRequest(*h, fh, off, b[40 : 40 + size].tobytes(), wflags, owner, flags)
 
 
-def _d_statfs(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_statfs(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return StatfsRequest(*h)
 
 
-def _d_release(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_release(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return ReleaseRequest(*h, *S.RELEASE_IN.unpack_from(b))
 
 
-def _d_releasedir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_releasedir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return ReleasedirRequest(*h, *S.RELEASE_IN.unpack_from(b))
 
 
-def _d_fsync(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_fsync(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, flags, _ = S.FSYNC_IN.unpack_from(b)
     return FsyncRequest(*h, fh, bool(flags & FSYNC_FDATASYNC))
 
 
-def _d_fsyncdir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_fsyncdir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, flags, _ = S.FSYNC_IN.unpack_from(b)
     return FsyncdirRequest(*h, fh, bool(flags & FSYNC_FDATASYNC))
 
 
-def _d_setxattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setxattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     if d.setxattr_ext:
         size, flags, sflags, _ = S.SETXATTR_IN.unpack_from(b)
         p = 16
@@ -889,27 +834,27 @@ def _d_setxattr(d: Decoder, h: _Head, b: memoryview) -> Request:
     return SetxattrRequest(*h, name, b[p : p + size].tobytes(), flags, sflags)
 
 
-def _d_getxattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_getxattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     size, _ = S.GETXATTR_IN.unpack_from(b)
     name, _ = _cstr(b, 8)
     return GetxattrRequest(*h, name, size)
 
 
-def _d_listxattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_listxattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     size, _ = S.GETXATTR_IN.unpack_from(b)
     return ListxattrRequest(*h, size)
 
 
-def _d_removexattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_removexattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return RemovexattrRequest(*h, _name(d, h, b))
 
 
-def _d_flush(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_flush(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, _, _, owner = S.FLUSH_IN.unpack_from(b)
     return FlushRequest(*h, fh, owner)
 
 
-def _d_init(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_init(d: DecodeState, h: _Head, b: memoryview) -> Request:
     if len(b) >= S.INIT_IN.size:
         major, minor, ra, flags, flags2 = S.INIT_IN.unpack_from(b)
     elif len(b) >= S.INIT_IN_HEAD.size:
@@ -923,12 +868,12 @@ def _d_init(d: Decoder, h: _Head, b: memoryview) -> Request:
     return InitRequest(*h, major, minor, ra, InitFlag(all_flags))
 
 
-def _d_readdir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_readdir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, size, *_ = S.READ_IN.unpack_from(b)
     return ReaddirRequest(*h, fh, off, size)
 
 
-def _d_readdirplus(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_readdirplus(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, size, *_ = S.READ_IN.unpack_from(b)
     return ReaddirplusRequest(*h, fh, off, size)
 
@@ -938,19 +883,19 @@ def _lk(b: memoryview) -> tuple[int, int, Lock, int]:
     return fh, owner, Lock(start, end, typ, pid), lk_flags
 
 
-def _d_getlk(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_getlk(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return GetlkRequest(*h, *_lk(b))
 
 
-def _d_setlk(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setlk(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return SetlkRequest(*h, *_lk(b), False)
 
 
-def _d_setlkw(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setlkw(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return SetlkRequest(*h, *_lk(b), True)
 
 
-def _d_access(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_access(d: DecodeState, h: _Head, b: memoryview) -> Request:
     mask, _ = S.ACCESS_IN.unpack_from(b)
     return AccessRequest(*h, mask)
 
@@ -961,29 +906,29 @@ def _d_create_common(cls: type[CreateRequest], h: _Head, b: memoryview, ext: mem
     return _creating(cls, h, b, ext, name=name, flags=flags, mode=mode, umask=umask, open_flags=oflags)
 
 
-def _d_create(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_create(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     return _d_create_common(CreateRequest, h, b, ext)
 
 
-def _d_tmpfile(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_tmpfile(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     return _d_create_common(TmpfileRequest, h, b, ext)
 
 
-def _d_interrupt(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_interrupt(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (target,) = S.INTERRUPT_IN.unpack_from(b)
     return InterruptRequest(*h, target)
 
 
-def _d_bmap(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_bmap(d: DecodeState, h: _Head, b: memoryview) -> Request:
     block, bs, _ = S.BMAP_IN.unpack_from(b)
     return BmapRequest(*h, block, bs)
 
 
-def _d_destroy(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_destroy(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return DestroyRequest(*h)
 
 
-def _d_ioctl(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_ioctl(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, flags, cmd, arg, in_size, out_size = S.IOCTL_IN.unpack_from(b)
     data = b[32 : 32 + in_size].tobytes()
     if len(data) < in_size:
@@ -991,57 +936,57 @@ def _d_ioctl(d: Decoder, h: _Head, b: memoryview) -> Request:
     return IoctlRequest(*h, fh, flags, cmd, arg, in_size, out_size, data)
 
 
-def _d_poll(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_poll(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return PollRequest(*h, *S.POLL_IN.unpack_from(b))
 
 
-def _d_notify_reply(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_notify_reply(d: DecodeState, h: _Head, b: memoryview) -> Request:
     _, off, size, *_ = S.NOTIFY_RETRIEVE_IN.unpack_from(b)
     if len(b) - 40 < size:
         raise ProtocolError(f"NOTIFY_REPLY of {size} bytes carries {len(b) - 40}")
     return NotifyReplyRequest(*h, off, size, b[40 : 40 + size].tobytes())
 
 
-def _d_fallocate(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_fallocate(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, length, mode, _ = S.FALLOCATE_IN.unpack_from(b)
     return FallocateRequest(*h, fh, off, length, mode)
 
 
-def _d_lseek(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_lseek(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, whence, _ = S.LSEEK_IN.unpack_from(b)
     return LseekRequest(*h, fh, off, whence)
 
 
-def _d_cfr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_cfr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = S.COPY_FILE_RANGE_IN.unpack_from(b)
     return CopyFileRangeRequest(*h, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags, False)
 
 
-def _d_cfr64(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_cfr64(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = S.COPY_FILE_RANGE_IN.unpack_from(b)
     return CopyFileRangeRequest(*h, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags, True)
 
 
-def _d_setupmapping(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setupmapping(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return SetupmappingRequest(*h, *S.SETUPMAPPING_IN.unpack_from(b))
 
 
-def _d_removemapping(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_removemapping(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (count,) = S.REMOVEMAPPING_IN.unpack_from(b)
     _need(b, 4 + 16 * count)
     return RemovemappingRequest(*h, [(m, n) for m, n in S.REMOVEMAPPING_ONE.iter_unpack(b[4 : 4 + 16 * count])])
 
 
-def _d_syncfs(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_syncfs(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return SyncfsRequest(*h)
 
 
-def _d_statx(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_statx(d: DecodeState, h: _Head, b: memoryview) -> Request:
     gflags, _, fh, sx_flags, mask = S.STATX_IN.unpack_from(b)
     return StatxRequest(*h, fh if gflags & GETATTR_FH else None, gflags, sx_flags, mask)
 
 
-def _d_cuse_init(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_cuse_init(d: DecodeState, h: _Head, b: memoryview) -> Request:
     major, minor, _, flags = S.CUSE_INIT_IN.unpack_from(b)
     return CuseInitRequest(*h, major, minor, flags)
 

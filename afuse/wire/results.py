@@ -2,15 +2,16 @@
 
 One function per :class:`~afuse.wire.opcodes.Shape`: ``encode(conn, req, value, what)`` checks
 ``value`` (what the handler ``what`` returned for ``req``) and returns the complete reply, or
-raises :class:`~afuse.wire.errors.HandlerResultError` before any bytes exist. ``conn`` supplies
-the negotiated state and the default timeouts. :data:`ENCODERS` maps shapes to them.
+raises :class:`~afuse.wire.errors.HandlerResultError` before any bytes exist. ``conn`` (a
+:class:`ReplyState`: the connection) supplies the negotiated state and the default timeouts.
+:data:`ENCODERS` maps shapes to them.
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import replies
 from . import requests as r
@@ -19,10 +20,7 @@ from .errors import HandlerResultError
 from .opcodes import Shape
 from .types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx
 
-if TYPE_CHECKING:
-    from .connection import Connection
-
-__all__ = ["ENCODERS", "PASSTHROUGH_COMPATIBLE", "DirWriter", "check_handle", "passthrough_flags_problem"]
+__all__ = ["ENCODERS", "PASSTHROUGH_COMPATIBLE", "DirWriter", "ReplyState", "check_handle", "passthrough_flags_problem"]
 
 _BYTES = (bytes, bytearray, memoryview)
 _PASSTHROUGH = int(FOpen.PASSTHROUGH)
@@ -31,7 +29,18 @@ _U64 = 1 << 64
 #: The FOPEN flags allowed together with ``FOpen.PASSTHROUGH``.
 PASSTHROUGH_COMPATIBLE = FOpen.DIRECT_IO | FOpen.PARALLEL_DIRECT_WRITES | FOpen.NOFLUSH
 
-Encoder = Callable[["Connection", Any, Any, str], bytes]
+class ReplyState(Protocol):
+    """What encoders read of a connection (:class:`~afuse.wire.connection.Connection` is one)."""
+
+    entry_timeout: float
+    attr_timeout: float
+
+    def has(self, flag: InitFlag) -> bool:
+        """True if ``flag`` was negotiated."""
+        ...
+
+
+Encoder = Callable[[ReplyState, Any, Any, str], bytes]
 
 
 def _check(value: Any, cls: type | tuple[type, ...], what: str) -> None:
@@ -51,7 +60,7 @@ def passthrough_flags_problem(flags: int) -> str | None:
             f"not {names} (the kernel would fail the open with EIO)")
 
 
-def check_handle(conn: Connection, h: Any, what: str, directory: bool = False) -> None:
+def check_handle(conn: ReplyState, h: Any, what: str, directory: bool = False) -> None:
     """Check an open's :class:`Handle`, including its passthrough request against the negotiation."""
     if type(h) is not Handle:
         raise HandlerResultError(f"{what} must return a Handle, not {type(h).__name__}")
@@ -70,45 +79,45 @@ def check_handle(conn: Connection, h: Any, what: str, directory: bool = False) -
                                  "(InitConfig(passthrough=True), and the kernel must offer it)")
 
 
-def _empty(conn: Connection, req: r.Request, value: Any, what: str) -> bytes:
+def _empty(conn: ReplyState, req: r.Request, value: Any, what: str) -> bytes:
     return replies.empty(req.unique)
 
 
-def _entry(conn: Connection, req: r.Request, e: Any, what: str) -> bytes:
+def _entry(conn: ReplyState, req: r.Request, e: Any, what: str) -> bytes:
     if type(e) is not Entry:
         raise HandlerResultError(f"{what} must return an Entry, not {type(e).__name__}")
     return replies.entry(req.unique, e, conn.entry_timeout, conn.attr_timeout)
 
 
-def _attr(conn: Connection, req: r.Request, a: Any, what: str) -> bytes:
+def _attr(conn: ReplyState, req: r.Request, a: Any, what: str) -> bytes:
     _check(a, Attr, what)
     return replies.attr(req.unique, a, conn.attr_timeout)
 
 
-def _data(conn: Connection, req: r.Request, value: Any, what: str) -> bytes:
+def _data(conn: ReplyState, req: r.Request, value: Any, what: str) -> bytes:
     _check(value, _BYTES, what)
     return replies.data(req.unique, value)
 
 
-def _read(conn: Connection, req: r.ReadRequest, buf: Any, what: str) -> bytes:
+def _read(conn: ReplyState, req: r.ReadRequest, buf: Any, what: str) -> bytes:
     _check(buf, _BYTES, what)
     if len(buf) > req.size:
         raise HandlerResultError(f"{what} returned {len(buf)} bytes for a request of {req.size}")
     return replies.data(req.unique, buf)
 
 
-def _write(conn: Connection, req: r.WriteRequest, n: Any, what: str) -> bytes:
+def _write(conn: ReplyState, req: r.WriteRequest, n: Any, what: str) -> bytes:
     if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(req.data):
         raise HandlerResultError(f"{what} must return a count from 0 to {len(req.data)}, not {n!r}")
     return replies.write(req.unique, n)
 
 
-def _open(conn: Connection, req: r.OpenRequest, h: Any, what: str) -> bytes:
+def _open(conn: ReplyState, req: r.OpenRequest, h: Any, what: str) -> bytes:
     check_handle(conn, h, what, type(req) is r.OpendirRequest)
     return replies.open_(req.unique, h)
 
 
-def _create(conn: Connection, req: r.CreateRequest, res: Any, what: str) -> bytes:
+def _create(conn: ReplyState, req: r.CreateRequest, res: Any, what: str) -> bytes:
     try:
         e, h = res
     except (TypeError, ValueError):
@@ -119,12 +128,12 @@ def _create(conn: Connection, req: r.CreateRequest, res: Any, what: str) -> byte
     return replies.create(req.unique, e, h, conn.entry_timeout, conn.attr_timeout)
 
 
-def _statfs(conn: Connection, req: r.Request, st: Any, what: str) -> bytes:
+def _statfs(conn: ReplyState, req: r.Request, st: Any, what: str) -> bytes:
     _check(st, FsStats, what)
     return replies.statfs(req.unique, st)
 
 
-def _xattr(conn: Connection, req: r.GetxattrRequest, value: Any, what: str) -> bytes:
+def _xattr(conn: ReplyState, req: r.GetxattrRequest, value: Any, what: str) -> bytes:
     _check(value, _BYTES, what)
     if req.size == 0:
         return replies.xattr_size(req.unique, len(value))
@@ -133,7 +142,7 @@ def _xattr(conn: Connection, req: r.GetxattrRequest, value: Any, what: str) -> b
     return replies.data(req.unique, value)
 
 
-def _xattr_names(conn: Connection, req: r.ListxattrRequest, value: Any, what: str) -> bytes:
+def _xattr_names(conn: ReplyState, req: r.ListxattrRequest, value: Any, what: str) -> bytes:
     try:
         names = list(value)
     except TypeError:
@@ -149,31 +158,31 @@ def _xattr_names(conn: Connection, req: r.ListxattrRequest, value: Any, what: st
     return replies.data(req.unique, body)
 
 
-def _lock(conn: Connection, req: r.Request, lock: Any, what: str) -> bytes:
+def _lock(conn: ReplyState, req: r.Request, lock: Any, what: str) -> bytes:
     _check(lock, Lock, what)
     return replies.lk(req.unique, lock)
 
 
-def _u64(conn: Connection, req: r.Request, n: Any, what: str) -> bytes:
+def _u64(conn: ReplyState, req: r.Request, n: Any, what: str) -> bytes:
     _check(n, int, what)
     if not 0 <= n < _U64:
         raise HandlerResultError(f"{what} returned {n}, out of the u64 range")
     return replies.u64(req.unique, n)
 
 
-def _ioctl(conn: Connection, req: r.IoctlRequest, res: Any, what: str) -> bytes:
+def _ioctl(conn: ReplyState, req: r.IoctlRequest, res: Any, what: str) -> bytes:
     _check(res, IoctlReply, what)
     if len(res.data) > req.out_size and res.in_iovs is None and res.out_iovs is None:
         raise HandlerResultError(f"{what} returned {len(res.data)} bytes; the caller takes {req.out_size}")
     return replies.ioctl(req.unique, res)
 
 
-def _poll(conn: Connection, req: r.Request, revents: Any, what: str) -> bytes:
+def _poll(conn: ReplyState, req: r.Request, revents: Any, what: str) -> bytes:
     _check(revents, int, what)
     return replies.poll(req.unique, revents)
 
 
-def _copied(conn: Connection, req: r.CopyFileRangeRequest, n: Any, what: str) -> bytes:
+def _copied(conn: ReplyState, req: r.CopyFileRangeRequest, n: Any, what: str) -> bytes:
     _check(n, int, what)
     if not 0 <= n <= req.length:
         raise HandlerResultError(f"{what} returned {n} for a length of {req.length}")
@@ -182,12 +191,12 @@ def _copied(conn: Connection, req: r.CopyFileRangeRequest, n: Any, what: str) ->
     return replies.write(req.unique, min(n, 0xFFFFFFFF))
 
 
-def _statx(conn: Connection, req: r.Request, sx: Any, what: str) -> bytes:
+def _statx(conn: ReplyState, req: r.Request, sx: Any, what: str) -> bytes:
     _check(sx, Statx, what)
     return replies.statx(req.unique, sx, conn.attr_timeout)
 
 
-def _not_a_result(conn: Connection, req: r.Request, value: Any, what: str) -> bytes:
+def _not_a_result(conn: ReplyState, req: r.Request, value: Any, what: str) -> bytes:
     raise HandlerResultError(f"{type(req).__name__} is not answered with a handler's result")
 
 
@@ -223,7 +232,7 @@ class DirWriter:
 
     __slots__ = ("_buf", "_plus", "_what")
 
-    def __init__(self, conn: Connection, req: r.ReaddirRequest, what: str) -> None:
+    def __init__(self, conn: ReplyState, req: r.ReaddirRequest, what: str) -> None:
         self._plus = plus = type(req) is r.ReaddirplusRequest
         self._buf = replies.DirBuffer(req.size, plus, conn.entry_timeout, conn.attr_timeout)
         self._what = what
