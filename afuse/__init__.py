@@ -3,10 +3,10 @@
 from .device import MountOptions
 from .dispatch import Dispatcher
 from .errors import FUSEError, MountError, NotNegotiated, SessionError
-from .operations import Operations
+from .operations import DirListing, Operations
 from .passthrough import BackingFile
 from .session import Session, Takeover, current_session, mount, serve
-from .wire.constants import FAttr, FOpen, InitFlag, Opcode
+from .wire.constants import ROOT_ID, FAttr, FOpen, InitFlag, Opcode
 from .wire.init import InitConfig, Negotiated
 from .wire.requests import (
     AccessRequest,
@@ -56,13 +56,14 @@ from .wire.requests import (
     UnlinkRequest,
     WriteRequest,
 )
-from .wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
+from .wire.types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccessRequest", "Attr", "BmapRequest", "CopyFileRangeRequest", "CreateRequest",
-    "DestroyRequest", "DirEntry", "Dispatcher", "Entry", "FAttr", "FOpen", "FUSEError",
+    "DestroyRequest", "DirEntries", "DirEntry", "DirListing", "Dispatcher", "Entry", "FAttr",
+    "FOpen", "FUSEError",
     "FallocateRequest", "FlushRequest", "ForgetItem", "ForgetRequest", "FsStats",
     "FsyncRequest", "FsyncdirRequest", "GetattrRequest", "GetlkRequest", "GetxattrRequest",
     "Handle", "InitConfig", "InitFlag", "InitRequest", "IoctlReply", "IoctlRequest",
@@ -74,5 +75,5 @@ __all__ = [
     "SecurityContext", "Session", "SessionError", "SetattrRequest", "SetlkRequest",
     "SetxattrRequest", "StatfsRequest", "Statx", "StatxRequest", "SymlinkRequest",
     "SyncfsRequest", "Timestamp", "TmpfileRequest", "UnlinkRequest", "WriteRequest",
-    "BackingFile", "Takeover", "__version__", "current_session", "mount", "serve",
+    "ROOT_ID", "BackingFile", "Takeover", "__version__", "current_session", "mount", "serve",
 ]

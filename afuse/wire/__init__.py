@@ -5,14 +5,14 @@ knows byte layouts.
 """
 
 from . import constants, notify, replies, requests, structs
-from .constants import FAttr, FOpen, InitFlag, NotifyCode, Opcode
+from .constants import ROOT_ID, FAttr, FOpen, InitFlag, NotifyCode, Opcode
 from .init import InitConfig, InitError, Negotiated, encode_init_reply, negotiate
 from .requests import Decoder, ProtocolError, Request, UnknownOpcode
-from .types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
+from .types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __all__ = [
-    "Attr", "Decoder", "DirEntry", "Entry", "FAttr", "FOpen", "FsStats", "Handle", "InitConfig",
-    "InitError", "InitFlag", "IoctlReply", "Lock", "Negotiated", "NotifyCode", "Opcode",
-    "ProtocolError", "Request", "Statx", "Timestamp", "UnknownOpcode", "constants",
+    "ROOT_ID", "Attr", "Decoder", "DirEntries", "DirEntry", "Entry", "FAttr", "FOpen", "FsStats",
+    "Handle", "InitConfig", "InitError", "InitFlag", "IoctlReply", "Lock", "Negotiated", "NotifyCode",
+    "Opcode", "ProtocolError", "Request", "Statx", "Timestamp", "UnknownOpcode", "constants",
     "encode_init_reply", "negotiate", "notify", "replies", "requests", "structs",
 ]

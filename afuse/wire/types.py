@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat as _stat
+from collections.abc import AsyncIterable, Iterable
 
 import attrs
 
@@ -158,6 +159,10 @@ class DirEntry:
     offset: int
     attr: Attr | None = None
     entry: Entry | None = None
+
+
+#: A directory listing as ``readdir`` returns it: an iterable (list, generator) or async iterable.
+DirEntries = Iterable[DirEntry] | AsyncIterable[DirEntry]
 
 
 @attrs.define(slots=True)
