@@ -38,6 +38,7 @@ import afuse
 from afuse import testing
 from afuse.examples.memfs import MemFS
 from afuse.pytest_plugin import fuse_unavailable_reason
+from afuse.testing import MountFactory
 from afuse.wire.constants import WRITE_KILL_SUIDGID
 
 pytestmark = [
@@ -110,7 +111,7 @@ class Recording(MemFS):
         return await super().open(req)
 
 
-def test_statx_mask_and_btime(fuse_mount) -> None:
+def test_statx_mask_and_btime(fuse_mount: MountFactory) -> None:
     fs = Recording()
     m = fuse_mount(fs)
     p = m.join("f")
@@ -129,7 +130,7 @@ def test_statx_mask_and_btime(fuse_mount) -> None:
 
 
 @needs_root
-def test_supp_groups_and_security_context(fuse_mount) -> None:
+def test_supp_groups_and_security_context(fuse_mount: MountFactory) -> None:
     fs = Recording()
     m = fuse_mount(fs, options="allow_other",
                    config=afuse.InitConfig(security_ctx=True, create_supp_group=True))
@@ -151,7 +152,7 @@ def test_supp_groups_and_security_context(fuse_mount) -> None:
     assert all(req.security_context == [] for req in c.values())  # type: ignore[attr-defined]
 
 
-def test_extensions_absent_unless_negotiated(fuse_mount) -> None:
+def test_extensions_absent_unless_negotiated(fuse_mount: MountFactory) -> None:
     fs = Recording()
     m = fuse_mount(fs)
     assert not m.session.has(afuse.InitFlag.SECURITY_CTX)
@@ -162,7 +163,7 @@ def test_extensions_absent_unless_negotiated(fuse_mount) -> None:
 
 @needs_root
 @pytest.mark.parametrize("v2", [True, False])
-def test_handle_killpriv_v2(fuse_mount, v2: bool) -> None:
+def test_handle_killpriv_v2(fuse_mount: MountFactory, v2: bool) -> None:
     fs = Recording()
     m = fuse_mount(fs, options="allow_other", config=afuse.InitConfig(handle_killpriv_v2=v2))
     assert m.session.has(afuse.InitFlag.HANDLE_KILLPRIV_V2) == v2
