@@ -12,7 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,7 +31,7 @@ ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (mount(2), open_by_handle_at)")
 
 
-def _bench() -> Any:
+def _bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("failover_bench", REPO / "benchmarks" / "failover.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -248,7 +250,7 @@ class FakeSystemd:
         self.store: dict[str, int] = {}
         self.messages: list[str] = []
 
-    def receive(self, until: Any, timeout: float = 20) -> None:
+    def receive(self, until: Callable[[], bool], timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while not until():
             left = deadline - time.monotonic()
