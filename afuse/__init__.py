@@ -63,8 +63,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessRequest", "Attr", "BmapRequest", "CopyFileRangeRequest", "CreateRequest",
     "DestroyRequest", "DirEntries", "DirEntry", "DirListing", "Dispatcher", "Entry", "FAttr",
-    "FOpen", "FUSEError",
-    "FallocateRequest", "FlushRequest", "ForgetItem", "ForgetRequest", "FsStats",
+    "FOpen", "FUSEError", "FallocateRequest", "FlushRequest", "ForgetItem", "ForgetRequest", "FsStats",
     "FsyncRequest", "FsyncdirRequest", "GetattrRequest", "GetlkRequest", "GetxattrRequest",
     "Handle", "InitConfig", "InitFlag", "InitRequest", "IoctlReply", "IoctlRequest",
     "LinkRequest", "ListxattrRequest", "Lock", "LookupRequest", "LseekRequest", "MkdirRequest",
