@@ -919,7 +919,8 @@ def run_as_nobody(base: str, root: str, tag: str, groups: list[int]) -> dict[str
     cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", *grp, USER_PYTHON, "-I", script, root, tag]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
 
 
 @pytest.mark.skipif(not USER_PYTHON, reason="needs setpriv and a Python that uid 65534 may run")

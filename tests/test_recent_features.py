@@ -81,7 +81,7 @@ class Recording(MemFS):
     def __init__(self) -> None:
         super().__init__(mode=0o777)
         self.statx_masks: list[int] = []
-        self.created: dict[bytes, afuse.Request] = {}
+        self.created: dict[bytes, afuse.CreateRequest | afuse.MkdirRequest] = {}
         self.writes: list[afuse.WriteRequest] = []
         self.setattrs: list[afuse.SetattrRequest] = []
         self.opens: list[afuse.OpenRequest] = []
@@ -144,12 +144,12 @@ def test_supp_groups_and_security_context(fuse_mount: MountFactory) -> None:
     as_user(USER, GROUP, [], "touch", os.path.join(d, "same-gid"))
     as_user(USER, USER, [], "touch", os.path.join(d, "outsider"))
     c = fs.created
-    assert c[b"member"].supp_groups == [GROUP]  # type: ignore[attr-defined]
-    assert c[b"member-dir"].supp_groups == [GROUP]  # type: ignore[attr-defined]
-    assert c[b"same-gid"].supp_groups is None  # type: ignore[attr-defined]
-    assert c[b"outsider"].supp_groups is None  # type: ignore[attr-defined]
+    assert c[b"member"].supp_groups == [GROUP]
+    assert c[b"member-dir"].supp_groups == [GROUP]
+    assert c[b"same-gid"].supp_groups is None
+    assert c[b"outsider"].supp_groups is None
     # No LSM here supplies a context: the header comes with nr_secctx = 0.
-    assert all(req.security_context == [] for req in c.values())  # type: ignore[attr-defined]
+    assert all(req.security_context == [] for req in c.values())
 
 
 def test_extensions_absent_unless_negotiated(fuse_mount: MountFactory) -> None:
@@ -158,7 +158,7 @@ def test_extensions_absent_unless_negotiated(fuse_mount: MountFactory) -> None:
     assert not m.session.has(afuse.InitFlag.SECURITY_CTX)
     open(m.join("f"), "w").close()
     req = fs.created[b"f"]
-    assert req.security_context is None and req.supp_groups is None  # type: ignore[attr-defined]
+    assert req.security_context is None and req.supp_groups is None
 
 
 @needs_root
