@@ -4,21 +4,22 @@ from .context import RequestContext, current_request
 from .device import MountOptions
 from .dispatch import Dispatcher
 from .errors import FUSEError, MountError, NotNegotiated, SessionError
-from .operations import Operations
+from .operations import DirListing, Operations
 from .passthrough import BackingFile
 from .session import Session, Takeover, current_session, mount, serve
 from .wire import requests as _requests
-from .wire.constants import FAttr, FOpen, InitFlag, Opcode
+from .wire.constants import ROOT_ID, FAttr, FOpen, InitFlag, Opcode
 from .wire.init import InitConfig, Negotiated
 from .wire.requests import *  # noqa: F403  (every request class; its __all__ lists them)
-from .wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
+from .wire.types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attr", "BackingFile", "DirEntry", "Dispatcher", "Entry", "FAttr", "FOpen", "FUSEError", "FsStats", "Handle",
-    "InitConfig", "InitFlag", "IoctlReply", "Lock", "MountError", "MountOptions", "Negotiated", "NotNegotiated",
-    "Opcode", "Operations", "RequestContext", "Session", "SessionError", "Statx", "Takeover", "Timestamp",
-    "__version__", "current_request", "current_session", "mount", "serve",
+    "ROOT_ID", "Attr", "BackingFile", "DirEntries", "DirEntry", "DirListing", "Dispatcher", "Entry", "FAttr",
+    "FOpen", "FUSEError", "FsStats", "Handle", "InitConfig", "InitFlag", "IoctlReply", "Lock", "MountError",
+    "MountOptions", "Negotiated", "NotNegotiated", "Opcode", "Operations", "RequestContext", "Session",
+    "SessionError", "Statx", "Takeover", "Timestamp", "__version__", "current_request", "current_session", "mount",
+    "serve",
 ]
 __all__ += _requests.__all__

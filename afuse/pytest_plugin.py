@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from .operations import Operations
-from .testing import MountedFS, MountedProcess, mounted, mounted_process
+from .testing import MountedFS, MountedProcess, MountFactory, ProcessMountFactory, mounted, mounted_process
 
 
 def fuse_unavailable_reason() -> str | None:
@@ -44,7 +44,7 @@ def fuse_available() -> None:
 
 
 @pytest.fixture
-def fuse_mount(fuse_available: None) -> Iterator[Callable[..., MountedFS]]:
+def fuse_mount(fuse_available: None) -> Iterator[MountFactory]:
     """Factory: ``fuse_mount(ops, options=..., config=...)`` mounts for the rest of the test."""
     with contextlib.ExitStack() as stack:
         def make(ops: Operations, **kwargs: Any) -> MountedFS:
@@ -54,10 +54,10 @@ def fuse_mount(fuse_available: None) -> Iterator[Callable[..., MountedFS]]:
 
 
 @pytest.fixture
-def fuse_mount_process(fuse_available: None) -> Iterator[Callable[..., MountedProcess]]:
+def fuse_mount_process(fuse_available: None) -> Iterator[ProcessMountFactory]:
     """Factory: ``fuse_mount_process("pkg.mod:Factory", ["arg"], options="...")``."""
     with contextlib.ExitStack() as stack:
-        def make(factory: str, args: Any = (), **kwargs: Any) -> MountedProcess:
+        def make(factory: str, args: Sequence[str] = (), **kwargs: Any) -> MountedProcess:
             return stack.enter_context(mounted_process(factory, args, **kwargs))
 
         yield make

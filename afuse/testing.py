@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -153,6 +153,22 @@ def mounted(
             from session.errors[0]
 
 
+class MountFactory(Protocol):
+    """The type of the ``fuse_mount`` fixture: :func:`mounted` for the rest of the test."""
+
+    def __call__(
+        self,
+        ops: Operations,
+        *,
+        options: MountOptions | str | None = ...,
+        config: InitConfig | None = ...,
+        mountpoint: str | None = ...,
+        timeout: float = ...,
+        raise_handler_errors: bool = ...,
+        **serve_kwargs: Any,
+    ) -> MountedFS: ...
+
+
 @contextlib.asynccontextmanager
 async def trio_mount(
     ops: Operations,
@@ -190,6 +206,20 @@ class MountedProcess:
     def join(self, *parts: str) -> str:
         """``os.path.join(self.path, *parts)``."""
         return os.path.join(self.path, *parts)
+
+
+class ProcessMountFactory(Protocol):
+    """The type of the ``fuse_mount_process`` fixture: :func:`mounted_process` for the rest of the test."""
+
+    def __call__(
+        self,
+        factory: str,
+        args: Sequence[str] = ...,
+        *,
+        options: str = ...,
+        mountpoint: str | None = ...,
+        timeout: float = ...,
+    ) -> MountedProcess: ...
 
 
 @contextlib.contextmanager

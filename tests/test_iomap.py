@@ -59,7 +59,7 @@ END_GOLDEN = in_header(112, 4095, 4, 5, 7) + le(0x11, 4) + le(0, 4) + le(5, 8) +
 def test_sizes() -> None:
     assert (S.IOMAP_IO.size, S.IOMAP_BEGIN_IN.size, S.IOMAP_BEGIN_OUT.size, S.IOMAP_END_IN.size) \
         == (32, 32, 64, 72)
-    assert afuse.Opcode.IOMAP_BEGIN == 4094 and afuse.Opcode.IOMAP_END == 4095
+    assert int(afuse.Opcode.IOMAP_BEGIN) == 4094 and int(afuse.Opcode.IOMAP_END) == 4095
 
 
 def test_request_encoders_golden() -> None:

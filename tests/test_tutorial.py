@@ -16,9 +16,10 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -26,6 +27,7 @@ import trio
 import afuse
 import afuse.notify
 from afuse import device, testing
+from afuse.testing import MountFactory, ProcessMountFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "tutorialfs.py"
@@ -39,8 +41,10 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
-tutorialfs = _load(EXAMPLE)
-TutorialFS = tutorialfs.TutorialFS
+if TYPE_CHECKING:
+    from tutorialfs import TutorialFS  # docs/examples is on mypy's path (pyproject.toml)
+else:
+    TutorialFS = _load(EXAMPLE).TutorialFS
 
 
 def _umask() -> int:
@@ -54,7 +58,7 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def _wait(predicate, timeout: float = 10.0) -> bool:
+def _wait(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -72,7 +76,7 @@ def _python_blocks(doc: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("doc", ["tutorial.md", "testing.md"])
-def test_python_blocks_are_verbatim(doc):
+def test_python_blocks_are_verbatim(doc: str) -> None:
     """Each Python block of the page is copied from tutorialfs.py or from this file."""
     sources = EXAMPLE.read_text() + Path(__file__).read_text()
     blocks = _python_blocks(ROOT / "docs" / doc)
@@ -84,7 +88,7 @@ def test_python_blocks_are_verbatim(doc):
 # -- the fuse_mount fixture: plain synchronous tests ------------------------------------------
 
 
-def test_hello(fuse_mount):
+def test_hello(fuse_mount: MountFactory) -> None:
     m = fuse_mount(TutorialFS())
     with open(m.join("hello"), "w") as f:
         f.write("Hello, world!\n")
@@ -93,7 +97,7 @@ def test_hello(fuse_mount):
     assert os.listdir(m.path) == ["hello"]
 
 
-def test_create_write_read_getattr(fuse_mount):
+def test_create_write_read_getattr(fuse_mount: MountFactory) -> None:
     ops = TutorialFS()
     m = fuse_mount(ops)
     with open(m.join("notes.txt"), "wb") as f:  # LOOKUP (ENOENT), CREATE, WRITE, RELEASE
@@ -112,7 +116,7 @@ def test_create_write_read_getattr(fuse_mount):
         os.open(m.join("notes.txt"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
 
 
-def test_writes_at_offsets_and_large_files(fuse_mount):
+def test_writes_at_offsets_and_large_files(fuse_mount: MountFactory) -> None:
     m = fuse_mount(TutorialFS())
     path = m.join("f")
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -134,7 +138,7 @@ def test_writes_at_offsets_and_large_files(fuse_mount):
     assert os.stat(m.join("big")).st_blocks == (len(big) + 511) // 512
 
 
-def test_open_with_o_trunc_empties_the_file(fuse_mount):
+def test_open_with_o_trunc_empties_the_file(fuse_mount: MountFactory) -> None:
     m = fuse_mount(TutorialFS())
     path = m.join("f")
     with open(path, "wb") as f:
@@ -145,7 +149,7 @@ def test_open_with_o_trunc_empties_the_file(fuse_mount):
     assert os.stat(path).st_size == 2
 
 
-def test_setattr_truncate_and_chmod(fuse_mount):
+def test_setattr_truncate_and_chmod(fuse_mount: MountFactory) -> None:
     m = fuse_mount(TutorialFS())
     path = m.join("f")
     with open(path, "wb") as f:
@@ -165,7 +169,7 @@ def test_setattr_truncate_and_chmod(fuse_mount):
         os.truncate(m.join("missing"), 0)
 
 
-def test_readdir_lists_everything_once_while_files_go(fuse_mount):
+def test_readdir_lists_everything_once_while_files_go(fuse_mount: MountFactory) -> None:
     ops = TutorialFS()
     m = fuse_mount(ops)
     names = [f"file-{i:04d}-{'x' * 30}" for i in range(1500)]  # many READDIR replies
@@ -186,7 +190,7 @@ def test_readdir_lists_everything_once_while_files_go(fuse_mount):
     assert ops.names == {}
 
 
-def test_unlink(fuse_mount):
+def test_unlink(fuse_mount: MountFactory) -> None:
     ops = TutorialFS()
     m = fuse_mount(ops)
     for name in ("a", "b"):
@@ -213,7 +217,7 @@ def test_unlink(fuse_mount):
     assert _wait(lambda: nodeid not in ops.nodes)
 
 
-def test_debug_log_has_a_line_per_request(caplog):
+def test_debug_log_has_a_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="afuse")
     with testing.mounted(TutorialFS()) as m:
         with open(m.join("f"), "wb") as f:
@@ -230,12 +234,12 @@ def test_debug_log_has_a_line_per_request(caplog):
 # -- fuse_mount_process: the filesystem in a child process, for mmap ---------------------------
 
 
-def test_mmap(fuse_mount_process, monkeypatch):
+def test_mmap(fuse_mount_process: ProcessMountFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(EXAMPLE.parent))  # the child imports tutorialfs
     m = fuse_mount_process("tutorialfs:TutorialFS")
     with open(m.join("f"), "wb") as f:
         f.write(b"0123456789")
-    with open(m.join("f"), "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+    with open(m.join("f"), "r+b") as rw, mmap.mmap(rw.fileno(), 0) as mm:
         assert mm[:4] == b"0123"  # a page fault, answered by READ in the child
         mm[:4] = b"abcd"
         mm.flush()  # WRITE of the dirty page
@@ -246,7 +250,7 @@ def test_mmap(fuse_mount_process, monkeypatch):
 
 
 @pytest.mark.trio
-async def test_hello_trio():
+async def test_hello_trio() -> None:
     async with testing.trio_mount(TutorialFS()) as session:
         path = trio.Path(session.mountpoint, "hello")
         await path.write_text("Hello, world!\n")
@@ -254,7 +258,7 @@ async def test_hello_trio():
 
 
 @pytest.mark.trio
-async def test_trio_mount_and_lookup_counts():
+async def test_trio_mount_and_lookup_counts() -> None:
     ops = TutorialFS()
     async with testing.trio_mount(ops) as session:
         path = trio.Path(session.mountpoint, "f")
@@ -285,7 +289,7 @@ async def serve_until_unmounted(mountpoint: str) -> None:
 
 
 @pytest.mark.trio
-async def test_mount_form_serves_until_unmounted(tmp_path):
+async def test_mount_form_serves_until_unmounted(tmp_path: Path) -> None:
     mp = str(tmp_path / "mnt")
     os.mkdir(mp)
     with trio.fail_after(30):
@@ -298,7 +302,7 @@ async def test_mount_form_serves_until_unmounted(tmp_path):
     assert not _mounted(mp)
 
 
-def test_command_line_with_debug(tmp_path):
+def test_command_line_with_debug(tmp_path: Path) -> None:
     mp = str(tmp_path / "mnt")
     os.mkdir(mp)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -325,7 +329,7 @@ def test_command_line_with_debug(tmp_path):
     assert " afuse DEBUG WRITE unique=" in err
 
 
-def test_errors_reach_the_caller(fuse_mount):
+def test_errors_reach_the_caller(fuse_mount: MountFactory) -> None:
     m = fuse_mount(TutorialFS())
     for _ in range(2):
         with pytest.raises(OSError) as e:  # no mkdir: ENOSYS, every time
@@ -339,10 +343,11 @@ def test_errors_reach_the_caller(fuse_mount):
 
 
 @pytest.mark.trio
-async def test_readdirplus_example_of_the_operations_reference():
+async def test_readdirplus_example_of_the_operations_reference() -> None:
     """docs/operations.md's readdirplus counts exactly the entries the kernel took."""
     (block,) = [b for b in _python_blocks(ROOT / "docs" / "operations.md") if "class PlusFS" in b]
-    namespace = {"TutorialFS": TutorialFS, "afuse": afuse, "Iterator": Iterator, "AsyncIterator": AsyncIterator}
+    namespace: dict[str, Any] = {  # the block's names: exec'd code is dynamic
+        "TutorialFS": TutorialFS, "afuse": afuse, "Iterator": Iterator, "AsyncIterator": AsyncIterator}
     exec(block, namespace)
     ops = namespace["PlusFS"]()
     async with testing.trio_mount(ops, config=afuse.InitConfig(readdirplus_auto=False)) as session:

@@ -6,7 +6,7 @@ import ast
 import pathlib
 import stat
 import struct
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pytest
@@ -530,7 +530,10 @@ def _forget(draw: st.DrawFn) -> r.ForgetRequest:
     return r.ForgetRequest(unique, 0, uid, gid, pid, items)
 
 
-def _opt(s: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+T = TypeVar("T")
+
+
+def _opt(s: st.SearchStrategy[T]) -> st.SearchStrategy[T | None]:
     return st.none() | s
 
 
@@ -766,7 +769,8 @@ IOVS = st.lists(st.tuples(U64, U64), max_size=5)
 
 
 @given(result=S32, data=DATA, ins=_opt(IOVS), outs=_opt(IOVS))
-def test_ioctl_round_trip(result: int, data: bytes, ins: Any, outs: Any) -> None:
+def test_ioctl_round_trip(result: int, data: bytes, ins: list[tuple[int, int]] | None,
+                          outs: list[tuple[int, int]] | None) -> None:
     reply = IoctlReply(result, data, ins, outs)
     got = k.decode_ioctl(replies.ioctl(2, reply)[16:])
     if ins is None and outs is None:

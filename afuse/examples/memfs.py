@@ -55,7 +55,7 @@ import attrs
 import trio
 
 from afuse.errors import FUSEError
-from afuse.operations import DirEntries, Operations
+from afuse.operations import Operations
 from afuse.wire import requests as r
 from afuse.wire.constants import FOpen
 from afuse.wire.opcodes import STATEFUL_HANDLERS
@@ -467,10 +467,8 @@ class MemFS(Operations):
             return result
         return run
 
-    async def _journaled_readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
-        entries = await type(self).readdirplus(self, req)
-        assert isinstance(entries, Iterator)
-        return self._count_taken(entries)
+    async def _journaled_readdirplus(self, req: r.ReaddirplusRequest) -> Iterator[DirEntry]:
+        return self._count_taken(await type(self).readdirplus(self, req))
 
     def _count_taken(self, entries: Iterator[DirEntry]) -> Iterator[DirEntry]:
         for de in entries:
@@ -1553,10 +1551,10 @@ class MemFS(Operations):
             d = self._dir(nodeid)
         return d
 
-    async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
+    async def readdir(self, req: r.ReaddirRequest) -> Iterator[DirEntry]:
         return self._entries(self._open_dir(req.fh, req.nodeid), req.offset)
 
-    async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
+    async def readdirplus(self, req: r.ReaddirplusRequest) -> Iterator[DirEntry]:
         return self._entries_plus(self._open_dir(req.fh, req.nodeid), req.offset)
 
     def _entries(self, d: Dir, offset: int) -> Iterator[DirEntry]:

@@ -8,18 +8,18 @@ conversions in both directions.
 
 from . import constants, notify, opcodes, replies, requests, results, structs
 from .connection import Connection, InitStep
-from .constants import FAttr, FOpen, InitFlag, NotifyCode, Opcode
+from .constants import ROOT_ID, FAttr, FOpen, InitFlag, NotifyCode, Opcode
 from .decoder import Decoder
 from .errors import HandlerResultError, NotNegotiated
 from .init import InitConfig, InitError, Negotiated, encode_init_reply, negotiate
 from .opcodes import OPCODES, OpSpec, Shape
 from .requests import ProtocolError, Request, UnknownOpcode
-from .types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
+from .types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __all__ = [
-    "OPCODES", "Attr", "Connection", "Decoder", "DirEntry", "Entry", "FAttr", "FOpen", "FsStats", "Handle",
-    "HandlerResultError", "InitConfig", "InitError", "InitFlag", "InitStep", "IoctlReply", "Lock", "Negotiated",
-    "NotNegotiated", "NotifyCode", "OpSpec", "Opcode", "ProtocolError", "Request", "Shape", "Statx", "Timestamp",
-    "UnknownOpcode", "constants", "encode_init_reply", "negotiate", "notify", "opcodes", "replies", "requests",
-    "results", "structs",
+    "OPCODES", "ROOT_ID", "Attr", "Connection", "Decoder", "DirEntries", "DirEntry", "Entry", "FAttr", "FOpen",
+    "FsStats", "Handle", "HandlerResultError", "InitConfig", "InitError", "InitFlag", "InitStep", "IoctlReply", "Lock",
+    "Negotiated", "NotNegotiated", "NotifyCode", "OpSpec", "Opcode", "ProtocolError", "Request", "Shape", "Statx",
+    "Timestamp", "UnknownOpcode", "constants", "encode_init_reply", "negotiate", "notify", "opcodes", "replies",
+    "requests", "results", "structs",
 ]

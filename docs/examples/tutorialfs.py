@@ -13,8 +13,8 @@ import time
 from collections.abc import AsyncIterator
 
 import afuse
+from afuse import ROOT_ID
 from afuse.examples._cli import make_parser, run_example
-from afuse.wire.constants import ROOT_ID
 
 
 class Node:
