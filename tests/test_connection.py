@@ -50,11 +50,12 @@ def test_every_opcode_has_one_record() -> None:
 
 
 def test_every_handler_is_an_operations_method() -> None:
+    listing = {"readdir", "readdirplus"}  # plain def in the base: a coroutine or an async generator
     for name in HANDLERS:
         method = getattr(Operations, name)
-        assert inspect.iscoroutinefunction(method), name
+        assert inspect.iscoroutinefunction(method) or name in listing, name
     # And every async Operations method handles some opcode (nothing is listed only there).
-    own = {n for n, m in vars(Operations).items() if inspect.iscoroutinefunction(m)}
+    own = {n for n, m in vars(Operations).items() if inspect.iscoroutinefunction(m)} | listing
     assert own == set(HANDLERS)
 
 

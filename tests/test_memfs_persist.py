@@ -343,4 +343,4 @@ def test_cli_persist(tmp_path: Path) -> None:
                 proc.wait(20)
             if os.path.realpath(mp) in [m[0] for m in afuse.device.find_mounts()]:
                 afuse.device.unmount(str(mp), lazy=True)
-        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else b""
+        assert proc.returncode == 0, (proc.returncode, proc.stderr.read() if proc.stderr else b"")
