@@ -12,6 +12,7 @@ handlers become error replies here; cancellation (interrupts, shutdown) is left 
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,13 +27,13 @@ from .wire.connection import Connection
 from .wire.constants import FOpen, InitFlag, Opcode
 from .wire.errors import HandlerResultError
 from .wire.init import InitConfig
-from .wire.opcodes import OPCODES, OpSpec, Shape
+from .wire.opcodes import HANDLERS, OPCODES, OpSpec, Shape
 from .wire.results import ENCODERS, Encoder
 
 if TYPE_CHECKING:
     from .passthrough import BackingTable
 
-__all__ = ["MAX_KEPT_ERRORS", "Dispatcher", "HandlerResultError", "Reply", "errno_name"]
+__all__ = ["MAX_KEPT_ERRORS", "Dispatcher", "HandlerResultError", "Reply", "check_operations", "errno_name"]
 
 log = logging.getLogger("afuse")
 
@@ -45,6 +46,29 @@ MAX_KEPT_ERRORS = 100
 _PASSTHROUGH = int(FOpen.PASSTHROUGH)
 
 
+def check_operations(ops: Operations) -> None:
+    """Raise TypeError, naming the method, for a handler that cannot be awaited.
+
+    Every handler must be an ``async def`` (``readdir``/``readdirplus``: also an async generator);
+    a plain ``def`` would otherwise fail only at the first request.
+    """
+    for name in HANDLERS:
+        if not overridden(ops, name):
+            continue
+        fn = getattr(ops, name)
+        plain = inspect.isfunction(fn) or inspect.ismethod(fn)
+        if not plain:
+            continue  # a callable object, partial, mock...: trust it
+        if inspect.iscoroutinefunction(fn) or (name in _LISTING and inspect.isasyncgenfunction(fn)):
+            continue
+        kind = "an async generator" if inspect.isasyncgenfunction(fn) else "a plain function (def)"
+        want = "an async def or an async generator" if name in _LISTING else "an async def"
+        raise TypeError(f"{type(ops).__name__}.{name} must be {want}, not {kind}")
+
+
+_LISTING = frozenset({"readdir", "readdirplus"})
+
+
 class Dispatcher:
     """Calls ``ops``'s handlers; one instance per session.
 
@@ -54,6 +78,7 @@ class Dispatcher:
 
     def __init__(self, ops: Operations, connection: Connection | None = None,
                  backing: BackingTable | None = None) -> None:
+        check_operations(ops)
         self.ops = ops
         self.connection = connection or Connection(entry_timeout=ops.entry_timeout, attr_timeout=ops.attr_timeout)
         self.backing = backing

@@ -59,6 +59,8 @@ class ReaderPool:
         self.ended = trio.Event()
         #: unique -> cancel scope of the worker whose handler for it is blocked.
         self.inflight: dict[int, trio.CancelScope] = {}
+        #: unique -> (when it blocked, on trio's clock; the request) for blocked handlers.
+        self.blocked: dict[int, tuple[float, object]] = {}
         self._early_interrupts: OrderedDict[int, None] = OrderedDict()
         self._fds: set[int] = set()  # descriptors this pool opened (and closes)
         self._lot = trio.lowlevel.ParkingLot()
@@ -253,12 +255,13 @@ class ReaderPool:
             self._start_worker(None, permanent=False)
 
     async def drive(self, coro: Coroutine[Any, Any, Any], unique: int | None,
-                    wscope: trio.CancelScope) -> tuple[Any, bool]:
+                    wscope: trio.CancelScope, request: object = None) -> tuple[Any, bool]:
         """Run a handler coroutine in this task: (its result, whether it blocked).
 
         A coroutine that finishes without blocking costs nothing more; one that blocks hands
         the device to another reader and is registered for INTERRUPT, which cancels
-        ``wscope`` (the worker's scope) and makes the result an EINTR reply.
+        ``wscope`` (the worker's scope) and makes the result an EINTR reply. ``request`` is what
+        :attr:`blocked` reports while it waits.
         """
         try:
             msg = coro.send(None)
@@ -267,6 +270,7 @@ class ReaderPool:
         self._handoff()
         if unique is not None:
             self.inflight[unique] = wscope
+            self.blocked[unique] = (trio.current_time(), request)
         try:
             while True:
                 try:
@@ -284,6 +288,7 @@ class ReaderPool:
         finally:
             if unique is not None:
                 del self.inflight[unique]
+                del self.blocked[unique]
 
 
 class _Yield:

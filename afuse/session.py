@@ -25,7 +25,7 @@ import trio
 from . import device
 from .context import RequestContext, current_request_or_none
 from .device import Mount, MountOptions
-from .dispatch import Dispatcher, errno_name
+from .dispatch import Dispatcher, check_operations
 from .errors import MountError, NotNegotiated, SessionError
 from .operations import Operations
 from .passthrough import BackingFile, BackingTable
@@ -35,6 +35,7 @@ from .wire import requests as r
 from .wire.connection import Connection
 from .wire.constants import InitFlag
 from .wire.decoder import Decoder
+from .wire.describe import describe_notification, describe_reply, describe_request, flag_names
 from .wire.init import InitConfig, Negotiated
 from .wire.opcodes import BY_OPCODE, NO_REPLY
 from .wire.requests import ProtocolError, UnknownOpcode
@@ -82,6 +83,8 @@ class Session:
         self._workers_scope = trio.CancelScope(shield=True)
         #: Requests served so far (for tests and statistics).
         self.served = 0
+        #: Seconds a handler may stay blocked before a warning names its request (None: never).
+        self.warn_after: float | None = 10.0
 
     # -- public ----------------------------------------------------------------------------
 
@@ -152,12 +155,16 @@ class Session:
         (from the loop use :meth:`notify`); OSError (e.g. ENOENT) as the kernel answers."""
         if self.closed:
             raise SessionError("the session is closed")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("notify %s", describe_notification(message))
         return os.write(self.mount.fd, message)
 
     async def notify(self, message: bytes) -> int:
         """Write an encoded notification from a worker thread (see :mod:`afuse.notify`)."""
         if self.closed:
             raise SessionError("the session is closed")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("notify %s", describe_notification(message))
         return await trio.to_thread.run_sync(os.write, self.mount.fd, message)
 
     def require(self, flag: InitFlag, what: str) -> None:
@@ -249,9 +256,12 @@ class Session:
                 break
         neg = step.negotiated
         if neg.refused:
-            log.info("kernel did not offer: %s", neg.refused)
-        log.debug("INIT: kernel 7.%d, negotiated 7.%d, flags %s, max_write %d",
-                  neg.kernel_minor, neg.minor, neg.flags, neg.max_write)
+            log.info("kernel did not offer: %s", flag_names(neg.refused))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("INIT: kernel %d.%d offered %s", neg.kernel_major, neg.kernel_minor, flag_names(neg.offered))
+            log.debug("INIT: negotiated 7.%d, flags %s, max_write %d, max_pages %d, max_readahead %d, "
+                      "time_gran %d", neg.minor, flag_names(neg.flags), neg.max_write, neg.max_pages,
+                      neg.max_readahead, neg.time_gran)
         self.adopt(neg)
 
     def adopt(self, neg: Negotiated) -> None:
@@ -264,8 +274,12 @@ class Session:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve requests with the reader pool until the connection ends or :meth:`stop_readers`."""
-        task_status.started()
-        await self.pool.run(self._serve, self._workers_scope)
+        async with trio.open_nursery() as nursery:
+            if self.warn_after is not None:
+                nursery.start_soon(self._watch_slow_requests, self.warn_after)
+            task_status.started()
+            await self.pool.run(self._serve, self._workers_scope)
+            nursery.cancel_scope.cancel()
 
     def stop_readers(self) -> None:
         """Cancel the readers (and the handlers they run)."""
@@ -317,6 +331,9 @@ class Session:
             if e.unique and e.opcode not in NO_REPLY:
                 _write(fd, replies.error(e.unique, errno.EIO), e.unique)
             return False
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("-> %s", describe_request(req))
         cls = type(req)
         if cls is r.ForgetRequest:
             return (await self.pool.drive(self.dispatcher.forget(req), None, wscope))[1]  # type: ignore[arg-type]
@@ -327,7 +344,6 @@ class Session:
             self._notify_reply(req)  # type: ignore[arg-type]
             return False
         unique = req.unique
-        debug = log.isEnabledFor(logging.DEBUG)
         t0 = time.perf_counter() if debug else 0.0
         ctx = RequestContext(self.connection, req, fd, wscope)
         ctx.enter()
@@ -337,18 +353,30 @@ class Session:
         else:
             ctx.handling = True
             try:
-                reply, blocked = await self.pool.drive(self.dispatcher.handle(req), unique, wscope)
+                reply, blocked = await self.pool.drive(self.dispatcher.handle(req), unique, wscope, req)
             finally:
                 ctx.handling = False
         self.served += 1
         written = reply is not None and _write(fd, reply, unique)
         ctx.finish(written)
         if debug:
-            code = -int.from_bytes(reply[4:8], "little", signed=True) if reply else 0
-            log.debug("%s unique=%d nodeid=%d -> %s (%d bytes) in %.1f us",
-                      cls.opcode.name, unique, req.nodeid, errno_name(code),
-                      len(reply) if reply else 0, (time.perf_counter() - t0) * 1e6)
+            log.debug("<- %s unique=%d: %s in %.1f us%s", cls.opcode.name, unique, describe_reply(reply),
+                      (time.perf_counter() - t0) * 1e6, "" if written or reply is None else " (not delivered)")
         return blocked
+
+    async def _watch_slow_requests(self, after: float) -> None:
+        """Warn once about each request whose handler has been blocked longer than ``after`` seconds."""
+        warned: set[int] = set()
+        while True:
+            await trio.sleep(min(after / 2, 1.0))
+            now = trio.current_time()
+            blocked = self.pool.blocked
+            warned &= blocked.keys()
+            for unique, (since, req) in list(blocked.items()):
+                if unique not in warned and now - since >= after:
+                    warned.add(unique)
+                    what = describe_request(req) if isinstance(req, r.Request) else f"unique={unique}"
+                    log.warning("still unanswered after %.1f s: %s", now - since, what)
 
     def _notify_reply(self, req: r.NotifyReplyRequest) -> None:
         send = self._retrieve_waiters.pop(req.unique, None)
@@ -401,6 +429,7 @@ async def serve(
     unmount: bool = True,
     private_clones: bool = True,
     shutdown_grace: float = 5.0,
+    warn_after: float | None = 10.0,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``ops`` on ``mountpoint`` and serve it until unmounted or cancelled.
@@ -412,8 +441,14 @@ async def serve(
     ``private_clones`` is False. With ``takeover``, serve an already mounted, negotiated connection instead
     of mounting: INIT is skipped and, by default, unanswered requests are resent.
     When serving ends by cancellation, the filesystem is unmounted and requests in flight get
-    ``shutdown_grace`` seconds to finish; a mount still busy then is detached lazily.
+    ``shutdown_grace`` seconds to finish; a mount still busy then is detached lazily. A request
+    unanswered for ``warn_after`` seconds is logged as a warning (None: never).
     """
+    if warn_after is not None and not warn_after > 0:
+        raise ValueError(f"warn_after must be positive seconds or None, not {warn_after!r}")
+    if not shutdown_grace >= 0:
+        raise ValueError(f"shutdown_grace must be >= 0 seconds, not {shutdown_grace!r}")
+    check_operations(ops)  # before mounting: a plain ``def`` handler would fail only when called
     opts = MountOptions.parse(options) if isinstance(options, str) else (options or MountOptions())
     cfg = config or InitConfig()
     if cfg.allow_idmap and not opts.default_permissions and not cfg.posix_acl:
@@ -426,6 +461,7 @@ async def serve(
     else:
         mnt = Mount(takeover.fd, device.resolve_mountpoint(os.fspath(mountpoint)), opts, False)
     session = Session(ops, mnt, cfg, readers, max_requests, private_clones)
+    session.warn_after = warn_after
     current = _CURRENT.set(session)
     try:
         await session.start(takeover)

@@ -155,8 +155,15 @@ def test_debug_log_names_each_request(caplog: pytest.LogCaptureFixture) -> None:
         with pytest.raises(FileNotFoundError):
             os.stat(m.join("missing"))
     lines = [r.getMessage() for r in caplog.records]
-    assert any(line.startswith("LOOKUP unique=") and "nodeid=1 -> OK" in line and " us" in line for line in lines)
-    assert any(line.startswith("LOOKUP") and "ENOENT" in line for line in lines)
+    # Each request when it arrives, with its arguments and caller ...
+    assert any(line.startswith("-> LOOKUP unique=") and "nodeid=1 " in line and "name=b'hello'" in line
+               and f"pid={os.getpid()}" in line for line in lines), lines
+    # ... and its reply, with the errno's name or the size, and the time taken.
+    assert any(line.startswith("<- LOOKUP unique=") and ": OK, 128 bytes in " in line and line.endswith(" us")
+               for line in lines), lines
+    assert any(line.startswith("<- LOOKUP") and ": ENOENT in " in line for line in lines)
+    # INIT's flags by name, not as a number.
+    assert any(line.startswith("INIT: negotiated 7.") and "ASYNC_READ" in line for line in lines), lines
 
 
 def test_several_mounts_in_one_process(fuse_mount: MountFactory) -> None:

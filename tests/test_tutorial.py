@@ -226,9 +226,11 @@ def test_debug_log_has_a_line_per_request(caplog: pytest.LogCaptureFixture) -> N
             os.stat(m.join("missing"))
     lines = [r.getMessage() for r in caplog.records if r.name == "afuse"]
     assert any(line.startswith("INIT: kernel 7.") for line in lines)
-    assert any(line.startswith("CREATE unique=") and "nodeid=1 -> OK (160 bytes)" in line for line in lines)
-    assert any(line.startswith("WRITE unique=") and "-> OK (24 bytes)" in line for line in lines)
-    assert any(line.startswith("LOOKUP unique=") and "-> ENOENT" in line for line in lines)
+    assert any(line.startswith("-> CREATE unique=") and "nodeid=1 " in line and "name=b'f'" in line for line in lines)
+    assert any(line.startswith("<- CREATE unique=") and ": OK, 144 bytes in " in line for line in lines)
+    assert any(line.startswith("-> WRITE unique=") and "offset=0 data=b'x'" in line for line in lines)
+    assert any(line.startswith("<- WRITE unique=") and ": OK, 8 bytes in " in line for line in lines)
+    assert any(line.startswith("<- LOOKUP unique=") and ": ENOENT in " in line for line in lines)
 
 
 # -- fuse_mount_process: the filesystem in a child process, for mmap ---------------------------
@@ -325,8 +327,8 @@ def test_command_line_with_debug(tmp_path: Path) -> None:
             device.unmount(mp, lazy=True)
     assert proc.returncode == 0
     assert not _mounted(mp)
-    assert " afuse DEBUG CREATE unique=" in err
-    assert " afuse DEBUG WRITE unique=" in err
+    assert " afuse DEBUG -> CREATE unique=" in err and " afuse DEBUG <- CREATE unique=" in err
+    assert " afuse DEBUG -> WRITE unique=" in err
 
 
 def test_errors_reach_the_caller(fuse_mount: MountFactory) -> None:

@@ -79,6 +79,17 @@ def check_handle(conn: ReplyState, h: Any, what: str, directory: bool = False) -
                                  "(InitConfig(passthrough=True), and the kernel must offer it)")
 
 
+_S_IFMT = 0o170000
+
+
+def _check_attr(a: Attr, what: str) -> None:
+    """An inode's attributes must say what it is: the kernel marks an inode without a file type bad (EIO)."""
+    if not a.mode & _S_IFMT:
+        raise HandlerResultError(
+            f"{what} returned an Attr whose mode {a.mode:#o} has no file type: add stat.S_IFREG, "
+            "S_IFDIR, S_IFLNK, ... (e.g. mode=stat.S_IFREG | 0o644); the kernel would answer EIO")
+
+
 def _empty(conn: ReplyState, req: r.Request, value: Any, what: str) -> bytes:
     return replies.empty(req.unique)
 
@@ -86,11 +97,14 @@ def _empty(conn: ReplyState, req: r.Request, value: Any, what: str) -> bytes:
 def _entry(conn: ReplyState, req: r.Request, e: Any, what: str) -> bytes:
     if type(e) is not Entry:
         raise HandlerResultError(f"{what} must return an Entry, not {type(e).__name__}")
+    if e.nodeid:
+        _check_attr(e.attr, what)
     return replies.entry(req.unique, e, conn.entry_timeout, conn.attr_timeout)
 
 
 def _attr(conn: ReplyState, req: r.Request, a: Any, what: str) -> bytes:
     _check(a, Attr, what)
+    _check_attr(a, what)
     return replies.attr(req.unique, a, conn.attr_timeout)
 
 
@@ -124,6 +138,7 @@ def _create(conn: ReplyState, req: r.CreateRequest, res: Any, what: str) -> byte
         raise HandlerResultError(f"{what} must return (Entry, Handle), not {res!r}") from None
     if type(e) is not Entry or type(h) is not Handle:
         raise HandlerResultError(f"{what} must return (Entry, Handle), not {res!r}")
+    _check_attr(e.attr, what)
     check_handle(conn, h, what)
     return replies.create(req.unique, e, h, conn.entry_timeout, conn.attr_timeout)
 
@@ -249,6 +264,8 @@ class DirWriter:
         if self._plus:
             if d.entry is None:
                 raise HandlerResultError(f"readdirplus entry {name!r} has no entry")
+            if d.entry.nodeid:
+                _check_attr(d.entry.attr, f"{self._what} (entry {name!r})")
             return self._buf.add_plus(name, d.offset, d.entry)
         a = d.entry.attr if d.entry is not None else d.attr
         if a is None:
