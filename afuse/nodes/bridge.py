@@ -32,13 +32,13 @@ __all__ = ["NodeFS"]
 
 log = logging.getLogger("afuse")
 
-# Bridge operations answered only if some known node or handle class has one of these methods
-# (otherwise the dispatcher answers ENOSYS and the kernel, for most, stops asking).
+# Bridge operations answered only if some known node or handle class has one of these methods;
+# otherwise the dispatcher answers ENOSYS, which the kernel remembers (it stops sending them, or
+# falls back: CREATE to MKNOD+OPEN, xattrs to EOPNOTSUPP, locks to local ones, ...). Operations
+# whose ENOSYS the kernel would pass on to every caller are always forwarded and answered as a
+# local filesystem would (EPERM, EINVAL, EBADF).
 _NEEDS: dict[str, tuple[str, ...]] = {
-    "setattr": ("setattr",), "readlink": ("readlink",), "symlink": ("symlink",),
-    "mknod": ("mknod",), "mkdir": ("mkdir",), "unlink": ("unlink",), "rmdir": ("rmdir",),
-    "rename": ("rename",), "link": ("link",), "create": ("create",),
-    "write": ("write", "backing_fd"), "flush": ("flush",), "fsync": ("fsync", "backing_fd"),
+    "create": ("create",), "flush": ("flush",), "fsync": ("fsync", "backing_fd"),
     "setxattr": ("setxattr",), "getxattr": ("getxattr",), "listxattr": ("listxattr",),
     "removexattr": ("removexattr",), "access": ("access",), "getlk": ("getlk",),
     "setlk": ("setlk",), "flock": ("flock",), "fallocate": ("fallocate",), "lseek": ("lseek",),
