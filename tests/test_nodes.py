@@ -570,3 +570,18 @@ def test_mount_in_a_child_process(fuse_mount_process: Callable[..., testing.Moun
     with open(m.join("hello"), "rb") as f:
         assert f.read() == b"Hello, world!\n"
 
+
+
+def test_docs_dynamic_lookup_example(fuse_mount: Mount) -> None:
+    import re
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "nodes.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    ns: dict[str, Any] = {}
+    exec(next(b for b in blocks if "class Numbers" in b), ns)
+    fs = ns["fs"]
+    m = fuse_mount(fs)
+    assert sorted(os.listdir(m.path)) == [str(i) for i in range(10)]
+    with open(m.join("7"), "rb") as f:
+        assert f.read() == b"7"
+    assert os.stat(m.join("7")).st_ino == os.stat(m.join("07")).st_ino  # one key, one inode

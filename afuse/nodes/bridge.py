@@ -216,6 +216,8 @@ class NodeFS(Operations):
         attr = await self._attr(node)
         node = self._register(node, dedup=True)
         node._lookups += 1
+        if not attr.ino:  # a new node: its nodeid is its inode number
+            attr.ino = node._nodeid
         return Entry(node._nodeid, attr, self.generation)
 
     def _node_result(self, what: str, res: object) -> Node:
@@ -731,6 +733,8 @@ class NodeFS(Operations):
                     child = self._by_key.get(child.key, child)
                 attr = await self._attr(child)
                 child = self._register(child, dedup=True)
+                if not attr.ino:
+                    attr.ino = child._nodeid
                 fresh.append(child)
                 yield DirEntry(name, i + 1, entry=Entry(child._nodeid, attr, self.generation))
                 child._lookups += 1  # runs only once the kernel took the entry
