@@ -137,6 +137,8 @@ def _workload(root: str) -> list[tuple[str, object]]:
     do("read g", lambda: read("d/g"))
     do("truncate f", lambda: os.truncate(j("d/f"), 5))
     do("read f2", lambda: read("d/f"))
+    do("overwrite g", lambda: write("d/g", b"short"))
+    do("read g2", lambda: read("d/g"))
     do("link", lambda: os.link(j("d/f"), j("d/f2")))
     do("nlink", lambda: os.stat(j("d/f")).st_nlink)
     do("same ino", lambda: os.stat(j("d/f")).st_ino == os.stat(j("d/f2")).st_ino)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import time
 from collections.abc import Mapping
@@ -137,6 +138,11 @@ class MemFile(_Attrs):
             self.data.extend(bytes(size - len(self.data)))
         self.attr.size = size
         self.touch()
+
+    async def open(self, flags: int) -> None:
+        """Open without a handle (I/O comes here); O_TRUNC empties the file."""
+        if flags & os.O_TRUNC and self.data:
+            self.truncate(0)
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes at ``offset``."""
