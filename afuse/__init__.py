@@ -3,6 +3,7 @@
 from .device import MountOptions
 from .dispatch import Dispatcher
 from .errors import FUSEError, MountError, NotNegotiated, SessionError
+from .nodes import Caller, DirItem, FileHandle, Node, NodeFS, current_caller
 from .operations import Operations
 from .passthrough import BackingFile
 from .session import Session, Takeover, current_session, mount, serve
@@ -75,4 +76,5 @@ __all__ = [
     "SetxattrRequest", "StatfsRequest", "Statx", "StatxRequest", "SymlinkRequest",
     "SyncfsRequest", "Timestamp", "TmpfileRequest", "UnlinkRequest", "WriteRequest",
     "BackingFile", "Takeover", "__version__", "current_session", "mount", "serve",
+    "Caller", "DirItem", "FileHandle", "Node", "NodeFS", "current_caller",
 ]
