@@ -4,6 +4,7 @@ credentials) and notifications from nodes."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -587,3 +588,93 @@ def test_docs_dynamic_lookup_example(fuse_mount: Mount) -> None:
     with open(m.join("7"), "rb") as f:
         assert f.read() == b"7"
     assert os.stat(m.join("7")).st_ino == os.stat(m.join("07")).st_ino  # one key, one inode
+
+
+# -- file handle operations ------------------------------------------------------------------------
+
+
+class Journal(FDHandle):
+    """A loopback handle that records flushes, fsyncs and flocks and allocates on its descriptor."""
+
+    def __init__(self, fd: int, log: list[tuple[str, int]]) -> None:
+        super().__init__(fd)
+        self.log = log
+
+    async def flush(self) -> None:
+        self.log.append(("flush", 0))
+
+    async def fsync(self, datasync: bool) -> None:
+        self.log.append(("fsync", int(datasync)))
+        assert self.backing_fd is not None
+        os.fsync(self.backing_fd)
+
+    async def fallocate(self, offset: int, length: int, mode: int) -> None:
+        if mode:
+            raise afuse.FUSEError(errno.EOPNOTSUPP)
+        assert self.backing_fd is not None
+        os.posix_fallocate(self.backing_fd, offset, length)
+
+    async def flock(self, req: afuse.SetlkRequest) -> None:
+        self.log.append(("flock", req.lock.type))
+
+
+class JournalFile(BackedFile):
+    def __init__(self, path: str, log: list[tuple[str, int]]) -> None:
+        super().__init__(path)
+        self.log = log
+
+    async def open(self, flags: int) -> FileHandle:
+        return Journal(os.open(self.path, flags & os.O_ACCMODE), self.log)
+
+
+class SeekingFile(MemFile):
+    async def lseek(self, offset: int, whence: int) -> int:
+        return 3 if whence == os.SEEK_HOLE else offset
+
+
+def test_file_handle_operations(fuse_mount: Mount, tmp_path: Any) -> None:
+    import fcntl
+
+    backing = str(tmp_path / "backing")
+    with open(backing, "wb") as f:
+        f.write(b"0123456789")
+    log: list[tuple[str, int]] = []
+    fs = NodeFS(Dir({"j": JournalFile(backing, log), "m": MemFile(b"x" * 100), "s": SeekingFile(b"abcdef")}),
+                types=[Journal])
+    m = fuse_mount(fs)
+    assert m.session.has(afuse.InitFlag.FLOCK_LOCKS) and not m.session.has(afuse.InitFlag.POSIX_LOCKS)
+    fd = os.open(m.join("j"), os.O_RDWR)
+    try:
+        os.fsync(fd)
+        os.fdatasync(fd)
+        os.posix_fallocate(fd, 0, 8192)
+        assert os.fstat(fd).st_size == 8192 and os.stat(backing).st_size == 8192
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert os.pread(fd, 4, 2) == b"2345"  # served with pread on the handle's descriptor
+    finally:
+        os.close(fd)
+    wait_for(lambda: not fs._handles, what="release")
+    assert [e for e in log if e[0] != "flush"] == [("fsync", 0), ("fsync", 1), ("flock", fcntl.F_WRLCK),
+                                                    ("flock", fcntl.F_UNLCK)]
+    assert ("flush", 0) in log
+    # SEEK_DATA / SEEK_HOLE: the node's own lseek, else the whole file is data
+    fd = os.open(m.join("m"), os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 5, os.SEEK_DATA) == 5 and os.lseek(fd, 5, os.SEEK_HOLE) == 100
+        assert errno_of(lambda: os.lseek(fd, 100, os.SEEK_DATA)) == errno.ENXIO
+    finally:
+        os.close(fd)
+    fd = os.open(m.join("s"), os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 1, os.SEEK_HOLE) == 3
+    finally:
+        os.close(fd)
+    # MemFile has no fallocate: EOPNOTSUPP, as a filesystem without it answers
+    fd = os.open(m.join("m"), os.O_RDWR)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        assert libc.fallocate(fd, 0, 0, 10) == -1 and ctypes.get_errno() == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
