@@ -103,7 +103,9 @@ class NodeFS(Operations):
         self._next_fh = 1
         self._session: Session | None = None
         self._passthrough = False
-        self._warned: set[type] = set()
+        #: Lookups the kernel forgot beyond the bridge's count (0 unless something answered an
+        #: entry behind the bridge's back, e.g. an overridden ``lookup``).
+        self.excess_forgets = 0
         now = __import__("time").time_ns()
         self._default_attr = (os.getuid(), os.getgid(), now)
         classes = _classes(root) | set(types)
@@ -238,6 +240,8 @@ class NodeFS(Operations):
             n = self._nodes.get(item.nodeid)
             if n is None:
                 continue
+            if item.nlookup > n._lookups:
+                self.excess_forgets += item.nlookup - n._lookups
             n._lookups = max(0, n._lookups - item.nlookup)
             if n._lookups == 0:
                 self._detached(n)
@@ -268,10 +272,10 @@ class NodeFS(Operations):
         return await self._attr(self.node(req.nodeid))
 
     async def setattr(self, req: r.SetattrRequest) -> Attr:
-        """SETATTR: the node's ``setattr(changes)``; EPERM without one."""
+        """SETATTR: the handle's (ftruncate, fchmod, ...) or node's ``setattr(changes)``; EPERM without."""
         _set_caller(req)
-        node = self.node(req.nodeid)
-        fn = getattr(node, "setattr", None)
+        node, h = self._open_file(req, req.fh) if req.fh else (self.node(req.nodeid), None)
+        fn = self._method(node, h, "setattr")
         if fn is None:
             raise FUSEError(errno.EPERM)
         a = await fn(req)

@@ -24,9 +24,10 @@ arguments the bridge passes (``name``/``target`` are bytes, ``mode`` includes th
 File I/O methods live on the :class:`FileHandle` returned by ``open``/``create``, or on the node
 when there is no handle (or the handle lacks them): ``read(offset, size) -> bytes``,
 ``write(offset, data) -> int``, ``flush()``, ``fsync(datasync)``, ``release()`` (handles only),
-``fallocate(offset, length, mode)``, ``lseek(offset, whence) -> int``,
-``copy_file_range(offset, out_handle, out_offset, length, flags) -> int``, and ``getlk(req)``,
-``setlk(req)``, ``flock(req)``, ``ioctl(req)``, ``poll(req)`` with the raw request.
+``setattr(changes)`` (ftruncate, fchmod, ...), ``fallocate(offset, length, mode)``,
+``lseek(offset, whence) -> int``, ``copy_file_range(offset, out_handle, out_offset, length, flags)
+-> int``, and ``getlk(req)``, ``setlk(req)``, ``flock(req)``, ``ioctl(req)``, ``poll(req)`` with
+the raw request.
 
 Raise :class:`afuse.FUSEError` (or OSError) to answer an errno.
 """
