@@ -11,7 +11,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trio
@@ -224,6 +224,15 @@ class Numbered(Node):
         return str(self.n).encode()[offset:offset + size]
 
 
+class Counted(Numbered):
+    """Knows when the bridge has dropped it."""
+
+    dropped: ClassVar[list[int]] = []
+
+    def forgotten(self) -> None:
+        Counted.dropped.append(self.n)
+
+
 class Numbers(Node):
     """A directory answering lookups of any number below ``count``, and listing them."""
 
@@ -231,13 +240,14 @@ class Numbers(Node):
         super().__init__(stat.S_IFDIR | 0o755)
         self.count = count
         self.looked_up = 0
+        self.counted = False
 
     async def lookup(self, name: bytes) -> Node | None:
         self.looked_up += 1
         stem = name.split(b".")[0]
         if not stem.isdigit() or int(stem) >= self.count:
             return None
-        return Numbered(int(stem))
+        return (Counted if self.counted else Numbered)(int(stem))
 
     async def readdir(self) -> Iterator[DirItem]:
         return (DirItem(str(i).encode(), stat.S_IFREG, 1000 + i) for i in range(self.count))
@@ -276,6 +286,29 @@ def test_lookup_counts_balance_after_forget_with_readdirplus(fuse_mount: Mount) 
     wait_for(lambda: len(fs.nodes) == 1, what="every node forgotten")
     assert fs.excess_forgets == 0  # the kernel forgot exactly what the bridge counted
     assert all(n.lookups == 0 for n in fs._by_key.values()) and not fs._by_key
+
+
+def test_forgotten_hook_and_open_unlinked_file(fuse_mount: Mount) -> None:
+    numbers = Numbers(10)
+    numbers.counted = True
+    fs = NodeFS(MemDir({"f": b"data", "numbers": numbers}), types=[Counted])
+    m = fuse_mount(fs)
+    Counted.dropped.clear()
+    os.stat(m.join("numbers", "3"))
+    os.stat(m.join("numbers", "4"))
+    fd = os.open(m.join("f"), os.O_RDWR)
+    try:
+        os.unlink(m.join("f"))
+        assert os.fstat(fd).st_nlink == 0 and "f" not in os.listdir(m.path)
+        os.pwrite(fd, b"DATA", 0)
+        assert os.pread(fd, 10, 0) == b"DATA"  # the open file lives on
+        f_id = os.fstat(fd).st_ino
+        assert f_id in fs.nodes
+    finally:
+        os.close(fd)
+    prune(m, [n.nodeid for n in fs.nodes.values() if isinstance(n, Counted)] + [f_id])
+    wait_for(lambda: sorted(Counted.dropped) == [3, 4] and f_id not in fs.nodes, what="nodes dropped")
+    assert fs.excess_forgets == 0
 
 
 def test_forget_after_drop_caches_keeps_persistent_nodes(fuse_mount: Mount) -> None:

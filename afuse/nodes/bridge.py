@@ -182,6 +182,14 @@ class NodeFS(Operations):
                 del self._by_key[n.key]
             if n.children:
                 stack.extend(n.children.values())
+            hook = getattr(n, "forgotten", None)
+            if hook is not None:
+                try:
+                    hook()
+                except Exception as exc:  # a bug in the node: logged and kept, never stops forgetting
+                    log.error("%s.forgotten failed", type(n).__qualname__, exc_info=exc)
+                    if self._session is not None and len(self._session.errors) < 100:
+                        self._session.errors.append(exc)
 
     def _check_class(self, cls: type) -> None:
         if cls in self._checked:

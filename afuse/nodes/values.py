@@ -91,7 +91,12 @@ class Dir(_Attrs):
     def __init__(self, entries: Mapping[bytes | str, Tree] | None = None, mode: int = 0o755) -> None:
         super().__init__(stat.S_IFDIR | (mode & 0o7777))
         for name, value in (entries or {}).items():
-            self.add_child(_name(name), node_from(value))
+            self.add_child(_name(name), self.node_from(value))
+
+    @classmethod
+    def node_from(cls, value: Tree) -> Node:
+        """A child from a plain value (:func:`node_from`)."""
+        return node_from(value)
 
     async def getattr(self) -> Attr:
         """Attributes; nlink counts the subdirectories."""
@@ -170,7 +175,17 @@ class _MemSymlink(Symlink):
 
 class MemDir(Dir):
     """A read-write directory in memory: creates :class:`MemFile`, :class:`MemDir` and symlinks;
-    the framework keeps the tree (nlink and times are kept here)."""
+    the framework keeps the tree (nlink and times are kept here). From plain values, bytes and
+    str make :class:`MemFile` and dicts :class:`MemDir`."""
+
+    @classmethod
+    def node_from(cls, value: Tree) -> Node:
+        """A read-write child from a plain value."""
+        if isinstance(value, (bytes, str)):
+            return MemFile(value.encode() if isinstance(value, str) else value)
+        if isinstance(value, Mapping):
+            return MemDir(value)
+        return node_from(value)
 
     async def setattr(self, changes: r.SetattrRequest) -> Attr:
         """chmod, chown, utimes."""
