@@ -713,3 +713,54 @@ def test_file_handle_operations(fuse_mount: Mount, tmp_path: Any) -> None:
         assert libc.fallocate(fd, 0, 0, 10) == -1 and ctypes.get_errno() == errno.EOPNOTSUPP
     finally:
         os.close(fd)
+
+
+def test_concurrent_changes_keep_counts_balanced(fuse_mount: Mount) -> None:
+    import random
+    import threading
+
+    fs = NodeFS(MemDir({"d": {}}))
+    m = fuse_mount(fs)
+    unexpected: list[tuple[int, OSError]] = []
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        for _ in range(1000):
+            a, b = (m.join("d", f"f{rnd.randrange(30)}") for _ in range(2))
+            op = rnd.randrange(7)
+            try:
+                if op == 0:
+                    with open(a, "wb") as f:
+                        f.write(b"x" * rnd.randrange(100))
+                elif op == 1:
+                    os.unlink(a)
+                elif op == 2:
+                    os.rename(a, b)
+                elif op == 3:
+                    os.listdir(m.join("d"))
+                elif op == 4:
+                    os.stat(a)
+                elif op == 5:
+                    os.link(a, b)
+                else:
+                    with open(a, "rb") as f:
+                        f.read()
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EEXIST):
+                    unexpected.append((op, e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not unexpected
+    d = fs.root.children[b"d"] if fs.root.children else None
+    assert d is not None and d.children is not None
+    assert set(os.listdir(m.join("d"))) == {n.decode() for n in d.children}
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    wait_for(lambda: all(n.lookups == 0 for n in fs.nodes.values()), what="FORGETs")
+    assert fs.excess_forgets == 0
+    # exactly the tree is left: the root, "d" and its files (hard links share a node)
+    assert set(fs.nodes.values()) == {fs.root, d, *d.children.values()}
