@@ -764,3 +764,24 @@ def test_concurrent_changes_keep_counts_balanced(fuse_mount: Mount) -> None:
     assert fs.excess_forgets == 0
     # exactly the tree is left: the root, "d" and its files (hard links share a node)
     assert set(fs.nodes.values()) == {fs.root, d, *d.children.values()}
+
+
+class NegativeCachingFS(NodeFS):
+    negative_timeout = 60.0
+
+
+@pytest.mark.trio
+async def test_negative_entries_cached_until_notified() -> None:
+    numbers = Numbers(5)
+    root = MemDir({"numbers": numbers})
+    fs = NegativeCachingFS(root)
+    async with testing.trio_mount(fs) as session:
+        p = trio.Path(session.mountpoint)
+        for _ in range(3):
+            assert not await (p / "numbers" / "x").exists()
+        assert numbers.looked_up == 1  # the kernel kept the name's absence
+        assert not await (p / "later").exists()
+        root.add_child(b"later", MemFile(b"now"))
+        assert not await (p / "later").exists()  # still cached as absent
+        await root.notify_entry(b"later")
+        assert await (p / "later").read_bytes() == b"now"

@@ -90,6 +90,9 @@ class NodeFS(Operations):
     answers ENOSYS, so the kernel stops sending them. ``generation`` is reported in every entry.
     """
 
+    #: How long the kernel may cache a name's absence (0: not at all; each miss asks again).
+    negative_timeout: float = 0.0
+
     def __init__(self, root: Node, *, types: Iterable[type] = (), generation: int = 0) -> None:
         if not isinstance(root, Node) or not root.is_dir:
             raise TypeError(f"the root must be a directory Node, not {root!r}")
@@ -271,6 +274,8 @@ class NodeFS(Operations):
             raise FUSEError(errno.ENOTDIR)
         child = await self._child(parent, req.name)
         if child is None:
+            if self.negative_timeout > 0:
+                return Entry(0, Attr(), entry_timeout=self.negative_timeout)
             raise FUSEError(errno.ENOENT)
         return await self._entry(child)
 
