@@ -296,6 +296,9 @@ def test_forgotten_hook_and_open_unlinked_file(fuse_mount: Mount) -> None:
     Counted.dropped.clear()
     os.stat(m.join("numbers", "3"))
     os.stat(m.join("numbers", "4"))
+    assert os.stat(m.join("numbers", "3.alias")).st_ino == 1003
+    assert Counted.dropped == [3]  # the duplicate lookup made was dropped at once
+    assert isinstance(fs.node_by_key(("num", 3)), Counted)
     fd = os.open(m.join("f"), os.O_RDWR)
     try:
         os.unlink(m.join("f"))
@@ -307,7 +310,8 @@ def test_forgotten_hook_and_open_unlinked_file(fuse_mount: Mount) -> None:
     finally:
         os.close(fd)
     prune(m, [n.nodeid for n in fs.nodes.values() if isinstance(n, Counted)] + [f_id])
-    wait_for(lambda: sorted(Counted.dropped) == [3, 4] and f_id not in fs.nodes, what="nodes dropped")
+    wait_for(lambda: sorted(Counted.dropped) == [3, 3, 4] and f_id not in fs.nodes, what="nodes dropped")
+    assert fs.node_by_key(("num", 3)) is None
     assert fs.excess_forgets == 0
 
 

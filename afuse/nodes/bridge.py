@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Hashable, Iterable
 from typing import Any
 
 from ..dispatch import HandlerResultError
@@ -147,9 +147,9 @@ class NodeFS(Operations):
     def _register(self, n: Node, dedup: bool) -> Node:
         if n._bridge is not None and n._bridge is not self:
             raise ValueError(f"{n!r} belongs to another NodeFS")
-        if n.key is not None:
-            ex = self._by_key.get(n.key)
-            if ex is not None and ex is not n and dedup:
+        if dedup:
+            ex = self._canonical(n)
+            if ex is not n:
                 return ex
         if not n._nodeid:
             n._nodeid = self._next_nodeid
@@ -160,6 +160,31 @@ class NodeFS(Operations):
             self._by_key[n.key] = n
         self._check_class(type(n))
         return n
+
+    def node_by_key(self, key: Hashable) -> Node | None:
+        """The live node with ``key``, if any (a lookup may return it rather than build another)."""
+        return self._by_key.get(key)
+
+    def _canonical(self, n: Node) -> Node:
+        """The live node with ``n``'s key (``n`` itself if none); a duplicate ``n`` is discarded."""
+        if n.key is None:
+            return n
+        ex = self._by_key.get(n.key)
+        if ex is None or ex is n:
+            return n
+        if not n._nodeid and not n._links:  # never known: it is dropped now
+            self._forgotten(n)
+        return ex
+
+    def _forgotten(self, n: Node) -> None:
+        hook = getattr(n, "forgotten", None)
+        if hook is not None:
+            try:
+                hook()
+            except Exception as exc:  # a bug in the node: logged and kept, never stops forgetting
+                log.error("%s.forgotten failed", type(n).__qualname__, exc_info=exc)
+                if self._session is not None and len(self._session.errors) < 100:
+                    self._session.errors.append(exc)
 
     def _attach(self, node: Node) -> None:
         """``node`` joined the persistent tree: give it and its subtree nodeids."""
@@ -185,14 +210,7 @@ class NodeFS(Operations):
                 del self._by_key[n.key]
             if n.children:
                 stack.extend(n.children.values())
-            hook = getattr(n, "forgotten", None)
-            if hook is not None:
-                try:
-                    hook()
-                except Exception as exc:  # a bug in the node: logged and kept, never stops forgetting
-                    log.error("%s.forgotten failed", type(n).__qualname__, exc_info=exc)
-                    if self._session is not None and len(self._session.errors) < 100:
-                        self._session.errors.append(exc)
+            self._forgotten(n)
 
     def _check_class(self, cls: type) -> None:
         if cls in self._checked:
@@ -224,8 +242,7 @@ class NodeFS(Operations):
 
     async def _entry(self, node: Node) -> Entry:
         """The entry reply for ``node``; counts one lookup."""
-        if node.key is not None:
-            node = self._by_key.get(node.key, node)
+        node = self._canonical(node)
         attr = await self._attr(node)
         node = self._register(node, dedup=True)
         node._lookups += 1
@@ -746,8 +763,9 @@ class NodeFS(Operations):
                             raise
                     if child is None:
                         continue  # vanished since the listing
-                elif child.key is not None:
-                    child = self._by_key.get(child.key, child)
+                    child = self._canonical(child)
+                else:
+                    child = self._canonical(child)
                 attr = await self._attr(child)
                 child = self._register(child, dedup=True)
                 if not attr.ino:

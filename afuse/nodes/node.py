@@ -20,7 +20,8 @@ arguments the bridge passes (``name``/``target`` are bytes, ``mode`` includes th
                                        ``removexattr(name)``
 ``statfs() -> FsStats``                ``access(mask)``
 ``forgotten()`` (not async)            the bridge dropped the node: the kernel forgot it and it
-                                       is not in the persistent tree (close what it holds)
+                                       is not in the persistent tree, or it duplicated (by key)
+                                       a live node and was never used (close what it holds)
 =====================================  =======================================================
 
 File I/O methods live on the :class:`FileHandle` returned by ``open``/``create``, or on the node
