@@ -789,3 +789,52 @@ async def test_negative_entries_cached_until_notified() -> None:
         assert not await (p / "later").exists()  # still cached as absent
         await root.notify_entry(b"later")
         assert await (p / "later").read_bytes() == b"now"
+
+
+# -- the loopback node -------------------------------------------------------------------------------
+
+
+def test_loopback_matches_native(fuse_mount: Mount, tmp_path: Any) -> None:
+    from afuse.nodes import LoopbackNode
+
+    native, src = str(tmp_path / "native"), str(tmp_path / "src")
+    os.mkdir(native)
+    os.mkdir(src)
+    fs = NodeFS(LoopbackNode.root(src), types=[FDHandle])
+    m = fuse_mount(fs)
+    got, want = _workload(m.path), _workload(native)
+    assert got == want
+    assert snapshot(src) == snapshot(native)
+    os.setxattr(m.join("d", "renamed"), "user.k", b"v")
+    assert os.getxattr(os.path.join(src, "d", "renamed"), "user.k") == b"v"
+    assert "user.k" in os.listxattr(m.join("d", "renamed"))
+    assert os.statvfs(m.path).f_bsize == os.statvfs(src).f_bsize
+
+
+def test_loopback_one_node_per_inode_and_descriptors_closed(fuse_mount: Mount, tmp_path: Any) -> None:
+    from afuse.nodes import LoopbackNode
+
+    src = str(tmp_path / "src")
+    os.makedirs(os.path.join(src, "sub"))
+    with open(os.path.join(src, "a"), "wb") as f:
+        f.write(b"shared")
+    os.link(os.path.join(src, "a"), os.path.join(src, "sub", "b"))  # one inode, two names
+    fs = NodeFS(LoopbackNode.root(src), types=[FDHandle])
+    m = fuse_mount(fs, config=afuse.InitConfig(passthrough=True))
+    fds_mounted = set(os.listdir("/proc/self/fd"))
+    a, b = os.stat(m.join("a")), os.stat(m.join("sub", "b"))
+    assert a.st_ino == b.st_ino == os.stat(os.path.join(src, "a")).st_ino and a.st_nlink == 2
+    live = [n for n in fs.nodes.values() if isinstance(n, LoopbackNode) and n is not fs.root]
+    assert len(live) == 2 and {n.lookups for n in live} == {1, 2}  # "sub", and "a" looked up twice
+    with open(m.join("sub", "b"), "r+b") as f:  # passthrough: the kernel writes the host file
+        f.write(b"SHARED")
+    with open(os.path.join(src, "a"), "rb") as f:
+        assert f.read() == b"SHARED"
+    assert m.session.backing is not None and m.session.backing.opened == 1
+    os.listdir(m.join("sub"))
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    wait_for(lambda: len(fs.nodes) == 1, what="every node forgotten")
+    assert fs.excess_forgets == 0
+    assert all(n.fd == -1 for n in live)
+    assert set(os.listdir("/proc/self/fd")) <= fds_mounted  # node, handle and backing fds all closed

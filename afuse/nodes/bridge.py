@@ -758,7 +758,7 @@ class NodeFS(Operations):
                 if child is None:
                     try:
                         child = await self._child(parent, name)
-                    except FUSEError as e:
+                    except (FUSEError, OSError) as e:
                         if e.errno != errno.ENOENT:
                             raise
                     if child is None:
