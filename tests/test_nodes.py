@@ -164,10 +164,24 @@ def _workload(root: str) -> list[tuple[str, object]]:
     do("unlink f2", lambda: os.unlink(j("d/f2")))
     do("unlink missing", lambda: os.unlink(j("d/f2")))
     do("rmdir e2", lambda: os.rmdir(j("e2")))
+    do("mkfifo", lambda: os.mkfifo(j("d/fifo")))
+    do("fifo type", lambda: stat.S_ISFIFO(os.lstat(j("d/fifo")).st_mode))
+    do("noreplace", lambda: renameat2(j("d/s"), j("d/renamed"), 1))
+    do("exchange", lambda: renameat2(j("d/s"), j("d/renamed"), 2))
+    do("exchanged", lambda: (os.path.islink(j("d/renamed")), read("d/s")))
+    do("exchange missing", lambda: renameat2(j("d/s"), j("d/none"), 2))
+    do("noreplace free", lambda: renameat2(j("d/s"), j("d/s2"), 1))
     do("excl", lambda: os.close(os.open(j("d/renamed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)))
     do("listing", lambda: sorted(os.listdir(j("d"))))
     do("tree", lambda: snapshot(root))
     return out
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, old.encode(), -100, new.encode(), flags) != 0:  # AT_FDCWD
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def write_at(path: str, offset: int, data: bytes) -> int:
@@ -805,9 +819,9 @@ def test_loopback_matches_native(fuse_mount: Mount, tmp_path: Any) -> None:
     got, want = _workload(m.path), _workload(native)
     assert got == want
     assert snapshot(src) == snapshot(native)
-    os.setxattr(m.join("d", "renamed"), "user.k", b"v")
-    assert os.getxattr(os.path.join(src, "d", "renamed"), "user.k") == b"v"
-    assert "user.k" in os.listxattr(m.join("d", "renamed"))
+    os.setxattr(m.join("d", "s2"), "user.k", b"v")
+    assert os.getxattr(os.path.join(src, "d", "s2"), "user.k") == b"v"
+    assert "user.k" in os.listxattr(m.join("d", "s2"))
     assert os.statvfs(m.path).f_bsize == os.statvfs(src).f_bsize
 
 
