@@ -691,7 +691,8 @@ class NodeFS(Operations):
     # -- directories ----------------------------------------------------------------------------
 
     async def opendir(self, req: r.OpendirRequest) -> Handle:
-        """OPENDIR: a directory stream (listed at the first READDIR from offset 0)."""
+        """OPENDIR: a directory stream (listed at the first READDIR from offset 0); the node's
+        ``fopen`` attribute, if any, are the FOPEN flags (CACHE_DIR, KEEP_CACHE)."""
         _set_caller(req)
         node = self.node(req.nodeid)
         if not node.is_dir:
@@ -699,7 +700,7 @@ class NodeFS(Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = _DirStream(node)
-        return Handle(fh)
+        return Handle(fh, getattr(node, "fopen", 0))
 
     async def releasedir(self, req: r.ReleasedirRequest) -> None:
         """RELEASEDIR: drop the stream."""

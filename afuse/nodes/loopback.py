@@ -19,18 +19,26 @@ from collections.abc import Iterator
 
 from ..errors import FUSEError
 from ..wire import requests as r
+from ..wire.constants import FOpen
 from ..wire.types import Attr, FsStats
+from .bridge import NodeFS
 from .caller import current_caller
 from .node import DirItem, FDHandle, FileHandle, Node
 
-__all__ = ["LoopbackNode"]
+__all__ = ["LoopbackNode", "loopback"]
 
 _PATH = os.O_PATH | os.O_NOFOLLOW
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class LoopbackNode(Node):
-    """A file, directory or symlink of the host, by ``O_PATH`` descriptor ``fd``."""
+    """A file, directory or symlink of the host, by ``O_PATH`` descriptor ``fd``.
+
+    ``fopen`` lets the kernel cache directory listings (it drops them when the directory's
+    mtime changes); set it to 0 in a subclass to list afresh on every open.
+    """
+
+    fopen: FOpen | int = FOpen.CACHE_DIR | FOpen.KEEP_CACHE
 
     def __init__(self, fd: int, st: os.stat_result) -> None:
         super().__init__(st.st_mode, key=(st.st_dev, st.st_ino), ino=st.st_ino)
@@ -143,7 +151,7 @@ class LoopbackNode(Node):
 
     async def create(self, name: bytes, flags: int, mode: int) -> tuple[Node, FileHandle]:
         """Create and open a regular file."""
-        fd = os.open(name, flags | os.O_CREAT, stat.S_IMODE(mode), dir_fd=self.fd)
+        fd = os.open(name, (flags | os.O_CREAT) & ~os.O_APPEND, stat.S_IMODE(mode), dir_fd=self.fd)
         try:
             self._own(name)
             return self._child(name), FDHandle(fd)
@@ -197,5 +205,11 @@ class LoopbackNode(Node):
     # -- files -------------------------------------------------------------------------------------
 
     async def open(self, flags: int) -> FileHandle:
-        """Open the file again, read-write as asked, through ``/proc/self/fd``."""
-        return FDHandle(os.open(self.proc, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)))
+        """Open the file again, read-write as asked, through ``/proc/self/fd`` (without O_APPEND:
+        the kernel sends every write's offset, and pwrite(2) would ignore it)."""
+        return FDHandle(os.open(self.proc, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)))
+
+
+def loopback(path: str) -> NodeFS:
+    """A filesystem mirroring directory ``path`` (a factory for ``afuse.testing`` and benchmarks)."""
+    return NodeFS(LoopbackNode.root(path), types=[FDHandle])
