@@ -852,3 +852,18 @@ def test_loopback_one_node_per_inode_and_descriptors_closed(fuse_mount: Mount, t
     assert fs.excess_forgets == 0
     assert all(n.fd == -1 for n in live)
     assert set(os.listdir("/proc/self/fd")) <= fds_mounted  # node, handle and backing fds all closed
+
+
+SHARED = afuse.Attr(mode=0o444, size=1)  # no inode number, no file type: the bridge fills both in
+
+
+class SharedAttrFile(Node):
+    async def getattr(self) -> afuse.Attr:
+        return SHARED
+
+
+def test_a_shared_attr_is_never_changed(fuse_mount: Mount) -> None:
+    m = fuse_mount(NodeFS(Dir({"a": SharedAttrFile(), "b": SharedAttrFile()})))
+    a, b = os.stat(m.join("a")), os.stat(m.join("b"))
+    assert a.st_ino != b.st_ino and stat.S_ISREG(a.st_mode) and stat.S_ISREG(b.st_mode)
+    assert SHARED.ino == 0 and SHARED.mode == 0o444

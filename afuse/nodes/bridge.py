@@ -13,8 +13,11 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Hashable, Iterable
 from typing import Any
+
+import attrs
 
 from ..dispatch import HandlerResultError
 from ..errors import FUSEError, NotNegotiated
@@ -109,8 +112,7 @@ class NodeFS(Operations):
         #: Lookups the kernel forgot beyond the bridge's count (0 unless something answered an
         #: entry behind the bridge's back, e.g. an overridden ``lookup``).
         self.excess_forgets = 0
-        now = __import__("time").time_ns()
-        self._default_attr = (os.getuid(), os.getgid(), now)
+        self._default_attr = (os.getuid(), os.getgid(), time.time_ns())
         classes = _classes(root) | set(types)
         self._forwarded = {op for op, methods in _NEEDS.items()
                            if any(_has(c, m) for c in classes for m in methods)}
@@ -234,10 +236,10 @@ class NodeFS(Operations):
             if type(a) is not Attr:
                 raise HandlerResultError(f"{type(node).__qualname__}.getattr must return an Attr, "
                                          f"not {type(a).__name__}")
-        if not a.ino:
-            a.ino = node.ino or node._nodeid
-        if not stat.S_IFMT(a.mode):
-            a.mode |= stat.S_IFMT(node.mode)
+        ino = a.ino or node.ino or node._nodeid
+        mode = a.mode if stat.S_IFMT(a.mode) else a.mode | stat.S_IFMT(node.mode)
+        if ino != a.ino or mode != a.mode:  # a copy: the node's Attr may be shared or kept
+            a = attrs.evolve(a, ino=ino, mode=mode)
         return a
 
     async def _entry(self, node: Node) -> Entry:
@@ -247,7 +249,7 @@ class NodeFS(Operations):
         node = self._register(node, dedup=True)
         node._lookups += 1
         if not attr.ino:  # a new node: its nodeid is its inode number
-            attr.ino = node._nodeid
+            attr = attrs.evolve(attr, ino=node._nodeid)
         return Entry(node._nodeid, attr, self.generation)
 
     def _node_result(self, what: str, res: object) -> Node:
@@ -312,7 +314,7 @@ class NodeFS(Operations):
         if type(a) is not Attr:
             raise HandlerResultError(f"{type(node).__qualname__}.setattr must return an Attr, not {type(a).__name__}")
         if not a.ino:
-            a.ino = node.ino or node._nodeid
+            a = attrs.evolve(a, ino=node.ino or node._nodeid)
         return a
 
     async def readlink(self, req: r.ReadlinkRequest) -> bytes:
@@ -770,7 +772,7 @@ class NodeFS(Operations):
                 attr = await self._attr(child)
                 child = self._register(child, dedup=True)
                 if not attr.ino:
-                    attr.ino = child._nodeid
+                    attr = attrs.evolve(attr, ino=child._nodeid)
                 fresh.append(child)
                 yield DirEntry(name, i + 1, entry=Entry(child._nodeid, attr, self.generation))
                 child._lookups += 1  # runs only once the kernel took the entry

@@ -47,7 +47,9 @@ class _Attrs(Node):
                          gid=caller.gid if gid is None else gid, atime_ns=now, mtime_ns=now, ctime_ns=now)
 
     async def getattr(self) -> Attr:
-        """The stored attributes."""
+        """The stored attributes (``ino``: the nodeid once there is one)."""
+        if not self.attr.ino:
+            self.attr.ino = self.ino or self.nodeid
         return self.attr
 
     def touch(self, mtime: bool = True) -> None:
@@ -102,7 +104,7 @@ class Dir(_Attrs):
         """Attributes; nlink counts the subdirectories."""
         assert self.children is not None
         self.attr.nlink = 2 + sum(1 for c in self.children.values() if c.is_dir)
-        return self.attr
+        return await super().getattr()
 
 
 def _setattr(node: _Attrs, ch: r.SetattrRequest) -> Attr:
