@@ -4,6 +4,7 @@ from .context import RequestContext, current_request
 from .device import MountOptions
 from .dispatch import Dispatcher
 from .errors import FUSEError, MountError, NotNegotiated, SessionError
+from .nodes import Caller, DirItem, FileHandle, Node, NodeFS, current_caller
 from .operations import DirListing, Operations
 from .passthrough import BackingFile
 from .session import Session, Takeover, current_session, mount, serve
@@ -16,10 +17,10 @@ from .wire.types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, Ioct
 __version__ = "0.1.0"
 
 __all__ = [
-    "ROOT_ID", "Attr", "BackingFile", "DirEntries", "DirEntry", "DirListing", "Dispatcher", "Entry", "FAttr",
-    "FOpen", "FUSEError", "FsStats", "Handle", "InitConfig", "InitFlag", "IoctlReply", "Lock", "MountError",
-    "MountOptions", "Negotiated", "NotNegotiated", "Opcode", "Operations", "RequestContext", "Session",
-    "SessionError", "Statx", "Takeover", "Timestamp", "__version__", "current_request", "current_session", "mount",
-    "serve",
+    "ROOT_ID", "Attr", "BackingFile", "Caller", "DirEntries", "DirEntry", "DirItem", "DirListing", "Dispatcher",
+    "Entry", "FAttr", "FOpen", "FUSEError", "FileHandle", "FsStats", "Handle", "InitConfig", "InitFlag",
+    "IoctlReply", "Lock", "MountError", "MountOptions", "Negotiated", "Node", "NodeFS", "NotNegotiated", "Opcode",
+    "Operations", "RequestContext", "Session", "SessionError", "Statx", "Takeover", "Timestamp", "__version__",
+    "current_caller", "current_request", "current_session", "mount", "serve",
 ]
 __all__ += _requests.__all__

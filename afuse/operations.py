@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import AsyncIterable, Awaitable, Iterable
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 
 from .errors import FUSEError
 from .wire import requests as r
@@ -21,7 +21,7 @@ from .wire.types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, Ioct
 if TYPE_CHECKING:
     from .wire.init import Negotiated
 
-__all__ = ["DirEntries", "DirListing", "Operations", "overridden"]
+__all__ = ["DirEntries", "DirListing", "Mountable", "Operations", "overridden"]
 
 #: What calling ``readdir`` gives: an async iterable (``async def`` with ``yield``), or an
 #: awaitable of :data:`DirEntries` (``async def`` with ``return``).
@@ -226,6 +226,28 @@ class Operations:
     async def syncfs(self, req: r.SyncfsRequest) -> None:
         """syncfs(2) of the whole filesystem (the kernel sends it to fuseblk mounts)."""
         raise _enosys()
+
+
+@runtime_checkable
+class Mountable(Protocol):
+    """Anything that can be served by giving its :class:`Operations` (e.g. an :class:`afuse.Node`)."""
+
+    def as_operations(self) -> Operations:
+        """The low-level filesystem that serves this object."""
+        ...
+
+
+def as_operations(fs: Operations | Mountable) -> Operations:
+    """``fs`` itself, or the :class:`Operations` a :class:`Mountable` gives; TypeError otherwise."""
+    if isinstance(fs, Operations):
+        return fs
+    make = getattr(fs, "as_operations", None)
+    if make is None:
+        raise TypeError(f"cannot mount a {type(fs).__name__}: pass an afuse.Operations or an afuse.Node")
+    ops = make()
+    if not isinstance(ops, Operations):
+        raise TypeError(f"{type(fs).__name__}.as_operations() returned {type(ops).__name__}, not an Operations")
+    return ops
 
 
 def overridden(ops: Operations, name: str) -> bool:

@@ -27,7 +27,7 @@ from .context import RequestContext, current_request_or_none
 from .device import Mount, MountOptions
 from .dispatch import Dispatcher, check_operations
 from .errors import MountError, NotNegotiated, SessionError
-from .operations import Operations
+from .operations import Mountable, Operations, as_operations
 from .passthrough import BackingFile, BackingTable
 from .readers import END_ERRNOS, ReaderPool
 from .wire import replies
@@ -418,7 +418,7 @@ class Takeover:
 
 
 async def serve(
-    ops: Operations,
+    ops: Operations | Mountable,
     mountpoint: str | os.PathLike[str],
     *,
     options: MountOptions | str | None = None,
@@ -432,7 +432,8 @@ async def serve(
     warn_after: float | None = 10.0,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Mount ``ops`` on ``mountpoint`` and serve it until unmounted or cancelled.
+    """Mount ``ops`` (an :class:`Operations`, or a root :class:`afuse.Node`) on ``mountpoint``
+    and serve it until unmounted or cancelled.
 
     For ``await nursery.start(serve, ops, path)``: returns the :class:`Session` once the
     filesystem answers requests. Cancelling unmounts (unless ``unmount`` is False).
@@ -448,6 +449,7 @@ async def serve(
         raise ValueError(f"warn_after must be positive seconds or None, not {warn_after!r}")
     if not shutdown_grace >= 0:
         raise ValueError(f"shutdown_grace must be >= 0 seconds, not {shutdown_grace!r}")
+    ops = as_operations(ops)
     check_operations(ops)  # before mounting: a plain ``def`` handler would fail only when called
     opts = MountOptions.parse(options) if isinstance(options, str) else (options or MountOptions())
     cfg = config or InitConfig()
@@ -492,7 +494,7 @@ async def serve(
 
 @asynccontextmanager
 async def mount(
-    ops: Operations,
+    ops: Operations | Mountable,
     mountpoint: str | os.PathLike[str],
     **kwargs: Any,
 ) -> AsyncIterator[Session]:
@@ -516,6 +518,6 @@ async def mount(
         raise
 
 
-async def _serve_kw(ops: Operations, mountpoint: str | os.PathLike[str], kwargs: dict[str, Any],
+async def _serve_kw(ops: Operations | Mountable, mountpoint: str | os.PathLike[str], kwargs: dict[str, Any],
                     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
     await serve(ops, mountpoint, task_status=task_status, **kwargs)
