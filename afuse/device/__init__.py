@@ -24,7 +24,8 @@ from .ioctls import (
     set_nonblocking,
     sync_init,
 )
-from .mountinfo import MOUNTINFO_PATH, _fdinfo_connection, find_mounts
+from .mountinfo import MOUNTINFO_PATH, find_mounts
+from .mountinfo import _fdinfo_connection as _fdinfo_connection  # for tests; not public
 from .mounting import (
     AUTO_UNMOUNT_WAIT,
     MNT_DETACH,
@@ -81,6 +82,3 @@ __all__ = [
     "sync_init",
     "unmount",
 ]
-
-# Used by tests (not part of the public surface).
-_fdinfo_connection = _fdinfo_connection
