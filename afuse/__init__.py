@@ -5,6 +5,7 @@ from .dispatch import Dispatcher
 from .errors import FUSEError, MountError, NotNegotiated, SessionError
 from .operations import Operations
 from .passthrough import BackingFile
+from .running import run
 from .session import Session, Takeover, current_session, mount, serve
 from .wire.constants import FAttr, FOpen, InitFlag, Opcode
 from .wire.init import InitConfig, Negotiated
@@ -74,5 +75,5 @@ __all__ = [
     "SecurityContext", "Session", "SessionError", "SetattrRequest", "SetlkRequest",
     "SetxattrRequest", "StatfsRequest", "Statx", "StatxRequest", "SymlinkRequest",
     "SyncfsRequest", "Timestamp", "TmpfileRequest", "UnlinkRequest", "WriteRequest",
-    "BackingFile", "Takeover", "__version__", "current_session", "mount", "serve",
+    "BackingFile", "Takeover", "__version__", "current_session", "mount", "run", "serve",
 ]
