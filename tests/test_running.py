@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -89,6 +90,7 @@ def test_example_cli_unmounts_on_signal(tmp_path: Path, signum: int, status: int
 def test_example_cli_exits_when_unmounted_from_outside(tmp_path: Path) -> None:
     mp = tmp_path / "mnt"
     with daemon([*HELLO, str(mp)], mp) as proc:
+        assert os.listdir(mp) == ["hello"]  # serving (INIT done)
         device.unmount(mp)
         assert proc.wait(TIMEOUT) == 0
         assert not is_mounted(mp)
@@ -134,6 +136,7 @@ def test_run_unmounts_and_returns_on_signal(tmp_path: Path, signum: int) -> None
 def test_run_returns_when_unmounted_from_outside(tmp_path: Path) -> None:
     mp = tmp_path / "mnt"
     with daemon([sys.executable, "-c", RUN_SCRIPT, str(mp), "serve"], mp) as proc:
+        assert os.listdir(mp) == ["hello"]  # serving (INIT done)
         device.unmount(mp)
         out, err = proc.communicate(timeout=TIMEOUT)
         assert (proc.returncode, out.decode()) == (0, "returned\n"), err.decode()
@@ -220,6 +223,7 @@ def test_mount_unmounts_on_keyboard_interrupt(tmp_path: Path) -> None:
 
         async def main():
             async with afuse.mount(HelloFS(), sys.argv[1]):
+                print("ready", flush=True)
                 await trio.sleep_forever()
 
         try:
@@ -230,6 +234,7 @@ def test_mount_unmounts_on_keyboard_interrupt(tmp_path: Path) -> None:
     )
     mp = tmp_path / "mnt"
     with daemon([sys.executable, "-c", script, str(mp)], mp) as proc:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
         code, out, err = stop(proc, signal.SIGINT)
         assert (code, out) == (0, "KeyboardInterrupt\n"), err
         assert not is_mounted(mp)
@@ -252,3 +257,91 @@ def test_run_outside_the_main_thread_refuses_before_mounting(mp: Path) -> None:
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
     assert "main thread" in str(errors[0])
     assert not is_mounted(mp)
+
+
+def test_failover_memfs_drains_on_signal_and_keeps_the_mount(tmp_path: Path) -> None:
+    # Under a keeper, SIGTERM or SIGINT hands over instead of unmounting: the daemon drains and
+    # exits 0, the mount stays, and the next daemon takes it over with its contents.
+    mnt, state, sock = tmp_path / "mnt", tmp_path / "state", str(tmp_path / "keeper.sock")
+    mnt.mkdir()
+    procs: list[subprocess.Popen[str]] = []
+
+    def spawn(*args: str, **kw: Any) -> subprocess.Popen[str]:
+        p = subprocess.Popen([sys.executable, *args], text=True, start_new_session=True, cwd=REPO, **kw)
+        procs.append(p)
+        return p
+
+    def memfs() -> subprocess.Popen[str]:
+        p = spawn("-m", "afuse.examples.memfs", str(mnt), "--keeper", sock, "--state-dir", str(state),
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            p.kill()
+            _out, err = p.communicate(timeout=TIMEOUT)
+            raise AssertionError(f"memfs did not start (exit {p.returncode}): {err}")
+        return p
+
+    try:
+        spawn("-m", "afuse.keeper", "--socket", sock, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + TIMEOUT
+        while not os.path.exists(sock):
+            assert time.monotonic() < deadline, "the keeper did not start"
+            time.sleep(0.05)
+        first = memfs()
+        (mnt / "kept").write_text("across daemons\n")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            daemon_proc = first if signum == signal.SIGTERM else memfs()
+            daemon_proc.send_signal(signum)
+            _out, err = daemon_proc.communicate(timeout=TIMEOUT)
+            assert daemon_proc.returncode == 0, err
+            assert "Traceback" not in err, err
+            assert is_mounted(mnt)  # drained, not unmounted
+        memfs()
+        assert (mnt / "kept").read_text() == "across daemons\n"
+        res = subprocess.run([sys.executable, "-m", "afuse.failover", "unmount", "--socket", sock, str(mnt)],
+                             capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        assert not is_mounted(mnt)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=TIMEOUT)
+        if is_mounted(mnt):
+            device.unmount(mnt, lazy=True)
+
+
+# serve_until_signalled inside afuse.mount: prints what stopped it, then leaves the block.
+UNTIL_SCRIPT = textwrap.dedent(
+    """
+    import sys, trio, afuse
+    from afuse.examples.hello import HelloFS
+    from afuse.running import serve_until_signalled
+
+    async def main():
+        async with afuse.mount(HelloFS(), sys.argv[1]) as session:
+            async def wait(task_status):
+                got = await serve_until_signalled(session, task_status=task_status)
+                print(None if got is None else got.name, flush=True)
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(wait)
+                print("ready", flush=True)  # the signals are caught from here on
+
+    trio.run(main)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["SIGHUP", "SIGTERM", "SIGINT", "unmount"])
+def test_serve_until_signalled_says_what_stopped_it(tmp_path: Path, how: str) -> None:
+    mp = tmp_path / "mnt"
+    with daemon([sys.executable, "-c", UNTIL_SCRIPT, str(mp)], mp) as proc:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        if how == "unmount":
+            device.unmount(mp)
+        else:
+            proc.send_signal(getattr(signal, how))
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert (proc.returncode, out.decode()) == (0, f"{None if how == 'unmount' else how}\n"), err.decode()
+        assert not is_mounted(mp)
