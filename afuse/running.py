@@ -19,7 +19,7 @@ from .operations import Operations
 from .session import mount
 from .wire.init import InitConfig
 
-__all__ = ["STOP_SIGNALS", "run", "serve_until_signalled"]
+__all__ = ["STOP_SIGNALS", "SupportsWaitClosed", "run", "run_until_signalled", "serve_until_signalled"]
 
 #: The signals that stop :func:`run` by default: Ctrl-C, ``kill``, and the terminal going away.
 STOP_SIGNALS: Final[tuple[signal.Signals, ...]] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

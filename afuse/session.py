@@ -638,9 +638,12 @@ async def mount(
             raise group.exceptions[0] from None
         if raised is None or len(group.exceptions) != 1 or _leaves(group) != _leaves(raised):
             raise
-    if raised is not None:
-        # The block's own exception (unmounted by now) reaches the caller as itself, not in a group.
-        raise raised
+        own = raised
+    else:
+        return
+    # The block's own exception (unmounted by now) reaches the caller as itself, not in a group;
+    # raised outside the handler so that the group does not become its context.
+    raise own
 
 
 def _leaves(exc: BaseException) -> list[int]:
