@@ -260,8 +260,9 @@ def test_run_outside_the_main_thread_refuses_before_mounting(mp: Path) -> None:
 
 
 def test_failover_memfs_drains_on_signal_and_keeps_the_mount(tmp_path: Path) -> None:
-    # Under a keeper, SIGTERM or SIGINT hands over instead of unmounting: the daemon drains and
-    # exits 0, the mount stays, and the next daemon takes it over with its contents.
+    # Under a keeper, SIGTERM, SIGHUP or SIGINT hands over instead of unmounting: the daemon drains
+    # and exits (0, or 130 after Ctrl-C), the mount stays, and the next daemon takes it over with
+    # its contents.
     mnt, state, sock = tmp_path / "mnt", tmp_path / "state", str(tmp_path / "keeper.sock")
     mnt.mkdir()
     procs: list[subprocess.Popen[str]] = []
@@ -289,11 +290,11 @@ def test_failover_memfs_drains_on_signal_and_keeps_the_mount(tmp_path: Path) -> 
             time.sleep(0.05)
         first = memfs()
         (mnt / "kept").write_text("across daemons\n")
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum, status in ((signal.SIGTERM, 0), (signal.SIGHUP, 0), (signal.SIGINT, 130)):
             daemon_proc = first if signum == signal.SIGTERM else memfs()
             daemon_proc.send_signal(signum)
             _out, err = daemon_proc.communicate(timeout=TIMEOUT)
-            assert daemon_proc.returncode == 0, err
+            assert daemon_proc.returncode == status, err
             assert "Traceback" not in err, err
             assert is_mounted(mnt)  # drained, not unmounted
         memfs()

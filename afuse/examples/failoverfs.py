@@ -497,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    interrupted = False  # Ctrl-C: exit 130 (after draining, like SIGTERM and SIGHUP)
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             session = await nursery.start(lambda task_status: serve_failover(
@@ -507,13 +509,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             events("serving", restored_nodes=ops.restored_nodes, restored_fhs=ops.restored_fhs,
                    lost=len(ops.lost))
 
-            async def drain(_signum: signal.Signals) -> None:
+            async def drain(signum: signal.Signals) -> None:
+                nonlocal interrupted
+                interrupted = signum == signal.SIGINT
                 events("drain", signal=True)
                 await session.drain()  # SIGTERM: hand over gracefully, never unmount
 
             async with trio.open_nursery() as waiting:
-                await waiting.start(partial(serve_until_signalled, session, signals=(signal.SIGTERM, signal.SIGINT),
-                                            on_signal=drain))
+                await waiting.start(partial(serve_until_signalled, session, on_signal=drain))
                 print("ready", flush=True)
             nursery.cancel_scope.cancel()
 
@@ -523,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         events("exit")
         with contextlib.suppress(OSError):
             ops.close()
-    return 0
+    return 128 + signal.SIGINT if interrupted else 0
 
 
 if __name__ == "__main__":

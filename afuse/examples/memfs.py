@@ -1707,18 +1707,21 @@ def _run_failover(args: Any) -> int:
         return 2
     ops = MemFS()
 
+    interrupted = False  # Ctrl-C: exit 130 (after draining, like SIGTERM and SIGHUP)
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             session = await nursery.start(lambda task_status: serve_failover(
                 ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
                 upgrade=args.upgrade, task_status=task_status))
 
-            async def drain(_signum: signal.Signals) -> None:
+            async def drain(signum: signal.Signals) -> None:
+                nonlocal interrupted
+                interrupted = signum == signal.SIGINT
                 await session.drain()  # hand over gracefully; the mount stays
 
             async with trio.open_nursery() as waiting:
-                await waiting.start(partial(serve_until_signalled, session, signals=(signal.SIGTERM, signal.SIGINT),
-                                            on_signal=drain))
+                await waiting.start(partial(serve_until_signalled, session, on_signal=drain))
                 print("ready", flush=True)
             nursery.cancel_scope.cancel()
 
@@ -1727,7 +1730,7 @@ def _run_failover(args: Any) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return 128 + signal.SIGINT if interrupted else 0
 
 
 if __name__ == "__main__":
