@@ -25,7 +25,7 @@ from .ioctls import (
     sync_init,
 )
 from .mountinfo import MOUNTINFO_PATH, find_mounts
-from .mountinfo import _fdinfo_connection as _fdinfo_connection  # for tests; not public
+from .mountinfo import fdinfo_connection as _fdinfo_connection  # noqa: F401  (the name tests use)
 from .mounting import (
     AUTO_UNMOUNT_WAIT,
     MNT_DETACH,

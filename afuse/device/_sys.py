@@ -20,7 +20,7 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
 
 
-def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> int:
+def sys_mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> int:
     """Call mount(2); return 0 or the errno."""
     res: int = _libc.mount(
         os.fsencode(source),
@@ -32,7 +32,7 @@ def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str | No
     return ctypes.get_errno() if res != 0 else 0
 
 
-def _sys_umount2(target: str, flags: int) -> int:
+def sys_umount2(target: str, flags: int) -> int:
     """Call umount2(2); return 0 or the errno."""
     res: int = _libc.umount2(os.fsencode(target), flags)
     return ctypes.get_errno() if res != 0 else 0

@@ -17,8 +17,8 @@ from afuse.wire.constants import (
 )
 from afuse.wire.structs import BACKING_MAP
 
-from ._sys import StrPath, _sys_mount
-from .mountinfo import _mountinfo
+from ._sys import StrPath, sys_mount
+from .mountinfo import read_mountinfo
 
 DEVICE_PATH: Final = "/dev/fuse"
 FUSECTL_PATH: Final = "/sys/fs/fuse/connections"
@@ -91,14 +91,14 @@ def sync_init(fd: int) -> bool:
 
 
 def _fusectl_mounted() -> bool:
-    return any(e.mountpoint == FUSECTL_PATH and e.fstype == "fusectl" for e in _mountinfo())
+    return any(e.mountpoint == FUSECTL_PATH and e.fstype == "fusectl" for e in read_mountinfo())
 
 
 def abort_connection(connection_id: int) -> None:
     """Abort a FUSE connection by writing to its fusectl ``abort`` file (mounting fusectl if needed)."""
     target = f"{FUSECTL_PATH}/{connection_id}/abort"
     if not os.path.exists(target) and not _fusectl_mounted():
-        err = _sys_mount("fusectl", FUSECTL_PATH, "fusectl", 0, None)
+        err = sys_mount("fusectl", FUSECTL_PATH, "fusectl", 0, None)
         if err == errno.EPERM:
             raise MountError(
                 err, f"fusectl is not mounted and mounting it needs root (mount -t fusectl none {FUSECTL_PATH})"

@@ -18,14 +18,17 @@ def _unescape(field: bytes) -> str:
 
 
 @attrs.frozen
-class _MountEntry:
+class MountEntry:
+    """One line of /proc/self/mountinfo: where, what type, from what, and the superblock's dev_t."""
+
     mountpoint: str
     fstype: str
     source: str
     dev: int  # kernel dev_t: major << 20 | minor
 
 
-def _mountinfo() -> list[_MountEntry]:
+def read_mountinfo() -> list[MountEntry]:
+    """The mounts of this process's mount namespace, in mount order (unparseable lines skipped)."""
     entries = []
     with open(MOUNTINFO_PATH, "rb") as f:
         for line in f:
@@ -34,7 +37,7 @@ def _mountinfo() -> list[_MountEntry]:
                 sep = fields.index(b"-", 6)
                 major, minor = (int(x) for x in fields[2].split(b":"))
                 entries.append(
-                    _MountEntry(
+                    MountEntry(
                         mountpoint=_unescape(fields[4]),
                         fstype=_unescape(fields[sep + 1]),
                         source=_unescape(fields[sep + 2]),
@@ -46,7 +49,8 @@ def _mountinfo() -> list[_MountEntry]:
     return entries
 
 
-def _is_fuse_type(fstype: str) -> bool:
+def is_fuse_type(fstype: str) -> bool:
+    """Whether ``fstype`` is ``fuse``/``fuseblk``, with or without a ``.subtype``."""
     return fstype.split(".", 1)[0] in ("fuse", "fuseblk")
 
 
@@ -57,12 +61,13 @@ def find_mounts(fstype_prefix: str = "fuse") -> list[tuple[str, str, str]]:
     """
     return [
         (entry.mountpoint, entry.fstype, entry.source)
-        for entry in _mountinfo()
+        for entry in read_mountinfo()
         if entry.fstype.startswith(fstype_prefix) and (entry.fstype != "fusectl" or fstype_prefix.startswith("fusectl"))
     ]
 
 
-def _fdinfo_connection(fd: int) -> int | None:
+def fdinfo_connection(fd: int) -> int | None:
+    """The connection number of /dev/fuse ``fd`` from /proc/self/fdinfo (None on older kernels)."""
     try:
         with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
             for line in f:
@@ -74,16 +79,17 @@ def _fdinfo_connection(fd: int) -> int | None:
     return None
 
 
-def _find_connection(fd: int, mountpoint: str) -> int | None:
-    conn = _fdinfo_connection(fd)
+def find_connection(fd: int, mountpoint: str) -> int | None:
+    """The connection number of ``fd``, else of the last FUSE mount on ``mountpoint``, else None."""
+    conn = fdinfo_connection(fd)
     if conn is not None:
         return conn
-    for entry in reversed(_mountinfo()):
-        if entry.mountpoint == mountpoint and _is_fuse_type(entry.fstype):
+    for entry in reversed(read_mountinfo()):
+        if entry.mountpoint == mountpoint and is_fuse_type(entry.fstype):
             return entry.dev
     return None
 
 
-def _escape_mountinfo(path: str) -> str:
+def escape_mountinfo(path: str) -> str:
     """``path`` as /proc/self/mountinfo writes it."""
     return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")

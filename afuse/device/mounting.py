@@ -15,9 +15,9 @@ import attrs
 
 from afuse.errors import MountError
 
-from ._sys import StrPath, _sys_mount, _sys_umount2
+from ._sys import StrPath, sys_mount, sys_umount2
 from .ioctls import abort_connection, open_device
-from .mountinfo import _escape_mountinfo, _find_connection, _is_fuse_type, _mountinfo
+from .mountinfo import escape_mountinfo, find_connection, is_fuse_type, read_mountinfo
 from .options import MountOptions
 
 MNT_DETACH: Final = 2
@@ -37,7 +37,7 @@ def resolve_mountpoint(path: str) -> str:
     only followed (readlink) after making sure it is not a mount point.
     """
     path = os.path.abspath(path)
-    mountpoints = {entry.mountpoint for entry in _mountinfo()}
+    mountpoints = {entry.mountpoint for entry in read_mountinfo()}
     for _ in range(40):
         parent, name = os.path.split(path)
         path = os.path.join(os.path.realpath(parent), name)
@@ -52,11 +52,11 @@ def resolve_mountpoint(path: str) -> str:
 
 
 def _check_mountpoint(path: str) -> os.stat_result:
-    for entry in _mountinfo():
+    for entry in read_mountinfo():
         if entry.mountpoint == path:
             hint = (
                 f" (a FUSE mount, perhaps of a dead daemon: umount {path} / fusermount3 -u {path})"
-                if _is_fuse_type(entry.fstype)
+                if is_fuse_type(entry.fstype)
                 else ""
             )
             raise MountError(
@@ -101,7 +101,7 @@ class Mount:
     def connection_id(self) -> int:
         """The connection's number (its directory name under /sys/fs/fuse/connections)."""
         if self._connection is None:
-            self._connection = _find_connection(self.fd, self.mountpoint) if not self._closed else None
+            self._connection = find_connection(self.fd, self.mountpoint) if not self._closed else None
         if self._connection is None:
             raise MountError(errno.ENOENT, f"cannot find the FUSE connection of {self.mountpoint!r}")
         return self._connection
@@ -113,8 +113,8 @@ class Mount:
         except MountError:
             conn = None
         return any(
-            entry.mountpoint == self.mountpoint and _is_fuse_type(entry.fstype) and (conn is None or entry.dev == conn)
-            for entry in _mountinfo()
+            entry.mountpoint == self.mountpoint and is_fuse_type(entry.fstype) and (conn is None or entry.dev == conn)
+            for entry in read_mountinfo()
         )
 
     def unmount(self, lazy: bool = False) -> None:
@@ -214,11 +214,11 @@ def _mount_direct(path: str, opts: MountOptions, rootmode: int, device_fd: int |
         fstype = base if opts.subtype is None else f"{base}.{opts.subtype}"
         source = opts.fsname if opts.blockdev is None else opts.blockdev
         flags = opts.ms_flags()
-        err = _sys_mount(source, path, fstype, flags, data)
+        err = sys_mount(source, path, fstype, flags, data)
         if err == errno.ENODEV and opts.subtype is not None:
             # A kernel without subtype support: libfuse's fallback puts it into the source.
             fallback = source if opts.blockdev is not None else f"{opts.subtype}#{opts.fsname}"
-            err = _sys_mount(fallback, path, base, flags, data)
+            err = sys_mount(fallback, path, base, flags, data)
         if err:
             raise _mount_error(err, path, fstype, source, data, flags)
     except BaseException:
@@ -230,7 +230,7 @@ def _mount_direct(path: str, opts: MountOptions, rootmode: int, device_fd: int |
         mountpoint=path,
         options=opts,
         via_fusermount=False,
-        connection=_find_connection(fd, path),
+        connection=find_connection(fd, path),
     )
 
 
@@ -322,9 +322,9 @@ def _mount_fusermount(path: str, opts: MountOptions, st: os.stat_result) -> Moun
     if not opts.auto_unmount:
         process.wait()
         ours.close()
-        return Mount(fd=fd, mountpoint=path, options=opts, via_fusermount=True, connection=_find_connection(fd, path))
+        return Mount(fd=fd, mountpoint=path, options=opts, via_fusermount=True, connection=find_connection(fd, path))
     # fusermount3 stays, holding its end of the socket; EOF on it makes it unmount a dead mount.
-    connection = _find_connection(fd, path)
+    connection = find_connection(fd, path)
     if os.geteuid() != 0 and not opts.allow_other and _fusermount_version(prog) < (3, 15) and connection:
         # fusermount3 before 3.15 checks the dead mount by opening it as root, which a mount
         # without allow_other refuses (libfuse issue #586), so it never unmounts: watch ourselves.
@@ -363,7 +363,7 @@ def _start_watchdog(sock: socket.socket, path: str, connection: int) -> None:
     (kept by this process) is closed and the same connection is still mounted there."""
     keep, watch = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     subprocess.Popen(
-        ["/bin/sh", "-c", _WATCHDOG, "sh", path, f"0:{connection}", _escape_mountinfo(path)],
+        ["/bin/sh", "-c", _WATCHDOG, "sh", path, f"0:{connection}", escape_mountinfo(path)],
         stdin=watch.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, close_fds=True,
     )
@@ -391,7 +391,7 @@ def _unmount(mountpoint: str, lazy: bool, via_fusermount: bool) -> None:
             hint = "; try a lazy unmount (lazy=True / fusermount3 -uz)" if code == errno.EBUSY else ""
             raise MountError(code, f"fusermount3 could not unmount {mountpoint!r}: {text}{hint}")
         return
-    err = _sys_umount2(mountpoint, UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0))
+    err = sys_umount2(mountpoint, UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0))
     if err == errno.EBUSY:
         raise MountError(
             err,
