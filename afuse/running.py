@@ -59,13 +59,12 @@ async def serve_until_signalled(
             async def watch_signals() -> None:
                 nonlocal got
                 async for signum in receiver:
-                    if got is not None:
-                        continue  # on_signal is running: ignore the rest
                     got = signal.Signals(signum)
-                    if on_signal is None:
-                        break
-                    await on_signal(got)
-                    await trio.sleep_forever()  # keep catching signals until the session closes
+                    if on_signal is not None:
+                        # Later signals are still caught (the receiver stays open), and ignored.
+                        await on_signal(got)
+                        return  # wait_closed() ends the wait
+                    break
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_signals)
