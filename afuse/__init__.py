@@ -7,6 +7,7 @@ from .errors import FUSEError, MountError, NotNegotiated, SessionError
 from .nodes import Caller, DirItem, FileHandle, Node, NodeFS, current_caller
 from .operations import DirListing, Operations
 from .passthrough import BackingFile
+from .running import run
 from .session import Session, Takeover, current_session, mount, serve
 from .wire import requests as _requests
 from .wire.constants import ROOT_ID, FAttr, FOpen, InitFlag, Opcode
@@ -21,6 +22,6 @@ __all__ = [
     "Entry", "FAttr", "FOpen", "FUSEError", "FileHandle", "FsStats", "Handle", "InitConfig", "InitFlag",
     "IoctlReply", "Lock", "MountError", "MountOptions", "Negotiated", "Node", "NodeFS", "NotNegotiated", "Opcode",
     "Operations", "RequestContext", "Session", "SessionError", "Statx", "Takeover", "Timestamp", "__version__",
-    "current_caller", "current_request", "current_session", "mount", "serve",
+    "current_caller", "current_request", "current_session", "mount", "run", "serve",
 ]
 __all__ += _requests.__all__

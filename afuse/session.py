@@ -500,22 +500,41 @@ async def mount(
 ) -> AsyncIterator[Session]:
     """Serve ``ops`` on ``mountpoint`` for the duration of the ``async with`` block.
 
-    Keyword arguments are those of :func:`serve`. Leaving the block unmounts.
+    Keyword arguments are those of :func:`serve`. Leaving the block unmounts, however it is left
+    (an exception, KeyboardInterrupt, cancellation); the block's exception propagates as itself.
     """
     started = False
+    raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             session: Session = await nursery.start(_serve_kw, ops, mountpoint, kwargs)
             started = True
             try:
                 yield session
+            except BaseException as e:
+                raised = e
+                raise
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # A failure to mount or negotiate is one plain exception for the caller.
         if not started and len(group.exceptions) == 1:
             raise group.exceptions[0] from None
-        raise
+        if raised is None or len(group.exceptions) != 1 or _leaves(group) != _leaves(raised):
+            raise
+        own = raised
+    else:
+        return
+    # The block's own exception (unmounted by now) reaches the caller as itself, not in a group;
+    # raised outside the handler so that the group does not become its context.
+    raise own
+
+
+def _leaves(exc: BaseException) -> list[int]:
+    """The ids of the exceptions in ``exc`` that are not groups (trio may copy a group, not them)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [id(exc)]
 
 
 async def _serve_kw(ops: Operations | Mountable, mountpoint: str | os.PathLike[str], kwargs: dict[str, Any],

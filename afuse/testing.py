@@ -34,7 +34,8 @@ from . import device
 from .device import MountOptions
 from .errors import MountError
 from .operations import Operations
-from .session import Session, serve
+from .running import serve_until_signalled
+from .session import Session, mount, serve
 from .wire.init import InitConfig
 
 
@@ -290,18 +291,9 @@ def _child_main(argv: Sequence[str]) -> int:
 
     async def main() -> None:
         nonlocal failed
-        async with trio.open_nursery() as nursery:
-            session: Session = await nursery.start(partial(serve, ops, path, options=options or None))
+        async with mount(ops, path, options=options or None) as session, trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_until_signalled, session, signals=(signal.SIGTERM, signal.SIGINT)))
             print("ready", flush=True)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                async def stop() -> None:
-                    async for _ in sigs:
-                        break
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(stop)
-                await session.wait_closed()
-                nursery.cancel_scope.cancel()
         failed = bool(session.errors)
         for e in session.errors:
             print(f"handler error: {e!r}", file=sys.stderr)

@@ -196,28 +196,21 @@ _PASSTHROUGH_DAEMON = """
 import signal, sys
 from functools import partial
 import trio
+import afuse
 from afuse.examples.passthroughfs import PassthroughFS
-from afuse.session import serve
+from afuse.running import serve_until_signalled
 from afuse.wire.init import InitConfig
 src, mnt, fsname = sys.argv[1:4]
 ops = PassthroughFS(src)
 failed = False
 async def main():
     global failed
-    async with trio.open_nursery() as nursery:
-        session = await nursery.start(partial(serve, ops, mnt, options="fsname=" + fsname,
-                                              config=InitConfig(passthrough=True)))
+    async with afuse.mount(ops, mnt, options="fsname=" + fsname, config=InitConfig(passthrough=True)) as session:
         if ops.passthrough_unavailable:
             print("passthrough unavailable: " + ops.passthrough_unavailable, file=sys.stderr, flush=True)
-        print("ready", flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-            async def stop():
-                async for _ in sigs:
-                    break
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(stop)
-            await session.wait_closed()
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_until_signalled, session, signals=(signal.SIGTERM, signal.SIGINT)))
+            print("ready", flush=True)
     failed = bool(session.errors)
 trio.run(main)
 ops.close()

@@ -30,7 +30,8 @@ class HelloFS(NodeFS):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
-    args = make_parser("Mount a filesystem holding one read-only file.").parse_args(argv)
+    args = make_parser("Mount a filesystem holding one read-only file.",
+                       prog="python -m afuse.examples.hello").parse_args(argv)
     return run_example(HelloFS(), args)
 
 

@@ -1670,7 +1670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from afuse.examples._cli import make_parser, run_example
 
     parser = make_parser("An in-memory POSIX filesystem: everything is gone at unmount "
-                         "(unless --persist or --keeper).")
+                         "(unless --persist or --keeper).", prog="python -m afuse.examples.memfs")
     parser.add_argument("--persist", metavar="DIR",
                         help="journal every change in DIR and restore what DIR holds at start")
     parser.add_argument("--keeper", metavar="SOCKET",
@@ -1689,9 +1689,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_failover(args: Any) -> int:
     """Serve under :func:`afuse.failover.serve_failover` until SIGTERM/SIGINT (drain) or unmount."""
     import signal
+    from functools import partial
 
     from afuse.device import MountOptions
     from afuse.failover import serve_failover
+    from afuse.running import serve_until_signalled
 
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s memfs[%(process)d] %(levelname)s %(message)s")
@@ -1702,29 +1704,30 @@ def _run_failover(args: Any) -> int:
         return 2
     ops = MemFS()
 
+    interrupted = False  # Ctrl-C: exit 130 (after draining, like SIGTERM and SIGHUP)
+
     async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                session = await nursery.start(lambda task_status: serve_failover(
-                    ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
-                    upgrade=args.upgrade, task_status=task_status))
+        async with trio.open_nursery() as nursery:
+            session = await nursery.start(lambda task_status: serve_failover(
+                ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
+                upgrade=args.upgrade, task_status=task_status))
+
+            async def drain(signum: signal.Signals) -> None:
+                nonlocal interrupted
+                interrupted = signum == signal.SIGINT
+                await session.drain()  # hand over gracefully; the mount stays
+
+            async with trio.open_nursery() as waiting:
+                await waiting.start(partial(serve_until_signalled, session, on_signal=drain))
                 print("ready", flush=True)
-
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        break
-                    await session.drain()  # hand over gracefully; the mount stays
-
-                nursery.start_soon(on_signal)
-                await session.wait_closed()
-                nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
 
     try:
         trio.run(run)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return 128 + signal.SIGINT if interrupted else 0
 
 
 if __name__ == "__main__":

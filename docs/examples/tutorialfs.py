@@ -5,7 +5,9 @@ Run it with ``python docs/examples/tutorialfs.py MOUNTPOINT [--debug] [-o OPTION
 
 from __future__ import annotations
 
+import argparse
 import errno
+import logging
 import os
 import stat
 import sys
@@ -14,7 +16,6 @@ from collections.abc import AsyncIterator
 
 import afuse
 from afuse import ROOT_ID
-from afuse.examples._cli import make_parser, run_example
 
 
 class Node:
@@ -134,11 +135,20 @@ class TutorialFS(afuse.Operations):
             del self.nodes[nodeid]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Mount in the foreground until Ctrl-C, SIGTERM or an unmount."""
-    args = make_parser("A directory of in-memory files.").parse_args(argv)
-    return run_example(TutorialFS(), args)
+def main(argv: list[str] | None = None) -> None:
+    """Serve on MOUNTPOINT in the foreground until Ctrl-C, SIGTERM, SIGHUP or an unmount."""
+    parser = argparse.ArgumentParser(description="A directory of in-memory files.")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma-separated")
+    parser.add_argument("--debug", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        afuse.run(TutorialFS(), args.mountpoint, options=",".join(args.options))
+    except afuse.MountError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
