@@ -24,9 +24,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -38,6 +38,8 @@ from .running import serve_until_signalled
 from .session import Session, mount, serve
 from .wire.init import InitConfig
 
+T = TypeVar("T")
+
 
 class HandlerErrors(Exception):
     """Handlers raised unexpected exceptions while a test used the filesystem (see ``__cause__``)."""
@@ -46,10 +48,19 @@ class HandlerErrors(Exception):
 class MountedFS:
     """A filesystem served in a background thread; ``path`` is its mountpoint."""
 
-    def __init__(self, path: str, session: Session, ops: Operations) -> None:
+    def __init__(self, path: str, session: Session, ops: Operations,
+                 token: trio.lowlevel.TrioToken | None = None) -> None:
         self.path = path
         self.session = session
         self.ops = ops
+        self._token = token
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``await fn(*args)`` on the loop serving the filesystem and return its result
+        (e.g. ``m.call(afuse.notify.inval_entry, m.session, 1, b"name")``); from the test thread."""
+        if self._token is None:
+            raise RuntimeError("this filesystem is not served by a loop of this process")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
 
     def __fspath__(self) -> str:
         return self.path
@@ -136,7 +147,7 @@ def mounted(
         raise box["error"]
     session: Session = box["session"]
     try:
-        yield MountedFS(path, session, ops)
+        yield MountedFS(path, session, ops, box["token"])
     finally:
         with contextlib.suppress(RuntimeError):  # the loop already ended
             box["token"].run_sync_soon(box["scope"].cancel)
