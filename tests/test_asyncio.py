@@ -1,0 +1,618 @@
+"""afuse.asyncio: filesystems served from asyncio programs, handlers written as asyncio coroutines.
+
+The asyncio loop under test serves the mount, so the mount is touched only from threads
+(``asyncio.to_thread``) and other processes, never from the loop's own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import errno
+import json
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sniffio
+
+import afuse
+import afuse.asyncio
+import afuse.notify
+from afuse import device
+from afuse.examples.hello_asyncio import DATA, HelloAsyncioFS
+from afuse.operations import overridden
+
+ROOT = 1
+TIMEOUT = 20.0
+
+
+def mounted(path: str | Path) -> bool:
+    """True if an afuse filesystem is mounted on ``path`` (without touching the mount)."""
+    resolved = device.resolve_mountpoint(str(path))  # os.path.realpath would stat the mount's root
+    return any(mp == resolved for mp, _t, _s in device.find_mounts())
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[str]:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield str(path)
+    if mounted(path):  # a failed test must not leave its mount behind
+        device.unmount(str(path), lazy=True)
+        pytest.fail(f"{path} was left mounted")
+
+
+async def run_process(*args: str, timeout: float = TIMEOUT) -> tuple[int, str]:
+    """Run a program (never the loop's own thread touching the mount); its status and stdout."""
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+# -- a tiny HTTP server and client on asyncio streams --------------------------------------------
+
+class FileServer:
+    """HTTP/1.1 on 127.0.0.1: ``GET /stat/NAME`` (the size) and ``GET /data/NAME?OFFSET,SIZE``.
+
+    Reads of ``slow`` wait until :attr:`release` is set.
+    """
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.release = asyncio.Event()
+        self.slow_started = asyncio.Event()
+        self.slow_aborted = asyncio.Event()  # the client went away while "slow" was pending
+        self.requests: list[str] = []
+        self.port = 0
+
+    async def __aenter__(self) -> FileServer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = (await reader.readline()).decode()
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            _method, target, _version = line.split()
+            self.requests.append(target)
+            kind, _, rest = target.lstrip("/").partition("/")
+            name, _, query = rest.partition("?")
+            body = self.files.get(name)
+            if body is None:
+                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            if name == "slow" and kind == "data":
+                self.slow_started.set()
+                waiting = asyncio.ensure_future(self.release.wait())
+                gone = asyncio.ensure_future(reader.read(1))  # EOF once the client closes
+                done, _ = await asyncio.wait([waiting, gone], return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                gone.cancel()
+                if gone in done:
+                    self.slow_aborted.set()
+                    return
+            if kind == "stat":
+                body = str(len(body)).encode()
+            else:
+                offset, size = map(int, query.split(","))
+                body = body[offset : offset + size]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                         + body)
+            await writer.drain()
+        finally:
+            writer.close()
+
+
+async def http_get(port: int, target: str) -> tuple[int, bytes]:
+    """A minimal asyncio HTTP/1.1 client: GET ``target`` from 127.0.0.1:``port``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode().partition(":")
+            if key.strip().lower() == "content-length":
+                length = int(value)
+        return status, await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+class HttpFS(afuse.Operations):
+    """Files served by a :class:`FileServer`: every lookup, getattr and read is an HTTP request."""
+
+    entry_timeout = 0.0
+    attr_timeout = 0.0
+
+    def __init__(self, port: int, names: list[str]) -> None:
+        self.port = port
+        self.names = names
+        self.libraries: list[str | None] = []  # sniffio's answer in each handler
+        self.cancelled: list[str] = []  # reads cancelled (by an INTERRUPT)
+
+    def _note(self) -> None:
+        self.libraries.append(sniffio.current_async_library())
+        assert asyncio.current_task() is not None
+
+    async def _size(self, name: str) -> int:
+        status, body = await http_get(self.port, f"/stat/{name}")
+        if status == 404:
+            raise afuse.FUSEError(errno.ENOENT)
+        return int(body)
+
+    def _attr(self, ino: int, size: int) -> afuse.Attr:
+        return afuse.Attr(ino=ino, mode=stat.S_IFREG | 0o444, nlink=1, size=size)
+
+    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
+        self._note()
+        name = req.name.decode()
+        if req.nodeid != ROOT or name not in self.names:
+            raise afuse.FUSEError(errno.ENOENT)
+        ino = 2 + self.names.index(name)
+        return afuse.Entry(ino, self._attr(ino, await self._size(name)))
+
+    async def getattr(self, req: afuse.GetattrRequest) -> afuse.Attr:
+        self._note()
+        if req.nodeid == ROOT:
+            return afuse.Attr(ino=ROOT, mode=stat.S_IFDIR | 0o755, nlink=2)
+        name = self.names[req.nodeid - 2]
+        return self._attr(req.nodeid, await self._size(name))
+
+    async def open(self, req: afuse.OpenRequest) -> afuse.Handle:
+        self._note()
+        return afuse.Handle(fh=req.nodeid, flags=afuse.FOpen.DIRECT_IO)  # every read() a READ
+
+    async def read(self, req: afuse.ReadRequest) -> bytes:
+        self._note()
+        name = self.names[req.fh - 2]
+        try:
+            status, body = await http_get(self.port, f"/data/{name}?{req.offset},{req.size}")
+        except asyncio.CancelledError:
+            self.cancelled.append(name)
+            raise
+        if status != 200:
+            raise afuse.FUSEError(errno.EIO)
+        return body
+
+    async def readdir(self, req: afuse.ReaddirRequest) -> AsyncIterator[afuse.DirEntry]:  # type: ignore[override]
+        self._note()
+        root = afuse.Attr(ino=ROOT, mode=stat.S_IFDIR | 0o755)
+        entries = [afuse.DirEntry(b".", 1, root), afuse.DirEntry(b"..", 2, root)]
+        for i, name in enumerate(self.names):
+            entries.append(afuse.DirEntry(name.encode(), 3 + i, self._attr(2 + i, 0)))
+        for entry in entries[req.offset:]:
+            await asyncio.sleep(0)
+            yield entry
+
+
+FILES = {"a": b"alpha\n" * 1000, "b": b"bravo\n", "slow": b"finally\n"}
+
+_OTHER_CLIENT = textwrap.dedent(
+    """
+    import json, os, sys
+    mnt = sys.argv[1]
+    out = {"names": sorted(os.listdir(mnt)), "size_a": os.stat(os.path.join(mnt, "a")).st_size}
+    for name in ("a", "b"):
+        with open(os.path.join(mnt, name), "rb") as f:
+            out[name] = f.read().decode()
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.asyncio
+async def test_http_backed_files_and_responsive_while_one_request_is_slow(mnt: str) -> None:
+    async with FileServer(FILES) as server:
+        fs = HttpFS(server.port, list(FILES))
+        async with afuse.asyncio.mount(fs, mnt) as session:
+            assert session.mountpoint == device.resolve_mountpoint(mnt) and mounted(mnt)
+            slow_reader = asyncio.ensure_future(run_process(
+                sys.executable, "-c", "import sys; print(open(sys.argv[1], 'rb').read().decode(), end='')",
+                os.path.join(mnt, "slow")))
+            async with asyncio.timeout(TIMEOUT):
+                await server.slow_started.wait()
+            # With the READ of "slow" in flight, another process lists, stats and reads.
+            status, out = await run_process(sys.executable, "-c", _OTHER_CLIENT, mnt)
+            assert status == 0
+            assert json.loads(out) == {"names": ["a", "b", "slow"], "size_a": len(FILES["a"]),
+                                       "a": FILES["a"].decode(), "b": FILES["b"].decode()}
+            assert not slow_reader.done()
+            server.release.set()
+            assert await slow_reader == (0, FILES["slow"].decode())
+            assert session.errors == []
+        assert not mounted(mnt)
+    assert fs.libraries and set(fs.libraries) == {"asyncio"}
+    assert any(t.startswith("/data/a?") for t in server.requests)
+    assert not fs.cancelled
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
+async def test_interrupt_cancels_the_asyncio_handler(mnt: str, signum: int) -> None:
+    async with FileServer(FILES) as server:
+        fs = HttpFS(server.port, list(FILES))
+        async with afuse.asyncio.mount(fs, mnt) as session:
+            reader = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "import sys; open(sys.argv[1], 'rb').read()", os.path.join(mnt, "slow"))
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    await server.slow_started.wait()
+                    reader.send_signal(signum)
+                    # The kernel sends INTERRUPT; the handler's task is cancelled, its HTTP
+                    # connection closed, and the reader, answered EINTR, dies of its signal.
+                    assert await reader.wait() == -signum
+                    await server.slow_aborted.wait()
+            finally:
+                if reader.returncode is None:
+                    reader.kill()
+                    await reader.wait()
+            assert fs.cancelled == ["slow"]
+            # Still serving.
+            status, out = await run_process(sys.executable, "-c", _OTHER_CLIENT, mnt)
+            assert status == 0 and json.loads(out)["b"] == FILES["b"].decode()
+            assert session.errors == []
+    assert not mounted(mnt)
+
+
+class Probe(afuse.Operations):
+    """Records what a handler sees: sniffio, the asyncio task, context variables, the session."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    async def getattr(self, req: afuse.GetattrRequest) -> afuse.Attr:
+        await asyncio.sleep(0.001)
+        self.seen.append({
+            "library": sniffio.current_async_library(),
+            "task": asyncio.current_task() is not None,
+            "var": VAR.get("unset"),
+            "session": afuse.current_session().mountpoint,
+        })
+        return afuse.Attr(ino=req.nodeid, mode=stat.S_IFDIR | 0o755, nlink=2)
+
+
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR")
+
+
+@pytest.mark.asyncio
+async def test_handlers_run_as_asyncio_tasks_in_the_programs_context(mnt: str) -> None:
+    VAR.set("from the program")
+    ops = Probe()
+    async with afuse.asyncio.mount(ops, mnt) as session:
+        st = await asyncio.to_thread(os.stat, mnt)
+        assert stat.S_ISDIR(st.st_mode)
+    assert ops.seen and ops.seen[0] == {"library": "asyncio", "task": True, "var": "from the program",
+                                        "session": session.mountpoint}
+    assert session.closed and not mounted(mnt)
+
+
+@pytest.mark.asyncio
+async def test_hello_asyncio_reads_lists_and_refuses(mnt: str) -> None:
+    async with afuse.asyncio.mount(HelloAsyncioFS(), mnt):
+        assert await asyncio.to_thread(os.listdir, mnt) == ["hello"]
+        assert await asyncio.to_thread(Path(mnt, "hello").read_bytes) == DATA
+        with pytest.raises(PermissionError):
+            await asyncio.to_thread(open, os.path.join(mnt, "hello"), "wb")
+        with pytest.raises(FileNotFoundError):
+            await asyncio.to_thread(os.stat, os.path.join(mnt, "nope"))
+
+
+class Listings(afuse.Operations):
+    """readdir in three shapes: a list, an async iterable from a coroutine, an async generator."""
+
+    def __init__(self, shape: str) -> None:
+        self.shape = shape
+        self.closed = False
+
+    async def getattr(self, req: afuse.GetattrRequest) -> afuse.Attr:
+        return afuse.Attr(ino=req.nodeid, mode=stat.S_IFDIR | 0o755, nlink=2)
+
+    def _entries(self, offset: int) -> list[afuse.DirEntry]:
+        a = afuse.Attr(ino=5, mode=stat.S_IFREG | 0o644)
+        names = [b".", b"..", *(b"f%03d" % i for i in range(300))]
+        return [afuse.DirEntry(n, i + 1, a) for i, n in enumerate(names)][offset:]
+
+    async def readdir(self, req: afuse.ReaddirRequest) -> Any:
+        if self.shape == "list":
+            await asyncio.sleep(0)
+            return self._entries(req.offset)
+        if self.shape == "aiter":
+            await asyncio.sleep(0)
+            return self._agen(req.offset)
+        return self._agen(req.offset)  # not reached for "agen"
+
+    async def _agen(self, offset: int) -> AsyncIterator[afuse.DirEntry]:
+        try:
+            for entry in self._entries(offset):
+                await asyncio.sleep(0)
+                assert sniffio.current_async_library() == "asyncio"
+                yield entry
+        finally:
+            await asyncio.sleep(0)  # asyncio code in the generator's cleanup, too
+            self.closed = True
+
+
+class AgenListings(Listings):
+    async def readdir(self, req: afuse.ReaddirRequest) -> AsyncIterator[afuse.DirEntry]:  # type: ignore[override]
+        async for entry in self._agen(req.offset):
+            yield entry
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("shape", ["list", "aiter", "agen"])
+async def test_readdir_shapes(mnt: str, shape: str) -> None:
+    ops = AgenListings(shape) if shape == "agen" else Listings(shape)
+    async with afuse.asyncio.mount(ops, mnt) as session:
+        names = await asyncio.to_thread(os.listdir, mnt)
+        assert session.errors == []
+    assert names == [f"f{i:03d}" for i in range(300)]
+    if shape != "list":
+        assert ops.closed  # the generator, stopped at a full reply, was closed in asyncio
+
+
+def test_only_overridden_handlers_are_bridged() -> None:
+    async def check() -> None:
+        ops = HelloAsyncioFS()
+        bridged = afuse.asyncio.bridge(ops)
+        for name in ("getattr", "lookup", "opendir", "readdir", "open", "read"):
+            assert overridden(bridged, name), name
+        for name in ("write", "readdirplus", "setattr", "getlk", "access", "statx", "release"):
+            assert not overridden(bridged, name), name  # still ENOSYS (or default) without a call
+        assert afuse.asyncio.bridge(bridged) is bridged
+        assert type(afuse.asyncio.bridge(HelloAsyncioFS())) is type(bridged)
+
+    asyncio.run(check())
+
+
+def test_a_handler_that_is_not_async_is_refused() -> None:
+    class Sync(afuse.Operations):
+        def getattr(self, req: afuse.GetattrRequest) -> afuse.Attr:  # type: ignore[override]
+            return afuse.Attr(ino=1, mode=stat.S_IFDIR | 0o755)
+
+    async def check() -> None:
+        with pytest.raises(TypeError, match=r"Sync\.getattr must be an 'async def'"):
+            async with afuse.asyncio.mount(Sync(), "/nonexistent"):
+                pass
+
+    asyncio.run(check())
+    with pytest.raises(TypeError, match=r"afuse\.Operations"):
+        afuse.asyncio.bridge(object())  # type: ignore[arg-type]
+
+
+class Failing(HelloAsyncioFS):
+    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
+        await asyncio.sleep(0)
+        raise RuntimeError("boom in asyncio")
+
+
+@pytest.mark.asyncio
+async def test_handler_exception_is_an_eio_reply_and_kept(mnt: str) -> None:
+    async with afuse.asyncio.mount(Failing(), mnt) as session:
+        with pytest.raises(OSError) as e:
+            await asyncio.to_thread(os.stat, os.path.join(mnt, "hello"))
+        assert e.value.errno == errno.EIO
+        assert stat.S_ISDIR((await asyncio.to_thread(os.stat, mnt)).st_mode)  # serving on
+    assert [str(x) for x in session.errors] == ["boom in asyncio"]
+
+
+@pytest.mark.asyncio
+async def test_exception_in_the_block_unmounts(mnt: str) -> None:
+    with pytest.raises(ZeroDivisionError):
+        async with afuse.asyncio.mount(HelloAsyncioFS(), mnt):
+            assert await asyncio.to_thread(Path(mnt, "hello").read_bytes) == DATA
+            1 / 0  # noqa: B018
+    assert not mounted(mnt)
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_task_unmounts(mnt: str) -> None:
+    ready = asyncio.Event()
+
+    async def serve() -> None:
+        async with afuse.asyncio.mount(HelloAsyncioFS(), mnt):
+            ready.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(serve())
+    async with asyncio.timeout(TIMEOUT):
+        await ready.wait()
+    assert mounted(mnt)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not mounted(mnt)
+
+
+@pytest.mark.asyncio
+async def test_cancelling_while_mounting_leaves_nothing(mnt: str) -> None:
+    async def serve() -> None:
+        async with afuse.asyncio.mount(HelloAsyncioFS(), mnt):
+            await asyncio.sleep(3600)
+
+    for delay in (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008):  # at points during mounting, and after
+        task = asyncio.ensure_future(serve())
+        await asyncio.sleep(delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not mounted(mnt)
+
+
+@pytest.mark.asyncio
+async def test_exception_elsewhere_in_the_program_unmounts(mnt: str) -> None:
+    ready = asyncio.Event()
+
+    async def serve() -> None:
+        async with afuse.asyncio.mount(HelloAsyncioFS(), mnt):
+            ready.set()
+            await asyncio.sleep(3600)
+
+    async def fail() -> None:
+        await ready.wait()
+        assert mounted(mnt)
+        raise KeyError("elsewhere")
+
+    with pytest.raises(ExceptionGroup) as e:
+        async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as tg:
+            tg.create_task(serve())
+            tg.create_task(fail())
+    assert e.group_contains(KeyError)
+    assert not mounted(mnt)
+
+
+@pytest.mark.asyncio
+async def test_unmounted_from_outside_ends_wait_closed(mnt: str) -> None:
+    async with afuse.asyncio.mount(HelloAsyncioFS(), mnt) as session:
+        await asyncio.to_thread(device.unmount, mnt)
+        async with asyncio.timeout(TIMEOUT):
+            await session.wait_closed()
+        assert session.closed
+
+
+@pytest.mark.asyncio
+async def test_mount_failure_is_a_plain_exception(tmp_path: Path) -> None:
+    with pytest.raises(afuse.MountError):
+        async with afuse.asyncio.mount(HelloAsyncioFS(), str(tmp_path / "missing")):
+            raise AssertionError("not reached")
+
+
+class CountingLookups(HelloAsyncioFS):
+    entry_timeout = 3600.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+
+    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
+        self.lookups += 1
+        return await super().lookup(req)
+
+
+@pytest.mark.asyncio
+async def test_call_trio_runs_afuse_trio_api(mnt: str) -> None:
+    ops = CountingLookups()
+    hello = os.path.join(mnt, "hello")
+    async with afuse.asyncio.mount(ops, mnt) as session:
+        await asyncio.to_thread(os.stat, hello)
+        await asyncio.to_thread(os.stat, hello)
+        assert ops.lookups == 1  # cached
+        # afuse.notify is trio code: run it in the session's trio run.
+        await session.call_trio(afuse.notify.inval_entry, session.session, ROOT, b"hello")
+        await asyncio.to_thread(os.stat, hello)
+        assert ops.lookups == 2
+        with pytest.raises(ValueError, match="from trio"):
+            await session.call_trio(_raise_in_trio)
+    assert not mounted(mnt)
+
+
+async def _raise_in_trio() -> None:
+    assert sniffio.current_async_library() == "trio"
+    raise ValueError("from trio")
+
+
+# -- processes: the run helper and the example, stopped by signals ---------------------------------
+
+def wait_mounted(proc: subprocess.Popen[bytes], path: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not mounted(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "not mounted in time"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 130), (signal.SIGHUP, 0)])
+def test_example_stops_on_signals_and_unmounts(mnt: str, signum: int, status: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "afuse.examples.hello_asyncio", mnt],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_mounted(proc, mnt)
+        assert Path(mnt, "hello").read_bytes() == DATA
+        proc.send_signal(signum)
+        _out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status, err
+    assert b"Traceback" not in err
+    assert not mounted(mnt)
+
+
+def test_example_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "afuse.examples.hello_asyncio", "--help"],
+                         capture_output=True, text=True, check=True, timeout=TIMEOUT).stdout
+    assert out.startswith("usage: python -m afuse.examples.hello_asyncio")
+    assert "MOUNTPOINT" in out.upper()
+
+
+_STUCK_SERVER = textwrap.dedent(
+    """
+    import asyncio, errno, stat, sys
+    import afuse, afuse.asyncio
+
+    FILE = afuse.Attr(ino=2, mode=stat.S_IFREG | 0o444, nlink=1, size=100)
+
+    class Stuck(afuse.Operations):
+        async def getattr(self, req):
+            return afuse.Attr(ino=1, mode=stat.S_IFDIR | 0o755, nlink=2) if req.nodeid == 1 else FILE
+        async def lookup(self, req):
+            return afuse.Entry(2, FILE)
+        async def open(self, req):
+            return afuse.Handle(flags=afuse.FOpen.DIRECT_IO)
+        async def read(self, req):
+            print("reading", flush=True)
+            await asyncio.Event().wait()  # never answers
+
+    print(afuse.asyncio.run(Stuck(), sys.argv[1]), flush=True)
+    """
+)
+
+
+def test_sigterm_with_a_request_in_flight_unmounts(mnt: str) -> None:
+    """A process serving with afuse.asyncio.run, one READ stuck forever, gets SIGTERM."""
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_SERVER, mnt], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    reader = None
+    try:
+        wait_mounted(proc, mnt)
+        reader = subprocess.Popen([sys.executable, "-c", "import sys; open(sys.argv[1], 'rb').read()",
+                                   os.path.join(mnt, "f")], stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        assert select.select([proc.stdout], [], [], TIMEOUT)[0], "the READ did not arrive"
+        assert proc.stdout.readline() == b"reading\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert reader.wait(timeout=TIMEOUT) != 0  # its read failed (EINTR or ENOTCONN)
+    finally:
+        for p in (proc, reader):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert proc.returncode == 0, err
+    assert out.strip() == str(int(signal.SIGTERM)).encode()
+    assert not mounted(mnt)
