@@ -333,6 +333,94 @@ def _unwrap_single(exc: BaseException) -> BaseException:
     return exc
 
 
+class _TrioHost:
+    """The one trio run (a guest of an asyncio loop) serving every mount of that loop.
+
+    Trio allows one run per thread, so mounts share it; it starts with the first and ends when
+    the last has ended.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.users = 0
+        self.stopping = False
+        self.ready: asyncio.Future[tuple[trio.lowlevel.TrioToken, trio.Nursery]] = loop.create_future()
+        self.finished: asyncio.Future[outcome.Outcome[None]] = loop.create_future()
+        self._stop: trio.Event | None = None
+
+    def start(self) -> None:
+        trio.lowlevel.start_guest_run(
+            self._main,
+            run_sync_soon_threadsafe=self.loop.call_soon_threadsafe,
+            run_sync_soon_not_threadsafe=self.loop.call_soon,
+            done_callback=self._done,
+            host_uses_signal_set_wakeup_fd=True,
+        )
+
+    async def _main(self) -> None:
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            if not self.ready.done():
+                self.ready.set_result((trio.lowlevel.current_trio_token(), nursery))
+            if not self.stopping:
+                await self._stop.wait()
+
+    def _done(self, o: outcome.Outcome[None]) -> None:
+        if _hosts.get(self.loop) is self:
+            del _hosts[self.loop]
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError("the trio run ended before it started serving"))
+        if not self.finished.done():
+            self.finished.set_result(o)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None:
+            token, _ = self.ready.result()
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._set_stop)
+
+    def _set_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+
+_hosts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _TrioHost] = weakref.WeakKeyDictionary()
+
+
+async def _acquire_host(loop: asyncio.AbstractEventLoop) -> _TrioHost:
+    """The loop's trio host, started if need be, counting one more user."""
+    while True:
+        host = _hosts.get(loop)
+        if host is None:
+            host = _hosts[loop] = _TrioHost(loop)
+            host.start()
+        if host.stopping:  # a new run can start only once this one has ended
+            await asyncio.shield(host.finished)
+            continue
+        host.users += 1
+        try:
+            await asyncio.shield(host.ready)
+        except BaseException:
+            await _release_host(host)
+            raise
+        return host
+
+
+async def _release_host(host: _TrioHost) -> None:
+    """Count one user less; the last one stops the trio run and waits for its end."""
+    host.users -= 1
+    if host.users > 0:
+        return
+    host.stop()
+    cancelled = await _wait_uncancelled(host.finished)
+    o = host.finished.result()
+    if isinstance(o, outcome.Error) and not isinstance(o.error, trio.Cancelled):
+        raise _unwrap_single(o.error)
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 @contextlib.asynccontextmanager
 async def mount(
     ops: Operations, mountpoint: str | os.PathLike[str], **serve_kwargs: Any,
@@ -345,44 +433,50 @@ async def mount(
     """
     loop = asyncio.get_running_loop()
     bridged = bridge(ops, loop)
+    host = await _acquire_host(loop)
+    try:
+        async with _serve_on(host, bridged, mountpoint, serve_kwargs) as session:
+            yield session
+    finally:
+        await _release_host(host)
+
+
+@contextlib.asynccontextmanager
+async def _serve_on(host: _TrioHost, ops: Operations, mountpoint: str | os.PathLike[str],
+                    serve_kwargs: dict[str, Any]) -> AsyncIterator[AsyncioSession]:
+    loop = host.loop
+    token, nursery = host.ready.result()
     started: asyncio.Future[Session] = loop.create_future()
     finished: asyncio.Future[outcome.Outcome[None]] = loop.create_future()
-    trio_side: dict[str, Any] = {}  # its token and cancel scope, once trio_main runs
+    scope = trio.CancelScope()
 
-    async def trio_main() -> None:
-        async with trio.open_nursery() as nursery:
-            trio_side["token"] = trio.lowlevel.current_trio_token()
-            trio_side["scope"] = nursery.cancel_scope
-            if started.cancelled():  # the asyncio side gave up before trio started
-                return
-            session: Session = await nursery.start(functools.partial(serve, bridged, mountpoint, **serve_kwargs))
-            if started.cancelled():  # ... or while mounting
-                nursery.cancel_scope.cancel()
-                return
-            started.set_result(session)
+    async def serve_until_cancelled() -> None:
+        with scope:
+            async with trio.open_nursery() as inner:
+                session: Session = await inner.start(functools.partial(serve, ops, mountpoint, **serve_kwargs))
+                if started.cancelled():  # the asyncio side gave up while mounting
+                    inner.cancel_scope.cancel()
+                else:
+                    started.set_result(session)
 
-    def stop_trio() -> None:
-        if "scope" in trio_side:
-            with contextlib.suppress(trio.RunFinishedError):
-                trio_side["token"].run_sync_soon(trio_side["scope"].cancel)
-
-    def on_done(o: outcome.Outcome[None]) -> None:
+    async def serve_one() -> None:
+        o = await outcome.acapture(serve_until_cancelled)
         if not finished.done():
             finished.set_result(o)
+        if isinstance(o, outcome.Error) and not isinstance(o.error, Exception):
+            raise o.error  # trio's own cancellation, KeyboardInterrupt: not ours to swallow
 
-    trio.lowlevel.start_guest_run(
-        trio_main,
-        run_sync_soon_threadsafe=loop.call_soon_threadsafe,
-        run_sync_soon_not_threadsafe=loop.call_soon,
-        done_callback=on_done,
-        host_uses_signal_set_wakeup_fd=True,
-    )
+    def stop() -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(scope.cancel)
+
+    token.run_sync_soon(nursery.start_soon, serve_one)
     try:
         waiting: list[asyncio.Future[Any]] = [started, finished]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         started.cancel()
-        stop_trio()
+        stop()
         await _wait_uncancelled(finished)
         raise
     if not started.done():
@@ -391,9 +485,9 @@ async def mount(
             raise _unwrap_single(o.error) from None
         raise RuntimeError("serving ended before the filesystem was mounted")
     try:
-        yield AsyncioSession(started.result(), loop, trio_side["token"], finished)
+        yield AsyncioSession(started.result(), loop, token, finished)
     finally:
-        stop_trio()
+        stop()
         cancelled = await _wait_uncancelled(finished)
         o = finished.result()
         if isinstance(o, outcome.Error):

@@ -486,6 +486,34 @@ async def test_exception_elsewhere_in_the_program_unmounts(mnt: str) -> None:
 
 
 @pytest.mark.asyncio
+async def test_several_mounts_in_one_program(tmp_path: Path) -> None:
+    """Mounts share the loop's one trio run: nested, concurrent in tasks, one after another."""
+    paths = [str(tmp_path / n) for n in ("a", "b", "c")]
+    for p in paths:
+        os.mkdir(p)
+    try:
+        for _ in range(2):  # the trio run ends with the last mount and starts again
+            async with afuse.asyncio.mount(HelloAsyncioFS(), paths[0]), \
+                    afuse.asyncio.mount(HelloAsyncioFS(), paths[1]):
+                assert await asyncio.to_thread(lambda: [Path(p, "hello").read_bytes() for p in paths[:2]]) \
+                    == [DATA, DATA]
+
+        async def one(path: str) -> list[str]:
+            async with afuse.asyncio.mount(HelloAsyncioFS(), path):
+                await asyncio.sleep(0.05)
+                return await asyncio.to_thread(os.listdir, path)
+
+        async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(p)) for p in paths]
+        assert [t.result() for t in tasks] == [["hello"]] * 3
+    finally:
+        left = [p for p in paths if mounted(p)]
+        for p in left:
+            device.unmount(p, lazy=True)
+    assert not left
+
+
+@pytest.mark.asyncio
 async def test_unmounted_from_outside_ends_wait_closed(mnt: str) -> None:
     async with afuse.asyncio.mount(HelloAsyncioFS(), mnt) as session:
         await asyncio.to_thread(device.unmount, mnt)
