@@ -503,7 +503,8 @@ async def serve_until_stopped(
 
     Returns the signal number that stopped serving, or None if the filesystem was unmounted.
     Signal handlers are installed with :meth:`asyncio.loop.add_signal_handler` (main thread
-    only) for as long as the filesystem is mounted. Keyword arguments are :func:`mount`'s.
+    only) for as long as the filesystem is mounted, then the previous ones are restored.
+    Keyword arguments are :func:`mount`'s.
     """
     loop = asyncio.get_running_loop()
     got: asyncio.Future[int] = loop.create_future()
@@ -512,11 +513,12 @@ async def serve_until_stopped(
         if not got.done():
             got.set_result(signum)
 
-    installed: list[int] = []
+    installed: list[tuple[int, Any]] = []
     try:
         for signum in signals:
+            previous = signal.getsignal(signum)
             loop.add_signal_handler(signum, on_signal, signum)
-            installed.append(signum)
+            installed.append((signum, previous))
         async with mount(ops, mountpoint, **serve_kwargs) as session:
             closed = asyncio.ensure_future(session.wait_closed())
             try:
@@ -525,8 +527,10 @@ async def serve_until_stopped(
             finally:
                 closed.cancel()
     finally:
-        for signum in installed:
+        for signum, previous in reversed(installed):
             loop.remove_signal_handler(signum)
+            if previous is not None:  # e.g. asyncio.run's own SIGINT handler
+                signal.signal(signum, previous)
     return got.result() if got.done() else None
 
 

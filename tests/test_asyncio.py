@@ -644,3 +644,47 @@ def test_sigterm_with_a_request_in_flight_unmounts(mnt: str) -> None:
     assert proc.returncode == 0, err
     assert out.strip() == str(int(signal.SIGTERM)).encode()
     assert not mounted(mnt)
+
+
+_PROGRAM = textwrap.dedent(
+    """
+    import asyncio, sys
+    import afuse.asyncio
+    from afuse.examples.hello_asyncio import HelloAsyncioFS
+
+    async def main():
+        async with afuse.asyncio.mount(HelloAsyncioFS(), sys.argv[1]):
+            print("mounted", flush=True)
+            if sys.argv[2] == "raise":
+                await asyncio.sleep(0.1)
+                raise RuntimeError("the program failed")
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["raise", "sigint"])
+def test_an_asyncio_program_leaves_no_mount(mnt: str, how: str) -> None:
+    """asyncio.run(main()) with the mount in main: an exception in the block, and Ctrl-C (which
+    asyncio.run turns into cancelling main, then KeyboardInterrupt)."""
+    proc = subprocess.Popen([sys.executable, "-c", _PROGRAM, mnt, how], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert select.select([proc.stdout], [], [], TIMEOUT)[0], "not mounted in time"
+        assert proc.stdout.readline() == b"mounted\n"
+        assert mounted(mnt)
+        if how == "sigint":
+            proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if how == "raise":
+        assert proc.returncode == 1 and b"RuntimeError: the program failed" in err
+    else:
+        assert proc.returncode in (1, -signal.SIGINT) and b"KeyboardInterrupt" in err
+    assert not mounted(mnt)
