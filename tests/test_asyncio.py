@@ -688,3 +688,14 @@ def test_an_asyncio_program_leaves_no_mount(mnt: str, how: str) -> None:
     else:
         assert proc.returncode in (1, -signal.SIGINT) and b"KeyboardInterrupt" in err
     assert not mounted(mnt)
+
+
+def test_overhead_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/asyncio_overhead.py --quick measures both forms (nothing asserted about speed)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "asyncio_overhead.py"
+    out = tmp_path / "figures.json"
+    subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], check=True,
+                   capture_output=True, timeout=120)
+    figures = json.loads(out.read_text())
+    assert figures["calls"] == 300
+    assert figures["trio_us_per_stat"] > 0 and figures["asyncio_us_per_stat"] > 0
