@@ -61,10 +61,6 @@ _DIR_HANDLERS = ("readdir", "readdirplus")
 SPIN_CHECKPOINTS = 3
 
 
-def _overridden(ops: Operations, name: str) -> bool:
-    return getattr(type(ops), name, None) is not getattr(Operations, name)
-
-
 # -- the trio side waiting for asyncio ---------------------------------------------------------
 
 async def _run_in_asyncio(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
@@ -278,6 +274,12 @@ class AsyncioSession:
     def mountpoint(self) -> str:
         """Where the filesystem is mounted."""
         return self.session.mountpoint
+
+    @property
+    def ops(self) -> Operations:
+        """The filesystem object given to :func:`mount` (``session.ops`` is its trio-side wrapper)."""
+        ops = self.session.ops
+        return ops._afuse_ops if isinstance(ops, _Bridged) else ops
 
     @property
     def errors(self) -> list[BaseException]:

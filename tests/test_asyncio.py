@@ -29,7 +29,7 @@ import afuse
 import afuse.asyncio
 import afuse.notify
 from afuse import device
-from afuse.examples.hello_asyncio import DATA, HelloAsyncioFS
+from afuse.examples.hello_asyncio import DATA, HelloAsyncioFS, serve_until_unmounted
 from afuse.operations import overridden
 
 ROOT = 1
@@ -306,6 +306,7 @@ async def test_handlers_run_as_asyncio_tasks_in_the_programs_context(mnt: str) -
     async with afuse.asyncio.mount(ops, mnt) as session:
         st = await asyncio.to_thread(os.stat, mnt)
         assert stat.S_ISDIR(st.st_mode)
+        assert session.ops is ops
     assert ops.seen and ops.seen[0] == {"library": "asyncio", "task": True, "var": "from the program",
                                         "session": session.mountpoint}
     assert session.closed and not mounted(mnt)
@@ -520,6 +521,21 @@ async def test_unmounted_from_outside_ends_wait_closed(mnt: str) -> None:
         async with asyncio.timeout(TIMEOUT):
             await session.wait_closed()
         assert session.closed
+    # The example's serve_until_unmounted (shown in docs/asyncio.md) returns then, too.
+    task = asyncio.ensure_future(serve_until_unmounted(mnt))
+    async with asyncio.timeout(TIMEOUT):
+        while not mounted(mnt):
+            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(os.listdir, mnt) == ["hello"]
+        await asyncio.to_thread(device.unmount, mnt)
+        await task
+
+
+@pytest.mark.asyncio
+async def test_hello_asyncio(tmp_path: Path) -> None:
+    async with afuse.asyncio.mount(HelloAsyncioFS(), tmp_path) as fs:
+        assert await asyncio.to_thread(os.listdir, tmp_path) == ["hello"]
+    assert fs.errors == []
 
 
 @pytest.mark.asyncio

@@ -78,6 +78,12 @@ class HelloAsyncioFS(Operations):
         return DATA[req.offset : req.offset + req.size]
 
 
+async def serve_until_unmounted(mountpoint: str) -> None:
+    """Serve hello on ``mountpoint`` from a running asyncio loop until it is unmounted from outside."""
+    async with afuse.asyncio.mount(HelloAsyncioFS(), mountpoint) as fs:
+        await fs.wait_closed()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when stopped by SIGTERM, SIGHUP or an unmount, 130 on Ctrl-C."""
     parser = make_parser("Mount a filesystem holding one read-only file, served from asyncio.")
