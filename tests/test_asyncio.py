@@ -11,6 +11,7 @@ import contextvars
 import errno
 import json
 import os
+import random
 import select
 import signal
 import stat
@@ -512,6 +513,48 @@ async def test_several_mounts_in_one_program(tmp_path: Path) -> None:
         for p in left:
             device.unmount(p, lazy=True)
     assert not left
+
+
+@pytest.mark.asyncio
+async def test_mounts_coming_and_going_concurrently(tmp_path: Path) -> None:
+    """Mounts starting while the shared trio run is stopping wait for it and start a new one."""
+    rng = random.Random(9)
+    paths = [str(tmp_path / str(i)) for i in range(6)]
+    for p in paths:
+        os.mkdir(p)
+
+    async def one(path: str, delay: float, hold: float) -> list[str]:
+        await asyncio.sleep(delay)
+        async with afuse.asyncio.mount(HelloAsyncioFS(), path):
+            names = await asyncio.to_thread(os.listdir, path)
+            await asyncio.sleep(hold)
+            return names
+
+    try:
+        for _ in range(4):
+            async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(one(p, rng.random() * 0.03, rng.random() * 0.01)) for p in paths]
+            assert [t.result() for t in tasks] == [["hello"]] * len(paths)
+    finally:
+        left = [p for p in paths if mounted(p)]
+        for p in left:
+            device.unmount(p, lazy=True)
+    assert not left
+
+
+@pytest.mark.asyncio
+async def test_a_mount_starting_while_the_trio_run_stops_waits_for_a_new_one(mnt: str) -> None:
+    """The race the previous test may or may not hit, made to happen."""
+    loop = asyncio.get_running_loop()
+    host = await afuse.asyncio._acquire_host(loop)
+    releasing = asyncio.ensure_future(afuse.asyncio._release_host(host))
+    await asyncio.sleep(0)
+    assert host.stopping and not host.finished.done()
+    async with afuse.asyncio.mount(HelloAsyncioFS(), mnt):
+        assert host.finished.done()  # the old run ended before the new one started
+        assert await asyncio.to_thread(os.listdir, mnt) == ["hello"]
+    await releasing
+    assert not afuse.asyncio._hosts
 
 
 @pytest.mark.asyncio
