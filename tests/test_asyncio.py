@@ -29,7 +29,7 @@ import sniffio
 import afuse
 import afuse.asyncio
 import afuse.notify
-from afuse import device
+from afuse import device, testing
 from afuse.examples.hello_asyncio import DATA, HelloAsyncioFS, serve_until_unmounted
 from afuse.operations import overridden
 
@@ -758,3 +758,27 @@ def test_overhead_benchmark_runs(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     assert figures["calls"] == 300
     assert figures["trio_us_per_stat"] > 0 and figures["asyncio_us_per_stat"] > 0
+
+
+# -- plain synchronous tests of asyncio filesystems --------------------------------------------------
+
+def test_fuse_mount_asyncio(fuse_mount_asyncio: Any) -> None:
+    m = fuse_mount_asyncio(HelloAsyncioFS())
+    assert os.listdir(m.path) == ["hello"]
+    with open(m.join("hello"), "rb") as f:
+        assert f.read() == DATA
+
+
+def test_asyncio_mounted_reraises_handler_errors_and_unmounts() -> None:
+    with pytest.raises(testing.HandlerErrors) as e:
+        with testing.asyncio_mounted(Failing()) as m:
+            with pytest.raises(OSError):
+                os.stat(m.join("hello"))
+    assert str(e.value.__cause__) == "boom in asyncio"
+    assert not mounted(m.path)
+
+
+def test_asyncio_mounted_mount_failure_is_raised(tmp_path: Path) -> None:
+    with pytest.raises(afuse.MountError):
+        with testing.asyncio_mounted(HelloAsyncioFS(), mountpoint=str(tmp_path / "missing")):
+            raise AssertionError("not reached")
