@@ -178,6 +178,11 @@ def _dir_handler(name: str) -> Callable[..., Awaitable[Any]]:
     return call
 
 
+def _is_async(fn: Any) -> bool:
+    """True for an ``async def`` function, also behind ``functools.wraps`` decorators."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(inspect.unwrap(fn))
+
+
 def _forward(name: str) -> Callable[..., Any]:
     def call(self: _Bridged, *args: Any, **kwargs: Any) -> Any:
         return getattr(self._afuse_ops, name)(*args, **kwargs)
@@ -224,18 +229,18 @@ def _bridge_class(cls: type[Operations]) -> type[_Bridged]:
         if not callable(base):  # entry_timeout, attr_timeout: the wrapped object's values
             ns[name] = _forward_attribute(name)
             continue
-        fn = getattr(cls, name, None)
+        fn: Any = getattr(cls, name)
         if fn is base:
             continue  # not overridden: the dispatcher answers it without a call
         if name not in HANDLERS:  # init: synchronous, called from trio as it is
             ns[name] = _forward(name)
         elif name in _DIR_HANDLERS:
-            if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            if not (_is_async(fn) or inspect.isasyncgenfunction(inspect.unwrap(fn))):
                 raise TypeError(f"{cls.__qualname__}.{name} must be an 'async def' coroutine function "
                                 "or async generator function")
             ns[name] = _dir_handler(name)
         else:
-            if not inspect.iscoroutinefunction(fn):
+            if not _is_async(fn):
                 raise TypeError(f"{cls.__qualname__}.{name} must be an 'async def' coroutine function")
             ns[name] = _handler(name)
     made = _classes[cls] = type(f"Asyncio{cls.__name__}", (_Bridged,), ns)

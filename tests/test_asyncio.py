@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import functools
 import json
 import os
 import random
@@ -402,6 +403,23 @@ def test_a_handler_that_is_not_async_is_refused() -> None:
                 pass
 
     asyncio.run(check())
+
+    def traced(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any) -> Any:
+            return fn(*args)  # the coroutine, for the bridge to run
+
+        return wrapper
+
+    class Decorated(HelloAsyncioFS):
+        @traced
+        async def getattr(self, req: afuse.GetattrRequest) -> afuse.Attr:
+            return await super().getattr(req)
+
+    async def accepted() -> None:
+        assert overridden(afuse.asyncio.bridge(Decorated()), "getattr")
+
+    asyncio.run(accepted())
     with pytest.raises(TypeError, match=r"afuse\.Operations"):
         afuse.asyncio.bridge(object())  # type: ignore[arg-type]
 
