@@ -315,10 +315,15 @@ class AsyncioSession:
                 result.set_result(o)
 
         async def runner() -> None:
-            with scope:
-                o = await outcome.acapture(fn, *args)
-            if scope.cancelled_caught:
-                o = outcome.Error(asyncio.CancelledError())
+            o: outcome.Outcome[T] = outcome.Error(asyncio.CancelledError())  # if the scope is cancelled
+            try:
+                with scope:
+                    o = outcome.Value(await fn(*args))
+            except trio.Cancelled:  # the trio run is ending
+                loop.call_soon_threadsafe(deliver, o)
+                raise
+            except BaseException as e:
+                o = outcome.Error(e)
             loop.call_soon_threadsafe(deliver, o)
 
         def start() -> None:

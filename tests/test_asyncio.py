@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import sniffio
+import trio
 
 import afuse
 import afuse.asyncio
@@ -632,7 +633,27 @@ async def test_call_trio_runs_afuse_trio_api(mnt: str) -> None:
         assert ops.lookups == 2
         with pytest.raises(ValueError, match="from trio"):
             await session.call_trio(_raise_in_trio)
+        # Cancelling the caller cancels the trio function.
+        log: list[str] = []
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await session.call_trio(_sleep_recording, log)
+        assert log == ["cancelled"]
+        assert await session.call_trio(_add, 2, 3) == 5
     assert not mounted(mnt)
+
+
+async def _sleep_recording(log: list[str]) -> None:
+    try:
+        await trio.sleep_forever()
+    except trio.Cancelled:
+        log.append("cancelled")
+        raise
+
+
+async def _add(a: int, b: int) -> int:
+    await trio.sleep(0)
+    return a + b
 
 
 async def _raise_in_trio() -> None:
