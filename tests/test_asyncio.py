@@ -821,3 +821,16 @@ def test_asyncio_mounted_mount_failure_is_raised(tmp_path: Path) -> None:
     with pytest.raises(afuse.MountError):
         with testing.asyncio_mounted(HelloAsyncioFS(), mountpoint=str(tmp_path / "missing")):
             raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize(("args", "status", "message"), [
+    (["/nonexistent/afuse-mnt"], 1, "does not exist"),
+    (["-o", "bogus_opt"], 2, "unknown mount option 'bogus_opt'"),
+])
+def test_example_reports_bad_input(tmp_path: Path, args: list[str], status: int, message: str) -> None:
+    if args[0] == "-o":
+        args = [str(tmp_path), *args]
+    done = subprocess.run([sys.executable, "-m", "afuse.examples.hello_asyncio", *args],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == status
+    assert message in done.stderr and "Traceback" not in done.stderr
