@@ -75,10 +75,12 @@ def _python_blocks(doc: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", doc.read_text(), re.M | re.S)
 
 
-@pytest.mark.parametrize("doc", ["lowlevel.md", "testing.md"])
+@pytest.mark.parametrize("doc", ["lowlevel.md", "testing.md", "asyncio.md"])
 def test_python_blocks_are_verbatim(doc: str) -> None:
-    """Each Python block of the page is copied from lowlevelfs.py or from this file."""
-    sources = EXAMPLE.read_text() + Path(__file__).read_text()
+    """Each Python block of the page is copied from lowlevelfs.py, this file, or (asyncio) the
+    asyncio example and its tests."""
+    sources = EXAMPLE.read_text() + Path(__file__).read_text() + (ROOT / "tests" / "test_asyncio.py").read_text() \
+        + (ROOT / "afuse" / "examples" / "hello_asyncio.py").read_text()
     blocks = _python_blocks(ROOT / "docs" / doc)
     assert blocks
     for block in blocks:
