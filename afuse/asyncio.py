@@ -42,6 +42,7 @@ import trio
 from .errors import FUSEError
 from .operations import Operations
 from .session import Session, serve
+from .wire.opcodes import HANDLERS
 
 __all__ = ["AsyncioSession", "bridge", "mount", "run", "serve_until_stopped"]
 
@@ -50,11 +51,6 @@ T = TypeVar("T")
 #: Signals :func:`serve_until_stopped` and :func:`run` stop on by default.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-#: Operations methods that are handlers (every public method but the synchronous ``init``).
-HANDLERS: tuple[str, ...] = tuple(
-    name for name, value in vars(Operations).items()
-    if not name.startswith("_") and name != "init" and inspect.iscoroutinefunction(value)
-)
 _DIR_HANDLERS = ("readdir", "readdirplus")
 
 #: trio checkpoints a handler call polls its asyncio task for before sleeping until it ends.
