@@ -37,17 +37,18 @@ from typing import Any
 import attrs
 import trio
 
-from .device import Mount, MountOptions
-from .dispatch import HandlerResultError
+from .device import Mount, MountOptions, set_nonblocking
 from .errors import FUSEError, MountError, SessionError
 from .operations import Operations
-from .session import _CURRENT, Session
+from .readers import END_ERRNOS
+from .session import _CURRENT, Session, Takeover
 from .wire import replies
 from .wire import requests as r
 from .wire.constants import IOCTL_COMPAT, IOCTL_UNRESTRICTED
 from .wire.cuse import IOCTL_MAX_TRANSFER, CuseConfig, CuseInitError, CuseNegotiated, encode_cuse_init_reply
 from .wire.cuse import ioctl_retry as _encode_retry
 from .wire.cuse import negotiate_cuse as _negotiate
+from .wire.errors import HandlerResultError
 from .wire.init import InitConfig
 from .wire.types import Handle, IoctlReply
 
@@ -160,9 +161,9 @@ class CuseSession(Session):
     ``mountpoint`` is the device node's path; ``fd`` the /dev/cuse channel (notifications go there).
     """
 
-    # Hooks into Session (see docs/cuse.md, "Reusing the FUSE session"): _init is replaced by the
-    # CUSE_INIT handshake, _shutdown by nothing (closing the channel removes the device); the
-    # reader/worker/interrupt machinery is Session's, with every reader on the one channel fd.
+    # Hooks into Session (see docs/cuse.md, "Reusing the FUSE session"): start() does the CUSE_INIT
+    # handshake instead of INIT and opens no clones; shutdown() does nothing (closing the channel
+    # removes the device). run(), stop_readers() and close() are Session's, on the one channel fd.
 
     def __init__(self, ops: DeviceOperations, chan: CuseChannel, config: CuseConfig, readers: int,
                  max_requests: int) -> None:
@@ -211,12 +212,29 @@ class CuseSession(Session):
 
     # -- the handshake -----------------------------------------------------------------------
 
-    async def _init(self) -> None:
+    async def start(self, takeover: Takeover | None = None) -> None:
+        """Answer CUSE_INIT (the kernel creates the device), then ready the readers."""
+        if takeover is not None:
+            raise SessionError("a CUSE device cannot be taken over")
+        set_nonblocking(self.mount.fd)
+        with trio.fail_after(30):
+            await self._cuse_handshake()
+        self.pool.open([])  # /dev/cuse cannot be cloned: every reader shares the channel
+
+    async def _cuse_handshake(self) -> None:
         fd = self.mount.fd
         buf = bytearray(8192)
-        n = await self._read(fd, buf)
-        if n is None or n < 0:
-            raise SessionError("the CUSE channel closed before CUSE_INIT")
+        while True:
+            try:
+                n = os.readv(fd, (buf,))
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+            except OSError as e:
+                if e.errno in END_ERRNOS:
+                    raise SessionError("the CUSE channel closed before CUSE_INIT") from e
+                if e.errno not in (errno.EINTR, errno.ENOENT):
+                    raise
         req = self.decoder.decode(memoryview(buf)[:n])
         if not isinstance(req, r.CuseInitRequest):
             raise SessionError(f"expected CUSE_INIT from the kernel, got {type(req).opcode.name}")
@@ -234,11 +252,11 @@ class CuseSession(Session):
             raise DeviceError(errno.EIO, f"the kernel refused to create the CUSE device {self.name!r} "
                               "(device number taken? see dmesg)")
         self.cuse_negotiated = neg
-        self._bufsize = max(neg.max_write, neg.max_read, IOCTL_MAX_TRANSFER) + 4096
+        self.pool.bufsize = max(neg.max_write, neg.max_read, IOCTL_MAX_TRANSFER) + 4096
         log.debug("CUSE_INIT: kernel 7.%d, negotiated 7.%d, %s ioctls, device %s", neg.kernel_minor,
                   neg.minor, "unrestricted" if neg.unrestricted_ioctl else "restricted", self.path)
 
-    async def _shutdown(self) -> None:
+    async def shutdown(self, grace: float = 5.0) -> None:
         """Nothing before closing: closing the channel removes the device."""
 
     # -- requests ------------------------------------------------------------------------------
@@ -372,6 +390,7 @@ async def serve_device(
     max_write: int = 128 * 1024,
     readers: int = 2,
     max_requests: int = 64,
+    warn_after: float | None = None,
     cuse_path: str = CUSE_PATH,
     task_status: trio.TaskStatus[CuseSession] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -379,7 +398,9 @@ async def serve_device(
 
     For ``await nursery.start(serve_device, ops, name)``: returns the :class:`CuseSession` once
     /dev/NAME exists with ``mode`` (e.g. 0o666) and owner ``uid``/``gid`` (defaults: the kernel's
-    0600 root:root). ``dev_major`` 0 means a dynamically allocated major number. Cancelling
+    0600 root:root). ``dev_major`` 0 means a dynamically allocated major number. A request
+    unanswered for ``warn_after`` seconds is logged (default never: a device's read may wait for
+    data indefinitely). Cancelling
     removes the device. Raises :class:`DeviceError` with the reason when it cannot be created
     (no CUSE in this kernel, not root, a taken name or device number).
     """
@@ -392,24 +413,21 @@ async def serve_device(
     fd = _open_channel(cuse_path)
     chan = CuseChannel(fd, "/dev/" + name, MountOptions(), False)
     session = CuseSession(ops, chan, config, readers, max_requests)
+    session.warn_after = warn_after
     current = _CURRENT.set(session)
     try:
-        with trio.fail_after(30):
-            await session._init()
+        await session.start()
         await _setup_node(session, mode, uid, gid)
-        session._open_readers([])  # /dev/cuse cannot be cloned: every reader shares the channel
         ops.init(session)
         async with trio.open_nursery() as nursery:
-            worker_scope = trio.CancelScope(shield=True)
-            nursery.start_soon(session._run_workers, worker_scope)
+            await nursery.start(session.run)
             task_status.started(session)
             try:
-                await session._closed.wait()
+                await session.wait_closed()
             finally:
-                worker_scope.cancel()
+                session.stop_readers()
     finally:
-        trio.lowlevel.notify_closing(fd)
-        session._close_fds()  # closes the channel: the kernel removes the device
+        session.close()  # closes the channel: the kernel removes the device
         _CURRENT.reset(current)
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from .wire.errors import NotNegotiated
+
+__all__ = ["FUSEError", "MountError", "NotNegotiated", "SessionError"]
+
 
 class FUSEError(Exception):
     """Raise from a handler to answer the request with ``errno`` (a positive errno value)."""
@@ -26,7 +30,3 @@ class MountError(OSError):
 
 class SessionError(RuntimeError):
     """The FUSE session cannot continue (a failed INIT, an aborted connection)."""
-
-
-class NotNegotiated(RuntimeError):
-    """A feature was used that the kernel does not offer or the session did not negotiate."""

@@ -33,19 +33,17 @@ from .operations import Operations, overridden
 from .session import Session, Takeover, serve
 from .state import FileStateStore, Persistent
 from .wire import requests as r
+from .wire.constants import Opcode
 from .wire.init import InitConfig, Negotiated
+from .wire.opcodes import OPCODES
 
 log = logging.getLogger("afuse.failover")
 
 NEGOTIATED_FILE = "negotiated.json"
 
-#: Handlers a request probe is put in front of.
-_PROBED = (
-    "lookup", "getattr", "setattr", "readlink", "symlink", "mknod", "mkdir", "unlink", "rmdir",
-    "rename", "link", "open", "read", "write", "statfs", "release", "fsync", "setxattr", "getxattr",
-    "listxattr", "removexattr", "flush", "opendir", "readdir", "readdirplus", "releasedir",
-    "fsyncdir", "access", "create", "fallocate", "lseek", "copy_file_range", "statx",
-)
+#: Handlers a request probe is put in front of: every handler of a request that is answered.
+_PROBED = tuple(dict.fromkeys(
+    h for s in OPCODES if s.replies and s.opcode != Opcode.DESTROY for h in (s.handler, s.alt_handler) if h))
 
 
 def probe_requests(ops: Operations, probe: Callable[[r.Request], None]) -> None:

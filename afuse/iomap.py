@@ -14,7 +14,8 @@ Use::
     session = await nursery.start(afuse.serve, fs, mnt)
     install(session.dispatcher)
 
-:func:`install` registers the request decoders (:func:`afuse.wire.iomap.enable`) and routes
+:func:`install` registers the request decoders on the dispatcher's connection
+(:func:`afuse.wire.iomap.enable`) and routes
 IOMAP_BEGIN/IOMAP_END to the handlers through :meth:`afuse.Dispatcher.register`. Errors follow
 the usual handler contract (``FUSEError`` answers its errno, anything else EIO).
 """
@@ -66,7 +67,7 @@ def install(dispatcher: Dispatcher) -> None:
     ops = dispatcher.ops
     if not isinstance(ops, IomapOperations):
         raise TypeError(f"{type(ops).__name__} does not implement IomapOperations")
-    wire.enable()
+    wire.enable(dispatcher.connection)
 
     async def begin(req: IomapBeginRequest) -> Reply:
         res = await ops.iomap_begin(req)

@@ -1,6 +1,7 @@
 """The :class:`Operations` base class: one async method per FUSE operation.
 
-Subclass it and override what the filesystem supports. Every handler takes the decoded request
+Subclass it and override what the filesystem supports. Every handler is an ``async def`` (readdir
+and readdirplus may also be async generators) that takes the decoded request
 (see :mod:`afuse.wire.requests`) and returns a value or raises :class:`afuse.FUSEError`
 (an :class:`OSError` answers its errno; any other exception answers EIO and is logged).
 An operation that is not overridden answers ENOSYS without calling anything, which for many
@@ -10,21 +11,29 @@ operations tells the kernel never to send it again (see the operations reference
 from __future__ import annotations
 
 import errno
-from collections.abc import AsyncIterable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterable, Awaitable, Iterable
+from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 
 from .errors import FUSEError
 from .wire import requests as r
-from .wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx
+from .wire.types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx
 
 if TYPE_CHECKING:
     from .wire.init import Negotiated
 
-DirEntries = Iterable[DirEntry] | AsyncIterable[DirEntry]
+__all__ = ["DirEntries", "DirListing", "Mountable", "Operations", "overridden"]
+
+#: What calling ``readdir`` gives: an async iterable (``async def`` with ``yield``), or an
+#: awaitable of :data:`DirEntries` (``async def`` with ``return``).
+DirListing = AsyncIterable[DirEntry] | Awaitable[DirEntries]
 
 
 def _enosys() -> FUSEError:
     return FUSEError(errno.ENOSYS)
+
+
+async def _answer_enosys() -> NoReturn:
+    raise _enosys()
 
 
 class Operations:
@@ -115,15 +124,17 @@ class Operations:
         """Open a directory. Not overriding it lets the kernel open directories without asking."""
         raise _enosys()
 
-    async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
+    def readdir(self, req: r.ReaddirRequest) -> DirListing:
         """Entries after cookie ``req.offset``, as an iterable or async iterable of :class:`DirEntry`.
 
+        Override it with either ``async def readdir(self, req) -> AsyncIterator[DirEntry]`` that
+        yields entries, or ``async def readdir(self, req) -> DirEntries`` that returns them.
         The framework stops consuming when the reply is full; a generator is then closed at its
         ``yield``. Yield lazily: producing more than fits wastes work.
         """
-        raise _enosys()
+        return _answer_enosys()
 
-    async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
+    def readdirplus(self, req: r.ReaddirplusRequest) -> DirListing:
         """As :meth:`readdir`, each entry with ``entry`` set.
 
         Every entry that reaches the kernel (except "." and ".." and nodeid 0) counts one lookup.
@@ -131,7 +142,7 @@ class Operations:
         was taken. From a list, every entry is taken only if the whole list fits, so prefer a
         generator. Not overriding it disables READDIRPLUS.
         """
-        raise _enosys()
+        return _answer_enosys()
 
     async def releasedir(self, req: r.ReleasedirRequest) -> None:
         """The last reference to the open directory is gone. Not overriding it answers success."""
@@ -215,6 +226,28 @@ class Operations:
     async def syncfs(self, req: r.SyncfsRequest) -> None:
         """syncfs(2) of the whole filesystem (the kernel sends it to fuseblk mounts)."""
         raise _enosys()
+
+
+@runtime_checkable
+class Mountable(Protocol):
+    """Anything that can be served by giving its :class:`Operations` (e.g. an :class:`afuse.Node`)."""
+
+    def as_operations(self) -> Operations:
+        """The low-level filesystem that serves this object."""
+        ...
+
+
+def as_operations(fs: Operations | Mountable) -> Operations:
+    """``fs`` itself, or the :class:`Operations` a :class:`Mountable` gives; TypeError otherwise."""
+    if isinstance(fs, Operations):
+        return fs
+    make = getattr(fs, "as_operations", None)
+    if make is None:
+        raise TypeError(f"cannot mount a {type(fs).__name__}: pass an afuse.Operations or an afuse.Node")
+    ops = make()
+    if not isinstance(ops, Operations):
+        raise TypeError(f"{type(fs).__name__}.as_operations() returned {type(ops).__name__}, not an Operations")
+    return ops
 
 
 def overridden(ops: Operations, name: str) -> bool:

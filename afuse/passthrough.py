@@ -37,21 +37,24 @@ Only ``DIRECT_IO``, ``PARALLEL_DIRECT_WRITES`` and ``NOFLUSH`` may accompany ``P
 
 from __future__ import annotations
 
-import contextvars
 import errno
 import logging
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from . import device
 from .errors import SessionError
-from .wire.constants import FOpen
+from .wire.results import PASSTHROUGH_COMPATIBLE
+from .wire.results import passthrough_flags_problem as check_flags
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .wire.types import Handle
 
 log = logging.getLogger("afuse")
 
-__all__ = ["PASSTHROUGH_COMPATIBLE", "BackingFile", "BackingTable"]
-
-#: The FOPEN flags allowed together with ``FOpen.PASSTHROUGH``.
-PASSTHROUGH_COMPATIBLE = FOpen.DIRECT_IO | FOpen.PARALLEL_DIRECT_WRITES | FOpen.NOFLUSH
+__all__ = ["PASSTHROUGH_COMPATIBLE", "BackingFile", "BackingTable", "check_flags"]
 
 
 class BackingFile:
@@ -99,20 +102,6 @@ class BackingFile:
         return f"<BackingFile id={self.id} refs={self.refs}>"
 
 
-class _Opening:
-    """The OPEN/CREATE/TMPFILE request whose handler is running (in a context variable)."""
-
-    __slots__ = ("active", "pending")
-
-    def __init__(self) -> None:
-        self.active = True
-        self.pending: list[BackingFile] | None = None
-
-
-#: Set by the dispatcher around open/create/tmpfile handlers while passthrough is negotiated.
-OPENING: contextvars.ContextVar[_Opening | None] = contextvars.ContextVar("afuse_opening", default=None)
-
-
 class BackingTable:
     """A session's backing files (one per connection; see :meth:`afuse.Session.open_backing`)."""
 
@@ -120,10 +109,6 @@ class BackingTable:
         self.fd = session_fd
         #: Open backing files by id.
         self.files: dict[int, BackingFile] = {}
-        #: unique -> references taken by the request's handler, dropped after its reply.
-        self.pending: dict[int, list[BackingFile]] = {}
-        #: unique -> ((nodeid, fh), backing file) a reply being written refers to.
-        self.claims: dict[int, tuple[tuple[int, int], BackingFile]] = {}
         #: (nodeid, fh) of an open passthrough file -> the backing files its opens hold.
         self.held: dict[tuple[int, int], list[BackingFile]] = {}
         #: BACKING_OPEN / BACKING_CLOSE calls made (statistics, tests).
@@ -132,18 +117,17 @@ class BackingTable:
         self._ended = False
 
     def open(self, fd: int) -> BackingFile:
-        """Register ``fd`` (a regular file); OSError as the kernel answers (EPERM, EINVAL, ELOOP, ...)."""
+        """Register ``fd`` (a regular file); OSError as the kernel answers (EPERM, EINVAL, ELOOP, ...).
+
+        The one reference is the caller's (:meth:`afuse.Session.open_backing` gives it to the
+        request being served when that is an OPEN/CREATE/TMPFILE).
+        """
         if self._ended:
             raise SessionError("the session is closed")
         bid = device.backing_open(self.fd, fd)
         self.opened += 1
         bf = BackingFile(self, bid)
         self.files[bid] = bf
-        opening = OPENING.get()
-        if opening is not None and opening.active:
-            if opening.pending is None:
-                opening.pending = []
-            opening.pending.append(bf)  # the request's reference
         return bf
 
     def _close(self, bf: BackingFile) -> None:
@@ -159,33 +143,29 @@ class BackingTable:
 
     # -- the framework's side ------------------------------------------------------------------
 
-    def handler_done(self, unique: int, opening: _Opening) -> None:
-        """The open handler of ``unique`` returned or raised: its references await the reply."""
-        opening.active = False
-        if opening.pending:
-            self.pending[unique] = opening.pending
+    def claim(self, nodeid: int, h: Handle, what: str) -> Callable[[bool], None]:
+        """A reply being written opens ``(nodeid, h.fh)`` on ``h.backing_id``: returns what to call
+        with whether the reply was written (the open file then keeps a reference until its RELEASE).
 
-    def claim(self, unique: int, nodeid: int, fh: int, backing_id: int) -> None:
-        """The reply to ``unique`` opens ``(nodeid, fh)`` on ``backing_id``; KeyError if not ours."""
-        bf = self.files.get(backing_id)
+        Raises :class:`~afuse.errors.HandlerResultError` for an id that is not ours.
+        """
+        bf = self.files.get(h.backing_id)
         if bf is None or bf.refs <= 0:
-            raise KeyError(backing_id)
-        bf.refs += 1
-        self.claims[unique] = ((nodeid, fh), bf)
+            from .wire.errors import HandlerResultError
 
-    def reply_done(self, unique: int, written: bool) -> None:
-        """The reply to ``unique`` was written (or not): settle what it referred to."""
-        claim = self.claims.pop(unique, None)
-        if claim is not None:
-            key, bf = claim
+            raise HandlerResultError(
+                f"{what} returned FOpen.PASSTHROUGH with backing_id {h.backing_id}, which is not an open "
+                "backing file of this session (use Session.open_backing())")
+        bf.refs += 1
+        key = (nodeid, h.fh)
+
+        def settle(written: bool) -> None:
             if written:
                 self.held.setdefault(key, []).append(bf)
             else:
                 bf.release()
-        refs = self.pending.pop(unique, None)
-        if refs:
-            for bf in refs:
-                bf.release()
+
+        return settle
 
     def released(self, nodeid: int, fh: int) -> None:
         """RELEASE of ``(nodeid, fh)``: drop the reference its open took."""
@@ -202,19 +182,7 @@ class BackingTable:
         for bf in list(self.files.values()):
             bf.refs = 0
         self.files.clear()
-        self.pending.clear()
-        self.claims.clear()
         self.held.clear()
-
-
-def check_flags(flags: int) -> str | None:
-    """Why ``flags`` (with PASSTHROUGH) would make the kernel fail the open, or None."""
-    bad = int(flags) & ~(int(PASSTHROUGH_COMPATIBLE) | FOpen.PASSTHROUGH)
-    if not bad:
-        return None
-    names = "|".join(f.name or "?" for f in FOpen if f & bad) or hex(bad)
-    return (f"FOpen.PASSTHROUGH may only be combined with DIRECT_IO, PARALLEL_DIRECT_WRITES and NOFLUSH, "
-            f"not {names} (the kernel would fail the open with EIO)")
 
 
 def unavailable_reason(err: OSError) -> str:

@@ -2,6 +2,8 @@
 
 * ``fuse_mount(ops, **kw)`` — mount in a background thread for this test (see
   :func:`afuse.testing.mounted`); returns a :class:`~afuse.testing.MountedFS`.
+* ``fuse_mount_asyncio(ops, **kw)`` — the same for asyncio handlers (see
+  :func:`afuse.testing.asyncio_mounted`).
 * ``fuse_mount_process("module:factory", args, options=...)`` — mount in a child process.
 * ``fuse_available`` — skips the test with a reason when /dev/fuse cannot be used here.
 
@@ -13,13 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from .operations import Operations
-from .testing import MountedFS, MountedProcess, mounted, mounted_process
+from .testing import (
+    MountedFS,
+    MountedProcess,
+    MountFactory,
+    ProcessMountFactory,
+    asyncio_mounted,
+    mounted,
+    mounted_process,
+)
 
 
 def fuse_unavailable_reason() -> str | None:
@@ -44,7 +54,7 @@ def fuse_available() -> None:
 
 
 @pytest.fixture
-def fuse_mount(fuse_available: None) -> Iterator[Callable[..., MountedFS]]:
+def fuse_mount(fuse_available: None) -> Iterator[MountFactory]:
     """Factory: ``fuse_mount(ops, options=..., config=...)`` mounts for the rest of the test."""
     with contextlib.ExitStack() as stack:
         def make(ops: Operations, **kwargs: Any) -> MountedFS:
@@ -54,10 +64,20 @@ def fuse_mount(fuse_available: None) -> Iterator[Callable[..., MountedFS]]:
 
 
 @pytest.fixture
-def fuse_mount_process(fuse_available: None) -> Iterator[Callable[..., MountedProcess]]:
+def fuse_mount_asyncio(fuse_available: None) -> Iterator[Callable[..., MountedFS]]:
+    """Factory: ``fuse_mount_asyncio(ops, options=...)`` serves asyncio handlers for the rest of the test."""
+    with contextlib.ExitStack() as stack:
+        def make(ops: Operations, **kwargs: Any) -> MountedFS:
+            return stack.enter_context(asyncio_mounted(ops, **kwargs))
+
+        yield make
+
+
+@pytest.fixture
+def fuse_mount_process(fuse_available: None) -> Iterator[ProcessMountFactory]:
     """Factory: ``fuse_mount_process("pkg.mod:Factory", ["arg"], options="...")``."""
     with contextlib.ExitStack() as stack:
-        def make(factory: str, args: Any = (), **kwargs: Any) -> MountedProcess:
+        def make(factory: str, args: Sequence[str] = (), **kwargs: Any) -> MountedProcess:
             return stack.enter_context(mounted_process(factory, args, **kwargs))
 
         yield make

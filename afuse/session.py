@@ -1,10 +1,11 @@
-"""The FUSE session: INIT, reader tasks, the in-flight table, interrupts and shutdown.
+"""The FUSE session: a mounted connection's life cycle, and one request's way through it.
 
-Readers work leader/follower: one reader at a time waits on the device; when it has read a
-request it hands the device to the next idle reader and serves the request itself. When no
-reader is left idle a new one is started, each on its own descriptor cloned with
-FUSE_DEV_IOC_CLONE, up to ``max_requests``. A reply is written to the descriptor its request
-came from, in one write.
+A :class:`Session` owns the connection's protocol state (:class:`~afuse.wire.connection.Connection`),
+its :class:`~afuse.dispatch.Dispatcher` and its :class:`~afuse.readers.ReaderPool`. For each
+request a reader has read, :meth:`Session._serve` decodes it, gives it a
+:class:`~afuse.context.RequestContext`, lets the pool drive the dispatcher's coroutine, writes
+the reply to the descriptor the request came from (in one write) and settles what the request
+held. :func:`serve` and :func:`mount` run a session from mounting to unmounting.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import errno
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine, Generator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,23 +23,26 @@ import attrs
 import trio
 
 from . import device
+from .context import RequestContext, current_request_or_none
 from .device import Mount, MountOptions
-from .dispatch import Dispatcher, errno_name
+from .dispatch import Dispatcher, check_operations
 from .errors import MountError, NotNegotiated, SessionError
-from .operations import Operations
+from .operations import Mountable, Operations, as_operations
 from .passthrough import BackingFile, BackingTable
-from .wire import notify as wire_notify
+from .readers import END_ERRNOS, ReaderPool
 from .wire import replies
 from .wire import requests as r
-from .wire.constants import UNIQUE_RESEND, InitFlag, Opcode
-from .wire.init import InitConfig, InitError, Negotiated, encode_init_reply, encode_version_reply, negotiate
-from .wire.requests import Decoder, ProtocolError, UnknownOpcode
+from .wire.connection import Connection
+from .wire.constants import InitFlag
+from .wire.decoder import Decoder
+from .wire.describe import describe_notification, describe_reply, describe_request, flag_names
+from .wire.init import InitConfig, Negotiated
+from .wire.opcodes import BY_OPCODE, NO_REPLY
+from .wire.requests import ProtocolError, UnknownOpcode
+
+__all__ = ["NotNegotiated", "Session", "Takeover", "current_session", "mount", "serve"]
 
 log = logging.getLogger("afuse")
-
-#: Interrupts whose request has not been read yet are remembered; this many at most.
-MAX_EARLY_INTERRUPTS = 1024
-_END_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF)
 
 _CURRENT: contextvars.ContextVar[Session] = contextvars.ContextVar("afuse_session")
 
@@ -59,44 +62,29 @@ def current_session() -> Session:
 class Session:
     """A mounted, negotiated FUSE connection being served.
 
-    Obtained from :func:`mount` or ``await nursery.start(serve, ...)``.
+    Obtained from :func:`mount` or ``await nursery.start(serve, ...)``. Its life cycle, as
+    :func:`serve` drives it: :meth:`start` (INIT, or adopting a taken-over connection),
+    :meth:`run` (the reader pool serves requests), :meth:`shutdown` (unmount, let the readers
+    finish), :meth:`close` (release the descriptors).
     """
 
     def __init__(self, ops: Operations, mnt: Mount, config: InitConfig, readers: int,
                  max_requests: int, private_clones: bool = True) -> None:
-        if readers < 1 or max_requests < readers:
-            raise ValueError("need readers >= 1 and max_requests >= readers")
         self.ops = ops
         self.mount = mnt
         self.config = config
-        self.dispatcher = Dispatcher(ops)
-        self.decoder = Decoder()
-        self.readers = readers
-        self.max_requests = max_requests
-        self.negotiated: Negotiated | None = None
-        #: unique -> cancel scope of the worker whose handler for it is blocked.
-        self._inflight: dict[int, trio.CancelScope] = {}
-        self._early_interrupts: OrderedDict[int, None] = OrderedDict()
-        self._lot = trio.lowlevel.ParkingLot()
-        self._leader = False
-        self._idle = 0
-        self._workers = 0
-        self._closed = trio.Event()
-        self._workers_done = trio.Event()
-        self._draining = False
-        self._nursery: trio.Nursery | None = None
-        self._fds: set[int] = set()
-        #: Descriptors of the permanent readers: the session fd first, then its clones.
-        self.reader_fds: list[int] = []
-        #: Whether readers beyond the permanent ones get private clones (else share theirs).
-        #: A failover-capable daemon shares: requests read on a private clone die with it.
-        self.private_clones = private_clones
-        self._bufsize = 0
-        self._retrieve_waiters: dict[int, trio.MemorySendChannel[r.NotifyReplyRequest]] = {}
-        #: Requests served so far (for tests and statistics).
-        self.served = 0
+        #: The protocol state (sans-IO): negotiation, decoding, reply encoding.
+        self.connection = Connection(config, entry_timeout=ops.entry_timeout, attr_timeout=ops.attr_timeout)
         #: Backing files for passthrough (set once FUSE_PASSTHROUGH is negotiated).
         self.backing: BackingTable | None = None
+        self.dispatcher = Dispatcher(ops, self.connection)
+        self.pool = ReaderPool(mnt.fd if mnt is not None else -1, readers, max_requests, private_clones)
+        self._retrieve_waiters: dict[int, trio.MemorySendChannel[r.NotifyReplyRequest]] = {}
+        self._workers_scope = trio.CancelScope(shield=True)
+        #: Requests served so far (for tests and statistics).
+        self.served = 0
+        #: Seconds a handler may stay blocked before a warning names its request (None: never).
+        self.warn_after: float | None = 10.0
 
     # -- public ----------------------------------------------------------------------------
 
@@ -111,42 +99,77 @@ class Session:
         return self.mount.fd
 
     @property
+    def negotiated(self) -> Negotiated | None:
+        """The outcome of INIT (None before it)."""
+        return self.connection.negotiated
+
+    @negotiated.setter
+    def negotiated(self, neg: Negotiated | None) -> None:
+        self.connection.negotiated = neg
+
+    @property
+    def decoder(self) -> Decoder:
+        """The connection's request decoder."""
+        return self.connection.decoder
+
+    @property
+    def readers(self) -> int:
+        """Descriptors that always wait for requests."""
+        return self.pool.readers
+
+    @property
+    def max_requests(self) -> int:
+        """Requests served at once, at most."""
+        return self.pool.max_requests
+
+    @property
+    def reader_fds(self) -> list[int]:
+        """Descriptors of the permanent readers: the session fd first, then its clones."""
+        return self.pool.reader_fds
+
+    @property
+    def private_clones(self) -> bool:
+        """Whether readers beyond the permanent ones get private cloned descriptors."""
+        return self.pool.private_clones
+
+    @property
     def errors(self) -> list[BaseException]:
         """Unexpected exceptions raised by handlers (each was answered EIO and logged)."""
         return self.dispatcher.errors
 
     def has(self, flag: InitFlag) -> bool:
         """True if ``flag`` was negotiated at INIT."""
-        return self.negotiated is not None and self.negotiated.has(flag)
+        return self.connection.has(flag)
 
     async def wait_closed(self) -> None:
         """Wait until serving has ended (unmounted from outside, aborted, or shut down)."""
-        await self._closed.wait()
+        await self.pool.ended.wait()
 
     @property
     def closed(self) -> bool:
         """True once serving has ended."""
-        return self._closed.is_set()
+        return self.pool.ended.is_set()
 
     def write_notification(self, message: bytes) -> int:
         """Write an encoded notification now, from a thread other than the serving loop's
         (from the loop use :meth:`notify`); OSError (e.g. ENOENT) as the kernel answers."""
-        if self._closed.is_set():
+        if self.closed:
             raise SessionError("the session is closed")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("notify %s", describe_notification(message))
         return os.write(self.mount.fd, message)
 
     async def notify(self, message: bytes) -> int:
         """Write an encoded notification from a worker thread (see :mod:`afuse.notify`)."""
-        if self._closed.is_set():
+        if self.closed:
             raise SessionError("the session is closed")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("notify %s", describe_notification(message))
         return await trio.to_thread.run_sync(os.write, self.mount.fd, message)
 
     def require(self, flag: InitFlag, what: str) -> None:
         """Raise :class:`NotNegotiated` unless ``flag`` was negotiated."""
-        if not self.has(flag):
-            offered = self.negotiated is not None and bool(self.negotiated.offered & flag)
-            why = "was not asked for" if offered else "is not offered by this kernel"
-            raise NotNegotiated(f"{what} needs {flag.name}, which {why}")
+        self.connection.require(flag, what)
 
     def open_backing(self, fd: int) -> BackingFile:
         """Register open regular file ``fd`` as a passthrough backing file (BACKING_OPEN).
@@ -161,7 +184,13 @@ class Session:
         """
         self.require(InitFlag.PASSTHROUGH, "open_backing()")
         assert self.backing is not None
-        return self.backing.open(fd)
+        bf = self.backing.open(fd)
+        ctx = current_request_or_none()
+        if ctx is not None and ctx.handling and ctx.connection is self.connection:
+            spec = BY_OPCODE.get(ctx.request.opcode)
+            if spec is not None and spec.backing:  # the reference is the request's
+                ctx.after_reply(lambda written: bf.release())
+        return bf
 
     def expect_notify_reply(self, notify_unique: int) -> trio.MemoryReceiveChannel[r.NotifyReplyRequest]:
         """A channel that receives the kernel's NOTIFY_REPLY for ``notify_unique``."""
@@ -169,300 +198,185 @@ class Session:
         self._retrieve_waiters[notify_unique] = send
         return recv
 
+    def forget_notify_reply(self, notify_unique: int) -> None:
+        """Stop waiting for the NOTIFY_REPLY of ``notify_unique``."""
+        self._retrieve_waiters.pop(notify_unique, None)
+
     async def drain(self) -> None:
         """Stop reading requests, let those in flight finish and answer, then end serving.
 
         The mount stays: another daemon holding the descriptor (see :mod:`afuse.failover`)
         serves on with nothing to replay.
         """
-        if self._closed.is_set():
+        if self.closed:
             return
-        self._draining = True
-        self._lot.unpark_all()
-        for fd in (self.mount.fd, *self._fds):
-            trio.lowlevel.notify_closing(fd)
-        await self._workers_done.wait()
-        self._closed.set()
+        await self.pool.drain()
 
     @property
     def in_flight(self) -> int:
         """Requests whose handlers are blocked right now."""
-        return len(self._inflight)
+        return len(self.pool.inflight)
 
-    # -- INIT ------------------------------------------------------------------------------
+    # -- life cycle --------------------------------------------------------------------------
 
-    async def _init(self) -> None:
+    async def start(self, takeover: Takeover | None = None) -> None:
+        """Make the connection ready to serve: INIT (or adopt ``takeover``'s), then the readers' descriptors."""
+        device.set_nonblocking(self.mount.fd)
+        if takeover is None:
+            with trio.fail_after(30):
+                await self._handshake()
+        else:
+            self.adopt(takeover.negotiated)
+        self.pool.open(None if takeover is None else list(takeover.clones))
+
+    async def _handshake(self) -> None:
         fd = self.mount.fd
         buf = bytearray(1 << 16)
+        wanted = self.dispatcher.wanted_flags(self.config)
         while True:
-            n = await self._read(fd, buf)
-            if n is None:
-                raise SessionError("the connection closed before INIT")
-            try:
-                req = self.decoder.decode(memoryview(buf)[:n])
-            except ProtocolError as e:
-                raise SessionError(f"bad first request from the kernel: {e}") from e
-            if not isinstance(req, r.InitRequest):
-                raise SessionError(f"expected INIT from the kernel, got {type(req).opcode.name}")
-            if req.major > 7:
-                os.write(fd, encode_version_reply(req.unique))
-                continue
-            wanted = self.dispatcher.wanted_flags(self.config)
-            try:
-                neg = negotiate(req, self.config, wanted)
-            except InitError as e:
-                os.write(fd, replies.error(req.unique, errno.EPROTO))
-                raise SessionError(str(e)) from e
-            os.write(fd, encode_init_reply(req.unique, neg))
-            break
-        if neg.refused:
-            log.info("kernel did not offer: %s", neg.refused)
-        log.debug("INIT: kernel 7.%d, negotiated 7.%d, flags %s, max_write %d",
-                  neg.kernel_minor, neg.minor, neg.flags, neg.max_write)
-        self._adopt(neg)
-
-    def _adopt(self, neg: Negotiated) -> None:
-        """Serve with ``neg``: just negotiated, or taken over from an earlier daemon."""
-        self.negotiated = neg
-        self.decoder.setxattr_ext = neg.has(InitFlag.SETXATTR_EXT)
-        self._bufsize = neg.read_buffer_size
-        if neg.has(InitFlag.PASSTHROUGH) and self.backing is None:
-            self.backing = BackingTable(self.mount.fd)
-            self.dispatcher.enable_passthrough(self.backing)
-        self.ops.init(neg)
-
-    # -- reading and writing ------------------------------------------------------------------
-
-    async def _read(self, fd: int, buf: bytearray) -> int | None:
-        """Read one request; None when the connection has ended, -1 when draining."""
-        while True:
-            try:
-                return os.readv(fd, (buf,))
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                except trio.ClosedResourceError:
-                    if self._draining:
-                        return -1
-                    raise
-            except InterruptedError:
-                pass
-            except OSError as e:
-                if e.errno == errno.ENOENT:  # the request was interrupted while being read
-                    continue
-                if e.errno in _END_ERRNOS:
-                    return None
-                raise
-
-    def _write(self, fd: int, data: bytes, unique: int) -> bool:
-        """Write one reply; False if the kernel did not take it."""
-        try:
-            os.write(fd, data)
-            return True
-        except OSError as e:
-            if e.errno == errno.ENOENT:  # interrupted/aborted/resent meanwhile: nobody waits
-                log.debug("reply to unique %d: nobody waits (ENOENT)", unique)
-            elif e.errno in _END_ERRNOS:
-                log.debug("reply to unique %d after the connection ended", unique)
-            else:
-                log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, len(data), e)
-            return False
-
-    # -- workers ----------------------------------------------------------------------------
-
-    async def _run_workers(self, scope: trio.CancelScope) -> None:
-        with scope:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for fd in self.reader_fds:
-                    self._start_worker(fd, permanent=True)
-                for i in range(self.readers - len(self.reader_fds)):
-                    self._start_worker(self.reader_fds[i % len(self.reader_fds)], permanent=True)
-        self._workers_done.set()
-
-    def _open_readers(self, clones: list[int] | None) -> None:
-        """The permanent readers' descriptors: the session fd and its clones."""
-        if clones is None:
-            clones = []
-            for _ in range(self.readers - 1):
-                try:
-                    clones.append(device.clone_device(self.mount.fd))
-                except OSError as e:
-                    log.warning("cannot clone /dev/fuse (%s); readers share one descriptor", e)
-                    break
-        for fd in clones:
-            device.set_nonblocking(fd)
-        self._fds.update(clones)
-        self.reader_fds = [self.mount.fd, *clones]
-
-    def _start_worker(self, fd: int | None, permanent: bool, owned: bool = False) -> None:
-        if fd is None:
-            if self.private_clones:
-                try:
-                    fd = device.clone_device(self.mount.fd)
-                except OSError as e:
-                    log.warning("cannot clone /dev/fuse (%s); sharing a descriptor", e)
-                else:
-                    device.set_nonblocking(fd)
-                    self._fds.add(fd)
-                    owned = True
-            if fd is None:
-                fd = self.reader_fds[self._workers % len(self.reader_fds)]
-        self._workers += 1
-        assert self._nursery is not None
-        self._nursery.start_soon(self._worker, fd, permanent, owned)
-
-    async def _worker(self, fd: int, permanent: bool, owned: bool) -> None:
-        buf = bytearray(self._bufsize)
-        mv = memoryview(buf)
-        lot = self._lot
-        leader = False
-        replace = False
-        try:
-            # One cancel scope for the worker's whole life, entered before any handler runs (so
-            # handlers' own scopes nest inside it). INTERRUPT cancels it; the worker then
-            # answers EINTR and hands its descriptor to a fresh worker.
-            with trio.CancelScope() as wscope:
-                while True:
-                    if self._draining:
-                        return
-                    if not leader:
-                        # Follow until the device is free, then lead.
-                        while self._leader:
-                            if self._draining or (not permanent and self._idle >= self.readers):
-                                return
-                            self._idle += 1
-                            try:
-                                await lot.park()
-                            finally:
-                                self._idle -= 1
-                        if self._draining:
-                            return
-                        self._leader = leader = True
-                    try:
-                        n = await self._read(fd, buf)
-                    except BaseException:
-                        self._leader = False
-                        lot.unpark()
-                        raise
-                    if n is None or n < 0:
-                        self._leader = False
-                        if n is None:
-                            self._closed.set()
-                        lot.unpark_all()
-                        return
-                    # Serve it; a handler that blocks hands the device to a follower first.
-                    leader = not await self._process(fd, mv[:n], wscope)
-                    if wscope.cancel_called:
-                        replace = True
-                        return
-        finally:
-            self._workers -= 1
-            if replace and not self._draining and not self._closed.is_set():
-                self._start_worker(fd, permanent, owned)
-            elif owned:
-                self._fds.discard(fd)
-                os.close(fd)
-
-    def _handoff(self) -> None:
-        """The leader is about to block in a handler: let another reader take the device."""
-        self._leader = False
-        if self._idle:
-            self._lot.unpark()
-        elif self._workers < self.max_requests:
-            self._start_worker(None, permanent=False)
-
-    async def _drive(self, coro: Coroutine[Any, Any, Any], unique: int | None,
-                     wscope: trio.CancelScope) -> tuple[Any, bool]:
-        """Run a handler coroutine in this task: (its result, whether it blocked).
-
-        A coroutine that finishes without blocking costs nothing more; one that blocks hands
-        the device to another reader and is registered for INTERRUPT, which cancels
-        ``wscope`` (the worker's scope) and makes the result an EINTR reply.
-        """
-        try:
-            msg = coro.send(None)
-        except StopIteration as e:
-            return e.value, False
-        self._handoff()
-        if unique is not None:
-            self._inflight[unique] = wscope
-        try:
             while True:
                 try:
-                    sent = await _Yield(msg)
-                except BaseException as exc:
-                    msg = coro.throw(exc)
-                else:
-                    msg = coro.send(sent)
-        except StopIteration as e:
-            return e.value, True
-        except trio.Cancelled:
-            if unique is None or not wscope.cancel_called:
-                raise
-            return replies.error(unique, errno.EINTR), True  # interrupted
-        finally:
-            if unique is not None:
-                del self._inflight[unique]
+                    n = os.readv(fd, (buf,))
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                except OSError as e:
+                    if e.errno in END_ERRNOS:
+                        raise SessionError("the connection closed before INIT") from e
+                    if e.errno not in (errno.EINTR, errno.ENOENT):
+                        raise
+            try:
+                step = self.connection.init(memoryview(buf)[:n], wanted)
+            except ProtocolError as e:
+                raise SessionError(f"bad first request from the kernel: {e}") from e
+            os.write(fd, step.reply)
+            if step.error is not None:
+                raise SessionError(step.error)
+            if step.negotiated is not None:
+                break
+        neg = step.negotiated
+        if neg.refused:
+            log.info("kernel did not offer: %s", flag_names(neg.refused))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("INIT: kernel %d.%d offered %s", neg.kernel_major, neg.kernel_minor, flag_names(neg.offered))
+            log.debug("INIT: negotiated 7.%d, flags %s, max_write %d, max_pages %d, max_readahead %d, "
+                      "time_gran %d", neg.minor, flag_names(neg.flags), neg.max_write, neg.max_pages,
+                      neg.max_readahead, neg.time_gran)
+        self.adopt(neg)
 
-    async def _process(self, fd: int, data: memoryview, wscope: trio.CancelScope) -> bool:
-        """Serve one request; True if its handler blocked (and the device was handed off)."""
+    def adopt(self, neg: Negotiated) -> None:
+        """Serve with ``neg``: just negotiated, or taken over from an earlier daemon."""
+        self.connection.adopt(neg)
+        self.pool.bufsize = neg.read_buffer_size
+        if neg.has(InitFlag.PASSTHROUGH) and self.backing is None:
+            self.backing = self.dispatcher.backing = BackingTable(self.mount.fd)
+        self.ops.init(neg)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve requests with the reader pool until the connection ends or :meth:`stop_readers`."""
+        async with trio.open_nursery() as nursery:
+            if self.warn_after is not None:
+                nursery.start_soon(self._watch_slow_requests, self.warn_after)
+            task_status.started()
+            await self.pool.run(self._serve, self._workers_scope)
+            nursery.cancel_scope.cancel()
+
+    def stop_readers(self) -> None:
+        """Cancel the readers (and the handlers they run)."""
+        self._workers_scope.cancel()
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Unmount (if still mounted) while the readers keep serving; wait up to ``grace``
+        seconds for them to see the connection end."""
+        if not self.closed:
+            try:
+                await trio.to_thread.run_sync(self.unmount)
+            except Exception as e:  # pragma: no cover - logged, the fds are closed anyway
+                log.error("unmounting %s failed: %s", self.mountpoint, e)
+            with trio.move_on_after(grace):
+                await self.wait_closed()
+
+    def unmount(self) -> None:
+        """Unmount now (lazily if busy); blocking: call from a thread."""
         try:
-            req = self.decoder.decode(data)
+            self.mount.unmount()
+        except MountError as e:
+            if e.errno == errno.EBUSY:
+                log.warning("%s is busy; detaching it lazily", self.mountpoint)
+                self.mount.unmount(lazy=True)
+            else:
+                raise
+
+    def close(self) -> None:
+        """Release the connection's descriptors and backing files; serving has ended."""
+        self.pool.notify_closing()
+        self.pool.close()
+        if self.backing is not None:
+            self.backing.end()
+        self.mount.close()
+        self.pool.ended.set()
+
+    # -- one request -------------------------------------------------------------------------
+
+    async def _serve(self, fd: int, data: memoryview, wscope: trio.CancelScope) -> bool:
+        """Serve one request read from ``fd``; True if its handler blocked."""
+        try:
+            req = self.connection.decode(data)
         except UnknownOpcode as e:
             log.warning("%s; answering ENOSYS", e)
-            self._write(fd, replies.error(e.unique, errno.ENOSYS), e.unique)
+            _write(fd, replies.error(e.unique, errno.ENOSYS), e.unique)
             return False
         except ProtocolError as e:
             log.error("malformed request from the kernel: %s", e)
-            if e.unique and e.opcode not in _NO_REPLY:
-                self._write(fd, replies.error(e.unique, errno.EIO), e.unique)
+            if e.unique and e.opcode not in NO_REPLY:
+                _write(fd, replies.error(e.unique, errno.EIO), e.unique)
             return False
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("-> %s", describe_request(req))
         cls = type(req)
         if cls is r.ForgetRequest:
-            return (await self._drive(self.dispatcher.forget(req), None, wscope))[1]  # type: ignore[arg-type]
+            return (await self.pool.drive(self.dispatcher.forget(req), None, wscope))[1]  # type: ignore[arg-type]
         if cls is r.InterruptRequest:
-            self._interrupt(req)  # type: ignore[arg-type]
+            self.pool.interrupt(req.target)  # type: ignore[attr-defined]
             return False
         if cls is r.NotifyReplyRequest:
             self._notify_reply(req)  # type: ignore[arg-type]
             return False
         unique = req.unique
-        debug = log.isEnabledFor(logging.DEBUG)
         t0 = time.perf_counter() if debug else 0.0
-        if self._early_interrupts and unique & ~UNIQUE_RESEND in self._early_interrupts:
-            del self._early_interrupts[unique & ~UNIQUE_RESEND]
+        ctx = RequestContext(self.connection, req, fd, wscope)
+        ctx.enter()
+        if self.pool.interrupted_early(unique):
             reply: bytes | None = replies.error(unique, errno.EINTR)
             blocked = False
         else:
-            reply, blocked = await self._drive(self.dispatcher.handle(req), unique, wscope)
+            ctx.handling = True
+            try:
+                reply, blocked = await self.pool.drive(self.dispatcher.handle(req), unique, wscope, req)
+            finally:
+                ctx.handling = False
         self.served += 1
-        if reply is not None:
-            written = self._write(fd, reply, unique)
-        backing = self.backing
-        if backing is not None and (backing.pending or backing.claims):
-            # After the reply: the open file took its own reference if the kernel has it.
-            backing.reply_done(unique, reply is not None and written)
+        written = reply is not None and _write(fd, reply, unique)
+        ctx.finish(written)
         if debug:
-            code = -int.from_bytes(reply[4:8], "little", signed=True) if reply else 0
-            log.debug("%s unique=%d nodeid=%d -> %s (%d bytes) in %.1f us",
-                      cls.opcode.name, unique, req.nodeid, errno_name(code),
-                      len(reply) if reply else 0, (time.perf_counter() - t0) * 1e6)
+            log.debug("<- %s unique=%d: %s in %.1f us%s", cls.opcode.name, unique, describe_reply(reply),
+                      (time.perf_counter() - t0) * 1e6, "" if written or reply is None else " (not delivered)")
         return blocked
 
-    def _interrupt(self, req: r.InterruptRequest) -> None:
-        target = req.target
-        scope = self._inflight.get(target)
-        if scope is None:
-            scope = self._inflight.get(target | UNIQUE_RESEND)
-        if scope is not None:
-            log.debug("INTERRUPT of unique %d: cancelling its handler", target)
-            scope.cancel()
-            return
-        # Not read yet (another daemon read it, or it is being resent): remember it.
-        self._early_interrupts[target & ~UNIQUE_RESEND] = None
-        if len(self._early_interrupts) > MAX_EARLY_INTERRUPTS:
-            self._early_interrupts.popitem(last=False)
+    async def _watch_slow_requests(self, after: float) -> None:
+        """Warn once about each request whose handler has been blocked longer than ``after`` seconds."""
+        warned: set[int] = set()
+        while True:
+            await trio.sleep(min(after / 2, 1.0))
+            now = trio.current_time()
+            blocked = self.pool.blocked
+            warned &= blocked.keys()
+            for unique, (since, req) in list(blocked.items()):
+                if unique not in warned and now - since >= after:
+                    warned.add(unique)
+                    what = describe_request(req) if isinstance(req, r.Request) else f"unique={unique}"
+                    log.warning("still unanswered after %.1f s: %s", now - since, what)
 
     def _notify_reply(self, req: r.NotifyReplyRequest) -> None:
         send = self._retrieve_waiters.pop(req.unique, None)
@@ -475,39 +389,20 @@ class Session:
             pass
         send.close()
 
-    # -- shutdown ---------------------------------------------------------------------------
 
-    async def _shutdown(self) -> None:
-        """Unmount (if still mounted) while the readers keep serving, then wait for them."""
-        if not self._closed.is_set():
-            try:
-                await trio.to_thread.run_sync(self._unmount)
-            except Exception as e:  # pragma: no cover - logged, the fds are closed anyway
-                log.error("unmounting %s failed: %s", self.mountpoint, e)
-            with trio.move_on_after(5):
-                await self._closed.wait()
-
-    def _unmount(self) -> None:
-        try:
-            self.mount.unmount()
-        except MountError as e:
-            if e.errno == errno.EBUSY:
-                log.warning("%s is busy; detaching it lazily", self.mountpoint)
-                self.mount.unmount(lazy=True)
-            else:
-                raise
-
-    def _close_fds(self) -> None:
-        for fd in list(self._fds):
-            self._fds.discard(fd)
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if self.backing is not None:
-            self.backing.end()
-        self.mount.close()
-        self._closed.set()
+def _write(fd: int, data: bytes, unique: int) -> bool:
+    """Write one reply; False if the kernel did not take it."""
+    try:
+        os.write(fd, data)
+        return True
+    except OSError as e:
+        if e.errno == errno.ENOENT:  # interrupted/aborted/resent meanwhile: nobody waits
+            log.debug("reply to unique %d: nobody waits (ENOENT)", unique)
+        elif e.errno in END_ERRNOS:
+            log.debug("reply to unique %d after the connection ended", unique)
+        else:
+            log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, len(data), e)
+        return False
 
 
 @attrs.define
@@ -522,23 +417,8 @@ class Takeover:
     resend: bool = True
 
 
-class _Yield:
-    """Pass one trap of a hand-driven coroutine up to trio and return what trio sends back."""
-
-    __slots__ = ("msg",)
-
-    def __init__(self, msg: Any) -> None:
-        self.msg = msg
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        return (yield self.msg)
-
-
-_NO_REPLY = (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.NOTIFY_REPLY, Opcode.INTERRUPT)
-
-
 async def serve(
-    ops: Operations,
+    ops: Operations | Mountable,
     mountpoint: str | os.PathLike[str],
     *,
     options: MountOptions | str | None = None,
@@ -548,9 +428,12 @@ async def serve(
     takeover: Takeover | None = None,
     unmount: bool = True,
     private_clones: bool = True,
+    shutdown_grace: float = 5.0,
+    warn_after: float | None = 10.0,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Mount ``ops`` on ``mountpoint`` and serve it until unmounted or cancelled.
+    """Mount ``ops`` (an :class:`Operations`, or a root :class:`afuse.Node`) on ``mountpoint``
+    and serve it until unmounted or cancelled.
 
     For ``await nursery.start(serve, ops, path)``: returns the :class:`Session` once the
     filesystem answers requests. Cancelling unmounts (unless ``unmount`` is False).
@@ -558,7 +441,16 @@ async def serve(
     served at once; beyond ``readers`` they get private cloned descriptors unless
     ``private_clones`` is False. With ``takeover``, serve an already mounted, negotiated connection instead
     of mounting: INIT is skipped and, by default, unanswered requests are resent.
+    When serving ends by cancellation, the filesystem is unmounted and requests in flight get
+    ``shutdown_grace`` seconds to finish; a mount still busy then is detached lazily. A request
+    unanswered for ``warn_after`` seconds is logged as a warning (None: never).
     """
+    if warn_after is not None and not warn_after > 0:
+        raise ValueError(f"warn_after must be positive seconds or None, not {warn_after!r}")
+    if not shutdown_grace >= 0:
+        raise ValueError(f"shutdown_grace must be >= 0 seconds, not {shutdown_grace!r}")
+    ops = as_operations(ops)
+    check_operations(ops)  # before mounting: a plain ``def`` handler would fail only when called
     opts = MountOptions.parse(options) if isinstance(options, str) else (options or MountOptions())
     cfg = config or InitConfig()
     if cfg.allow_idmap and not opts.default_permissions and not cfg.posix_acl:
@@ -571,69 +463,80 @@ async def serve(
     else:
         mnt = Mount(takeover.fd, device.resolve_mountpoint(os.fspath(mountpoint)), opts, False)
     session = Session(ops, mnt, cfg, readers, max_requests, private_clones)
+    session.warn_after = warn_after
     current = _CURRENT.set(session)
     try:
-        device.set_nonblocking(mnt.fd)
-        if takeover is None:
-            with trio.fail_after(30):
-                await session._init()
-        else:
-            session._adopt(takeover.negotiated)
-        session._open_readers(None if takeover is None else list(takeover.clones))
+        await session.start(takeover)
         async with trio.open_nursery() as nursery:
-            worker_scope = trio.CancelScope(shield=True)
-            nursery.start_soon(session._run_workers, worker_scope)
+            await nursery.start(session.run)
             if takeover is not None and takeover.resend:
-                await session.notify(wire_notify.resend())
+                await session.notify(session.connection.resend())
             task_status.started(session)
             try:
-                await session._closed.wait()
+                await session.wait_closed()
             finally:
                 if unmount:
                     with trio.CancelScope(shield=True):
-                        await session._shutdown()
-                worker_scope.cancel()
+                        await session.shutdown(shutdown_grace)
+                session.stop_readers()
     except BaseException:
         if unmount and not session.closed:
             with trio.CancelScope(shield=True):
                 try:
-                    await trio.to_thread.run_sync(session._unmount)
+                    await trio.to_thread.run_sync(session.unmount)
                 except Exception as e:
                     log.debug("unmount after failure: %s", e)
         raise
     finally:
-        for fd in (mnt.fd, *session._fds):
-            trio.lowlevel.notify_closing(fd)
-        session._close_fds()
+        session.close()
         _CURRENT.reset(current)
 
 
 @asynccontextmanager
 async def mount(
-    ops: Operations,
+    ops: Operations | Mountable,
     mountpoint: str | os.PathLike[str],
     **kwargs: Any,
 ) -> AsyncIterator[Session]:
     """Serve ``ops`` on ``mountpoint`` for the duration of the ``async with`` block.
 
-    Keyword arguments are those of :func:`serve`. Leaving the block unmounts.
+    Keyword arguments are those of :func:`serve`. Leaving the block unmounts, however it is left
+    (an exception, KeyboardInterrupt, cancellation); the block's exception propagates as itself.
     """
     started = False
+    raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             session: Session = await nursery.start(_serve_kw, ops, mountpoint, kwargs)
             started = True
             try:
                 yield session
+            except BaseException as e:
+                raised = e
+                raise
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # A failure to mount or negotiate is one plain exception for the caller.
         if not started and len(group.exceptions) == 1:
             raise group.exceptions[0] from None
-        raise
+        if raised is None or len(group.exceptions) != 1 or _leaves(group) != _leaves(raised):
+            raise
+        own = raised
+    else:
+        return
+    # The block's own exception (unmounted by now) reaches the caller as itself, not in a group;
+    # raised outside the handler so that the group does not become its context.
+    raise own
 
 
-async def _serve_kw(ops: Operations, mountpoint: str | os.PathLike[str], kwargs: dict[str, Any],
+def _leaves(exc: BaseException) -> list[int]:
+    """The ids of the exceptions in ``exc`` that are not groups (trio may copy a group, not them)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [id(exc)]
+
+
+async def _serve_kw(ops: Operations | Mountable, mountpoint: str | os.PathLike[str], kwargs: dict[str, Any],
                     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
     await serve(ops, mountpoint, task_status=task_status, **kwargs)

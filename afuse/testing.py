@@ -8,6 +8,8 @@ Three forms, all unmounting afterwards and never leaving a mount behind:
   the GIL while the kernel waits on the filesystem (a page fault on an mmap of a file on it).
 * :func:`trio_mount` — an ``async with`` for trio tests; touch the mount only from threads
   (``trio.to_thread.run_sync``, ``trio.Path``), never from the loop serving it.
+* :func:`asyncio_mounted` — as :func:`mounted`, for filesystems whose handlers are asyncio
+  coroutines (:mod:`afuse.asyncio`), served from an asyncio loop in another thread.
 
 The pytest plugin (:mod:`afuse.pytest_plugin`) wraps them as fixtures.
 """
@@ -24,9 +26,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
@@ -34,11 +36,14 @@ from . import device
 from .device import MountOptions
 from .errors import MountError
 from .operations import Operations
-from .session import Session, serve
+from .running import serve_until_signalled
+from .session import Session, mount, serve
 from .wire.init import InitConfig
 
 if TYPE_CHECKING:
     from .cuse import CuseSession, DeviceOperations
+
+T = TypeVar("T")
 
 
 class HandlerErrors(Exception):
@@ -48,10 +53,19 @@ class HandlerErrors(Exception):
 class MountedFS:
     """A filesystem served in a background thread; ``path`` is its mountpoint."""
 
-    def __init__(self, path: str, session: Session, ops: Operations) -> None:
+    def __init__(self, path: str, session: Session, ops: Operations,
+                 token: trio.lowlevel.TrioToken | None = None) -> None:
         self.path = path
         self.session = session
         self.ops = ops
+        self._token = token
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``await fn(*args)`` on the loop serving the filesystem and return its result
+        (e.g. ``m.call(afuse.notify.inval_entry, m.session, 1, b"name")``); from the test thread."""
+        if self._token is None:
+            raise RuntimeError("this filesystem is not served by a loop of this process")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
 
     def __fspath__(self) -> str:
         return self.path
@@ -138,7 +152,7 @@ def mounted(
         raise box["error"]
     session: Session = box["session"]
     try:
-        yield MountedFS(path, session, ops)
+        yield MountedFS(path, session, ops, box["token"])
     finally:
         with contextlib.suppress(RuntimeError):  # the loop already ended
             box["token"].run_sync_soon(box["scope"].cancel)
@@ -154,6 +168,22 @@ def mounted(
     if raise_handler_errors and session.errors:
         raise HandlerErrors(f"{len(session.errors)} handler error(s); first: {session.errors[0]!r}") \
             from session.errors[0]
+
+
+class MountFactory(Protocol):
+    """The type of the ``fuse_mount`` fixture: :func:`mounted` for the rest of the test."""
+
+    def __call__(
+        self,
+        ops: Operations,
+        *,
+        options: MountOptions | str | None = ...,
+        config: InitConfig | None = ...,
+        mountpoint: str | None = ...,
+        timeout: float = ...,
+        raise_handler_errors: bool = ...,
+        **serve_kwargs: Any,
+    ) -> MountedFS: ...
 
 
 @contextlib.asynccontextmanager
@@ -180,6 +210,78 @@ async def trio_mount(
             from session.errors[0]
 
 
+@contextlib.contextmanager
+def asyncio_mounted(
+    ops: Operations,
+    *,
+    mountpoint: str | None = None,
+    timeout: float = 20.0,
+    raise_handler_errors: bool = True,
+    **serve_kwargs: Any,
+) -> Iterator[MountedFS]:
+    """As :func:`mounted`, for a filesystem whose handlers are asyncio coroutines.
+
+    ``ops`` is served with :func:`afuse.asyncio.mount` from an asyncio loop in a background
+    thread; the test thread may use the mount.
+    """
+    import asyncio
+
+    from . import asyncio as afuse_asyncio
+
+    path, made = _make_mountpoint(mountpoint)
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        box["loop"], box["stop"] = asyncio.get_running_loop(), stop
+        async with afuse_asyncio.mount(ops, path, **serve_kwargs) as fs:
+            box["session"] = fs.session
+            started.set()
+            waiting = [asyncio.ensure_future(fs.wait_closed()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiting:
+                w.cancel()
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # reported to the test thread
+            while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                e = e.exceptions[0]
+            box["error"] = e
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, name=f"afuse asyncio {path}", daemon=True)
+    thread.start()
+    if not started.wait(timeout) or "session" not in box:
+        if "loop" in box:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(timeout)
+        _cleanup_mountpoint(path, made)
+        raise box.get("error") or MountError(0, f"mounting {path} did not finish within {timeout} s")
+    session: Session = box["session"]
+    try:
+        yield MountedFS(path, session, ops)
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(timeout)
+        if thread.is_alive():
+            # A handler that never finishes: abort the connection, which fails every request.
+            with contextlib.suppress(OSError):
+                session.mount.abort()
+            thread.join(timeout)
+        _cleanup_mountpoint(path, made)
+    if "error" in box and not isinstance(box["error"], KeyboardInterrupt):
+        raise box["error"]
+    if raise_handler_errors and session.errors:
+        raise HandlerErrors(f"{len(session.errors)} handler error(s); first: {session.errors[0]!r}") \
+            from session.errors[0]
+
+
 class MountedProcess:
     """A filesystem served by a child process; ``path`` is its mountpoint."""
 
@@ -193,6 +295,20 @@ class MountedProcess:
     def join(self, *parts: str) -> str:
         """``os.path.join(self.path, *parts)``."""
         return os.path.join(self.path, *parts)
+
+
+class ProcessMountFactory(Protocol):
+    """The type of the ``fuse_mount_process`` fixture: :func:`mounted_process` for the rest of the test."""
+
+    def __call__(
+        self,
+        factory: str,
+        args: Sequence[str] = ...,
+        *,
+        options: str = ...,
+        mountpoint: str | None = ...,
+        timeout: float = ...,
+    ) -> MountedProcess: ...
 
 
 @contextlib.contextmanager
@@ -263,18 +379,9 @@ def _child_main(argv: Sequence[str]) -> int:
 
     async def main() -> None:
         nonlocal failed
-        async with trio.open_nursery() as nursery:
-            session: Session = await nursery.start(partial(serve, ops, path, options=options or None))
+        async with mount(ops, path, options=options or None) as session, trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_until_signalled, session, signals=(signal.SIGTERM, signal.SIGINT)))
             print("ready", flush=True)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                async def stop() -> None:
-                    async for _ in sigs:
-                        break
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(stop)
-                await session.wait_closed()
-                nursery.cancel_scope.cancel()
         failed = bool(session.errors)
         for e in session.errors:
             print(f"handler error: {e!r}", file=sys.stderr)

@@ -42,6 +42,7 @@ def _raw_main(mountpoint: str) -> int:
     from afuse.wire import replies
     from afuse.wire import requests as r
     from afuse.wire.constants import ROOT_ID, InitFlag
+    from afuse.wire.decoder import Decoder
     from afuse.wire.init import InitConfig, encode_init_reply, negotiate
     from afuse.wire.types import Entry
 
@@ -56,7 +57,7 @@ def _raw_main(mountpoint: str) -> int:
     signal.signal(signal.SIGINT, stop)
     mnt = device.mount(mountpoint, MountOptions(fsname="fusebench-raw"))
     fd = mnt.fd
-    decoder = r.Decoder()
+    decoder = Decoder()
     try:
         buf = bytearray((1 << 20) + 4096)
         n = os.readv(fd, (buf,))
@@ -110,9 +111,12 @@ def _pyfuse3_main(mountpoint: str) -> int:  # pragma: no cover - needs pyfuse3
     import signal
     import stat
     import time
+    from functools import partial
 
     import pyfuse3  # type: ignore[import-not-found]
     import trio
+
+    from afuse.running import serve_until_signalled
 
     name = b"hello"
     data = b"Hello, world!\n"
@@ -172,20 +176,15 @@ def _pyfuse3_main(mountpoint: str) -> int:  # pragma: no cover - needs pyfuse3
     pyfuse3.init(Hello(), mountpoint, {"fsname=fusebench-pyfuse3"})
     print("ready", flush=True)
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            async def stop() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
-                        break
-                pyfuse3.terminate()
+    class Main:
+        async def wait_closed(self) -> None:
+            await pyfuse3.main()  # returns once terminated or unmounted
 
-            nursery.start_soon(stop)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
+    async def stop(_signum: signal.Signals) -> None:
+        pyfuse3.terminate()
 
     try:
-        trio.run(run)
+        trio.run(partial(serve_until_signalled, Main(), signals=(signal.SIGTERM, signal.SIGINT), on_signal=stop))
     finally:
         pyfuse3.close(unmount=True)
     return 0

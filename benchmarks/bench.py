@@ -81,6 +81,8 @@ class Config:
     loop_seconds: float = 2.0  # listing and latency loops
     repeat: int = 3  # metadata, small files and sequential: median of this many runs
     quick: bool = False
+    #: Another checkout of afuse whose GETATTR round trip is measured beside this one's.
+    compare_tree: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,9 +99,12 @@ class Daemon:
 
     alive: ClassVar[list[Daemon]] = []
 
-    def __init__(self, label: str, cmd_for: Callable[[str], list[str]], cpu: int | None = None) -> None:
+    def __init__(self, label: str, cmd_for: Callable[[str], list[str]], cpu: int | None = None,
+                 tree: str = REPO) -> None:
         self.label = label
         self.cpu = cpu
+        #: The checkout whose afuse the daemon imports.
+        self.tree = tree
         self.path = tempfile.mkdtemp(prefix=PREFIX + "mnt-")
         os.chmod(self.path, 0o755)
         self.cmd = cmd_for(self.path)
@@ -112,7 +117,7 @@ class Daemon:
 
     def start(self, timeout: float = 30.0) -> Daemon:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (self.tree, env.get("PYTHONPATH")) if p)
         cpu = self.cpu
 
         def pin() -> None:  # in the child before exec: every thread it starts inherits it
@@ -122,7 +127,7 @@ class Daemon:
         Daemon.alive.append(self)
         self.proc = subprocess.Popen(
             self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log, env=env,
-            cwd=REPO, start_new_session=True,  # Ctrl-C reaches us only; we stop it in order
+            cwd=self.tree, start_new_session=True,  # Ctrl-C reaches us only; we stop it in order
             preexec_fn=pin if cpu is not None else None)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
@@ -180,10 +185,10 @@ class Daemon:
         return self.returncode not in (0, -signal.SIGTERM, None)
 
 
-def afuse_daemon(label: str, factory: str, args: list[str], cpu: int | None = None) -> Daemon:
+def afuse_daemon(label: str, factory: str, args: list[str], cpu: int | None = None, tree: str = REPO) -> Daemon:
     name = PREFIX + label.split()[0]
     return Daemon(label, lambda mnt: [sys.executable, "-m", "afuse.testing", factory, mnt,
-                                      "-o", f"fsname={name}", *args], cpu=cpu)
+                                      "-o", f"fsname={name}", *args], cpu=cpu, tree=tree)
 
 
 #: passthroughfs with FUSE passthrough negotiated (``afuse.testing`` serves the default config).
@@ -191,28 +196,21 @@ _PASSTHROUGH_DAEMON = """
 import signal, sys
 from functools import partial
 import trio
+import afuse
 from afuse.examples.passthroughfs import PassthroughFS
-from afuse.session import serve
+from afuse.running import serve_until_signalled
 from afuse.wire.init import InitConfig
 src, mnt, fsname = sys.argv[1:4]
 ops = PassthroughFS(src)
 failed = False
 async def main():
     global failed
-    async with trio.open_nursery() as nursery:
-        session = await nursery.start(partial(serve, ops, mnt, options="fsname=" + fsname,
-                                              config=InitConfig(passthrough=True)))
+    async with afuse.mount(ops, mnt, options="fsname=" + fsname, config=InitConfig(passthrough=True)) as session:
         if ops.passthrough_unavailable:
             print("passthrough unavailable: " + ops.passthrough_unavailable, file=sys.stderr, flush=True)
-        print("ready", flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-            async def stop():
-                async for _ in sigs:
-                    break
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(stop)
-            await session.wait_closed()
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_until_signalled, session, signals=(signal.SIGTERM, signal.SIGINT)))
+            print("ready", flush=True)
     failed = bool(session.errors)
 trio.run(main)
 ops.close()
@@ -596,6 +594,13 @@ def run_latency(cfg: Config, results: dict[str, Any], problems: list[str], tmp: 
     log("  GETATTR latency, afuse HelloFS (attr_timeout=0) ...")
     af_pinned, af_unpinned = measure(lambda pin: afuse_daemon(
         f"latency hello (cpu {pin})", LATENCY_FS, [], cpu=pin))
+    if cfg.compare_tree:
+        log(f"  GETATTR latency, afuse HelloFS from {cfg.compare_tree} ...")
+        cmp_pinned, cmp_unpinned = measure(lambda pin: afuse_daemon(
+            f"compare hello (cpu {pin})", LATENCY_FS, [], cpu=pin, tree=cfg.compare_tree or REPO))
+        # Measure this tree once more after it, so drift during the run shows.
+        again_pinned, again_unpinned = measure(lambda pin: afuse_daemon(
+            f"latency hello (cpu {pin})", LATENCY_FS, [], cpu=pin))
     log("  GETATTR latency, bare blocking-loop hello (afuse wire codecs only) ...")
     raw_pinned, raw_unpinned = measure(lambda pin: script_daemon("raw", f"bare-loop hello (cpu {pin})", pin))
     results["latency"] = {
@@ -609,6 +614,10 @@ def run_latency(cfg: Config, results: dict[str, Any], problems: list[str], tmp: 
         "pipe_roundtrip": {"unit": "us", "pinned": pipe_pinned, "unpinned": pipe_unpinned},
         "bare_loop": {"unit": "us", "pinned": raw_pinned, "unpinned": raw_unpinned},
     }
+    if cfg.compare_tree:
+        results["latency"]["compare"] = {
+            "unit": "us", "tree": cfg.compare_tree, "pinned": cmp_pinned, "unpinned": cmp_unpinned,
+            "this_tree_again": {"pinned": again_pinned, "unpinned": again_unpinned}}
     if not have_pyfuse3:
         results["pyfuse3"] = {"available": False}
         return
@@ -701,6 +710,15 @@ def report(results: dict[str, Any]) -> str:
                      f"{bare['unpinned']:.1f}")
         lines.append(f"  afuse (session, trio, dispatcher)                   {af_p:6.1f} / {af_u:.1f}"
                      f"   -> afuse/bare loop {af_p / bare['pinned']:.2f} / {af_u / bare['unpinned']:.2f}")
+        other = lat.get("compare")
+        if other:
+            again = other["this_tree_again"]
+            lines.append(f"  afuse, this tree measured again after the other     {again['pinned']:6.1f} / "
+                         f"{again['unpinned']:.1f}")
+            lines.append(f"  afuse from {other['tree']:<40} {other['pinned']:6.1f} / {other['unpinned']:.1f}"
+                         f"   -> this/that (mean of both runs) "
+                         f"{(af_p + again['pinned']) / 2 / other['pinned']:.2f} / "
+                         f"{(af_u + again['unpinned']) / 2 / other['unpinned']:.2f}")
     py = results.get("pyfuse3")
     lines.append("")
     if py is None:
@@ -752,6 +770,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin", action="store_true",
                    help="run workloads 1-4 with this process and the daemons pinned to one CPU (steadier "
                         "figures where waking an idle CPU is slow, e.g. in VMs)")
+    p.add_argument("--latency-only", action="store_true", help="run only the GETATTR latency workload")
+    p.add_argument("--compare-tree", metavar="DIR",
+                   help="also measure the GETATTR round trip of the afuse in checkout DIR (e.g. a git worktree "
+                        "of an older commit), in the same run")
     p.add_argument("--repeat", type=int, help="runs per workload, median reported (default 3, quick 1)")
     p.add_argument("--tmpdir", help="where to make the temporary source directories and mountpoints "
                                     "(default: the system's temporary directory)")
@@ -762,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config(files=200, seq_bytes=32 * MiB, loop_seconds=0.5, repeat=1, quick=True)
     if args.repeat:
         cfg.repeat = args.repeat
+    if args.compare_tree:
+        cfg.compare_tree = os.path.abspath(args.compare_tree)
     if args.tmpdir:
         tempfile.tempdir = os.path.abspath(args.tmpdir)  # mountpoints too
     tmp = tempfile.gettempdir()
@@ -780,7 +804,9 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         log(f"afuse benchmarks ({'quick' if cfg.quick else 'full'}): passthroughfs vs native")
-        run_filesystems(cfg, args.fs, args.memfs, pick_cpu() if args.pin else None, results, problems, tmp, log)
+        if not args.latency_only:
+            run_filesystems(cfg, args.fs, args.memfs, pick_cpu() if args.pin else None, results, problems, tmp,
+                            log)
         log("latency")
         run_latency(cfg, results, problems, tmp, log, have_pyfuse3)
     except KeyboardInterrupt:

@@ -1,8 +1,9 @@
 """A fake kernel for fast dispatcher tests: requests go through the wire both ways, no /dev/fuse.
 
 Each call builds a request, encodes it as the kernel would (:func:`afuse.wire.kernel.encode_request`),
-decodes it with :class:`afuse.wire.requests.Decoder` (checking the round trip), runs
-``await dispatcher.handle(req)`` and checks the reply's header; the reply body is then decoded
+decodes it with :class:`afuse.wire.decoder.Decoder` (checking the round trip), runs
+``await dispatcher.handle(req)`` (whose sans-IO :class:`afuse.wire.connection.Connection` checks and
+encodes the reply) and checks the reply's header; the reply body is then decoded
 with the :mod:`afuse.wire.kernel` decoders.
 """
 
@@ -19,7 +20,6 @@ from afuse.operations import Operations
 from afuse.wire import kernel
 from afuse.wire import requests as r
 from afuse.wire.init import InitConfig
-from afuse.wire.requests import Decoder
 
 T = TypeVar("T")
 R = TypeVar("R", bound=r.Request)
@@ -51,8 +51,10 @@ class FakeKernel:
                  pid: int = 4242) -> None:
         self.ops = ops
         self.dispatcher = Dispatcher(ops)
+        self.connection = self.dispatcher.connection
         self.setxattr_ext = setxattr_ext
-        self.decoder = Decoder(setxattr_ext)
+        self.decoder = self.connection.decoder
+        self.decoder.setxattr_ext = setxattr_ext
         self.uid, self.gid, self.pid = uid, gid, pid
         self._unique = 0
         #: Every request handed to the dispatcher, decoded.

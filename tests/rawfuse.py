@@ -12,7 +12,7 @@ import stat
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Generic, ParamSpec, TypeVar
 
 import attrs
 
@@ -202,26 +202,30 @@ class Server:
         return [r.opcode for r in self.requests]
 
 
-class Call:
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class Call(Generic[T]):
     """Run ``func(*args)`` in a daemon thread (a filesystem access that the test must answer)."""
 
-    def __init__(self, func: Callable[..., Any], *args: Any) -> None:
-        self.result: Any = None
+    def __init__(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> None:
+        self._result: list[T] = []  # [what func returned], once it has
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(func, args), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(lambda: func(*args, **kwargs),), daemon=True)
         self._thread.start()
 
-    def _run(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def _run(self, call: Callable[[], T]) -> None:
         try:
-            self.result = func(*args)
+            self._result.append(call())
         except BaseException as e:  # reported by wait()
             self.error = e
 
-    def wait(self, timeout: float = TIMEOUT) -> Any:
+    def wait(self, timeout: float = TIMEOUT) -> T:
         """Join; return the result or raise what the call raised (TimeoutError if still running)."""
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError("filesystem call still blocked")
         if self.error is not None:
             raise self.error
-        return self.result
+        return self._result[0]

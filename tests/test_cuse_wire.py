@@ -23,11 +23,12 @@ from afuse.wire.cuse import (
     ioctl_retry,
     negotiate_cuse,
 )
+from afuse.wire.decoder import Decoder
 
 
 def init_request(major: int = 7, minor: int = 41, flags: int = CUSE_UNRESTRICTED_IOCTL) -> r.CuseInitRequest:
     raw = kernel.encode_request(r.CuseInitRequest(99, 0, 0, 0, 0, major, minor, flags))
-    req = r.Decoder().decode(raw)
+    req = Decoder().decode(raw)
     assert isinstance(req, r.CuseInitRequest)
     return req
 

@@ -429,7 +429,7 @@ def test_clone_device_answers_on_clone(mnt: Path) -> None:
             rawfuse.reply(clone, req.unique, rawfuse.attr_out(mode=stat.S_IFDIR | 0o700))
             st = call.wait()
             assert stat.S_IMODE(st.st_mode) == 0o700
-            assert device._fdinfo_connection(clone) == m.connection_id()
+            assert device.mountinfo.fdinfo_connection(clone) == m.connection_id()
         finally:
             os.close(clone)
 
@@ -796,3 +796,26 @@ def test_auto_unmount_after_sigkill_unprivileged(user_mountpoint: Path) -> None:
     # mount as root, which a mount without allow_other refuses); afuse's watchdog does it then.
     gone = run_and_kill(user_mountpoint, NOBODY)
     assert gone, "the mount was not removed after the daemon died"
+
+
+def test_device_layer_imports_no_trio() -> None:
+    # Load afuse.device without running afuse/__init__ (which imports the trio-based session),
+    # with trio made unimportable: every module of the device layer must still load.
+    script = textwrap.dedent(
+        f"""
+        import sys, types
+        pkg = types.ModuleType("afuse")
+        pkg.__path__ = [{str(REPO / "afuse")!r}]
+        sys.modules["afuse"] = pkg
+        sys.modules["trio"] = None
+        import afuse.device
+        from afuse.device import ioctls, mounting, mountinfo, options
+        assert sorted(afuse.device.__all__) == sorted(set(afuse.device.__all__))
+        for name in afuse.device.__all__:
+            getattr(afuse.device, name)
+        print("ok", len(afuse.device.__all__))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok ")

@@ -18,7 +18,7 @@ from afuse.operations import Operations
 from afuse.wire import kernel as k
 from afuse.wire.constants import LK_FLOCK, InitFlag
 from afuse.wire.init import InitConfig
-from afuse.wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
+from afuse.wire.types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 pytestmark = pytest.mark.trio
 
@@ -307,10 +307,14 @@ class ListDir(Operations):
         return [dirent(i) for i in range(req.offset, len(NAMES))]
 
 
-class SyncGenDir(Operations):
+class LoggedDir(Operations):
+    """Logs each entry produced, taken, and the end and closing of the listing."""
+
     def __init__(self) -> None:
         self.log: list[str] = []
 
+
+class SyncGenDir(LoggedDir):
     def _gen(self, start: int) -> Iterator[DirEntry]:
         try:
             for i in range(start, len(NAMES)):
@@ -325,10 +329,10 @@ class SyncGenDir(Operations):
         return self._gen(req.offset)
 
 
-class AsyncGenDir(SyncGenDir):
+class AsyncGenDir(LoggedDir):
     """``async def readdir`` with ``yield`` in it: an async generator function."""
 
-    async def readdir(self, req: r.ReaddirRequest) -> Any:
+    async def readdir(self, req: r.ReaddirRequest) -> AsyncIterator[DirEntry]:
         try:
             for i in range(req.offset, len(NAMES)):
                 self.log.append(f"yield {i}")
@@ -339,7 +343,7 @@ class AsyncGenDir(SyncGenDir):
             self.log.append("closed")
 
 
-class ReturnsAsyncGen(SyncGenDir):
+class ReturnsAsyncGen(LoggedDir):
     """``async def readdir`` returning an async generator."""
 
     async def _agen(self, start: int) -> AsyncIterator[DirEntry]:
@@ -352,7 +356,7 @@ class ReturnsAsyncGen(SyncGenDir):
         finally:
             self.log.append("closed")
 
-    async def readdir(self, req: r.ReaddirRequest) -> Any:
+    async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
         return self._agen(req.offset)
 
 
@@ -367,7 +371,7 @@ async def test_readdir_from_a_list() -> None:
 
 
 @pytest.mark.parametrize("cls", [SyncGenDir, AsyncGenDir, ReturnsAsyncGen])
-async def test_readdir_generator_closed_at_the_entry_that_did_not_fit(cls: type[SyncGenDir]) -> None:
+async def test_readdir_generator_closed_at_the_entry_that_did_not_fit(cls: type[LoggedDir]) -> None:
     ops = cls()
     fk = FakeKernel(ops)
     got = await fk.ok(k.decode_dirents, r.ReaddirRequest, fh=0, offset=0, size=FITS_TWO)
@@ -417,7 +421,7 @@ class PlusDir(Operations):
     async def readdir(self, req: r.ReaddirRequest) -> Iterable[DirEntry]:
         return []
 
-    async def readdirplus(self, req: r.ReaddirplusRequest) -> Any:
+    async def readdirplus(self, req: r.ReaddirplusRequest) -> AsyncIterator[DirEntry]:
         for i in range(req.offset, len(NAMES)):
             a = Attr(ino=10 + i, mode=stat.S_IFREG | 0o600)
             yield DirEntry(NAMES[i], i + 1, a, Entry(10 + i, a) if self.with_entry else None)

@@ -23,6 +23,7 @@ import pytest
 import afuse
 from afuse.examples.memfs import MemFS
 from afuse.pytest_plugin import fuse_unavailable_reason
+from afuse.testing import MountedFS, MountFactory
 
 pytestmark = [
     pytest.mark.skipif(fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason())),
@@ -84,7 +85,7 @@ class Recording(MemFS):
         return n is None or n.lookups == 0
 
 
-def _setup(m) -> tuple[int, int]:
+def _setup(m: MountedFS) -> tuple[int, int]:
     """Create d/f; return their nodeids (inode numbers in memfs)."""
     os.mkdir(m.join("d"))
     with open(m.join("d", "f"), "w") as f:
@@ -100,7 +101,7 @@ def _wait_forgotten(fs: Recording, *nodeids: int) -> None:
         time.sleep(0.05)
 
 
-def test_handles_with_export_support(fuse_mount) -> None:
+def test_handles_with_export_support(fuse_mount: MountFactory) -> None:
     fs = Recording()
     m = fuse_mount(fs, config=afuse.InitConfig(export_support=True))
     assert m.session.has(afuse.InitFlag.EXPORT_SUPPORT)
@@ -154,7 +155,7 @@ def test_handles_with_export_support(fuse_mount) -> None:
         os.close(mfd)
 
 
-def test_handles_without_export_support(fuse_mount) -> None:
+def test_handles_without_export_support(fuse_mount: MountFactory) -> None:
     fs = Recording()
     m = fuse_mount(fs)
     assert not m.session.has(afuse.InitFlag.EXPORT_SUPPORT)
@@ -172,7 +173,7 @@ def test_handles_without_export_support(fuse_mount) -> None:
         os.close(mfd)
 
 
-def test_no_export_support(fuse_mount) -> None:
+def test_no_export_support(fuse_mount: MountFactory) -> None:
     fs = Recording()
     m = fuse_mount(fs, config=afuse.InitConfig(no_export_support=True))
     assert m.session.has(afuse.InitFlag.NO_EXPORT_SUPPORT)

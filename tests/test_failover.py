@@ -12,7 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,7 +31,7 @@ ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (mount(2), open_by_handle_at)")
 
 
-def _bench() -> Any:
+def _bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("failover_bench", REPO / "benchmarks" / "failover.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -71,7 +73,7 @@ class Counter:
         state["values"][record[0]] = state["values"].get(record[0], 0) + record[1]
 
 
-def test_state_store_journal_compaction_and_torn_line(tmp_path):
+def test_state_store_journal_compaction_and_torn_line(tmp_path: Path) -> None:
     store = FileStateStore(tmp_path, compact_every=5)
     c = Counter()
     store.attach(c)
@@ -92,7 +94,7 @@ def test_state_store_journal_compaction_and_torn_line(tmp_path):
     assert not FileStateStore(tmp_path).load_into(Counter())
 
 
-def test_escape_name():
+def test_escape_name() -> None:
     assert escape_name("/mnt/a b-c_d") == "mnt-a_20b_2dc_5fd"
     assert fdname_prefix("/") == "afuse---"
     assert ":" not in escape_name("/x:y")
@@ -102,7 +104,7 @@ def test_escape_name():
 
 
 @pytest.mark.trio
-async def test_keeper_protocol(tmp_path):
+async def test_keeper_protocol(tmp_path: Path) -> None:
     path = str(tmp_path / "k.sock")
     mp = str(tmp_path / "m")
     os.mkdir(mp)
@@ -110,6 +112,7 @@ async def test_keeper_protocol(tmp_path):
     r, w = os.pipe()
     async with trio.open_nursery() as nursery:
         await nursery.start(Keeper(owner_wait=5).serve, path)
+        assert os.stat(path).st_mode & 0o777 == 0o600  # as docs/failover.md says, as root too
         a = await KeeperClient.connect(path)
         assert await a.take(mp) is None  # nothing kept yet: the daemon mounts anew
         await a.register(mp, neg, [r, w])
@@ -156,7 +159,7 @@ async def test_keeper_protocol(tmp_path):
 
 
 @needs_root
-def test_keeper_refuses_other_users():
+def test_keeper_refuses_other_users() -> None:
     base = tempfile.mkdtemp(prefix="afuse-keeper-")
     os.chmod(base, 0o755)
     path = os.path.join(base, "k.sock")
@@ -196,7 +199,7 @@ def test_keeper_refuses_other_users():
 
 @needs_root
 @pytest.mark.timeout(120)
-def test_sigkill_with_requests_in_flight():
+def test_sigkill_with_requests_in_flight() -> None:
     res = _bench().run("kill", 3, 8.0, seed=7, slow="0.05,0.2", apps=2)
     assert res["completed"] == 3
     assert not res["errors"], res["errors"]
@@ -207,7 +210,7 @@ def test_sigkill_with_requests_in_flight():
 
 @needs_root
 @pytest.mark.timeout(120)
-def test_sigkill_hot_standby():
+def test_sigkill_hot_standby() -> None:
     res = _bench().run("kill", 3, 8.0, seed=8, slow="0.05,0.2", standby=True, apps=1)
     assert res["completed"] == 3 and not res["errors"] and not res["mismatches"]
     assert res["worst_s"] < 2.0
@@ -215,7 +218,7 @@ def test_sigkill_hot_standby():
 
 @needs_root
 @pytest.mark.timeout(120)
-def test_graceful_upgrades():
+def test_graceful_upgrades() -> None:
     res = _bench().run("upgrade", 3, 8.0, seed=9, slow="0.05,0.2", apps=2)
     assert res["completed"] == 3
     assert not res["errors"], res["errors"]
@@ -248,7 +251,7 @@ class FakeSystemd:
         self.store: dict[str, int] = {}
         self.messages: list[str] = []
 
-    def receive(self, until: Any, timeout: float = 20) -> None:
+    def receive(self, until: Callable[[], bool], timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while not until():
             left = deadline - time.monotonic()
@@ -318,11 +321,11 @@ print(json.dumps(result), flush=True)
 
 @needs_root
 @pytest.mark.timeout(90)
-def test_systemd_fd_store_takeover():
+def test_systemd_fd_store_takeover() -> None:
     base = tempfile.mkdtemp(prefix="afuse-fdstore-")
     src, mnt, state = (os.path.join(base, n) for n in ("src", "mnt", "state"))
-    for p in (src, mnt, state):
-        os.mkdir(p)
+    for d in (src, mnt, state):
+        os.mkdir(d)
     env = dict(os.environ, PYTHONPATH=str(REPO), NOTIFY_SOCKET=os.path.join(base, "notify"))
     systemd = FakeSystemd(env["NOTIFY_SOCKET"])
     daemon_args = ["-m", "afuse.examples.failoverfs", src, mnt, "--state-dir", state]
@@ -379,13 +382,13 @@ def test_systemd_fd_store_takeover():
             for s in (p.stdin, p.stdout):
                 if s:
                     s.close()
-        with open("/proc/self/mountinfo") as f:
-            if any(ln.split()[4] == os.path.realpath(mnt) for ln in f):
+        with open("/proc/self/mountinfo") as mountinfo:
+            if any(ln.split()[4] == os.path.realpath(mnt) for ln in mountinfo):
                 device.unmount(mnt, lazy=True)
         subprocess.run(["rm", "-rf", base], check=False, timeout=30)
 
 
-def test_negotiated_round_trip_json():
+def test_negotiated_round_trip_json() -> None:
     neg = _negotiated()
     assert Negotiated.from_dict(json.loads(json.dumps(neg.to_dict()))) == neg
 
@@ -405,7 +408,7 @@ with open(f"{mnt}/dir/kept.txt", "w+") as f:
 
 
 @pytest.mark.timeout(90)
-def test_memfs_under_the_keeper_survives_sigkill(tmp_path):
+def test_memfs_under_the_keeper_survives_sigkill(tmp_path: Path) -> None:
     """memfs keeps its contents where a crash cannot lose them: SIGKILL it with a file open; a new
     memfs takes the live mount over from the keeper and the application notices nothing."""
     mnt, state, sock = tmp_path / "mnt", tmp_path / "state", str(tmp_path / "keeper.sock")

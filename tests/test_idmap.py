@@ -33,6 +33,7 @@ import afuse
 from afuse import testing
 from afuse.examples.memfs import MemFS
 from afuse.pytest_plugin import fuse_unavailable_reason
+from afuse.testing import MountFactory
 from afuse.wire.constants import INVALID_UIDGID
 
 pytestmark = [
@@ -167,7 +168,7 @@ def test_allow_idmap_needs_default_permissions(fuse_available: None) -> None:
         assert m.session.has(afuse.InitFlag.ALLOW_IDMAP)
 
 
-def test_idmap_refused_without_allow_idmap(fuse_mount, userns_fd: int) -> None:
+def test_idmap_refused_without_allow_idmap(fuse_mount: MountFactory, userns_fd: int) -> None:
     m = fuse_mount(MemFS(), options="default_permissions,allow_other")
     assert not m.session.has(afuse.InitFlag.ALLOW_IDMAP)
     tree = open_tree_clone(m.path)
@@ -191,7 +192,7 @@ def target() -> Iterator[str]:
             os.rmdir(d)
 
 
-def test_idmapped_mount(fuse_mount, userns_fd: int, target: str) -> None:
+def test_idmapped_mount(fuse_mount: MountFactory, userns_fd: int, target: str) -> None:
     fs = Recording()
     m = fuse_mount(fs, options="default_permissions,allow_other",
                    config=afuse.InitConfig(allow_idmap=True))

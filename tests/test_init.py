@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from afuse.wire import kernel as k
 from afuse.wire import structs as S
 from afuse.wire.constants import InitFlag, Opcode
+from afuse.wire.decoder import Decoder
 from afuse.wire.init import (
     INFORMATIONAL,
     InitConfig,
@@ -22,7 +23,7 @@ from afuse.wire.init import (
     init_reply_size,
     negotiate,
 )
-from afuse.wire.requests import Decoder, InitRequest
+from afuse.wire.requests import InitRequest
 
 F = InitFlag
 #: What this machine's 6.18 kernel offers (fact sheet §3.1).
@@ -244,6 +245,6 @@ def test_negotiation_invariants(offered_lo: int, offered_hi: int, wanted: int, m
     assert not (rep.flags & F.PASSTHROUGH and rep.flags & F.WRITEBACK_CACHE)
     if not rep.flags & F.INIT_EXT:
         assert rep.flags2 == 0
-    assert int(n.flags) & ~int(INFORMATIONAL) == int(rep.flags)
+    assert int(n.flags) & ~int(INFORMATIONAL) == int(rep.flags) | rep.flags2 << 32  # both words
     assert n.refused == F(wanted & ~offered & ~INFORMATIONAL)
     assert rep.minor == min(minor, 45)

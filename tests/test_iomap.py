@@ -21,6 +21,7 @@ from afuse.errors import FUSEError
 from afuse.iomap import IomapOperations, install
 from afuse.wire import iomap as w
 from afuse.wire import structs as S
+from afuse.wire.decoder import Decoder
 from afuse.wire.iomap import (
     IomapBeginReply,
     IomapBeginRequest,
@@ -31,7 +32,7 @@ from afuse.wire.iomap import (
     IomapType,
 )
 from afuse.wire.kernel import split_reply
-from afuse.wire.requests import Decoder, ProtocolError
+from afuse.wire.requests import ProtocolError, UnknownOpcode
 
 
 def le(n: int, size: int, signed: bool = False) -> bytes:
@@ -58,7 +59,7 @@ END_GOLDEN = in_header(112, 4095, 4, 5, 7) + le(0x11, 4) + le(0, 4) + le(5, 8) +
 def test_sizes() -> None:
     assert (S.IOMAP_IO.size, S.IOMAP_BEGIN_IN.size, S.IOMAP_BEGIN_OUT.size, S.IOMAP_END_IN.size) \
         == (32, 32, 64, 72)
-    assert afuse.Opcode.IOMAP_BEGIN == 4094 and afuse.Opcode.IOMAP_END == 4095
+    assert int(afuse.Opcode.IOMAP_BEGIN) == 4094 and int(afuse.Opcode.IOMAP_END) == 4095
 
 
 def test_request_encoders_golden() -> None:
@@ -68,34 +69,50 @@ def test_request_encoders_golden() -> None:
         == END_GOLDEN
 
 
+def _iomap_decoder() -> Decoder:
+    d = Decoder()
+    w.enable(d)
+    return d
+
+
 def test_decoders() -> None:
-    w.enable()
-    assert w.enabled()
-    req = Decoder().decode(BEGIN_GOLDEN)
+    d = _iomap_decoder()
+    assert w.enabled(d)
+    req = d.decode(BEGIN_GOLDEN)
     assert req == IomapBeginRequest(2, 5, 0, 0, 7, IomapOp.WRITE | IomapOp.DIRECT, 5, 4096, 8192)
-    end = Decoder().decode(END_GOLDEN)
+    end = d.decode(END_GOLDEN)
     assert isinstance(end, IomapEndRequest)
     assert (end.unique, end.nodeid, end.opflags, end.pos, end.count, end.written) \
         == (4, 5, IomapOp.WRITE | IomapOp.DIRECT, 4096, 8192, -1)
     assert end.map == MAP and end.map.type is IomapType.MAPPED
     # Malformed: short body, non-zero reserved field.
     with pytest.raises(ProtocolError):
-        Decoder().decode(in_header(64, 4094, 2, 5, 7) + bytes(24))
+        d.decode(in_header(64, 4094, 2, 5, 7) + bytes(24))
     bad = bytearray(BEGIN_GOLDEN)
     bad[44] = 1
     with pytest.raises(ProtocolError) as e:
-        Decoder().decode(bytes(bad))
+        d.decode(bytes(bad))
     assert e.value.unique == 2
 
 
 def test_not_decoded_unless_enabled() -> None:
+    # Per connection: enabling iomap on one decoder leaves every other one (and the process) alone.
     code = (
-        "from afuse.wire.requests import Decoder, UnknownOpcode\n"
+        "from afuse.wire import Decoder, UnknownOpcode\n"
         f"b = {BEGIN_GOLDEN!r}\n"
         "try:\n    Decoder().decode(b)\nexcept UnknownOpcode:\n    print('unknown')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.stdout.strip() == "unknown", r.stderr
+    enabled = _iomap_decoder()
+    other = Decoder()
+    assert not w.enabled(other)
+    with pytest.raises(UnknownOpcode):
+        other.decode(BEGIN_GOLDEN)
+    assert isinstance(enabled.decode(BEGIN_GOLDEN), IomapBeginRequest)
+    conn = afuse.Dispatcher(MapFS()).connection
+    with pytest.raises(UnknownOpcode):
+        conn.decode(BEGIN_GOLDEN)
 
 
 def test_begin_reply_golden() -> None:
@@ -145,7 +162,7 @@ class MapFS(afuse.Operations, IomapOperations):
 
 def _serve(d: afuse.Dispatcher, message: bytes) -> bytes | None:
     """What a session does with one message: decode, dispatch, return the reply."""
-    req = Decoder().decode(message)
+    req = d.connection.decode(message)
     return trio.run(d.handle, req)
 
 

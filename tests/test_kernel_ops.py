@@ -22,7 +22,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,11 +32,11 @@ import afuse
 from afuse import testing
 from afuse.errors import FUSEError
 from afuse.operations import DirEntries
+from afuse.testing import MountFactory
 from afuse.wire.constants import ROOT_ID
 from afuse.wire.types import Attr, DirEntry, Entry, Handle, IoctlReply, Lock, Statx, Timestamp
 
 pytestmark = pytest.mark.timeout(120)
-MountFactory = Callable[..., testing.MountedFS]
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import pytest
 import trio
@@ -104,12 +104,10 @@ def child(code: str, *args: str, user: int | None = None, check: bool = True,
           timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a separate Python process (locks belong to processes)."""
     exe = sys.executable if user is None else "/usr/bin/python3"
-    kw: dict[str, object] = {}
-    if user is not None:
-        kw = {"user": user, "group": user, "extra_groups": [], "cwd": "/"}
-    p: subprocess.CompletedProcess[str] = subprocess.run(
+    as_user = user is not None  # in that user's process, with no extra groups, in /
+    p = subprocess.run(
         [exe, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=timeout,
-        **kw)  # type: ignore[call-overload]
+        user=user, group=user, extra_groups=[] if as_user else None, cwd="/" if as_user else None)
     if check:
         assert p.returncode == 0, p.stderr
     return p
@@ -120,13 +118,13 @@ def spawn(code: str, *args: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(cond: object, timeout: float = 10.0) -> bool:
+def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
+        if cond():
             return True
         time.sleep(0.02)
-    return bool(cond())  # type: ignore[operator]
+    return bool(cond())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 import trio
@@ -43,7 +44,7 @@ def content(fs: MemFS, nodeid: int) -> bytes:
 # -- without the kernel -----------------------------------------------------------------------------
 
 
-def test_restore_reproduces_state(tmp_path):
+def test_restore_reproduces_state(tmp_path: Path) -> None:
     d = tmp_path / "state"
 
     async def work(fs: MemFS) -> dict[str, int]:
@@ -103,7 +104,7 @@ def test_restore_reproduces_state(tmp_path):
     fs3.close_journal()
 
 
-def test_resent_request_gets_first_result(tmp_path):
+def test_resent_request_gets_first_result(tmp_path: Path) -> None:
     d = tmp_path / "state"
 
     async def first(fs: MemFS) -> afuse.Entry:
@@ -131,7 +132,7 @@ def test_resent_request_gets_first_result(tmp_path):
     fs2.close_journal()
 
 
-def test_incomplete_last_record_is_ignored(tmp_path):
+def test_incomplete_last_record_is_ignored(tmp_path: Path) -> None:
     d = tmp_path / "state"
 
     async def work(fs: MemFS) -> None:
@@ -181,7 +182,7 @@ def _same(a: MemFS, b: MemFS) -> None:
             assert n.children == m.children and n.cookies == m.cookies  # type: ignore[attr-defined]
 
 
-def test_dump_and_restore_state():
+def test_dump_and_restore_state() -> None:
     import json
 
     fs = MemFS()
@@ -192,7 +193,7 @@ def test_dump_and_restore_state():
     _same(fs, fs2)
 
 
-def test_state_store_protocol(tmp_path):
+def test_state_store_protocol(tmp_path: Path) -> None:
     from afuse.state import FileStateStore, Persistent
 
     fs = MemFS()
@@ -214,7 +215,7 @@ def test_state_store_protocol(tmp_path):
     _same(fs, fs3)
 
 
-def test_no_persist_no_wrappers():
+def test_no_persist_no_wrappers() -> None:
     fs = MemFS()
     assert "write" not in vars(fs) and "lookup" not in vars(fs)
     assert fs.persist is None
@@ -232,7 +233,7 @@ async def _close(fd: int) -> None:
 
 @needs_fuse
 @pytest.mark.trio
-async def test_crash_restore_and_takeover(tmp_path):
+async def test_crash_restore_and_takeover(tmp_path: Path) -> None:
     mp = str(tmp_path / "mnt")
     os.mkdir(mp)
     state = tmp_path / "state"
@@ -313,7 +314,7 @@ async def test_crash_restore_and_takeover(tmp_path):
     third.close_journal()
 
 
-def test_cli_persist(tmp_path):
+def test_cli_persist(tmp_path: Path) -> None:
     reason = fuse_unavailable_reason()
     if reason:
         pytest.skip(reason)
@@ -342,4 +343,4 @@ def test_cli_persist(tmp_path):
                 proc.wait(20)
             if os.path.realpath(mp) in [m[0] for m in afuse.device.find_mounts()]:
                 afuse.device.unmount(str(mp), lazy=True)
-        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else b""
+        assert proc.returncode == 0, (proc.returncode, proc.stderr.read() if proc.stderr else b"")

@@ -144,7 +144,7 @@ async def _close(fd: int) -> None:
 # -- inval_inode ---------------------------------------------------------------------------------
 
 
-async def test_inval_inode_attrs():
+async def test_inval_inode_attrs() -> None:
     ops = NotifyFS()
     with trio.fail_after(20):
         async with trio_mount(ops) as session:
@@ -155,7 +155,7 @@ async def test_inval_inode_attrs():
             assert (await _stat(session, "f")).st_size == 10
 
 
-async def test_inval_inode_data_drops_page_cache():
+async def test_inval_inode_data_drops_page_cache() -> None:
     ops = NotifyFS()
     ops.files[b"f"][1][:] = b"a" * PAGE
     with trio.fail_after(20):
@@ -179,7 +179,7 @@ async def test_inval_inode_data_drops_page_cache():
 
 
 @pytest.mark.parametrize("expire_only", [False, True])
-async def test_inval_entry_causes_new_lookup(expire_only):
+async def test_inval_entry_causes_new_lookup(expire_only: bool) -> None:
     ops = NotifyFS()
     with trio.fail_after(20):
         async with trio_mount(ops) as session:
@@ -195,7 +195,7 @@ async def test_inval_entry_causes_new_lookup(expire_only):
             assert ops.lookups[b"f"] == 2  # cached again
 
 
-async def test_inval_entry_not_cached_is_enoent():
+async def test_inval_entry_not_cached_is_enoent() -> None:
     ops = NotifyFS()
     with trio.fail_after(20):
         async with trio_mount(ops) as session:
@@ -203,7 +203,7 @@ async def test_inval_entry_not_cached_is_enoent():
                 await notify.inval_entry(session, 1, b"never-looked-up")
 
 
-async def test_delete_makes_removed_name_vanish():
+async def test_delete_makes_removed_name_vanish() -> None:
     ops = NotifyFS()
     with trio.fail_after(20):
         async with trio_mount(ops) as session:
@@ -220,7 +220,7 @@ async def test_delete_makes_removed_name_vanish():
 # -- store and retrieve --------------------------------------------------------------------------
 
 
-async def test_store_fills_page_cache_without_read():
+async def test_store_fills_page_cache_without_read() -> None:
     ops = NotifyFS()
     ops.files[b"f"][1][:] = b"a" * PAGE
     with trio.fail_after(20):
@@ -235,7 +235,7 @@ async def test_store_fills_page_cache_without_read():
                 await _close(fd)
 
 
-async def test_store_extends_size():
+async def test_store_extends_size() -> None:
     ops = NotifyFS()
     ops.files[b"f"][1][:] = b""
     with trio.fail_after(20):
@@ -254,7 +254,7 @@ async def test_store_extends_size():
                 await _close(fd)
 
 
-async def test_retrieve_returns_cached_data():
+async def test_retrieve_returns_cached_data() -> None:
     ops = NotifyFS()
     content = bytes(range(256)) * (PAGE // 256)
     ops.files[b"f"][1][:] = content
@@ -276,7 +276,7 @@ async def test_retrieve_returns_cached_data():
 # -- poll ------------------------------------------------------------------------------------------
 
 
-async def test_poll_wakeup_wakes_poller():
+async def test_poll_wakeup_wakes_poller() -> None:
     ops = NotifyFS()
     result: dict[str, Any] = {}
 
@@ -306,7 +306,7 @@ async def test_poll_wakeup_wakes_poller():
 # -- resend ----------------------------------------------------------------------------------------
 
 
-async def test_resend_redelivers_blocked_request(caplog):
+async def test_resend_redelivers_blocked_request(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="afuse")
     ops = NotifyFS()
     result: dict[str, Any] = {}
@@ -350,7 +350,7 @@ async def test_resend_redelivers_blocked_request(caplog):
 # -- inc_epoch and prune ---------------------------------------------------------------------------
 
 
-async def test_inc_epoch_revalidates_dentries():
+async def test_inc_epoch_revalidates_dentries() -> None:
     ops = NotifyFS()
     with trio.fail_after(20):
         async with trio_mount(ops) as session:
@@ -364,7 +364,7 @@ async def test_inc_epoch_revalidates_dentries():
             assert ops.lookups == {b"f": 2, b"g": 2}
 
 
-async def test_prune_makes_kernel_forget():
+async def test_prune_makes_kernel_forget() -> None:
     ops = NotifyFS()
     with trio.fail_after(20):
         async with trio_mount(ops) as session:
@@ -399,7 +399,7 @@ def _fake_session(minor: int, flags: InitFlag = _NO_FLAGS) -> Session:
     return session
 
 
-async def test_not_negotiated_errors():
+async def test_not_negotiated_errors() -> None:
     old = _fake_session(39)
     with pytest.raises(NotNegotiated, match=r"7\.40"):
         await notify.resend(old)

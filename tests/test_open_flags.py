@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -34,6 +35,7 @@ import afuse
 from afuse import FOpen
 from afuse.examples.memfs import MemFS
 from afuse.pytest_plugin import fuse_unavailable_reason
+from afuse.testing import MountFactory
 
 pytestmark = [
     pytest.mark.skipif(fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason())),
@@ -108,11 +110,11 @@ class FlagFS(MemFS):
         self._note("read", req.nodeid, req.offset)
         return await super().read(req)
 
-    async def readdir(self, req: afuse.ReaddirRequest) -> afuse.operations.DirEntries:
+    async def readdir(self, req: afuse.ReaddirRequest) -> Iterator[afuse.DirEntry]:
         self._note("readdir", req.nodeid, req.offset)
         return await super().readdir(req)
 
-    async def readdirplus(self, req: afuse.ReaddirplusRequest) -> afuse.operations.DirEntries:
+    async def readdirplus(self, req: afuse.ReaddirplusRequest) -> Iterator[afuse.DirEntry]:
         self._note("readdir", req.nodeid, req.offset)
         return await super().readdirplus(req)
 
@@ -177,7 +179,7 @@ def _write(path: str, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("allow", [False, True])
-def test_direct_io_mmap(fuse_mount, allow: bool) -> None:
+def test_direct_io_mmap(fuse_mount: MountFactory, allow: bool) -> None:
     fs = FlagFS()
     m = fuse_mount(fs, config=afuse.InitConfig(direct_io_allow_mmap=allow))
     assert m.session.has(afuse.InitFlag.DIRECT_IO_ALLOW_MMAP) == allow
@@ -192,7 +194,7 @@ def test_direct_io_mmap(fuse_mount, allow: bool) -> None:
         assert (shared_rw, shared_ro, private) == (enodev, enodev, "xxxxx")
 
 
-def test_keep_cache(fuse_mount) -> None:
+def test_keep_cache(fuse_mount: MountFactory) -> None:
     fs = FlagFS()
     m = fuse_mount(fs)
     for name in ("keep", "plain"):
@@ -206,7 +208,7 @@ def test_keep_cache(fuse_mount) -> None:
     assert fs.ops("read", b"plain") == [0, 0, 0]  # every open dropped the cache
 
 
-def test_cache_dir(fuse_mount) -> None:
+def test_cache_dir(fuse_mount: MountFactory) -> None:
     fs = FlagFS()
     m = fuse_mount(fs)
     for name in ("cachedir", "cachedir-only", "plaindir"):
@@ -226,7 +228,7 @@ def test_cache_dir(fuse_mount) -> None:
     assert all(n > 0 for n in listings["plaindir"])
 
 
-def test_nonseekable(fuse_mount) -> None:
+def test_nonseekable(fuse_mount: MountFactory) -> None:
     fs = FlagFS()
     m = fuse_mount(fs)
     _write(m.join("nonseekable"), b"abcdef")
@@ -244,7 +246,7 @@ def test_nonseekable(fuse_mount) -> None:
         os.close(fd)
 
 
-def test_stream(fuse_mount) -> None:
+def test_stream(fuse_mount: MountFactory) -> None:
     fs = FlagFS()
     m = fuse_mount(fs)
     for name in ("stream", "stream-cached"):
@@ -268,7 +270,7 @@ def test_stream(fuse_mount) -> None:
     assert fs.ops("read", b"stream-cached") == [0]  # through the page cache: filled once
 
 
-def test_noflush(fuse_mount) -> None:
+def test_noflush(fuse_mount: MountFactory) -> None:
     fs = FlagFS()
     m = fuse_mount(fs)
     fs.log.clear()
@@ -278,7 +280,7 @@ def test_noflush(fuse_mount) -> None:
     assert fs.ops("flush", b"plain") == [0]
 
 
-def test_parallel_direct_writes(fuse_mount) -> None:
+def test_parallel_direct_writes(fuse_mount: MountFactory) -> None:
     fs = FlagFS()
     m = fuse_mount(fs)
     result = {}

@@ -269,7 +269,7 @@ def test_backing_ids_are_shared_per_inode_and_closed(source: str, monkeypatch: p
                 f.write(b"a")
         _settle(m.session)
         assert table.opened == table.closed, (table.opened, table.closed)
-        assert not table.pending and not table.claims
+        assert not table.held and not table.files and m.session.in_flight == 0  # nothing outstanding
         assert len(set(ids)) == len(ids) == table.opened
         # The kernel agrees: none of them is registered any more.
         assert not any(_still_registered(m.session, bid) for bid in ids)

@@ -19,8 +19,8 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -32,7 +32,11 @@ from afuse.testing import MountedFS, mounted
 from afuse.wire import notify
 from afuse.wire import requests as r
 from afuse.wire.init import InitConfig
-from afuse.wire.types import Lock
+from afuse.wire.types import Handle, Lock
+
+R = TypeVar("R", bound=r.Request)
+#: The ``locker`` fixture: ``locker(path, "posix" | "flock")`` starts a child holding a lock there.
+Locker = Callable[[str, str], subprocess.Popen[str]]
 
 pytestmark = pytest.mark.skipif(fuse_unavailable_reason() is not None or os.geteuid() != 0,
                                 reason="needs root and /dev/fuse")
@@ -107,7 +111,7 @@ def read(path: str) -> bytes:
         return f.read()
 
 
-def oserr(fn: Any, *args: Any, **kw: Any) -> int:
+def oserr(fn: Callable[..., object], *args: Any, **kw: Any) -> int:
     """The errno ``fn`` fails with (0 if it succeeds)."""
     try:
         fn(*args, **kw)
@@ -228,7 +232,7 @@ def test_symlinks_are_never_followed_by_the_daemon(base: str, source: str) -> No
             super().__init__(src)
             self.opened: list[int] = []
 
-        async def open(self, req: r.OpenRequest) -> Any:
+        async def open(self, req: r.OpenRequest) -> Handle:
             self.opened.append(req.nodeid)
             return await super().open(req)
 
@@ -271,7 +275,7 @@ def test_handlers_refuse_escapes(source: str, base: str) -> None:
     os.symlink("/etc", os.path.join(source, "etc"))
     ops = PassthroughFS(source)
 
-    def req(cls: Any, nodeid: int = 1, **kw: Any) -> Any:
+    def req(cls: type[R], nodeid: int = 1, **kw: Any) -> R:
         return cls(1, nodeid, 0, 0, os.getpid(), **kw)
 
     async def main() -> None:
@@ -664,7 +668,7 @@ LOCKER = textwrap.dedent("""
 
 
 @pytest.fixture
-def locker(base: str) -> Iterator[Any]:
+def locker(base: str) -> Iterator[Locker]:
     script = os.path.join(base, "locker.py")
     with open(script, "w") as f:
         f.write(LOCKER)
@@ -691,7 +695,7 @@ def getlk(fd: int, typ: int, start: int, length: int) -> tuple[int, int, int, in
     return t, s, n, pid
 
 
-def test_posix_locks_between_processes(pt: PT, locker: Any) -> None:
+def test_posix_locks_between_processes(pt: PT, locker: Locker) -> None:
     write(pt.p("f"), b"x" * 100)
     child = locker(pt.p("f"), "posix")
     fd = os.open(pt.p("f"), os.O_RDWR)
@@ -728,7 +732,7 @@ def test_posix_locks_between_processes(pt: PT, locker: Any) -> None:
         os.close(fd)
 
 
-def test_setlkw_is_interruptible(pt: PT, locker: Any, base: str) -> None:
+def test_setlkw_is_interruptible(pt: PT, locker: Locker, base: str) -> None:
     write(pt.p("f"), b"x" * 100)
     child = locker(pt.p("f"), "posix")
     script = os.path.join(base, "waiter.py")
@@ -760,7 +764,7 @@ def test_setlkw_is_interruptible(pt: PT, locker: Any, base: str) -> None:
         os.close(fd)
 
 
-def test_flock_between_processes(pt: PT, locker: Any) -> None:
+def test_flock_between_processes(pt: PT, locker: Locker) -> None:
     write(pt.p("f"), b"")
     child = locker(pt.p("f"), "flock")
     fd = os.open(pt.p("f"), os.O_RDONLY)
@@ -915,7 +919,8 @@ def run_as_nobody(base: str, root: str, tag: str, groups: list[int]) -> dict[str
     cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", *grp, USER_PYTHON, "-I", script, root, tag]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
 
 
 @pytest.mark.skipif(not USER_PYTHON, reason="needs setpriv and a Python that uid 65534 may run")
@@ -1002,7 +1007,7 @@ def test_getlk_handler_reports_holder(source: str) -> None:
         e = await ops.lookup(r.LookupRequest(1, 1, 0, 0, 0, b"f"))
         h = await ops.open(r.OpenRequest(2, e.nodeid, 0, 0, 0, os.O_RDWR, 0))
 
-        def lk(owner: int, typ: int, start: int, end: int, pid: int, sleep: bool = False) -> Any:
+        def lk(owner: int, typ: int, start: int, end: int, pid: int, sleep: bool = False) -> r.SetlkRequest:
             return r.SetlkRequest(3, e.nodeid, 0, 0, pid, h.fh, owner, Lock(start, end, typ, pid), 0, sleep)
 
         await ops.setlk(lk(1, fcntl.F_WRLCK, 0, 4, 111))

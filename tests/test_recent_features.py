@@ -38,6 +38,7 @@ import afuse
 from afuse import testing
 from afuse.examples.memfs import MemFS
 from afuse.pytest_plugin import fuse_unavailable_reason
+from afuse.testing import MountFactory
 from afuse.wire.constants import WRITE_KILL_SUIDGID
 
 pytestmark = [
@@ -80,7 +81,7 @@ class Recording(MemFS):
     def __init__(self) -> None:
         super().__init__(mode=0o777)
         self.statx_masks: list[int] = []
-        self.created: dict[bytes, afuse.Request] = {}
+        self.created: dict[bytes, afuse.CreateRequest | afuse.MkdirRequest] = {}
         self.writes: list[afuse.WriteRequest] = []
         self.setattrs: list[afuse.SetattrRequest] = []
         self.opens: list[afuse.OpenRequest] = []
@@ -110,7 +111,7 @@ class Recording(MemFS):
         return await super().open(req)
 
 
-def test_statx_mask_and_btime(fuse_mount) -> None:
+def test_statx_mask_and_btime(fuse_mount: MountFactory) -> None:
     fs = Recording()
     m = fuse_mount(fs)
     p = m.join("f")
@@ -129,7 +130,7 @@ def test_statx_mask_and_btime(fuse_mount) -> None:
 
 
 @needs_root
-def test_supp_groups_and_security_context(fuse_mount) -> None:
+def test_supp_groups_and_security_context(fuse_mount: MountFactory) -> None:
     fs = Recording()
     m = fuse_mount(fs, options="allow_other",
                    config=afuse.InitConfig(security_ctx=True, create_supp_group=True))
@@ -143,26 +144,26 @@ def test_supp_groups_and_security_context(fuse_mount) -> None:
     as_user(USER, GROUP, [], "touch", os.path.join(d, "same-gid"))
     as_user(USER, USER, [], "touch", os.path.join(d, "outsider"))
     c = fs.created
-    assert c[b"member"].supp_groups == [GROUP]  # type: ignore[attr-defined]
-    assert c[b"member-dir"].supp_groups == [GROUP]  # type: ignore[attr-defined]
-    assert c[b"same-gid"].supp_groups is None  # type: ignore[attr-defined]
-    assert c[b"outsider"].supp_groups is None  # type: ignore[attr-defined]
+    assert c[b"member"].supp_groups == [GROUP]
+    assert c[b"member-dir"].supp_groups == [GROUP]
+    assert c[b"same-gid"].supp_groups is None
+    assert c[b"outsider"].supp_groups is None
     # No LSM here supplies a context: the header comes with nr_secctx = 0.
-    assert all(req.security_context == [] for req in c.values())  # type: ignore[attr-defined]
+    assert all(req.security_context == [] for req in c.values())
 
 
-def test_extensions_absent_unless_negotiated(fuse_mount) -> None:
+def test_extensions_absent_unless_negotiated(fuse_mount: MountFactory) -> None:
     fs = Recording()
     m = fuse_mount(fs)
     assert not m.session.has(afuse.InitFlag.SECURITY_CTX)
     open(m.join("f"), "w").close()
     req = fs.created[b"f"]
-    assert req.security_context is None and req.supp_groups is None  # type: ignore[attr-defined]
+    assert req.security_context is None and req.supp_groups is None
 
 
 @needs_root
 @pytest.mark.parametrize("v2", [True, False])
-def test_handle_killpriv_v2(fuse_mount, v2: bool) -> None:
+def test_handle_killpriv_v2(fuse_mount: MountFactory, v2: bool) -> None:
     fs = Recording()
     m = fuse_mount(fs, options="allow_other", config=afuse.InitConfig(handle_killpriv_v2=v2))
     assert m.session.has(afuse.InitFlag.HANDLE_KILLPRIV_V2) == v2

@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 import trio
@@ -32,7 +33,7 @@ def lookups(fs: MemFS, nodeid: int) -> int:
 
 
 @pytest.mark.trio
-async def test_mkdir_replay_returns_existing_dir():
+async def test_mkdir_replay_returns_existing_dir() -> None:
     fs = MemFS()
     first = await resend.replay_mkdir(fs, mkdir_req(10), fs.mkdir)
     assert lookups(fs, first.nodeid) == 1
@@ -46,7 +47,7 @@ async def test_mkdir_replay_returns_existing_dir():
 
 
 @pytest.mark.trio
-async def test_mkdir_replay_over_other_type_fails():
+async def test_mkdir_replay_over_other_type_fails() -> None:
     fs = MemFS()
     await fs.mknod(r.MknodRequest(*hdr(1), name=b"d", mode=stat.S_IFREG | 0o644, rdev=0, umask=0))
     ino = fs._dir(1).children[b"d"][0]
@@ -58,7 +59,7 @@ async def test_mkdir_replay_over_other_type_fails():
 
 
 @pytest.mark.trio
-async def test_mkdir_replay_other_owner_fails():
+async def test_mkdir_replay_other_owner_fails() -> None:
     fs = MemFS()
     await fs.mkdir(mkdir_req(1))
     other = r.MkdirRequest(2 | RESEND, 1, UID + 1000, GID, 1, name=b"d", mode=0o755, umask=0)
@@ -69,7 +70,7 @@ async def test_mkdir_replay_other_owner_fails():
 
 
 @pytest.mark.trio
-async def test_mknod_and_symlink_replay():
+async def test_mknod_and_symlink_replay() -> None:
     fs = MemFS()
     req = r.MknodRequest(*hdr(1), name=b"fifo", mode=stat.S_IFIFO | 0o600, rdev=0, umask=0)
     e1 = await resend.replay_mknod(fs, req, fs.mknod)
@@ -87,7 +88,7 @@ async def test_mknod_and_symlink_replay():
 
 
 @pytest.mark.trio
-async def test_create_replay_opens_existing_file():
+async def test_create_replay_opens_existing_file() -> None:
     fs = MemFS()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     req = r.CreateRequest(*hdr(5), name=b"f", flags=flags, mode=0o644, umask=0o022)
@@ -104,7 +105,7 @@ async def test_create_replay_opens_existing_file():
 
 
 @pytest.mark.trio
-async def test_unlink_rmdir_replay():
+async def test_unlink_rmdir_replay() -> None:
     fs = MemFS()
     await fs.mkdir(mkdir_req(1))
     await fs.create(r.CreateRequest(*hdr(2), name=b"f", flags=os.O_WRONLY, mode=0o644, umask=0))
@@ -123,7 +124,7 @@ async def test_unlink_rmdir_replay():
 
 
 @pytest.mark.trio
-async def test_rename_replay():
+async def test_rename_replay() -> None:
     fs = MemFS()
     await fs.mkdir(mkdir_req(1, b"a"))
     req = r.RenameRequest(*hdr(2), name=b"a", newdir=1, newname=b"b", flags=0)
@@ -146,7 +147,7 @@ async def test_rename_replay():
 
 
 @pytest.mark.trio
-async def test_link_and_setxattr_replay():
+async def test_link_and_setxattr_replay() -> None:
     fs = MemFS()
     e, _h = await fs.create(r.CreateRequest(*hdr(1), name=b"f", flags=os.O_WRONLY, mode=0o644, umask=0))
     l1 = await resend.replay_link(fs, r.LinkRequest(*hdr(2), oldnodeid=e.nodeid, newname=b"g"), fs.link)
@@ -166,7 +167,7 @@ async def test_link_and_setxattr_replay():
         await resend.replay_setxattr(fs, sx(6 | RESEND, b"other"), fs.setxattr)
 
 
-def test_has_resend_asked_for_by_default():
+def test_has_resend_asked_for_by_default() -> None:
     from afuse.wire.constants import InitFlag
     from afuse.wire.init import InitConfig
 
@@ -174,7 +175,7 @@ def test_has_resend_asked_for_by_default():
 
 
 @pytest.mark.trio
-async def test_replay_safe_generic():
+async def test_replay_safe_generic() -> None:
     calls = []
 
     async def attempt() -> int:
@@ -202,7 +203,7 @@ async def test_replay_safe_generic():
 
 
 @pytest.mark.trio
-async def test_journal_returns_recorded_outcome(tmp_path):
+async def test_journal_returns_recorded_outcome(tmp_path: Path) -> None:
     path = tmp_path / "replay.journal"
     j = resend.ReplayJournal(path)
     fs = MemFS()
@@ -243,7 +244,7 @@ async def test_journal_returns_recorded_outcome(tmp_path):
 
 
 @pytest.mark.trio
-async def test_journal_in_memory_keep_limit():
+async def test_journal_in_memory_keep_limit() -> None:
     j = resend.ReplayJournal(keep=3)
     for i in range(1, 6):
         j.record(i, True, i * 10)
@@ -276,7 +277,7 @@ class CrashingMkdir(MemFS):
 
 
 @pytest.mark.trio
-async def test_takeover_answers_replayed_mkdir(tmp_path):
+async def test_takeover_answers_replayed_mkdir(tmp_path: Path) -> None:
     mp = str(tmp_path / "mnt")
     os.mkdir(mp)
     fs = CrashingMkdir()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -20,9 +21,10 @@ import trio
 import afuse
 from afuse import testing
 from afuse.examples.hello import DATA, HelloFS
+from afuse.testing import MountFactory, ProcessMountFactory
 
 
-def test_hello_read_and_list(fuse_mount):
+def test_hello_read_and_list(fuse_mount: MountFactory) -> None:
     m = fuse_mount(HelloFS())
     assert os.listdir(m.path) == ["hello"]
     with open(m.join("hello"), "rb") as f:
@@ -35,13 +37,13 @@ def test_hello_read_and_list(fuse_mount):
         os.stat(m.join("nope"))
 
 
-def test_mounted_shows_in_mountinfo(fuse_mount):
+def test_mounted_shows_in_mountinfo(fuse_mount: MountFactory) -> None:
     m = fuse_mount(HelloFS(), options="fsname=afuse-hello,subtype=hello")
     found = [(mp, t, src) for mp, t, src in afuse.device.find_mounts() if mp == os.path.realpath(m.path)]
     assert found == [(os.path.realpath(m.path), "fuse.hello", "afuse-hello")]
 
 
-def test_negotiated_flags_visible(fuse_mount):
+def test_negotiated_flags_visible(fuse_mount: MountFactory) -> None:
     m = fuse_mount(HelloFS())
     neg = m.session.negotiated
     assert neg is not None and neg.minor == 45
@@ -84,7 +86,7 @@ _READ_CHILD = textwrap.dedent(
 )
 
 
-def test_interrupt_cancels_handler_and_caller_gets_eintr(fuse_mount):
+def test_interrupt_cancels_handler_and_caller_gets_eintr(fuse_mount: MountFactory) -> None:
     ops = Blocking()
     m = fuse_mount(ops)
     assert interrupt_blocked_lookup(m, ops) == (-1, errno.EINTR)
@@ -105,7 +107,7 @@ class Crashing(HelloFS):
         return "not a handle"  # type: ignore[return-value]
 
 
-def test_crashing_handler_answers_eio_and_session_goes_on(caplog):
+def test_crashing_handler_answers_eio_and_session_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     ops = Crashing()
     with testing.mounted(ops, raise_handler_errors=False) as m:
         with pytest.raises(OSError) as e:
@@ -125,7 +127,7 @@ def test_crashing_handler_answers_eio_and_session_goes_on(caplog):
     assert "boom" in caplog.text
 
 
-def test_handler_errors_reraised_at_teardown():
+def test_handler_errors_reraised_at_teardown() -> None:
     with pytest.raises(testing.HandlerErrors) as e:
         with testing.mounted(Crashing()) as m:
             with pytest.raises(OSError):
@@ -133,7 +135,7 @@ def test_handler_errors_reraised_at_teardown():
     assert isinstance(e.value.__cause__, RuntimeError)
 
 
-def test_outside_unmount_ends_serving_cleanly(caplog):
+def test_outside_unmount_ends_serving_cleanly(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="afuse")
     with testing.mounted(HelloFS()) as m:
         assert os.listdir(m.path) == ["hello"]
@@ -146,18 +148,25 @@ def test_outside_unmount_ends_serving_cleanly(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_debug_log_names_each_request(caplog):
+def test_debug_log_names_each_request(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="afuse")
     with testing.mounted(HelloFS()) as m:
         os.stat(m.join("hello"))
         with pytest.raises(FileNotFoundError):
             os.stat(m.join("missing"))
     lines = [r.getMessage() for r in caplog.records]
-    assert any(line.startswith("LOOKUP unique=") and "nodeid=1 -> OK" in line and " us" in line for line in lines)
-    assert any(line.startswith("LOOKUP") and "ENOENT" in line for line in lines)
+    # Each request when it arrives, with its arguments and caller ...
+    assert any(line.startswith("-> LOOKUP unique=") and "nodeid=1 " in line and "name=b'hello'" in line
+               and f"pid={os.getpid()}" in line for line in lines), lines
+    # ... and its reply, with the errno's name or the size, and the time taken.
+    assert any(line.startswith("<- LOOKUP unique=") and ": OK, 128 bytes in " in line and line.endswith(" us")
+               for line in lines), lines
+    assert any(line.startswith("<- LOOKUP") and ": ENOENT in " in line for line in lines)
+    # INIT's flags by name, not as a number.
+    assert any(line.startswith("INIT: negotiated 7.") and "ASYNC_READ" in line for line in lines), lines
 
 
-def test_several_mounts_in_one_process(fuse_mount):
+def test_several_mounts_in_one_process(fuse_mount: MountFactory) -> None:
     mounts = [fuse_mount(HelloFS()) for _ in range(3)]
     for m in mounts:
         with open(m.join("hello"), "rb") as f:
@@ -165,14 +174,14 @@ def test_several_mounts_in_one_process(fuse_mount):
     assert len({m.path for m in mounts}) == 3
 
 
-def test_unknown_mount_option_is_a_clear_error(tmp_path):
+def test_unknown_mount_option_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(afuse.MountError) as e:
         with testing.mounted(HelloFS(), options="allow_other,bogus_option"):
             pass
     assert "bogus_option" in str(e.value)
 
 
-def test_mmap_through_subprocess_mode(fuse_mount_process):
+def test_mmap_through_subprocess_mode(fuse_mount_process: ProcessMountFactory) -> None:
     m = fuse_mount_process("afuse.examples.hello:HelloFS")
     with open(m.join("hello"), "rb") as f:
         with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
@@ -180,7 +189,7 @@ def test_mmap_through_subprocess_mode(fuse_mount_process):
 
 
 @pytest.mark.trio
-async def test_trio_native_form():
+async def test_trio_native_form() -> None:
     async with testing.trio_mount(HelloFS()) as session:
         data = await trio.Path(session.mountpoint, "hello").read_bytes()
         assert data == DATA
@@ -189,7 +198,7 @@ async def test_trio_native_form():
 
 
 @pytest.mark.trio
-async def test_nursery_start_form_and_cancel_unmounts(tmp_path):
+async def test_nursery_start_form_and_cancel_unmounts(tmp_path: Path) -> None:
     mp = str(tmp_path / "mnt")
     os.mkdir(mp)
     async with trio.open_nursery() as nursery:
@@ -203,7 +212,7 @@ async def test_nursery_start_form_and_cancel_unmounts(tmp_path):
 
 
 @pytest.mark.trio
-async def test_async_with_mount_form(tmp_path):
+async def test_async_with_mount_form(tmp_path: Path) -> None:
     mp = str(tmp_path / "mnt")
     os.mkdir(mp)
     async with afuse.mount(HelloFS(), mp, options="subtype=hello") as session:
@@ -212,7 +221,7 @@ async def test_async_with_mount_form(tmp_path):
     assert os.path.realpath(mp) not in [x[0] for x in afuse.device.find_mounts()]
 
 
-def test_libc_errno_through_ctypes_stat(fuse_mount):
+def test_libc_errno_through_ctypes_stat(fuse_mount: MountFactory) -> None:
     """A negative errno from a handler reaches a C caller unchanged."""
     m = fuse_mount(HelloFS())
     libc = ctypes.CDLL(None, use_errno=True)
@@ -250,14 +259,14 @@ class ScopedWaits(HelloFS):
         raise AssertionError("unreachable")
 
 
-def test_handlers_with_their_own_cancel_scopes(fuse_mount):
+def test_handlers_with_their_own_cancel_scopes(fuse_mount: MountFactory) -> None:
     ops = ScopedWaits()
     m = fuse_mount(ops)
     for _ in range(20):
         assert os.stat(m.join("hello")).st_size == len(DATA)
 
 
-def test_interrupt_of_a_handler_waiting_inside_its_own_scope(fuse_mount):
+def test_interrupt_of_a_handler_waiting_inside_its_own_scope(fuse_mount: MountFactory) -> None:
     ops = ScopedWaits()
     m = fuse_mount(ops)
     assert interrupt_blocked_lookup(m, ops) == (-1, errno.EINTR)

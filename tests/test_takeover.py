@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import trio
@@ -48,7 +49,7 @@ class Replacement(HelloFS):
 
 
 @pytest.mark.trio
-async def test_takeover_resends_request_in_flight(tmp_path):
+async def test_takeover_resends_request_in_flight(tmp_path: Path) -> None:
     mp = str(tmp_path / "mnt")
     os.mkdir(mp)
     first = SlowFirst()
@@ -98,7 +99,7 @@ async def test_takeover_resends_request_in_flight(tmp_path):
 
 
 @pytest.mark.trio
-async def test_drain_finishes_in_flight_and_keeps_mount(tmp_path):
+async def test_drain_finishes_in_flight_and_keeps_mount(tmp_path: Path) -> None:
     mp = str(tmp_path / "mnt")
     os.mkdir(mp)
     gate = trio.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -67,7 +68,7 @@ def _run(where: str, sample: str) -> str:
     return res.stdout
 
 
-def test_memfs_matches_native(sample: str, tmp_path) -> None:
+def test_memfs_matches_native(sample: str, tmp_path: Path) -> None:
     from afuse.examples.memfs import MemFS
 
     native = tmp_path / "native"
@@ -78,7 +79,7 @@ def test_memfs_matches_native(sample: str, tmp_path) -> None:
         assert os.listdir(m.path) == []
 
 
-def test_passthroughfs_matches_native(sample: str, tmp_path) -> None:
+def test_passthroughfs_matches_native(sample: str, tmp_path: Path) -> None:
     from afuse.examples.passthroughfs import PassthroughFS
 
     native = tmp_path / "native"

@@ -55,6 +55,8 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from afuse.wire.constants import Opcode
+from afuse.wire.opcodes import NO_REPLY as TABLE_NO_REPLY
+from afuse.wire.opcodes import OPCODES
 
 TRACEFS_PATHS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 INSTANCE_PREFIX = "afuse-coverage-"
@@ -72,20 +74,18 @@ SEND_RE = re.compile(rb"connection (\d+) req (\d+) opcode (\d+)")
 END_RE = re.compile(rb"connection (\d+) req (\d+) len (\d+) error (-?\d+)")
 LOST_RE = re.compile(rb"\[LOST (\d+) EVENTS\]")
 
-#: Required opcodes (issue item 5); a group is covered when any of its members is.
-REQUIRED: tuple[tuple[Opcode, ...], ...] = tuple(
-    tuple(Opcode[name] for name in group.split("|"))
-    for group in (
-        "LOOKUP", "FORGET|BATCH_FORGET", "GETATTR", "SETATTR", "READLINK", "SYMLINK", "MKNOD",
-        "MKDIR", "UNLINK", "RMDIR", "RENAME", "RENAME2", "LINK", "OPEN", "READ", "WRITE", "FLUSH",
-        "RELEASE", "FSYNC", "OPENDIR", "READDIR", "READDIRPLUS", "RELEASEDIR", "FSYNCDIR",
-        "STATFS", "SETXATTR", "GETXATTR", "LISTXATTR", "REMOVEXATTR", "ACCESS", "CREATE",
-        "TMPFILE", "GETLK", "SETLK", "SETLKW", "BMAP", "IOCTL", "POLL", "FALLOCATE", "LSEEK",
-        "COPY_FILE_RANGE", "COPY_FILE_RANGE_64", "STATX", "SYNCFS", "DESTROY", "INTERRUPT",
-    )
+#: Required opcodes: every one a filesystem handles (from the opcode table), and INTERRUPT;
+#: a group (FORGET|BATCH_FORGET) is covered when any of its members is.
+REQUIRED: tuple[tuple[Opcode, ...], ...] = (
+    *(
+        tuple(Opcode(s.opcode) for s in OPCODES if s.handler == "forget") if s.handler == "forget"
+        else (Opcode(s.opcode),)
+        for s in OPCODES if s.handler is not None and s.opcode != Opcode.BATCH_FORGET
+    ),
+    (Opcode.INTERRUPT,),
 )
-#: Requests that get no reply: being sent is success.
-NO_REPLY = frozenset({Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT})
+#: Requests that get no reply: being sent is success (NOTIFY_REPLY answers the daemon's notify).
+NO_REPLY = frozenset(Opcode(o) for o in TABLE_NO_REPLY if o != Opcode.NOTIFY_REPLY)
 
 
 class TracingUnavailable(Exception):

@@ -8,17 +8,16 @@ import signal
 import sys
 from collections.abc import Sequence
 
-import trio
-
 from ..device import MountOptions
 from ..errors import MountError
 from ..operations import Operations
+from ..running import run_until_signalled
 from ..wire.init import InitConfig
 
 
-def make_parser(description: str, source: bool = False) -> argparse.ArgumentParser:
-    """A parser with ``[SOURCE] MOUNTPOINT``, ``-o OPTIONS`` and ``--debug``."""
-    p = argparse.ArgumentParser(description=description)
+def make_parser(description: str, source: bool = False, *, prog: str | None = None) -> argparse.ArgumentParser:
+    """A parser with ``[SOURCE] MOUNTPOINT``, ``-o OPTIONS`` and ``--debug``; ``prog`` names the command."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     if source:
         p.add_argument("source", help="directory to mirror")
     p.add_argument("mountpoint", help="empty directory to mount on")
@@ -32,7 +31,12 @@ def run_example(
     ops: Operations, args: argparse.Namespace, config: InitConfig | None = None,
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Mount ``ops`` on ``args.mountpoint`` in the foreground until Ctrl-C, SIGTERM or unmount."""
+    """Mount ``ops`` on ``args.mountpoint`` in the foreground until unmounted or signalled.
+
+    Returns the exit status: 0 once unmounted from outside or after SIGTERM or SIGHUP (which
+    unmount), 130 after Ctrl-C (SIGINT, which unmounts too), 1 if mounting failed, 2 for bad
+    options. An exception raised by ``ops`` unmounts and propagates.
+    """
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -43,27 +47,8 @@ def run_example(
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        trio.run(_serve, ops, args.mountpoint, options, config)
+        stopped_by = run_until_signalled(ops, args.mountpoint, options=options, config=config)
     except MountError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
-
-
-async def _serve(ops: Operations, mountpoint: str, options: MountOptions, config: InitConfig | None) -> None:
-    from ..session import mount
-
-    async with mount(ops, mountpoint, options=options, config=config) as session:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                async def stop_on_signal() -> None:
-                    async for _ in signals:
-                        break
-                    nursery.cancel_scope.cancel()
-
-                async def stop_on_unmount() -> None:
-                    await session.wait_closed()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(stop_on_signal)
-                nursery.start_soon(stop_on_unmount)
+    return 128 + signal.SIGINT if stopped_by == signal.SIGINT else 0

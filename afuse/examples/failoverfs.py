@@ -467,11 +467,15 @@ class _Events:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m afuse.examples.failoverfs SOURCE MOUNTPOINT --keeper SOCKET --state-dir DIR``."""
+    from functools import partial
+
     from afuse.device import MountOptions
     from afuse.examples._cli import make_parser
     from afuse.failover import serve_failover
+    from afuse.running import serve_until_signalled
 
-    parser = make_parser("Mirror SOURCE at MOUNTPOINT, surviving crashes and upgrades.", source=True)
+    parser = make_parser("Mirror SOURCE at MOUNTPOINT, surviving crashes and upgrades.", source=True,
+                         prog="python -m afuse.examples.failoverfs")
     parser.add_argument("--keeper", help="the keeper's socket (default: systemd's fd store)")
     parser.add_argument("--state-dir", required=True, help="where nodeids and open files are journaled")
     parser.add_argument("--upgrade", action="store_true",
@@ -493,27 +497,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    interrupted = False  # Ctrl-C: exit 130 (after draining, like SIGTERM and SIGHUP)
+
     async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                session = await nursery.start(lambda task_status: serve_failover(
-                    ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
-                    readers=args.readers, upgrade=args.upgrade, take_wait=args.take_wait,
-                    probe=events.probe if args.events else None, on_drain=lambda: events("drain"),
-                    task_status=task_status))
-                events("serving", restored_nodes=ops.restored_nodes, restored_fhs=ops.restored_fhs,
-                       lost=len(ops.lost))
+        async with trio.open_nursery() as nursery:
+            session = await nursery.start(lambda task_status: serve_failover(
+                ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
+                readers=args.readers, upgrade=args.upgrade, take_wait=args.take_wait,
+                probe=events.probe if args.events else None, on_drain=lambda: events("drain"),
+                task_status=task_status))
+            events("serving", restored_nodes=ops.restored_nodes, restored_fhs=ops.restored_fhs,
+                   lost=len(ops.lost))
+
+            async def drain(signum: signal.Signals) -> None:
+                nonlocal interrupted
+                interrupted = signum == signal.SIGINT
+                events("drain", signal=True)
+                await session.drain()  # SIGTERM: hand over gracefully, never unmount
+
+            async with trio.open_nursery() as waiting:
+                await waiting.start(partial(serve_until_signalled, session, on_signal=drain))
                 print("ready", flush=True)
-
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        break
-                    events("drain", signal=True)
-                    await session.drain()  # SIGTERM: hand over gracefully, never unmount
-
-                nursery.start_soon(on_signal)
-                await session.wait_closed()
-                nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
 
     try:
         trio.run(run)
@@ -521,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         events("exit")
         with contextlib.suppress(OSError):
             ops.close()
-    return 0
+    return 128 + signal.SIGINT if interrupted else 0
 
 
 if __name__ == "__main__":

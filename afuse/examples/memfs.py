@@ -55,9 +55,10 @@ import attrs
 import trio
 
 from afuse.errors import FUSEError
-from afuse.operations import DirEntries, Operations
+from afuse.operations import Operations
 from afuse.wire import requests as r
 from afuse.wire.constants import FOpen
+from afuse.wire.opcodes import STATEFUL_HANDLERS
 from afuse.wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __all__ = ["MemFS", "main"]
@@ -256,9 +257,7 @@ log = logging.getLogger("afuse.examples.memfs")
 # -- the journal (persist=DIR) -------------------------------------------------------------------
 
 #: Operations whose requests are journaled (those that change anything the kernel relies on).
-_JOURNALED = ("lookup", "forget", "setattr", "symlink", "mknod", "mkdir", "unlink", "rmdir", "rename", "link",
-              "open", "write", "release", "create", "tmpfile", "fallocate", "copy_file_range", "setxattr",
-              "removexattr", "opendir", "releasedir")
+_JOURNALED = tuple(h for h in STATEFUL_HANDLERS if h != "readdirplus")  # readdirplus: see _install_sink
 #: Results of restored requests kept for answering their resent copies.
 _REPLAYED_KEEP = 4096
 _REC_LEN = struct.Struct("<I")
@@ -468,10 +467,8 @@ class MemFS(Operations):
             return result
         return run
 
-    async def _journaled_readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
-        entries = await type(self).readdirplus(self, req)
-        assert isinstance(entries, Iterator)
-        return self._count_taken(entries)
+    async def _journaled_readdirplus(self, req: r.ReaddirplusRequest) -> Iterator[DirEntry]:
+        return self._count_taken(await type(self).readdirplus(self, req))
 
     def _count_taken(self, entries: Iterator[DirEntry]) -> Iterator[DirEntry]:
         for de in entries:
@@ -1554,10 +1551,10 @@ class MemFS(Operations):
             d = self._dir(nodeid)
         return d
 
-    async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
+    async def readdir(self, req: r.ReaddirRequest) -> Iterator[DirEntry]:
         return self._entries(self._open_dir(req.fh, req.nodeid), req.offset)
 
-    async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
+    async def readdirplus(self, req: r.ReaddirplusRequest) -> Iterator[DirEntry]:
         return self._entries_plus(self._open_dir(req.fh, req.nodeid), req.offset)
 
     def _entries(self, d: Dir, offset: int) -> Iterator[DirEntry]:
@@ -1673,7 +1670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from afuse.examples._cli import make_parser, run_example
 
     parser = make_parser("An in-memory POSIX filesystem: everything is gone at unmount "
-                         "(unless --persist or --keeper).")
+                         "(unless --persist or --keeper).", prog="python -m afuse.examples.memfs")
     parser.add_argument("--persist", metavar="DIR",
                         help="journal every change in DIR and restore what DIR holds at start")
     parser.add_argument("--keeper", metavar="SOCKET",
@@ -1692,9 +1689,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_failover(args: Any) -> int:
     """Serve under :func:`afuse.failover.serve_failover` until SIGTERM/SIGINT (drain) or unmount."""
     import signal
+    from functools import partial
 
     from afuse.device import MountOptions
     from afuse.failover import serve_failover
+    from afuse.running import serve_until_signalled
 
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s memfs[%(process)d] %(levelname)s %(message)s")
@@ -1705,29 +1704,30 @@ def _run_failover(args: Any) -> int:
         return 2
     ops = MemFS()
 
+    interrupted = False  # Ctrl-C: exit 130 (after draining, like SIGTERM and SIGHUP)
+
     async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                session = await nursery.start(lambda task_status: serve_failover(
-                    ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
-                    upgrade=args.upgrade, task_status=task_status))
+        async with trio.open_nursery() as nursery:
+            session = await nursery.start(lambda task_status: serve_failover(
+                ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
+                upgrade=args.upgrade, task_status=task_status))
+
+            async def drain(signum: signal.Signals) -> None:
+                nonlocal interrupted
+                interrupted = signum == signal.SIGINT
+                await session.drain()  # hand over gracefully; the mount stays
+
+            async with trio.open_nursery() as waiting:
+                await waiting.start(partial(serve_until_signalled, session, on_signal=drain))
                 print("ready", flush=True)
-
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        break
-                    await session.drain()  # hand over gracefully; the mount stays
-
-                nursery.start_soon(on_signal)
-                await session.wait_closed()
-                nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
 
     try:
         trio.run(run)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return 128 + signal.SIGINT if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -915,7 +915,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m afuse.examples.passthroughfs SOURCE MOUNTPOINT [-o OPTS] [--debug]``."""
     from afuse.examples._cli import make_parser, run_example
 
-    parser = make_parser("Mirror the directory SOURCE at MOUNTPOINT.", source=True)
+    parser = make_parser("Mirror the directory SOURCE at MOUNTPOINT.", source=True,
+                         prog="python -m afuse.examples.passthroughfs")
     parser.add_argument("--timeout", type=float, default=1.0,
                         help="entry and attribute cache time in seconds (default 1)")
     parser.add_argument("--no-cache-dir", action="store_true",

@@ -12,8 +12,8 @@ another 2026 proposal also claims). Layouts here are the 2026 form:
 * ``fuse_iomap_begin_out`` (64): the read mapping, then the write mapping (``fuse_iomap_io``).
 * ``fuse_iomap_end_in`` (72): opflags, reserved, attr_ino, pos, count, written (s64), map.
 
-Nothing here is active by default: :func:`enable` registers the request decoders with
-:mod:`afuse.wire.requests`, and :func:`afuse.iomap.install` routes them to a filesystem's
+Nothing here is active by default: :func:`enable` adds :data:`OPCODES` to one connection's
+(or decoder's) table, and :func:`afuse.iomap.install` routes them to a filesystem's
 ``iomap_begin``/``iomap_end``. INIT never asks for FUSE_IOMAP unless a filesystem passes the bit
 in ``InitConfig.extra_flags`` (useless on any released kernel, which does not offer it).
 """
@@ -26,8 +26,11 @@ from struct import Struct
 import attrs
 
 from . import structs as S
+from .connection import Connection
 from .constants import Opcode
-from .requests import Decoder, ProtocolError, Request, register_decoder
+from .decoder import Decoder
+from .opcodes import OpSpec, Shape
+from .requests import ProtocolError, Request
 
 __all__ = [
     "DEV_NULL", "INIT_FLAG_IOMAP", "NULL_ADDR", "IomapBeginReply", "IomapBeginRequest",
@@ -185,20 +188,22 @@ def _d_end(d: Decoder, h: _Head, b: memoryview) -> Request:
     return IomapEndRequest(*h, IomapOp(opflags), ino, pos, count, written, IomapMapping.unpack(f[6:]))
 
 
-_enabled = False
+#: The table's records of the proposed opcodes: give them to a connection with :func:`enable`.
+OPCODES = (
+    OpSpec(Opcode.IOMAP_BEGIN, IomapBeginRequest, _d_begin, None, Shape.CUSTOM, "iomap_begin"),
+    OpSpec(Opcode.IOMAP_END, IomapEndRequest, _d_end, None, Shape.CUSTOM, "iomap_end"),
+)
 
 
-def enable() -> None:
-    """Register the IOMAP_BEGIN/IOMAP_END decoders (idempotent; affects every Decoder)."""
-    global _enabled
-    register_decoder(Opcode.IOMAP_BEGIN, _d_begin)
-    register_decoder(Opcode.IOMAP_END, _d_end)
-    _enabled = True
+def enable(decoder: Decoder | Connection) -> None:
+    """Decode IOMAP_BEGIN/IOMAP_END on this decoder (or connection) only."""
+    decoder.register(*OPCODES)
 
 
-def enabled() -> bool:
-    """True once :func:`enable` ran."""
-    return _enabled
+def enabled(decoder: Decoder | Connection) -> bool:
+    """True once :func:`enable` ran on ``decoder``."""
+    d = decoder if isinstance(decoder, Decoder) else decoder.decoder
+    return d.spec(Opcode.IOMAP_BEGIN) is not None
 
 
 # -- reply encoder (daemon side) -----------------------------------------------------------------

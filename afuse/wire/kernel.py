@@ -1,6 +1,6 @@
 """The kernel's side of the protocol, for tests and the fake kernel.
 
-:func:`encode_request` is the exact inverse of :meth:`afuse.wire.requests.Decoder.decode`; the
+:func:`encode_request` is the exact inverse of :meth:`afuse.wire.decoder.Decoder.decode`; the
 ``decode_*`` functions are the inverses of the encoders in :mod:`.replies`, :mod:`.init` and
 :mod:`.notify`. They are strict: a body of the wrong size, a name without its NUL or non-zero
 padding raises :class:`~afuse.wire.requests.ProtocolError`, so tests notice malformed replies
@@ -13,7 +13,6 @@ Per-shape reply decoders take the reply *body* (the bytes after the 16-byte ``fu
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -22,17 +21,13 @@ from . import requests as r
 from . import structs as S
 from .constants import (
     EXPIRE_ONLY,
-    EXT_GROUPS,
-    FSYNC_FDATASYNC,
-    GETATTR_FH,
     IOCTL_RETRY,
-    MAX_NR_SECCTX,
-    FAttr,
     FOpen,
     InitFlag,
     NotifyCode,
     Opcode,
 )
+from .opcodes import BY_CLASS
 from .requests import ProtocolError
 from .types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
@@ -52,166 +47,6 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # Requests
-
-
-def _z(name: bytes) -> bytes:
-    """``name`` with its terminating NUL; names cannot contain NUL."""
-    if b"\0" in name:
-        raise ValueError(f"name {name!r} contains NUL")
-    return bytes(name) + b"\0"
-
-
-def _pad8(b: bytes) -> bytes:
-    return b + b"\0" * (-len(b) % 8)
-
-
-def _extensions(req: r._Creating) -> bytes:
-    """Request extensions of a creating request: security context first, then groups."""
-    out = b""
-    if req.security_context is not None:
-        if len(req.security_context) > MAX_NR_SECCTX:
-            raise ValueError(f"at most {MAX_NR_SECCTX} security contexts")
-        parts = b"".join(
-            _pad8(S.SECCTX.pack(len(c.value), 0) + _z(c.name) + c.value) for c in req.security_context
-        )
-        out += S.SECCTX_HEADER.pack(8 + len(parts), len(req.security_context)) + parts
-    if req.supp_groups is not None:
-        body = S.SUPP_GROUPS.pack(len(req.supp_groups)) + b"".join(S.U32.pack(g) for g in req.supp_groups)
-        out += _pad8(S.EXT_HEADER.pack(len(_pad8(bytes(8) + body)), EXT_GROUPS) + body)
-    return out
-
-
-_SETATTR_KNOWN = int(
-    FAttr.MODE | FAttr.UID | FAttr.GID | FAttr.SIZE | FAttr.ATIME | FAttr.MTIME | FAttr.FH
-    | FAttr.ATIME_NOW | FAttr.MTIME_NOW | FAttr.LOCKOWNER | FAttr.CTIME | FAttr.KILL_SUIDGID
-)
-
-
-def _e_setattr(req: r.SetattrRequest) -> bytes:
-    valid = int(req.valid) & ~_SETATTR_KNOWN
-    present = (
-        (req.mode, FAttr.MODE), (req.new_uid, FAttr.UID), (req.new_gid, FAttr.GID),
-        (req.size, FAttr.SIZE), (req.atime_ns, FAttr.ATIME), (req.mtime_ns, FAttr.MTIME),
-        (req.fh, FAttr.FH), (req.lock_owner, FAttr.LOCKOWNER), (req.ctime_ns, FAttr.CTIME),
-    )
-    for value, bit in present:
-        if value is not None:
-            valid |= bit
-    if req.atime_now:
-        if req.atime_ns is not None:
-            raise ValueError("atime_now with an atime_ns")
-        valid |= FAttr.ATIME | FAttr.ATIME_NOW
-    if req.mtime_now:
-        if req.mtime_ns is not None:
-            raise ValueError("mtime_now with an mtime_ns")
-        valid |= FAttr.MTIME | FAttr.MTIME_NOW
-    if req.kill_suidgid:
-        valid |= FAttr.KILL_SUIDGID
-    asec, ans = divmod(req.atime_ns or 0, _NS)
-    msec, mns = divmod(req.mtime_ns or 0, _NS)
-    csec, cns = divmod(req.ctime_ns or 0, _NS)
-    return S.SETATTR_IN.pack(
-        valid, 0, req.fh or 0, req.size or 0, req.lock_owner or 0, asec, msec, csec, ans, mns, cns,
-        req.mode or 0, 0, req.new_uid or 0, req.new_gid or 0, 0,
-    )
-
-
-def _e_init(req: r.InitRequest) -> bytes:
-    flags = int(req.flags)
-    lo, hi = flags & _LOW32, flags >> 32
-    if hi and not lo & InitFlag.INIT_EXT:
-        raise ValueError("INIT flags above bit 31 need INIT_EXT")
-    if req.minor >= 36:
-        return S.INIT_IN.pack(req.major, req.minor, req.max_readahead, lo, hi)
-    if hi:
-        raise ValueError(f"a 7.{req.minor} kernel sends no flags2")
-    return S.INIT_IN_HEAD.pack(req.major, req.minor, req.max_readahead, lo)
-
-
-def _e_lk(req: r.GetlkRequest | r.SetlkRequest) -> bytes:
-    lk = req.lock
-    return S.LK_IN.pack(req.fh, req.owner, lk.start, lk.end, lk.type, lk.pid, req.lk_flags, 0)
-
-
-def _e_ioctl(req: r.IoctlRequest) -> bytes:
-    if len(req.in_data) != req.in_size:
-        raise ValueError(f"in_size {req.in_size} but {len(req.in_data)} bytes of in_data")
-    return S.IOCTL_IN.pack(req.fh, req.flags, req.cmd, req.arg, req.in_size, req.out_size) + req.in_data
-
-
-def _e_notify_reply(req: r.NotifyReplyRequest) -> bytes:
-    if len(req.data) != req.size:
-        raise ValueError(f"size {req.size} but {len(req.data)} bytes of data")
-    return S.NOTIFY_RETRIEVE_IN.pack(0, req.offset, req.size, 0, 0, 0) + req.data
-
-
-def _e_setxattr(req: r.SetxattrRequest, ext: bool) -> bytes:
-    if ext:
-        head = S.SETXATTR_IN.pack(len(req.value), req.flags, req.setxattr_flags, 0)
-    elif req.setxattr_flags:
-        raise ValueError("setxattr_flags need FUSE_SETXATTR_EXT")
-    else:
-        head = S.SETXATTR_IN_COMPAT.pack(len(req.value), req.flags)
-    return head + _z(req.name) + req.value
-
-
-_Body = Callable[[Any], bytes]
-
-_BODIES: dict[type[r.Request], _Body] = {
-    r.LookupRequest: lambda q: _z(q.name),
-    r.GetattrRequest: lambda q: S.GETATTR_IN.pack(0 if q.fh is None else GETATTR_FH, 0, q.fh or 0),
-    r.SetattrRequest: _e_setattr,
-    r.ReadlinkRequest: lambda q: b"",
-    r.SymlinkRequest: lambda q: _z(q.name) + _z(q.target),
-    r.MknodRequest: lambda q: S.MKNOD_IN.pack(q.mode, q.rdev, q.umask, 0) + _z(q.name),
-    r.MkdirRequest: lambda q: S.MKDIR_IN.pack(q.mode, q.umask) + _z(q.name),
-    r.UnlinkRequest: lambda q: _z(q.name),
-    r.RmdirRequest: lambda q: _z(q.name),
-    r.RenameRequest: lambda q: (
-        S.RENAME2_IN.pack(q.newdir, q.flags, 0) if q.flags else S.RENAME_IN.pack(q.newdir)
-    ) + _z(q.name) + _z(q.newname),
-    r.LinkRequest: lambda q: S.LINK_IN.pack(q.oldnodeid) + _z(q.newname),
-    r.OpenRequest: lambda q: S.OPEN_IN.pack(q.flags, q.open_flags),
-    r.OpendirRequest: lambda q: S.OPEN_IN.pack(q.flags, q.open_flags),
-    r.ReadRequest: lambda q: S.READ_IN.pack(q.fh, q.offset, q.size, q.read_flags, q.lock_owner, q.flags, 0),
-    r.WriteRequest: lambda q: S.WRITE_IN.pack(
-        q.fh, q.offset, len(q.data), q.write_flags, q.lock_owner, q.flags, 0) + q.data,
-    r.StatfsRequest: lambda q: b"",
-    r.ReleaseRequest: lambda q: S.RELEASE_IN.pack(q.fh, q.flags, q.release_flags, q.lock_owner),
-    r.ReleasedirRequest: lambda q: S.RELEASE_IN.pack(q.fh, q.flags, q.release_flags, q.lock_owner),
-    r.FsyncRequest: lambda q: S.FSYNC_IN.pack(q.fh, FSYNC_FDATASYNC if q.datasync else 0, 0),
-    r.FsyncdirRequest: lambda q: S.FSYNC_IN.pack(q.fh, FSYNC_FDATASYNC if q.datasync else 0, 0),
-    r.GetxattrRequest: lambda q: S.GETXATTR_IN.pack(q.size, 0) + _z(q.name),
-    r.ListxattrRequest: lambda q: S.GETXATTR_IN.pack(q.size, 0),
-    r.RemovexattrRequest: lambda q: _z(q.name),
-    r.FlushRequest: lambda q: S.FLUSH_IN.pack(q.fh, 0, 0, q.lock_owner),
-    r.InitRequest: _e_init,
-    r.ReaddirRequest: lambda q: S.READ_IN.pack(q.fh, q.offset, q.size, 0, 0, 0, 0),
-    r.ReaddirplusRequest: lambda q: S.READ_IN.pack(q.fh, q.offset, q.size, 0, 0, 0, 0),
-    r.GetlkRequest: _e_lk,
-    r.SetlkRequest: _e_lk,
-    r.AccessRequest: lambda q: S.ACCESS_IN.pack(q.mask, 0),
-    r.CreateRequest: lambda q: S.CREATE_IN.pack(q.flags, q.mode, q.umask, q.open_flags) + _z(q.name),
-    r.TmpfileRequest: lambda q: S.CREATE_IN.pack(q.flags, q.mode, q.umask, q.open_flags) + _z(q.name),
-    r.InterruptRequest: lambda q: S.INTERRUPT_IN.pack(q.target),
-    r.BmapRequest: lambda q: S.BMAP_IN.pack(q.block, q.blocksize, 0),
-    r.DestroyRequest: lambda q: b"",
-    r.IoctlRequest: _e_ioctl,
-    r.PollRequest: lambda q: S.POLL_IN.pack(q.fh, q.kh, q.flags, q.events),
-    r.NotifyReplyRequest: _e_notify_reply,
-    r.FallocateRequest: lambda q: S.FALLOCATE_IN.pack(q.fh, q.offset, q.length, q.mode, 0),
-    r.LseekRequest: lambda q: S.LSEEK_IN.pack(q.fh, q.offset, q.whence, 0),
-    r.CopyFileRangeRequest: lambda q: S.COPY_FILE_RANGE_IN.pack(
-        q.fh_in, q.off_in, q.nodeid_out, q.fh_out, q.off_out, q.length, q.flags),
-    r.SetupmappingRequest: lambda q: S.SETUPMAPPING_IN.pack(q.fh, q.foffset, q.length, q.flags, q.moffset),
-    r.RemovemappingRequest: lambda q: S.REMOVEMAPPING_IN.pack(len(q.mappings)) + b"".join(
-        S.REMOVEMAPPING_ONE.pack(m, n) for m, n in q.mappings),
-    r.SyncfsRequest: lambda q: S.SYNCFS_IN.pack(0),
-    r.StatxRequest: lambda q: S.STATX_IN.pack(
-        (q.getattr_flags | GETATTR_FH) if q.fh is not None else (q.getattr_flags & ~GETATTR_FH),
-        0, q.fh or 0, q.sx_flags, q.mask),
-    r.CuseInitRequest: lambda q: S.CUSE_INIT_IN.pack(q.major, q.minor, 0, q.flags),
-}
 
 
 def _opcode(req: r.Request) -> int:
@@ -250,12 +85,12 @@ def encode_request(req: r.Request, setxattr_ext: bool = True) -> bytes:
             S.FORGET_ONE.pack(i.nodeid, i.nlookup) for i in req.items)
         return _header(req, Opcode.BATCH_FORGET, body)
     if isinstance(req, r.SetxattrRequest):
-        return _header(req, Opcode.SETXATTR, _e_setxattr(req, setxattr_ext))
-    fn = _BODIES.get(type(req))
-    if fn is None:
+        return _header(req, Opcode.SETXATTR, r._e_setxattr(req, setxattr_ext))
+    spec = BY_CLASS.get(type(req))
+    if spec is None or spec.encode is None:
         raise TypeError(f"no encoder for {type(req).__name__}")
-    ext = _extensions(req) if isinstance(req, r._Creating) else b""
-    return _header(req, _opcode(req), fn(req), ext)
+    ext = r._extensions(req) if isinstance(req, r._Creating) else b""
+    return _header(req, _opcode(req), spec.encode(req), ext)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Requests the kernel sends, one attrs class each, and :class:`Decoder` from bytes to them.
+"""Requests the kernel sends, one attrs class each, with their decoders and (kernel side) encoders.
 
 Every request carries the header fields ``unique``, ``nodeid``, ``uid``, ``gid`` and ``pid``.
 Names and xattr names are ``bytes`` without their terminating NUL.
@@ -6,9 +6,7 @@ Names and xattr names are ``bytes`` without their terminating NUL.
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import attrs
 
@@ -30,6 +28,20 @@ from .constants import (
     Opcode,
 )
 from .types import Lock
+
+#: Every request class (one per opcode, or per group of opcodes) and the decoder.
+__all__ = [
+    "AccessRequest", "BmapRequest", "CopyFileRangeRequest", "CreateRequest", "CuseInitRequest",
+    "DestroyRequest", "FallocateRequest", "FlushRequest", "ForgetRequest", "FsyncRequest", "FsyncdirRequest",
+    "GetattrRequest", "GetlkRequest", "GetxattrRequest", "InitRequest", "InterruptRequest", "IoctlRequest",
+    "LinkRequest", "ListxattrRequest", "LookupRequest", "LseekRequest", "MkdirRequest", "MknodRequest",
+    "NotifyReplyRequest", "OpenRequest", "OpendirRequest", "PollRequest", "ProtocolError", "ReadRequest",
+    "ReaddirRequest", "ReaddirplusRequest", "ReadlinkRequest", "ReleaseRequest", "ReleasedirRequest",
+    "RemovemappingRequest", "RemovexattrRequest", "RenameRequest", "RmdirRequest", "SetattrRequest",
+    "SetlkRequest", "SetupmappingRequest", "SetxattrRequest", "StatfsRequest", "StatxRequest",
+    "SymlinkRequest", "SyncfsRequest", "TmpfileRequest", "UnknownOpcode", "UnlinkRequest", "WriteRequest",
+    "DecodeState", "ForgetItem", "Request", "SecurityContext",
+]
 
 
 class ProtocolError(Exception):
@@ -604,7 +616,6 @@ class CuseInitRequest(Request):
 # Decoding
 
 _Head = tuple[int, int, int, int, int]  # unique nodeid uid gid pid
-_DecodeFn = Callable[["Decoder", _Head, memoryview], Request]
 
 
 def _cstr(body: memoryview, start: int = 0) -> tuple[bytes, int]:
@@ -616,7 +627,7 @@ def _cstr(body: memoryview, start: int = 0) -> tuple[bytes, int]:
     return raw[:end], start + end + 1
 
 
-def _name(d: Decoder, h: _Head, b: memoryview) -> bytes:
+def _name(d: DecodeState, h: _Head, b: memoryview) -> bytes:
     n = b.tobytes()
     end = n.find(b"\0")
     if end < 0:
@@ -667,52 +678,22 @@ def _creating(cls: type[_Creating], h: _Head, tail: memoryview, ext: memoryview 
     return req
 
 
-class Decoder:
-    """Turns one request's bytes into a :class:`Request`.
+class DecodeState(Protocol):
+    """What a decoder function may read of its decoder (see :class:`afuse.wire.decoder.Decoder`)."""
 
-    ``setxattr_ext`` must follow the negotiated FUSE_SETXATTR_EXT (it changes setxattr_in's size).
-    """
-
-    __slots__ = ("setxattr_ext",)
-
-    def __init__(self, setxattr_ext: bool = False) -> None:
-        self.setxattr_ext = setxattr_ext
-
-    def decode(self, buf: bytes | bytearray | memoryview) -> Request:
-        """Decode one complete request; raises :class:`ProtocolError` for malformed input."""
-        mv = memoryview(buf)
-        if len(mv) < 40:
-            raise ProtocolError(f"request of {len(mv)} bytes is shorter than its header")
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = S.IN_HEADER.unpack_from(mv)
-        if length != len(mv):
-            raise ProtocolError(f"header says {length} bytes, read {len(mv)}", unique, opcode)
-        fn = _DECODERS.get(opcode)
-        if fn is None:
-            raise UnknownOpcode(f"unknown opcode {opcode}", unique, opcode)
-        end = length - extlen * 8
-        if end < 40:
-            raise ProtocolError("extensions longer than the request", unique, opcode)
-        try:
-            if extlen and opcode in _EXT_OPS:
-                return _EXT_OPS[opcode](self, (unique, nodeid, uid, gid, pid), mv[40:end], mv[end:])
-            return fn(self, (unique, nodeid, uid, gid, pid), mv[40:end])
-        except ProtocolError as e:
-            e.unique, e.opcode = unique, opcode
-            raise
-        except (struct.error, ValueError, IndexError, TypeError) as e:
-            raise ProtocolError(f"malformed {Opcode(opcode).name}: {e}", unique, opcode) from e
+    setxattr_ext: bool
 
 
-def _d_lookup(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_lookup(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return LookupRequest(*h, _name(d, h, b))
 
 
-def _d_forget(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_forget(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (n,) = S.FORGET_IN.unpack_from(b)
     return ForgetRequest(*h, [ForgetItem(h[1], n)])
 
 
-def _d_batch_forget(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_batch_forget(d: DecodeState, h: _Head, b: memoryview) -> Request:
     count, _ = S.BATCH_FORGET_IN.unpack_from(b)
     _need(b, 8 + 16 * count)
     items = [ForgetItem(n, c) for n, c in S.FORGET_ONE.iter_unpack(b[8 : 8 + 16 * count])]
@@ -720,14 +701,14 @@ def _d_batch_forget(d: Decoder, h: _Head, b: memoryview) -> Request:
     return req
 
 
-def _d_getattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_getattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     if len(b) < 16:  # very old kernels sent no getattr_in
         return GetattrRequest(*h, None)
     flags, _, fh = S.GETATTR_IN.unpack_from(b)
     return GetattrRequest(*h, fh if flags & GETATTR_FH else None)
 
 
-def _d_setattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (valid, _, fh, size, lock_owner, atime, mtime, ctime, atimens, mtimens, ctimens, mode, _,
      uid, gid, _) = S.SETATTR_IN.unpack_from(b)
     v = FAttr(valid)
@@ -748,99 +729,99 @@ def _d_setattr(d: Decoder, h: _Head, b: memoryview) -> Request:
     )
 
 
-def _d_readlink(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_readlink(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return ReadlinkRequest(*h)
 
 
-def _d_symlink(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_symlink(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     name, p = _cstr(b)
     target, _ = _cstr(b, p)
     return _creating(SymlinkRequest, h, b, ext, name=name, target=target)
 
 
-def _d_mknod(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_mknod(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     mode, rdev, umask, _ = S.MKNOD_IN.unpack_from(b)
     name, _ = _cstr(b, 16)
     return _creating(MknodRequest, h, b, ext, name=name, mode=mode, rdev=rdev, umask=umask)
 
 
-def _d_mkdir(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_mkdir(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     mode, umask = S.MKDIR_IN.unpack_from(b)
     name, _ = _cstr(b, 8)
     return _creating(MkdirRequest, h, b, ext, name=name, mode=mode, umask=umask)
 
 
-def _d_unlink(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_unlink(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return UnlinkRequest(*h, _name(d, h, b))
 
 
-def _d_rmdir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_rmdir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return RmdirRequest(*h, _name(d, h, b))
 
 
-def _d_rename(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_rename(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (newdir,) = S.RENAME_IN.unpack_from(b)
     old, p = _cstr(b, 8)
     new, _ = _cstr(b, p)
     return RenameRequest(*h, old, newdir, new, 0)
 
 
-def _d_rename2(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_rename2(d: DecodeState, h: _Head, b: memoryview) -> Request:
     newdir, flags, _ = S.RENAME2_IN.unpack_from(b)
     old, p = _cstr(b, 16)
     new, _ = _cstr(b, p)
     return RenameRequest(*h, old, newdir, new, flags)
 
 
-def _d_link(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_link(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (old,) = S.LINK_IN.unpack_from(b)
     name, _ = _cstr(b, 8)
     return LinkRequest(*h, old, name)
 
 
-def _d_open(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_open(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return OpenRequest(*h, *S.OPEN_IN.unpack_from(b))
 
 
-def _d_opendir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_opendir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return OpendirRequest(*h, *S.OPEN_IN.unpack_from(b))
 
 
-def _d_read(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_read(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, size, rflags, owner, flags, _ = S.READ_IN.unpack_from(b)
     return ReadRequest(*h, fh, off, size, rflags, owner, flags)
 
 
-def _d_write(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_write(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, size, wflags, owner, flags, _ = S.WRITE_IN.unpack_from(b)
     if len(b) - 40 < size:
         raise ProtocolError(f"WRITE of {size} bytes carries {len(b) - 40}")
     return WriteRequest(*h, fh, off, b[40 : 40 + size].tobytes(), wflags, owner, flags)
 
 
-def _d_statfs(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_statfs(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return StatfsRequest(*h)
 
 
-def _d_release(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_release(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return ReleaseRequest(*h, *S.RELEASE_IN.unpack_from(b))
 
 
-def _d_releasedir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_releasedir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return ReleasedirRequest(*h, *S.RELEASE_IN.unpack_from(b))
 
 
-def _d_fsync(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_fsync(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, flags, _ = S.FSYNC_IN.unpack_from(b)
     return FsyncRequest(*h, fh, bool(flags & FSYNC_FDATASYNC))
 
 
-def _d_fsyncdir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_fsyncdir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, flags, _ = S.FSYNC_IN.unpack_from(b)
     return FsyncdirRequest(*h, fh, bool(flags & FSYNC_FDATASYNC))
 
 
-def _d_setxattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setxattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     if d.setxattr_ext:
         size, flags, sflags, _ = S.SETXATTR_IN.unpack_from(b)
         p = 16
@@ -853,27 +834,27 @@ def _d_setxattr(d: Decoder, h: _Head, b: memoryview) -> Request:
     return SetxattrRequest(*h, name, b[p : p + size].tobytes(), flags, sflags)
 
 
-def _d_getxattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_getxattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     size, _ = S.GETXATTR_IN.unpack_from(b)
     name, _ = _cstr(b, 8)
     return GetxattrRequest(*h, name, size)
 
 
-def _d_listxattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_listxattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     size, _ = S.GETXATTR_IN.unpack_from(b)
     return ListxattrRequest(*h, size)
 
 
-def _d_removexattr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_removexattr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return RemovexattrRequest(*h, _name(d, h, b))
 
 
-def _d_flush(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_flush(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, _, _, owner = S.FLUSH_IN.unpack_from(b)
     return FlushRequest(*h, fh, owner)
 
 
-def _d_init(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_init(d: DecodeState, h: _Head, b: memoryview) -> Request:
     if len(b) >= S.INIT_IN.size:
         major, minor, ra, flags, flags2 = S.INIT_IN.unpack_from(b)
     elif len(b) >= S.INIT_IN_HEAD.size:
@@ -887,12 +868,12 @@ def _d_init(d: Decoder, h: _Head, b: memoryview) -> Request:
     return InitRequest(*h, major, minor, ra, InitFlag(all_flags))
 
 
-def _d_readdir(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_readdir(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, size, *_ = S.READ_IN.unpack_from(b)
     return ReaddirRequest(*h, fh, off, size)
 
 
-def _d_readdirplus(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_readdirplus(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, size, *_ = S.READ_IN.unpack_from(b)
     return ReaddirplusRequest(*h, fh, off, size)
 
@@ -902,19 +883,19 @@ def _lk(b: memoryview) -> tuple[int, int, Lock, int]:
     return fh, owner, Lock(start, end, typ, pid), lk_flags
 
 
-def _d_getlk(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_getlk(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return GetlkRequest(*h, *_lk(b))
 
 
-def _d_setlk(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setlk(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return SetlkRequest(*h, *_lk(b), False)
 
 
-def _d_setlkw(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setlkw(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return SetlkRequest(*h, *_lk(b), True)
 
 
-def _d_access(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_access(d: DecodeState, h: _Head, b: memoryview) -> Request:
     mask, _ = S.ACCESS_IN.unpack_from(b)
     return AccessRequest(*h, mask)
 
@@ -925,29 +906,29 @@ def _d_create_common(cls: type[CreateRequest], h: _Head, b: memoryview, ext: mem
     return _creating(cls, h, b, ext, name=name, flags=flags, mode=mode, umask=umask, open_flags=oflags)
 
 
-def _d_create(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_create(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     return _d_create_common(CreateRequest, h, b, ext)
 
 
-def _d_tmpfile(d: Decoder, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
+def _d_tmpfile(d: DecodeState, h: _Head, b: memoryview, ext: memoryview | None = None) -> Request:
     return _d_create_common(TmpfileRequest, h, b, ext)
 
 
-def _d_interrupt(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_interrupt(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (target,) = S.INTERRUPT_IN.unpack_from(b)
     return InterruptRequest(*h, target)
 
 
-def _d_bmap(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_bmap(d: DecodeState, h: _Head, b: memoryview) -> Request:
     block, bs, _ = S.BMAP_IN.unpack_from(b)
     return BmapRequest(*h, block, bs)
 
 
-def _d_destroy(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_destroy(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return DestroyRequest(*h)
 
 
-def _d_ioctl(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_ioctl(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, flags, cmd, arg, in_size, out_size = S.IOCTL_IN.unpack_from(b)
     data = b[32 : 32 + in_size].tobytes()
     if len(data) < in_size:
@@ -955,131 +936,169 @@ def _d_ioctl(d: Decoder, h: _Head, b: memoryview) -> Request:
     return IoctlRequest(*h, fh, flags, cmd, arg, in_size, out_size, data)
 
 
-def _d_poll(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_poll(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return PollRequest(*h, *S.POLL_IN.unpack_from(b))
 
 
-def _d_notify_reply(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_notify_reply(d: DecodeState, h: _Head, b: memoryview) -> Request:
     _, off, size, *_ = S.NOTIFY_RETRIEVE_IN.unpack_from(b)
     if len(b) - 40 < size:
         raise ProtocolError(f"NOTIFY_REPLY of {size} bytes carries {len(b) - 40}")
     return NotifyReplyRequest(*h, off, size, b[40 : 40 + size].tobytes())
 
 
-def _d_fallocate(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_fallocate(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, length, mode, _ = S.FALLOCATE_IN.unpack_from(b)
     return FallocateRequest(*h, fh, off, length, mode)
 
 
-def _d_lseek(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_lseek(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh, off, whence, _ = S.LSEEK_IN.unpack_from(b)
     return LseekRequest(*h, fh, off, whence)
 
 
-def _d_cfr(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_cfr(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = S.COPY_FILE_RANGE_IN.unpack_from(b)
     return CopyFileRangeRequest(*h, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags, False)
 
 
-def _d_cfr64(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_cfr64(d: DecodeState, h: _Head, b: memoryview) -> Request:
     fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = S.COPY_FILE_RANGE_IN.unpack_from(b)
     return CopyFileRangeRequest(*h, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags, True)
 
 
-def _d_setupmapping(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_setupmapping(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return SetupmappingRequest(*h, *S.SETUPMAPPING_IN.unpack_from(b))
 
 
-def _d_removemapping(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_removemapping(d: DecodeState, h: _Head, b: memoryview) -> Request:
     (count,) = S.REMOVEMAPPING_IN.unpack_from(b)
     _need(b, 4 + 16 * count)
     return RemovemappingRequest(*h, [(m, n) for m, n in S.REMOVEMAPPING_ONE.iter_unpack(b[4 : 4 + 16 * count])])
 
 
-def _d_syncfs(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_syncfs(d: DecodeState, h: _Head, b: memoryview) -> Request:
     return SyncfsRequest(*h)
 
 
-def _d_statx(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_statx(d: DecodeState, h: _Head, b: memoryview) -> Request:
     gflags, _, fh, sx_flags, mask = S.STATX_IN.unpack_from(b)
     return StatxRequest(*h, fh if gflags & GETATTR_FH else None, gflags, sx_flags, mask)
 
 
-def _d_cuse_init(d: Decoder, h: _Head, b: memoryview) -> Request:
+def _d_cuse_init(d: DecodeState, h: _Head, b: memoryview) -> Request:
     major, minor, _, flags = S.CUSE_INIT_IN.unpack_from(b)
     return CuseInitRequest(*h, major, minor, flags)
-
-
-_DECODERS: dict[int, _DecodeFn] = {
-    Opcode.LOOKUP: _d_lookup,
-    Opcode.FORGET: _d_forget,
-    Opcode.GETATTR: _d_getattr,
-    Opcode.SETATTR: _d_setattr,
-    Opcode.READLINK: _d_readlink,
-    Opcode.SYMLINK: _d_symlink,
-    Opcode.MKNOD: _d_mknod,
-    Opcode.MKDIR: _d_mkdir,
-    Opcode.UNLINK: _d_unlink,
-    Opcode.RMDIR: _d_rmdir,
-    Opcode.RENAME: _d_rename,
-    Opcode.LINK: _d_link,
-    Opcode.OPEN: _d_open,
-    Opcode.READ: _d_read,
-    Opcode.WRITE: _d_write,
-    Opcode.STATFS: _d_statfs,
-    Opcode.RELEASE: _d_release,
-    Opcode.FSYNC: _d_fsync,
-    Opcode.SETXATTR: _d_setxattr,
-    Opcode.GETXATTR: _d_getxattr,
-    Opcode.LISTXATTR: _d_listxattr,
-    Opcode.REMOVEXATTR: _d_removexattr,
-    Opcode.FLUSH: _d_flush,
-    Opcode.INIT: _d_init,
-    Opcode.OPENDIR: _d_opendir,
-    Opcode.READDIR: _d_readdir,
-    Opcode.RELEASEDIR: _d_releasedir,
-    Opcode.FSYNCDIR: _d_fsyncdir,
-    Opcode.GETLK: _d_getlk,
-    Opcode.SETLK: _d_setlk,
-    Opcode.SETLKW: _d_setlkw,
-    Opcode.ACCESS: _d_access,
-    Opcode.CREATE: _d_create,
-    Opcode.INTERRUPT: _d_interrupt,
-    Opcode.BMAP: _d_bmap,
-    Opcode.DESTROY: _d_destroy,
-    Opcode.IOCTL: _d_ioctl,
-    Opcode.POLL: _d_poll,
-    Opcode.NOTIFY_REPLY: _d_notify_reply,
-    Opcode.BATCH_FORGET: _d_batch_forget,
-    Opcode.FALLOCATE: _d_fallocate,
-    Opcode.READDIRPLUS: _d_readdirplus,
-    Opcode.RENAME2: _d_rename2,
-    Opcode.LSEEK: _d_lseek,
-    Opcode.COPY_FILE_RANGE: _d_cfr,
-    Opcode.SETUPMAPPING: _d_setupmapping,
-    Opcode.REMOVEMAPPING: _d_removemapping,
-    Opcode.SYNCFS: _d_syncfs,
-    Opcode.TMPFILE: _d_tmpfile,
-    Opcode.STATX: _d_statx,
-    Opcode.COPY_FILE_RANGE_64: _d_cfr64,
-    Opcode.CUSE_INIT: _d_cuse_init,
-}
-
-_ExtFn = Callable[[Decoder, _Head, memoryview, memoryview], Request]
-_EXT_OPS: dict[int, _ExtFn] = {
-    Opcode.SYMLINK: _d_symlink,
-    Opcode.MKNOD: _d_mknod,
-    Opcode.MKDIR: _d_mkdir,
-    Opcode.CREATE: _d_create,
-    Opcode.TMPFILE: _d_tmpfile,
-}
-
-
-def register_decoder(opcode: int, fn: _DecodeFn) -> None:
-    """Add a decoder for an opcode (used by experimental, unmerged protocol parts)."""
-    _DECODERS[opcode] = fn
 
 
 def is_interrupt_unique(unique: int) -> bool:
     """True for the unique of an INTERRUPT message (bit 0 set)."""
     return bool(unique & INT_REQ_BIT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding (the kernel's direction: for the fake kernel and tests, via the opcode table)
+
+_NS = 1_000_000_000
+_LOW32 = 0xFFFFFFFF
+
+
+def _z(name: bytes) -> bytes:
+    """``name`` with its terminating NUL; names cannot contain NUL."""
+    if b"\0" in name:
+        raise ValueError(f"name {name!r} contains NUL")
+    return bytes(name) + b"\0"
+
+
+def _pad8(b: bytes) -> bytes:
+    return b + b"\0" * (-len(b) % 8)
+
+
+def _extensions(req: _Creating) -> bytes:
+    """Request extensions of a creating request: security context first, then groups."""
+    out = b""
+    if req.security_context is not None:
+        if len(req.security_context) > MAX_NR_SECCTX:
+            raise ValueError(f"at most {MAX_NR_SECCTX} security contexts")
+        parts = b"".join(
+            _pad8(S.SECCTX.pack(len(c.value), 0) + _z(c.name) + c.value) for c in req.security_context
+        )
+        out += S.SECCTX_HEADER.pack(8 + len(parts), len(req.security_context)) + parts
+    if req.supp_groups is not None:
+        body = S.SUPP_GROUPS.pack(len(req.supp_groups)) + b"".join(S.U32.pack(g) for g in req.supp_groups)
+        out += _pad8(S.EXT_HEADER.pack(len(_pad8(bytes(8) + body)), EXT_GROUPS) + body)
+    return out
+
+
+_SETATTR_KNOWN = int(
+    FAttr.MODE | FAttr.UID | FAttr.GID | FAttr.SIZE | FAttr.ATIME | FAttr.MTIME | FAttr.FH
+    | FAttr.ATIME_NOW | FAttr.MTIME_NOW | FAttr.LOCKOWNER | FAttr.CTIME | FAttr.KILL_SUIDGID
+)
+
+
+def _e_setattr(req: SetattrRequest) -> bytes:
+    valid = int(req.valid) & ~_SETATTR_KNOWN
+    present = (
+        (req.mode, FAttr.MODE), (req.new_uid, FAttr.UID), (req.new_gid, FAttr.GID),
+        (req.size, FAttr.SIZE), (req.atime_ns, FAttr.ATIME), (req.mtime_ns, FAttr.MTIME),
+        (req.fh, FAttr.FH), (req.lock_owner, FAttr.LOCKOWNER), (req.ctime_ns, FAttr.CTIME),
+    )
+    for value, bit in present:
+        if value is not None:
+            valid |= bit
+    if req.atime_now:
+        if req.atime_ns is not None:
+            raise ValueError("atime_now with an atime_ns")
+        valid |= FAttr.ATIME | FAttr.ATIME_NOW
+    if req.mtime_now:
+        if req.mtime_ns is not None:
+            raise ValueError("mtime_now with an mtime_ns")
+        valid |= FAttr.MTIME | FAttr.MTIME_NOW
+    if req.kill_suidgid:
+        valid |= FAttr.KILL_SUIDGID
+    asec, ans = divmod(req.atime_ns or 0, _NS)
+    msec, mns = divmod(req.mtime_ns or 0, _NS)
+    csec, cns = divmod(req.ctime_ns or 0, _NS)
+    return S.SETATTR_IN.pack(
+        valid, 0, req.fh or 0, req.size or 0, req.lock_owner or 0, asec, msec, csec, ans, mns, cns,
+        req.mode or 0, 0, req.new_uid or 0, req.new_gid or 0, 0,
+    )
+
+
+def _e_init(req: InitRequest) -> bytes:
+    flags = int(req.flags)
+    lo, hi = flags & _LOW32, flags >> 32
+    if hi and not lo & InitFlag.INIT_EXT:
+        raise ValueError("INIT flags above bit 31 need INIT_EXT")
+    if req.minor >= 36:
+        return S.INIT_IN.pack(req.major, req.minor, req.max_readahead, lo, hi)
+    if hi:
+        raise ValueError(f"a 7.{req.minor} kernel sends no flags2")
+    return S.INIT_IN_HEAD.pack(req.major, req.minor, req.max_readahead, lo)
+
+
+def _e_lk(req: GetlkRequest | SetlkRequest) -> bytes:
+    lk = req.lock
+    return S.LK_IN.pack(req.fh, req.owner, lk.start, lk.end, lk.type, lk.pid, req.lk_flags, 0)
+
+
+def _e_ioctl(req: IoctlRequest) -> bytes:
+    if len(req.in_data) != req.in_size:
+        raise ValueError(f"in_size {req.in_size} but {len(req.in_data)} bytes of in_data")
+    return S.IOCTL_IN.pack(req.fh, req.flags, req.cmd, req.arg, req.in_size, req.out_size) + req.in_data
+
+
+def _e_notify_reply(req: NotifyReplyRequest) -> bytes:
+    if len(req.data) != req.size:
+        raise ValueError(f"size {req.size} but {len(req.data)} bytes of data")
+    return S.NOTIFY_RETRIEVE_IN.pack(0, req.offset, req.size, 0, 0, 0) + req.data
+
+
+def _e_setxattr(req: SetxattrRequest, ext: bool) -> bytes:
+    if ext:
+        head = S.SETXATTR_IN.pack(len(req.value), req.flags, req.setxattr_flags, 0)
+    elif req.setxattr_flags:
+        raise ValueError("setxattr_flags need FUSE_SETXATTR_EXT")
+    else:
+        head = S.SETXATTR_IN_COMPAT.pack(len(req.value), req.flags)
+    return head + _z(req.name) + req.value

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import stat as _stat
+from collections.abc import AsyncIterable, Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .constants import FOpen
+
+if TYPE_CHECKING:
+    import os
 
 
 @attrs.define(slots=True)
@@ -158,6 +162,10 @@ class DirEntry:
     offset: int
     attr: Attr | None = None
     entry: Entry | None = None
+
+
+#: A directory listing as ``readdir`` returns it: an iterable (list, generator) or async iterable.
+DirEntries = Iterable[DirEntry] | AsyncIterable[DirEntry]
 
 
 @attrs.define(slots=True)

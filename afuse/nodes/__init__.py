@@ -1,0 +1,14 @@
+"""Nodes: write a filesystem as a tree of objects; the bridge does the kernel's bookkeeping.
+
+``afuse.mount(NodeFS(Dir({"hello.txt": b"Hello\\n"})), "/mnt/x")`` mounts a one-file
+filesystem. See docs/nodes.md.
+"""
+
+from .bridge import NodeFS
+from .caller import Caller, current_caller
+from .loopback import LoopbackNode
+from .node import DirItem, FDHandle, FileHandle, Node
+from .values import Dir, MemDir, MemFile, StaticFile, Symlink, Tree, node_from
+
+__all__ = ["Caller", "Dir", "DirItem", "FDHandle", "FileHandle", "LoopbackNode", "MemDir", "MemFile", "Node", "NodeFS",
+           "StaticFile", "Symlink", "Tree", "current_caller", "node_from"]

@@ -1,0 +1,818 @@
+"""The bridge: an :class:`afuse.Operations` serving a tree of nodes, doing the kernel's bookkeeping.
+
+It owns nodeids (never reused for another node, so the generation stays constant), lookup
+counts (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK and each READDIRPLUS entry the kernel takes),
+FORGET/BATCH_FORGET, dropping forgotten nodes that are not in the persistent tree, file and
+directory handles, directory snapshots (offsets stay valid while the directory changes),
+passthrough backing files (one per node while open) and the caller of each request.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Hashable, Iterable
+from typing import Any
+
+import attrs
+
+from ..dispatch import HandlerResultError
+from ..errors import FUSEError, NotNegotiated
+from ..operations import DirEntries, Operations
+from ..passthrough import PASSTHROUGH_COMPATIBLE, unavailable_reason
+from ..session import Session, current_session
+from ..wire import requests as r
+from ..wire.constants import ROOT_ID, FOpen, InitFlag
+from ..wire.init import Negotiated
+from ..wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock
+from .caller import _enter as _set_caller
+from .node import DirItem, FDHandle, FileHandle, Node
+
+__all__ = ["NodeFS"]
+
+log = logging.getLogger("afuse")
+
+# Bridge operations answered only if some known node or handle class has one of these methods;
+# otherwise the dispatcher answers ENOSYS, which the kernel remembers (it stops sending them, or
+# falls back: CREATE to MKNOD+OPEN, xattrs to EOPNOTSUPP, locks to local ones, ...). Operations
+# whose ENOSYS the kernel would pass on to every caller are always forwarded and answered as a
+# local filesystem would (EPERM, EINVAL, EBADF).
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "create": ("create",), "flush": ("flush",), "fsync": ("fsync", "backing_fd"),
+    "setxattr": ("setxattr",), "getxattr": ("getxattr",), "listxattr": ("listxattr",),
+    "removexattr": ("removexattr",), "access": ("access",), "getlk": ("getlk",),
+    "setlk": ("setlk",), "flock": ("flock",), "fallocate": ("fallocate",), "lseek": ("lseek",),
+    "copy_file_range": ("copy_file_range",), "ioctl": ("ioctl",), "poll": ("poll",),
+}
+_DOTS = (b".", b"..")
+_ACCMODE = os.O_ACCMODE
+_DEFAULT_POLL = 0x0001 | 0x0004 | 0x0040 | 0x0100  # POLLIN|POLLOUT|POLLRDNORM|POLLWRNORM
+
+
+def _has(cls: type, method: str) -> bool:
+    if method == "backing_fd":
+        return issubclass(cls, FDHandle) or any("backing_fd" in k.__dict__ for k in cls.__mro__
+                                                if k is not FileHandle)
+    return callable(getattr(cls, method, None))
+
+
+def _classes(root: Node) -> set[type]:
+    seen: set[type] = set()
+    stack, visited = [root], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in visited:
+            continue
+        visited.add(id(n))
+        seen.add(type(n))
+        if n.children:
+            stack.extend(n.children.values())
+    return seen
+
+
+_GENERATED: dict[tuple[type, frozenset[str]], type] = {}
+
+
+class _DirStream:
+    __slots__ = ("items", "node")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        #: (name, mode, ino, node or None) from the first READDIR at offset 0.
+        self.items: list[tuple[bytes, int, int, Node | None]] | None = None
+
+
+class NodeFS(Operations):
+    """Serve the tree of nodes under ``root`` (a directory node): ``afuse.mount(NodeFS(root), path)``.
+
+    ``types`` names node and handle classes that appear only later (returned by lookups, creates
+    or opens): operations none of the known classes implement are left to the dispatcher, which
+    answers ENOSYS, so the kernel stops sending them. ``generation`` is reported in every entry.
+    """
+
+    #: How long the kernel may cache a name's absence (0: not at all; each miss asks again).
+    negative_timeout: float = 0.0
+
+    def __init__(self, root: Node, *, types: Iterable[type] = (), generation: int = 0) -> None:
+        if not isinstance(root, Node) or not root.is_dir:
+            raise TypeError(f"the root must be a directory Node, not {root!r}")
+        self.root = root
+        self.generation = generation
+        self._nodes: dict[int, Node] = {}
+        self._by_key: dict[Any, Node] = {}
+        self._next_nodeid = ROOT_ID + 1
+        self._handles: dict[int, tuple[Node, FileHandle]] = {}
+        self._dirs: dict[int, _DirStream] = {}
+        self._next_fh = 1
+        self._session: Session | None = None
+        self._passthrough = False
+        #: Lookups the kernel forgot beyond the bridge's count (0 unless something answered an
+        #: entry behind the bridge's back, e.g. an overridden ``lookup``).
+        self.excess_forgets = 0
+        self._default_attr = (os.getuid(), os.getgid(), time.time_ns())
+        classes = _classes(root) | set(types)
+        self._forwarded = {op for op, methods in _NEEDS.items()
+                           if any(_has(c, m) for c in classes for m in methods)}
+        self._checked: set[type] = set(classes)
+        root._nodeid = ROOT_ID
+        self._attach(root)
+        missing = frozenset(_NEEDS) - self._forwarded
+        cls = type(self)
+        key = (cls, missing)
+        sub = _GENERATED.get(key)
+        if sub is None:
+            ns = {op: getattr(Operations, op) for op in missing
+                  if getattr(cls, op) is getattr(NodeFS, op)}  # a subclass's own override stays
+            sub = type(cls.__name__, (cls,), ns)
+            sub.__qualname__ = cls.__qualname__
+            sub.__module__ = cls.__module__
+            _GENERATED[key] = sub
+        self.__class__ = sub
+
+    # -- the node table ---------------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> dict[int, Node]:
+        """Nodes by nodeid: the persistent tree and every node the kernel holds a lookup of."""
+        return self._nodes
+
+    def node(self, nodeid: int) -> Node:
+        """The node with ``nodeid`` (ESTALE if there is none)."""
+        n = self._nodes.get(nodeid)
+        if n is None:
+            raise FUSEError(errno.ESTALE)
+        return n
+
+    def _register(self, n: Node, dedup: bool) -> Node:
+        if n._bridge is not None and n._bridge is not self:
+            raise ValueError(f"{n!r} belongs to another NodeFS")
+        if dedup:
+            ex = self._canonical(n)
+            if ex is not n:
+                return ex
+        if not n._nodeid:
+            n._nodeid = self._next_nodeid
+            self._next_nodeid += 1
+        n._bridge = self
+        self._nodes[n._nodeid] = n
+        if n.key is not None and n.key not in self._by_key:
+            self._by_key[n.key] = n
+        self._check_class(type(n))
+        return n
+
+    def node_by_key(self, key: Hashable) -> Node | None:
+        """The live node with ``key``, if any (a lookup may return it rather than build another)."""
+        return self._by_key.get(key)
+
+    def _canonical(self, n: Node) -> Node:
+        """The live node with ``n``'s key (``n`` itself if none); a duplicate ``n`` is discarded."""
+        if n.key is None:
+            return n
+        ex = self._by_key.get(n.key)
+        if ex is None or ex is n:
+            return n
+        if not n._nodeid and not n._links:  # never known: it is dropped now
+            self._forgotten(n)
+        return ex
+
+    def _forgotten(self, n: Node) -> None:
+        hook = getattr(n, "forgotten", None)
+        if hook is not None:
+            try:
+                hook()
+            except Exception as exc:  # a bug in the node: logged and kept, never stops forgetting
+                log.error("%s.forgotten failed", type(n).__qualname__, exc_info=exc)
+                if self._session is not None and len(self._session.errors) < 100:
+                    self._session.errors.append(exc)
+
+    def _attach(self, node: Node) -> None:
+        """``node`` joined the persistent tree: give it and its subtree nodeids."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            was = self._nodes.get(n._nodeid) is n and n._nodeid != 0
+            self._register(n, dedup=False)
+            if n.children and not was:
+                stack.extend(reversed(n.children.values()))
+
+    def _detached(self, node: Node) -> None:
+        """``node`` left the persistent tree (or was forgotten): drop what nobody refers to."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n._lookups > 0 or n is self.root or self._nodes.get(n._nodeid) is not n:
+                continue
+            if n._links > (0 if n is node else 1):
+                continue
+            del self._nodes[n._nodeid]
+            if n.key is not None and self._by_key.get(n.key) is n:
+                del self._by_key[n.key]
+            if n.children:
+                stack.extend(n.children.values())
+            self._forgotten(n)
+
+    def _check_class(self, cls: type) -> None:
+        if cls in self._checked:
+            return
+        self._checked.add(cls)
+        lacking = [op for op, methods in _NEEDS.items()
+                   if op not in self._forwarded and any(_has(cls, m) for m in methods)]
+        if lacking:
+            log.warning("%s implements %s, but the filesystem was set up without it: pass the class "
+                        "in NodeFS(types=...) so the kernel is sent those requests", cls.__qualname__,
+                        ", ".join(lacking))
+
+    async def _attr(self, node: Node) -> Attr:
+        fn = getattr(node, "getattr", None)
+        if fn is None:
+            uid, gid, t = self._default_attr
+            a = Attr(mode=node.mode, nlink=2 if node.is_dir else 1, uid=uid, gid=gid,
+                     atime_ns=t, mtime_ns=t, ctime_ns=t)
+        else:
+            a = await fn()
+            if type(a) is not Attr:
+                raise HandlerResultError(f"{type(node).__qualname__}.getattr must return an Attr, "
+                                         f"not {type(a).__name__}")
+        ino = a.ino or node.ino or node._nodeid
+        mode = a.mode if stat.S_IFMT(a.mode) else a.mode | stat.S_IFMT(node.mode)
+        if ino != a.ino or mode != a.mode:  # a copy: the node's Attr may be shared or kept
+            a = attrs.evolve(a, ino=ino, mode=mode)
+        return a
+
+    async def _entry(self, node: Node) -> Entry:
+        """The entry reply for ``node``; counts one lookup."""
+        node = self._canonical(node)
+        attr = await self._attr(node)
+        node = self._register(node, dedup=True)
+        node._lookups += 1
+        if not attr.ino:  # a new node: its nodeid is its inode number
+            attr = attrs.evolve(attr, ino=node._nodeid)
+        return Entry(node._nodeid, attr, self.generation)
+
+    def _node_result(self, what: str, res: object) -> Node:
+        if not isinstance(res, Node):
+            raise HandlerResultError(f"{what} must return a Node, not {type(res).__name__}")
+        return res
+
+    # -- Operations: lifecycle and lookups --------------------------------------------------------
+
+    def init(self, negotiated: Negotiated) -> None:
+        """Remember the serving session (notifications, passthrough)."""
+        self._session = current_session()
+        self._passthrough = negotiated.has(InitFlag.PASSTHROUGH)
+
+    async def forget(self, req: r.ForgetRequest) -> None:
+        """Drop lookup counts; a node left with none and outside the persistent tree is dropped."""
+        for item in req.items:
+            n = self._nodes.get(item.nodeid)
+            if n is None:
+                continue
+            if item.nlookup > n._lookups:
+                self.excess_forgets += item.nlookup - n._lookups
+            n._lookups = max(0, n._lookups - item.nlookup)
+            if n._lookups == 0:
+                self._detached(n)
+
+    async def _child(self, parent: Node, name: bytes) -> Node | None:
+        if parent.children is not None:
+            return parent.children.get(name)
+        fn = getattr(parent, "lookup", None)
+        if fn is None:
+            raise FUSEError(errno.ENOTDIR if not parent.is_dir else errno.ENOENT)
+        res = await fn(name)
+        return None if res is None else self._node_result(f"{type(parent).__qualname__}.lookup", res)
+
+    async def lookup(self, req: r.LookupRequest) -> Entry:
+        """LOOKUP: the persistent child or the node's ``lookup``."""
+        _set_caller(req)
+        parent = self.node(req.nodeid)
+        if not parent.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        child = await self._child(parent, req.name)
+        if child is None:
+            if self.negative_timeout > 0:
+                return Entry(0, Attr(), entry_timeout=self.negative_timeout)
+            raise FUSEError(errno.ENOENT)
+        return await self._entry(child)
+
+    async def getattr(self, req: r.GetattrRequest) -> Attr:
+        """GETATTR: the node's ``getattr`` (or attributes from its mode)."""
+        _set_caller(req)
+        return await self._attr(self.node(req.nodeid))
+
+    async def setattr(self, req: r.SetattrRequest) -> Attr:
+        """SETATTR: the handle's (ftruncate, fchmod, ...) or node's ``setattr(changes)``; EPERM without."""
+        _set_caller(req)
+        node, h = self._open_file(req, req.fh) if req.fh else (self.node(req.nodeid), None)
+        fn = self._method(node, h, "setattr")
+        if fn is None:
+            raise FUSEError(errno.EPERM)
+        a = await fn(req)
+        if type(a) is not Attr:
+            raise HandlerResultError(f"{type(node).__qualname__}.setattr must return an Attr, not {type(a).__name__}")
+        if not a.ino:
+            a = attrs.evolve(a, ino=node.ino or node._nodeid)
+        return a
+
+    async def readlink(self, req: r.ReadlinkRequest) -> bytes:
+        """READLINK: the node's ``readlink``; EINVAL for other nodes."""
+        _set_caller(req)
+        fn = getattr(self.node(req.nodeid), "readlink", None)
+        if fn is None:
+            raise FUSEError(errno.EINVAL)
+        res: bytes = await fn()
+        return res
+
+    async def statfs(self, req: r.StatfsRequest) -> FsStats:
+        """STATFS: the node's or else the root's ``statfs``; zero counts without one."""
+        _set_caller(req)
+        node = self._nodes.get(req.nodeid, self.root)
+        fn = getattr(node, "statfs", None) or getattr(self.root, "statfs", None)
+        if fn is None:
+            return FsStats(bsize=512, frsize=512)
+        res: FsStats = await fn()
+        return res
+
+    async def access(self, req: r.AccessRequest) -> None:
+        """ACCESS: the node's ``access(mask)``; allowed without one."""
+        _set_caller(req)
+        fn = getattr(self.node(req.nodeid), "access", None)
+        if fn is not None:
+            await fn(req.mask)
+
+    async def getxattr(self, req: r.GetxattrRequest) -> bytes:
+        """GETXATTR: the node's ``getxattr(name)``; EOPNOTSUPP without one."""
+        _set_caller(req)
+        fn = getattr(self.node(req.nodeid), "getxattr", None)
+        if fn is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        res: bytes = await fn(req.name)
+        return res
+
+    async def setxattr(self, req: r.SetxattrRequest) -> None:
+        """SETXATTR: the node's ``setxattr(name, value, flags)``; EOPNOTSUPP without one."""
+        _set_caller(req)
+        fn = getattr(self.node(req.nodeid), "setxattr", None)
+        if fn is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        await fn(req.name, req.value, req.flags)
+
+    async def listxattr(self, req: r.ListxattrRequest) -> Iterable[bytes]:
+        """LISTXATTR: the node's ``listxattr()``; none without one."""
+        _set_caller(req)
+        fn = getattr(self.node(req.nodeid), "listxattr", None)
+        if fn is None:
+            return []
+        res: Iterable[bytes] = await fn()
+        return res
+
+    async def removexattr(self, req: r.RemovexattrRequest) -> None:
+        """REMOVEXATTR: the node's ``removexattr(name)``; EOPNOTSUPP without one."""
+        _set_caller(req)
+        fn = getattr(self.node(req.nodeid), "removexattr", None)
+        if fn is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        await fn(req.name)
+
+    # -- creating and removing names --------------------------------------------------------------
+
+    async def _creating(self, req: r.Request, name: bytes, method: str) -> tuple[Node, Any]:
+        _set_caller(req)
+        parent = self.node(req.nodeid)
+        if not parent.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        if parent.children is not None and name in parent.children:
+            raise FUSEError(errno.EEXIST)
+        fn = getattr(parent, method, None)
+        if fn is None:
+            raise FUSEError(errno.EPERM)
+        return parent, fn
+
+    def _adopt(self, parent: Node, name: bytes, child: Node) -> None:
+        if parent.children is not None:
+            if parent.children.get(name, child) is not child:
+                raise FUSEError(errno.EEXIST)  # a concurrent create of the same name won
+            parent.add_child(name, child)
+
+    async def _made(self, parent: Node, name: bytes, what: str, res: object) -> Entry:
+        child = self._node_result(f"{type(parent).__qualname__}.{what}", res)
+        self._adopt(parent, name, child)
+        return await self._entry(child)
+
+    async def mkdir(self, req: r.MkdirRequest) -> Entry:
+        """MKDIR: the parent's ``mkdir(name, mode)``; the new node joins a persistent parent."""
+        parent, fn = await self._creating(req, req.name, "mkdir")
+        return await self._made(parent, req.name, "mkdir", await fn(req.name, stat.S_IFDIR | (req.mode & 0o7777)))
+
+    async def mknod(self, req: r.MknodRequest) -> Entry:
+        """MKNOD: the parent's ``mknod(name, mode, rdev)``."""
+        parent, fn = await self._creating(req, req.name, "mknod")
+        return await self._made(parent, req.name, "mknod", await fn(req.name, req.mode, req.rdev))
+
+    async def symlink(self, req: r.SymlinkRequest) -> Entry:
+        """SYMLINK: the parent's ``symlink(name, target)``."""
+        parent, fn = await self._creating(req, req.name, "symlink")
+        return await self._made(parent, req.name, "symlink", await fn(req.name, req.target))
+
+    async def link(self, req: r.LinkRequest) -> Entry:
+        """LINK: the parent's ``link(name, node)``."""
+        target = self.node(req.oldnodeid)
+        if target.is_dir:
+            raise FUSEError(errno.EPERM)
+        parent, fn = await self._creating(req, req.newname, "link")
+        return await self._made(parent, req.newname, "link", await fn(req.newname, target))
+
+    async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
+        """CREATE: the parent's ``create(name, flags, mode)``, then the file is open."""
+        parent, fn = await self._creating(req, req.name, "create")
+        res = await fn(req.name, req.flags, stat.S_IFREG | (req.mode & 0o7777))
+        handle: object = None
+        if isinstance(res, tuple) and len(res) == 2:
+            res, handle = res
+        what = f"{type(parent).__qualname__}.create"
+        child = self._node_result(what, res)
+        self._adopt(parent, req.name, child)
+        entry = await self._entry(child)
+        return entry, self._opened(self._nodes[entry.nodeid], handle, what)
+
+    async def _removing(self, req: r.Request, name: bytes, method: str, want_dir: bool) -> None:
+        _set_caller(req)
+        parent = self.node(req.nodeid)
+        if not parent.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        child = None
+        if parent.children is not None:
+            child = parent.children.get(name)
+            if child is None:
+                raise FUSEError(errno.ENOENT)
+            if want_dir and not child.is_dir:
+                raise FUSEError(errno.ENOTDIR)
+            if not want_dir and child.is_dir:
+                raise FUSEError(errno.EISDIR)
+            if want_dir and child.children:
+                raise FUSEError(errno.ENOTEMPTY)
+        fn = getattr(parent, method, None)
+        if fn is None:
+            raise FUSEError(errno.EPERM)
+        await fn(name)
+        if child is not None and parent.children is not None and parent.children.get(name) is child:
+            parent.remove_child(name)
+
+    async def unlink(self, req: r.UnlinkRequest) -> None:
+        """UNLINK: the parent's ``unlink(name)`` allows it; a persistent parent drops the child."""
+        await self._removing(req, req.name, "unlink", False)
+
+    async def rmdir(self, req: r.RmdirRequest) -> None:
+        """RMDIR: the parent's ``rmdir(name)`` allows it (ENOTEMPTY for a persistent non-empty one)."""
+        await self._removing(req, req.name, "rmdir", True)
+
+    async def rename(self, req: r.RenameRequest) -> None:
+        """RENAME: the parent's ``rename(name, newparent, newname, flags)``; persistent trees are
+        checked (NOREPLACE, EXCHANGE, type and emptiness) and updated after it."""
+        _set_caller(req)
+        parent, newparent = self.node(req.nodeid), self.node(req.newdir)
+        if not parent.is_dir or not newparent.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        exchange = bool(req.flags & 2)
+        persistent = parent.children is not None and newparent.children is not None
+        child = target = None
+        if persistent:
+            assert parent.children is not None and newparent.children is not None
+            child = parent.children.get(req.name)
+            target = newparent.children.get(req.newname)
+            if child is None:
+                raise FUSEError(errno.ENOENT)
+            if req.flags & 1 and target is not None:
+                raise FUSEError(errno.EEXIST)
+            if exchange and target is None:
+                raise FUSEError(errno.ENOENT)
+            if target is child:
+                return
+            if target is not None and not exchange:
+                if child.is_dir and not target.is_dir:
+                    raise FUSEError(errno.ENOTDIR)
+                if not child.is_dir and target.is_dir:
+                    raise FUSEError(errno.EISDIR)
+                if target.children:
+                    raise FUSEError(errno.ENOTEMPTY)
+        fn = getattr(parent, "rename", None)
+        if fn is None:
+            raise FUSEError(errno.EPERM)
+        await fn(req.name, newparent, req.newname, req.flags)
+        if not persistent:
+            return
+        assert child is not None and parent.children is not None and newparent.children is not None
+        if parent.children.get(req.name) is not child or newparent.children.get(req.newname) is not target:
+            return  # the node rearranged the tree itself
+        if exchange:
+            assert target is not None
+            parent.children[req.name], newparent.children[req.newname] = target, child
+            return
+        newparent.add_child(req.newname, child)  # before removing: the child never leaves the tree
+        parent.remove_child(req.name)
+
+    # -- open files -----------------------------------------------------------------------------
+
+    def _opened(self, node: Node, handle: object, what: str) -> Handle:
+        """Give ``handle`` an fh; set up passthrough when it offers a descriptor. No awaits."""
+        if handle is None:
+            return Handle(0, getattr(node, "fopen", 0))
+        if not isinstance(handle, FileHandle):
+            raise HandlerResultError(f"{what} must return a FileHandle or None, not {type(handle).__name__}")
+        self._check_class(type(handle))
+        fh = self._next_fh
+        self._next_fh += 1
+        flags = int(handle.fopen)
+        if handle.backing_fd is not None and self._passthrough:
+            bf = node._backing
+            if bf is None or bf.closed:
+                bf = None
+                try:
+                    assert self._session is not None
+                    bf = node._backing = self._session.open_backing(handle.backing_fd)
+                except OSError as e:
+                    log.warning("passthrough off: %s", unavailable_reason(e))
+                    self._passthrough = False
+            if bf is not None:
+                self._handles[fh] = (node, handle)
+                return Handle(fh, (flags & int(PASSTHROUGH_COMPATIBLE)) | FOpen.PASSTHROUGH, bf.id)
+        self._handles[fh] = (node, handle)
+        return Handle(fh, flags)
+
+    async def open(self, req: r.OpenRequest) -> Handle:
+        """OPEN: the node's ``open(flags)``; without one, I/O goes to the node itself (EACCES for
+        a write open of a node without ``write``)."""
+        _set_caller(req)
+        node = self.node(req.nodeid)
+        if node.is_dir:
+            raise FUSEError(errno.EISDIR)
+        fn = getattr(node, "open", None)
+        if fn is None:
+            if req.flags & _ACCMODE != os.O_RDONLY and getattr(node, "write", None) is None:
+                raise FUSEError(errno.EACCES)
+            return self._opened(node, None, "open")
+        handle = await fn(req.flags)
+        return self._opened(node, handle, f"{type(node).__qualname__}.open")
+
+    def _open_file(self, req: r.Request, fh: int) -> tuple[Node, FileHandle | None]:
+        _set_caller(req)
+        if fh:
+            got = self._handles.get(fh)
+            if got is None:
+                raise FUSEError(errno.EBADF)
+            return got
+        return self.node(req.nodeid), None
+
+    @staticmethod
+    def _method(node: Node, handle: FileHandle | None, name: str) -> Any:
+        fn = getattr(handle, name, None) if handle is not None else None
+        return fn if fn is not None else getattr(node, name, None)
+
+    async def read(self, req: r.ReadRequest) -> bytes:
+        """READ: the handle's or node's ``read(offset, size)``, else pread on its ``backing_fd``."""
+        node, h = self._open_file(req, req.fh)
+        fn = getattr(h, "read", None)
+        if fn is None and h is not None and h.backing_fd is not None:
+            return os.pread(h.backing_fd, req.size, req.offset)
+        fn = fn or getattr(node, "read", None)
+        if fn is None:
+            raise FUSEError(errno.EINVAL)
+        res: bytes = await fn(req.offset, req.size)
+        return res
+
+    async def write(self, req: r.WriteRequest) -> int:
+        """WRITE: the handle's or node's ``write(offset, data)``, else pwrite on its ``backing_fd``."""
+        node, h = self._open_file(req, req.fh)
+        fn = getattr(h, "write", None)
+        if fn is None and h is not None and h.backing_fd is not None:
+            return os.pwrite(h.backing_fd, req.data, req.offset)
+        fn = fn or getattr(node, "write", None)
+        if fn is None:
+            raise FUSEError(errno.EBADF)
+        res: int = await fn(req.offset, req.data)
+        return res
+
+    async def flush(self, req: r.FlushRequest) -> None:
+        """FLUSH: the handle's or node's ``flush()``."""
+        node, h = self._open_file(req, req.fh)
+        fn = self._method(node, h, "flush")
+        if fn is not None:
+            await fn()
+
+    async def fsync(self, req: r.FsyncRequest) -> None:
+        """FSYNC: the handle's or node's ``fsync(datasync)``, else fsync of its ``backing_fd``."""
+        node, h = self._open_file(req, req.fh)
+        fn = getattr(h, "fsync", None)
+        if fn is None and h is not None and h.backing_fd is not None:
+            (os.fdatasync if req.datasync else os.fsync)(h.backing_fd)
+            return
+        fn = fn or getattr(node, "fsync", None)
+        if fn is not None:
+            await fn(req.datasync)
+
+    async def release(self, req: r.ReleaseRequest) -> None:
+        """RELEASE: forget the fh; the handle's ``release()``."""
+        _set_caller(req)
+        got = self._handles.pop(req.fh, None)
+        if got is not None:
+            fn = getattr(got[1], "release", None)
+            if fn is not None:
+                await fn()
+
+    async def fallocate(self, req: r.FallocateRequest) -> None:
+        """FALLOCATE: ``fallocate(offset, length, mode)``; EOPNOTSUPP without one."""
+        node, h = self._open_file(req, req.fh)
+        fn = self._method(node, h, "fallocate")
+        if fn is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        await fn(req.offset, req.length, req.mode)
+
+    async def lseek(self, req: r.LseekRequest) -> int:
+        """LSEEK (SEEK_DATA/SEEK_HOLE): ``lseek(offset, whence)``; without one the file is all data."""
+        node, h = self._open_file(req, req.fh)
+        fn = self._method(node, h, "lseek")
+        if fn is not None:
+            res: int = await fn(req.offset, req.whence)
+            return res
+        size = (await self._attr(node)).size
+        if req.offset >= size:
+            raise FUSEError(errno.ENXIO)
+        return req.offset if req.whence == os.SEEK_DATA else size
+
+    async def copy_file_range(self, req: r.CopyFileRangeRequest) -> int:
+        """COPY_FILE_RANGE: ``copy_file_range(offset, out_handle, out_offset, length, flags)``."""
+        node, h = self._open_file(req, req.fh_in)
+        out = self._handles.get(req.fh_out)
+        fn = self._method(node, h, "copy_file_range")
+        if fn is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        res: int = await fn(req.off_in, out[1] if out else None, req.off_out, req.length, req.flags)
+        return res
+
+    async def getlk(self, req: r.GetlkRequest) -> Lock:
+        """GETLK: ``getlk(req)``; ENOLCK without one."""
+        fn = self._method(*self._open_file(req, req.fh), "getlk")
+        if fn is None:
+            raise FUSEError(errno.ENOLCK)
+        res: Lock = await fn(req)
+        return res
+
+    async def setlk(self, req: r.SetlkRequest) -> None:
+        """SETLK/SETLKW: ``setlk(req)``; ENOLCK without one."""
+        fn = self._method(*self._open_file(req, req.fh), "setlk")
+        if fn is None:
+            raise FUSEError(errno.ENOLCK)
+        await fn(req)
+
+    async def flock(self, req: r.SetlkRequest) -> None:
+        """flock(2): ``flock(req)``; ENOLCK without one."""
+        fn = self._method(*self._open_file(req, req.fh), "flock")
+        if fn is None:
+            raise FUSEError(errno.ENOLCK)
+        await fn(req)
+
+    async def ioctl(self, req: r.IoctlRequest) -> IoctlReply:
+        """IOCTL: ``ioctl(req)``; ENOTTY without one."""
+        fn = self._method(*self._open_file(req, req.fh), "ioctl")
+        if fn is None:
+            raise FUSEError(errno.ENOTTY)
+        res: IoctlReply = await fn(req)
+        return res
+
+    async def poll(self, req: r.PollRequest) -> int:
+        """POLL: ``poll(req)``; always ready without one."""
+        fn = self._method(*self._open_file(req, req.fh), "poll")
+        if fn is None:
+            return _DEFAULT_POLL
+        res: int = await fn(req)
+        return res
+
+    # -- directories ----------------------------------------------------------------------------
+
+    async def opendir(self, req: r.OpendirRequest) -> Handle:
+        """OPENDIR: a directory stream (listed at the first READDIR from offset 0); the node's
+        ``fopen`` attribute, if any, are the FOPEN flags (CACHE_DIR, KEEP_CACHE)."""
+        _set_caller(req)
+        node = self.node(req.nodeid)
+        if not node.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = _DirStream(node)
+        return Handle(fh, getattr(node, "fopen", 0))
+
+    async def releasedir(self, req: r.ReleasedirRequest) -> None:
+        """RELEASEDIR: drop the stream."""
+        self._dirs.pop(req.fh, None)
+
+    async def _items(self, req: r.ReaddirRequest) -> tuple[_DirStream, list[tuple[bytes, int, int, Node | None]]]:
+        _set_caller(req)
+        stream = self._dirs.get(req.fh)
+        if stream is None:
+            raise FUSEError(errno.EBADF)
+        if stream.items is None or req.offset == 0:
+            node = stream.node
+            ino = node.ino or node._nodeid
+            items: list[tuple[bytes, int, int, Node | None]] = [(b".", node.mode, ino, None),
+                                                               (b"..", stat.S_IFDIR, 0, None)]
+            fn = getattr(node, "readdir", None)
+            if fn is not None:
+                res: Any = fn()
+                listing = res if hasattr(res, "__aiter__") else await res
+                what = f"{type(node).__qualname__}.readdir"
+                if hasattr(listing, "__aiter__"):
+                    items += [self._item(what, d) async for d in listing]
+                else:
+                    items += [self._item(what, d) for d in listing]
+            elif node.children is not None:
+                items += [(name, c.mode, c.ino or c._nodeid, c) for name, c in node.children.items()]
+            stream.items = items
+        return stream, stream.items
+
+    @staticmethod
+    def _item(what: str, d: object) -> tuple[bytes, int, int, Node | None]:
+        if not isinstance(d, DirItem):
+            raise HandlerResultError(f"{what} must yield DirItem, not {type(d).__name__}")
+        return (d.name, d.mode, d.ino, None)
+
+    async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
+        """READDIR: the stream's snapshot from ``req.offset`` (offsets are snapshot positions)."""
+        _stream, items = await self._items(req)
+        return (DirEntry(name, i + 1, Attr(ino=ino or 0xFFFFFFFF, mode=mode))
+                for i, (name, mode, ino, _n) in enumerate(items) if i >= req.offset)
+
+    async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
+        """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup."""
+        stream, items = await self._items(req)
+        return self._plus(stream.node, items, req.offset)
+
+    async def _plus(self, parent: Node, items: list[tuple[bytes, int, int, Node | None]],
+                    offset: int) -> AsyncIterator[DirEntry]:
+        fresh: list[Node] = []
+        try:
+            for i in range(offset, len(items)):
+                name, mode, ino, child = items[i]
+                if name in _DOTS:
+                    yield DirEntry(name, i + 1, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
+                    continue
+                if child is None:
+                    try:
+                        child = await self._child(parent, name)
+                    except (FUSEError, OSError) as e:
+                        if e.errno != errno.ENOENT:
+                            raise
+                    if child is None:
+                        continue  # vanished since the listing
+                    child = self._canonical(child)
+                else:
+                    child = self._canonical(child)
+                attr = await self._attr(child)
+                child = self._register(child, dedup=True)
+                if not attr.ino:
+                    attr = attrs.evolve(attr, ino=child._nodeid)
+                fresh.append(child)
+                yield DirEntry(name, i + 1, entry=Entry(child._nodeid, attr, self.generation))
+                child._lookups += 1  # runs only once the kernel took the entry
+        finally:
+            for c in fresh:
+                if c._lookups == 0:
+                    self._detached(c)
+
+    # -- notifications --------------------------------------------------------------------------
+
+    async def _notify(self, what: str, coro: Any) -> None:
+        try:
+            await coro
+        except NotNegotiated:
+            raise
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            log.debug("%s: not cached", what)
+
+    async def _notify_inode(self, node: Node, offset: int, length: int) -> None:
+        from .. import notify
+
+        if self._session is not None:
+            await self._notify("inval_inode", notify.inval_inode(self._session, node._nodeid, offset, length))
+
+    async def _notify_entry(self, parent: Node, name: bytes) -> None:
+        from .. import notify
+
+        if self._session is not None:
+            await self._notify("inval_entry", notify.inval_entry(self._session, parent._nodeid, name))
+
+    async def _notify_delete(self, parent: Node, name: bytes, child: Node) -> None:
+        from .. import notify
+
+        if self._session is not None:
+            await self._notify("delete", notify.delete(self._session, parent._nodeid, child._nodeid, name))
+
+    async def _notify_store(self, node: Node, offset: int, data: bytes) -> None:
+        from .. import notify
+
+        if self._session is not None:
+            await self._notify("store", notify.store(self._session, node._nodeid, offset, data))

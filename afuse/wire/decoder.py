@@ -1,0 +1,67 @@
+"""From one request's bytes to its :class:`~afuse.wire.requests.Request`, by the opcode table."""
+
+from __future__ import annotations
+
+import struct
+
+from . import structs as S
+from .constants import Opcode
+from .opcodes import BY_OPCODE, OpSpec
+from .requests import ProtocolError, Request, UnknownOpcode
+
+__all__ = ["Decoder"]
+
+
+class Decoder:
+    """Turns one request's bytes into a :class:`Request`, by the opcode table.
+
+    ``setxattr_ext`` must follow the negotiated FUSE_SETXATTR_EXT (it changes setxattr_in's size).
+    Each decoder has its own copy of the table (:data:`.opcodes.OPCODES`):
+    :meth:`register` adds opcodes to this decoder only.
+    """
+
+    __slots__ = ("_specs", "setxattr_ext")
+
+    def __init__(self, setxattr_ext: bool = False) -> None:
+        self.setxattr_ext = setxattr_ext
+        self._specs: dict[int, OpSpec] = dict(BY_OPCODE)
+
+    def register(self, *specs: OpSpec) -> None:
+        """Decode these opcodes too (e.g. the experimental :data:`afuse.wire.iomap.OPCODES`)."""
+        for spec in specs:
+            self._specs[spec.opcode] = spec
+
+    def spec(self, opcode: int) -> OpSpec | None:
+        """The table's record for ``opcode`` in this decoder, or None."""
+        return self._specs.get(opcode)
+
+    def decode(self, buf: bytes | bytearray | memoryview) -> Request:
+        """Decode one complete request; raises :class:`ProtocolError` for malformed input."""
+        mv = memoryview(buf)
+        if len(mv) < 40:
+            raise ProtocolError(f"request of {len(mv)} bytes is shorter than its header")
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = S.IN_HEADER.unpack_from(mv)
+        if length != len(mv):
+            raise ProtocolError(f"header says {length} bytes, read {len(mv)}", unique, opcode)
+        spec = self._specs.get(opcode)
+        if spec is None:
+            raise UnknownOpcode(f"unknown opcode {opcode}", unique, opcode)
+        end = length - extlen * 8
+        if end < 40:
+            raise ProtocolError("extensions longer than the request", unique, opcode)
+        try:
+            if extlen and spec.extensions:
+                return spec.decode(self, (unique, nodeid, uid, gid, pid), mv[40:end], mv[end:])
+            return spec.decode(self, (unique, nodeid, uid, gid, pid), mv[40:end])
+        except ProtocolError as e:
+            e.unique, e.opcode = unique, opcode
+            raise
+        except (struct.error, ValueError, IndexError, TypeError) as e:
+            raise ProtocolError(f"malformed {_opname(opcode)}: {e}", unique, opcode) from e
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
