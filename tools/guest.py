@@ -374,6 +374,10 @@ def run(command: Sequence[str] | str, kernel: str = "6.12", *, cwd: str | os.Pat
         except subprocess.TimeoutExpired:
             proc.kill()
             qemu_out, _ = proc.communicate()
+        finally:
+            if proc.poll() is None:  # interrupted (e.g. a test timeout): never leave qemu behind
+                proc.kill()
+                proc.wait()
         seconds = time.monotonic() - t0
 
         def text(name: str) -> str:
