@@ -468,11 +468,12 @@ async def serve(
     try:
         await session.start(takeover)
         async with trio.open_nursery() as nursery:
-            await nursery.start(session.run)
-            if takeover is not None and takeover.resend:
-                await session.notify(session.connection.resend())
-            task_status.started(session)
+            nursery.start_soon(session.run)
+            # From here on the readers run in a shielded scope: every way out must stop them.
             try:
+                if takeover is not None and takeover.resend:
+                    await session.notify(session.connection.resend())
+                task_status.started(session)
                 await session.wait_closed()
             finally:
                 if unmount:

@@ -293,3 +293,18 @@ def interrupt_blocked_lookup(m: testing.MountedFS, ops: Blocking | ScopedWaits) 
         child.kill()
     n, err = map(int, out.split())
     return n, err
+
+
+@pytest.mark.trio
+async def test_cancelling_serve_at_any_point_of_startup_leaves_nothing(tmp_path: Path) -> None:
+    """Cancelled while mounting, negotiating, starting its readers or serving: serve() returns
+    promptly and nothing stays mounted (the readers run shielded: every way out stops them)."""
+    mp = str(tmp_path / "mnt")
+    os.mkdir(mp)
+    for delay in (0.0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.05):
+        with trio.fail_after(30):
+            with trio.move_on_after(delay):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(afuse.serve, HelloFS(), mp)
+                    await trio.sleep_forever()
+        assert os.path.realpath(mp) not in [m for m, _t, _s in afuse.device.find_mounts("")], delay
