@@ -175,7 +175,9 @@ def test_replay_answered_as_first_attempt(tmp_path: Path, op: str, lose: bool) -
         return sorted(os.listdir(mp)), os.lstat(j(mp, "new")).st_mode if b"new" in kids else 0
 
     try:
-        listing, mode = _crash_and_take_over(fs, mp, action, lose)  # type: ignore[misc]
+        got = _crash_and_take_over(fs, mp, action, lose)
+        assert isinstance(got, tuple)
+        listing, mode = got
         assert fs.replays, "the kernel resent nothing"
         assert listing == {"rename": ["d", "new"], "unlink": ["d"], "rmdir": ["f"]}.get(op, ["d", "f", "new"])
         if op in ("mkdir", "create", "symlink", "link", "mknod"):
@@ -345,8 +347,8 @@ def test_daemon_on_nodes_survives_sigkill_during_creates(tmp_path: Path) -> None
     that takes the live mount over from the keeper. Requests in flight are resent; the
     applications see no error at all (no EEXIST, no ENOENT) and every name and byte is right."""
     src, mnt, state = tmp_path / "src", tmp_path / "mnt", tmp_path / "state"
-    for p in (src, mnt):
-        p.mkdir()
+    src.mkdir()
+    mnt.mkdir()
     sock, events = str(tmp_path / "keeper.sock"), str(tmp_path / "events.jsonl")
     log = open(tmp_path / "daemons.log", "ab")
     procs: list[subprocess.Popen[bytes]] = []
