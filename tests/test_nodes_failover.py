@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trio
@@ -405,3 +405,78 @@ def test_daemon_on_nodes_survives_sigkill_during_creates(tmp_path: Path) -> None
         log.close()
         if _mounted_path(str(mnt)):
             device.unmount(str(mnt), lazy=True)
+
+
+
+def test_tables_restored_from_the_state_store(tmp_path: Path) -> None:
+    """Snapshot + journal through FileStateStore, restored into a new bridge over a tree built
+    alike: the same nodeids (keyless nodes of the initial tree by number, keyed nodes by key),
+    lookup counts, open files (reopened at first use), open directories and outcomes."""
+    from afuse.nodes import Dir, FileHandle, StaticFile
+    from afuse.state import FileStateStore
+
+    class Handle(FileHandle):
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        async def read(self, offset: int, size: int) -> bytes:
+            return self.data[offset:offset + size]
+
+    class Keyed(StaticFile):
+        opened: ClassVar[list[int]] = []
+
+        def __init__(self, data: bytes, key: object) -> None:
+            super().__init__(data)
+            self.key = key
+
+        async def open(self, flags: int) -> FileHandle:
+            self.opened.append(flags)
+            return Handle(self.data)
+
+    def tree() -> Dir:
+        return Dir({"a": b"A", "sub": {"b": b"B"}, "k": Keyed(b"K", ("k", 1))})
+
+    fs1 = NodeFS(tree(), types=[Handle])
+    store = FileStateStore(tmp_path / "state", compact_every=4)
+    ids: dict[str, int] = {}
+
+    def lookup(unique: int, parent: int, name: bytes) -> r.LookupRequest:
+        return r.LookupRequest(unique, parent, 0, 0, 1, name)
+
+    async def work() -> None:
+        ids["sub"] = (await fs1.lookup(lookup(1, 1, b"sub"))).nodeid
+        store.attach(fs1)  # a snapshot now, the journal from here on (compacting every 4 records)
+        ids["b"] = (await fs1.lookup(lookup(2, ids["sub"], b"b"))).nodeid
+        ids["k"] = (await fs1.lookup(lookup(3, 1, b"k"))).nodeid
+        await fs1.lookup(lookup(4, 1, b"k"))
+        opened = await fs1.open(r.OpenRequest(5, ids["k"], 0, 0, 1, flags=os.O_RDONLY | os.O_TRUNC, open_flags=0))
+        ids["fh"] = opened.fh
+        ids["dir"] = (await fs1.opendir(r.OpendirRequest(6, ids["sub"], 0, 0, 1, flags=0, open_flags=0))).fh
+        await fs1.forget(r.ForgetRequest(0, 0, 0, 0, 0, [r.ForgetItem(ids["b"], 1)]))
+        with pytest.raises(afuse.FUSEError):  # EEXIST, recorded
+            await fs1.mkdir(r.MkdirRequest(8, 1, 0, 0, 1, mode=0o755, umask=0, name=b"sub"))
+
+    trio.run(work)
+    store.close()
+    fs2 = NodeFS(tree(), types=[Handle])
+    assert FileStateStore(tmp_path / "state").load_into(fs2)
+    assert json.dumps(fs2.dump_state()) == json.dumps(fs1.dump_state())
+    assert fs2.node(ids["k"]).lookups == 2 and fs2.node(ids["sub"]).lookups == 1
+    assert fs2.node(ids["b"]) is fs2.root.children[b"sub"].children[b"b"]  # type: ignore[union-attr, index]
+    assert fs2.node(ids["b"]).lookups == 0
+
+    async def after() -> None:
+        read = r.ReadRequest(9, ids["k"], 0, 0, 1, fh=ids["fh"], offset=0, size=10,
+                             read_flags=0, lock_owner=0, flags=0)
+        assert await fs2.read(read) == b"K"  # reopened now, without O_TRUNC
+        assert Keyed.opened[-1] == os.O_RDONLY
+        listing = await fs2.readdir(r.ReaddirRequest(10, ids["sub"], 0, 0, 1, fh=ids["dir"], offset=0, size=4096))
+        assert [e.name for e in listing] == [b".", b"..", b"b"]
+        with pytest.raises(afuse.FUSEError) as info:  # the replay of the failed mkdir fails alike
+            await fs2.mkdir(r.MkdirRequest(8 | afuse.wire.constants.UNIQUE_RESEND, 1, 0, 0, 1, mode=0o755,
+                                           umask=0, name=b"sub"))
+        assert info.value.errno == 17
+        # A new node gets a number the kernel never saw.
+        assert (await fs2.lookup(lookup(11, 1, b"a"))).nodeid not in (ids["sub"], ids["b"], ids["k"])
+
+    trio.run(after)

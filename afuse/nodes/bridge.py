@@ -168,15 +168,16 @@ class NodeFS(Operations):
             ex = self._canonical(n)
             if ex is not n:
                 return ex
-        if not n._nodeid:
+        new = not n._nodeid
+        if new:
             n._nodeid = self._next_nodeid
             self._next_nodeid += 1
-            if self._journal is not None:
-                self._journal(["N", n._nodeid, encode_key(n.key)])
         n._bridge = self
         self._nodes[n._nodeid] = n
         if n.key is not None and n.key not in self._by_key:
             self._by_key[n.key] = n
+        if new and self._journal is not None:  # journal after the change: the store may snapshot now
+            self._journal(["N", n._nodeid, encode_key(n.key)])
         self._check_class(type(n))
         return n
 
@@ -291,9 +292,10 @@ class NodeFS(Operations):
                 continue
             if item.nlookup > n._lookups:
                 self.excess_forgets += item.nlookup - n._lookups
-            if self._journal is not None and n._lookups:
-                self._journal(["L", n._nodeid, -min(item.nlookup, n._lookups)])
-            n._lookups = max(0, n._lookups - item.nlookup)
+            was = n._lookups
+            n._lookups = max(0, was - item.nlookup)
+            if self._journal is not None and was:
+                self._journal(["L", n._nodeid, n._lookups - was])
             if n._lookups == 0:
                 self._detached(n)
 
@@ -689,6 +691,7 @@ class NodeFS(Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._fh_flags[fh] = open_flags
+        self._handles[fh] = (node, handle)
         if self._journal is not None:
             self._journal(["O", fh, node._nodeid, open_flags])
         flags = int(handle.fopen)
@@ -703,9 +706,7 @@ class NodeFS(Operations):
                     log.warning("passthrough off: %s", unavailable_reason(e))
                     self._passthrough = False
             if bf is not None:
-                self._handles[fh] = (node, handle)
                 return Handle(fh, (flags & int(PASSTHROUGH_COMPATIBLE)) | FOpen.PASSTHROUGH, bf.id)
-        self._handles[fh] = (node, handle)
         return Handle(fh, flags)
 
     async def open(self, req: r.OpenRequest) -> Handle:
@@ -1047,14 +1048,16 @@ class NodeFS(Operations):
                 self._by_key.setdefault(key, node)
             self._check_class(type(node))
         self._next_nodeid = max(self._next_nodeid, int(b["next_nodeid"]), max(self._nodes) + 1)
-        stack, seen = [root], set()  # the rest of the persistent tree: fresh nodeids
+        first = {id(n): nid for nid, n in initial.items()}
+        stack, seen = [root], set()  # the rest of the persistent tree: its first nodeids, or new ones
         while stack:
             n = stack.pop()
             if id(n) in seen:
                 continue
             seen.add(id(n))
             if self._nodes.get(n._nodeid) is not n:
-                n._nodeid = 0
+                nid = first.get(id(n), 0)
+                n._nodeid = nid if nid not in self._nodes else 0
                 self._register(n, dedup=False)
             if n.children:
                 stack.extend(reversed(n.children.values()))
