@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -471,6 +471,7 @@ def test_tables_restored_from_the_state_store(tmp_path: Path) -> None:
         assert await fs2.read(read) == b"K"  # reopened now, without O_TRUNC
         assert Keyed.opened[-1] == os.O_RDONLY
         listing = await fs2.readdir(r.ReaddirRequest(10, ids["sub"], 0, 0, 1, fh=ids["dir"], offset=0, size=4096))
+        assert isinstance(listing, Iterable)
         assert [e.name for e in listing] == [b".", b"..", b"b"]
         with pytest.raises(afuse.FUSEError) as info:  # the replay of the failed mkdir fails alike
             await fs2.mkdir(r.MkdirRequest(8 | afuse.wire.constants.UNIQUE_RESEND, 1, 0, 0, 1, mode=0o755,
