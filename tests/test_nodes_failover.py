@@ -462,7 +462,7 @@ def test_tables_restored_from_the_state_store(tmp_path: Path) -> None:
     assert FileStateStore(tmp_path / "state").load_into(fs2)
     assert json.dumps(fs2.dump_state()) == json.dumps(fs1.dump_state())
     assert fs2.node(ids["k"]).lookups == 2 and fs2.node(ids["sub"]).lookups == 1
-    assert fs2.node(ids["b"]) is fs2.root.children[b"sub"].children[b"b"]  # type: ignore[union-attr, index]
+    assert fs2.node(ids["b"]) is fs2.root.children[b"sub"].children[b"b"]  # type: ignore[index]
     assert fs2.node(ids["b"]).lookups == 0
 
     async def after() -> None:
