@@ -45,11 +45,11 @@ def test_keys_round_trip_through_json() -> None:
 def test_fold_records() -> None:
     st = new_state(0)
     for rec in (["N", 5, 7], ["L", 5, 1], ["L", 5, 2], ["L", 5, -1], ["O", 3, 5, os.O_RDWR], ["D", 4, 1],
-                ["R", 99, ["e", 5]], ["C", 4], ["N", 6, None], ["L", 6, -4]):
+                ["R", 99, ["e", 0, 5]], ["C", 4], ["N", 6, None], ["L", 6, -4]):
         fold(st, rec)
     assert st["nodes"] == {"5": [7, 2], "6": [None, 0]}
     assert st["handles"] == {"3": [5, os.O_RDWR]} and st["dirs"] == {}
-    assert st["next_nodeid"] == 7 and st["next_fh"] == 5 and st["outcomes"] == [[99, ["e", 5]]]
+    assert st["next_nodeid"] == 7 and st["next_fh"] == 5 and st["outcomes"] == [[99, ["e", 0, 5]]]
     with pytest.raises(ValueError, match="journal record"):
         fold(st, ["Z"])
     fs = NodeFS(MemDir())
@@ -481,3 +481,29 @@ def test_tables_restored_from_the_state_store(tmp_path: Path) -> None:
         assert (await fs2.lookup(lookup(11, 1, b"a"))).nodeid not in (ids["sub"], ids["b"], ids["k"])
 
     trio.run(after)
+
+
+def test_outcomes_belong_to_one_connection() -> None:
+    """Request ids restart with each connection: an outcome kept for replays answers only a
+    replay of the same request (opcode, nodeids, names, flags), never another one that happens
+    to have its id on a later connection."""
+    from afuse import testing
+
+    fs = NodeFS(MemDir())
+    with testing.mounted(fs) as m:
+        os.mkdir(m.join("d"))
+        assert fs.root.children is not None
+        [(rid, out)] = fs._outcomes.items()
+        assert out[0] == "e" and out[2] == fs.root.children[b"d"].nodeid
+
+    async def main() -> None:
+        fs._outcomes[77] = list(out)  # as if request 77 had been that mkdir, on a later connection
+        rmdir = r.RmdirRequest(77 | afuse.wire.constants.UNIQUE_RESEND, 1, 0, 0, 1, name=b"d")
+        await fs.rmdir(rmdir)  # runs: the outcome of a mkdir is no answer to an rmdir
+        assert fs.root.children == {}
+        assert fs._outcomes[77][0] == "ok"
+        mkdir = r.MkdirRequest(rid | afuse.wire.constants.UNIQUE_RESEND, 1, 0, 0, 1, mode=0o755, umask=0, name=b"e")
+        entry = await fs.mkdir(mkdir)  # another name: made, not answered with "d"'s entry
+        assert fs.root.children is not None and entry.nodeid == fs.root.children[b"e"].nodeid
+
+    trio.run(main)

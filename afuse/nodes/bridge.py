@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from typing import Any, TypeVar
@@ -42,6 +43,15 @@ __all__ = ["NodeFS"]
 
 log = logging.getLogger("afuse")
 _T = TypeVar("_T")
+
+
+def _fingerprint(req: r.Request) -> int:
+    """What a request asked, in 32 bits: an outcome kept under its request id is only given to
+    a replay asking the same (request ids restart with each connection)."""
+    what = (f"{int(type(req).opcode)}/{req.nodeid}/{getattr(req, 'newdir', 0)}/{getattr(req, 'oldnodeid', 0)}/"
+            f"{getattr(req, 'flags', 0)}/").encode()
+    return zlib.crc32(getattr(req, "newname", b""), zlib.crc32(getattr(req, "name", b""), zlib.crc32(what)))
+
 
 # Bridge operations answered only if some known node or handle class has one of these methods;
 # otherwise the dispatcher answers ENOSYS, which the kernel remembers (it stops sending them, or
@@ -508,7 +518,7 @@ class NodeFS(Operations):
         fails the way a replay of a successful first attempt fails (EEXIST, ENOENT)."""
         if req.is_resend:
             done = self._outcomes.get(req.request_id)
-            if done is not None:
+            if done is not None and done[1] == _fingerprint(req):
                 again = await self._answer_again(done)
                 if not isinstance(again, NotDone):
                     log.debug("%s %d: replay answered as its first attempt", type(req).opcode.name, req.request_id)
@@ -531,16 +541,17 @@ class NodeFS(Operations):
         return res
 
     def _outcome(self, req: r.Request, res: object, code: int = 0) -> None:
+        fp = _fingerprint(req)
         if code:
-            out: list[Any] = ["x", code]
+            out: list[Any] = ["x", fp, code]
         elif res is None:
-            out = ["ok"]
+            out = ["ok", fp]
         elif isinstance(res, Entry):
-            out = ["e", res.nodeid]
+            out = ["e", fp, res.nodeid]
         else:
             assert isinstance(res, tuple)
             entry, h = res
-            out = ["c", entry.nodeid, h.fh, int(h.flags), h.backing_id]
+            out = ["c", fp, entry.nodeid, h.fh, int(h.flags), h.backing_id]
         rid = req.request_id
         self._outcomes[rid] = out
         if len(self._outcomes) > OUTCOMES_KEPT:
@@ -553,14 +564,14 @@ class NodeFS(Operations):
         if kind == "ok":
             return None
         if kind == "x":
-            raise FUSEError(out[1])
-        node = self._nodes.get(out[1])
+            raise FUSEError(out[2])
+        node = self._nodes.get(out[2])
         if node is None:
             return NOT_DONE
         entry = Entry(node._nodeid, await self._attr(node), self.generation)  # counted by the first attempt
         if kind == "e":
             return entry
-        return entry, Handle(out[2], out[3], out[4])
+        return entry, Handle(out[3], out[4], out[5])
 
     async def _named(self, parent: Node, name: bytes) -> Node | None:
         try:

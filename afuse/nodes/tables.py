@@ -11,8 +11,10 @@ A snapshot (``NodeFS.dump_state()["bridge"]``) is::
 Journal records (lists, first item the kind): ``["N", nodeid, key]`` a node got a nodeid,
 ``["L", nodeid, delta]`` its lookup count changed, ``["O", fh, nodeid, flags]`` /
 ``["D", fh, nodeid]`` a file / directory was opened, ``["C", fh]`` closed, ``["R", request_id,
-outcome]`` a non-idempotent request's answer. Outcomes: ``["e", nodeid]`` an entry,
-``["c", nodeid, fh, fopen]`` an entry and an open file, ``["ok"]``, ``["x", errno]``.
+outcome]`` a non-idempotent request's answer. Outcomes: ``["e", fp, nodeid]`` an entry,
+``["c", fp, nodeid, fh, fopen, backing_id]`` an entry and an open file, ``["ok", fp]``,
+``["x", fp, errno]``, where ``fp`` is a 32-bit fingerprint of the request (opcode, nodeids,
+names, flags): an outcome answers only a replay of the same request.
 
 Keys are JSON values: ints, strings, None, bools and floats as they are; bytes as
 ``{"b": base64}``; tuples as ``{"t": [...]}``; frozensets as ``{"s": [...]}``.
