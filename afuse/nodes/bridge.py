@@ -762,6 +762,7 @@ class NodeFS(Operations):
             self._pending[fh] = pending  # still open for the kernel: its RELEASE will drop it
             raise FUSEError(errno.EBADF)
         self._handles[fh] = (node, handle)
+        self._fh_flags[fh] = flags
         return node, handle
 
     @staticmethod
