@@ -1,4 +1,4 @@
-"""MemFS with persist=DIR: a journal restores contents, nodeids, lookup counts and open handles.
+"""MemFS with persist=DIR: a snapshot and journal restore contents, nodeids, lookup counts and open handles.
 
 The real-mount test "crashes" the first daemon (its MemFS object is dropped without unmounting,
 with the /dev/fuse descriptors kept, as tests/test_takeover.py does), restores a new MemFS from
@@ -84,7 +84,7 @@ def test_restore_reproduces_state(tmp_path: Path) -> None:
     fs = MemFS(persist=d)
     ids = trio.run(work, fs)
     fs.close_journal()
-    assert (d / "journal").exists()
+    assert (d / "state.json").exists() and list(d.glob("journal-*.jsonl"))
 
     fs2 = MemFS.load(d)
     assert fs2.inode_count == fs.inode_count
@@ -154,8 +154,8 @@ def test_incomplete_last_record_is_ignored(tmp_path: Path) -> None:
     fs = MemFS(persist=d)
     trio.run(work, fs)
     fs.close_journal()
-    size = os.path.getsize(d / "journal")
-    os.truncate(d / "journal", size - 3)
+    [journal] = d.glob("journal-*.jsonl")
+    os.truncate(journal, os.path.getsize(journal) - 3)
     fs2 = MemFS.load(d)
     assert fs2.root.children is not None and set(fs2.root.children) == {b"a"}
     fs2.close_journal()
