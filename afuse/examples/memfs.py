@@ -883,62 +883,18 @@ class MemFS(NodeFS):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Mount a fresh MemFS on the mount point given on the command line, until Ctrl-C or unmount."""
-    from afuse.examples._cli import make_parser, run_example
+    from afuse.examples._cli import add_failover_arguments, make_parser, run_example, run_failover
 
     parser = make_parser("An in-memory POSIX filesystem: everything is gone at unmount "
                          "(unless --persist or --keeper).", prog="python -m afuse.examples.memfs")
     parser.add_argument("--persist", metavar="DIR", help="journal every change in DIR; restore what DIR holds")
-    parser.add_argument("--keeper", metavar="SOCKET", help="failover: keep the mount's descriptors in the afuse "
-                        "keeper at SOCKET; a restarted memfs takes over the live mount (needs --state-dir)")
-    parser.add_argument("--state-dir", metavar="DIR", help="failover: where contents and handles are journaled")
-    parser.add_argument("--upgrade", action="store_true", help="failover: take over gracefully from the running one")
+    add_failover_arguments(parser, "memfs")
     args = parser.parse_args(argv)
     if args.keeper is None and args.state_dir is None:
         return run_example(MemFS(persist=args.persist), args, argv=argv)
     if args.state_dir is None or args.persist is not None:
         parser.error("failover needs --state-dir (and takes no --persist: the state dir holds the journal)")
-    return _run_failover(args)
-
-
-def _run_failover(args: Any) -> int:
-    """Serve under :func:`afuse.failover.serve_failover` until SIGTERM/SIGINT (drain) or unmount."""
-    import signal
-    from functools import partial
-
-    from afuse.device import MountOptions
-    from afuse.failover import serve_failover
-    from afuse.running import serve_until_signalled
-
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s memfs[%(process)d] %(levelname)s %(message)s")
-    try:
-        options = MountOptions.parse(",".join(args.options))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ops, signals = MemFS(), []
-
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            session = await nursery.start(lambda task_status: serve_failover(
-                ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
-                upgrade=args.upgrade, task_status=task_status))
-
-            async def drain(signum: signal.Signals) -> None:
-                signals.append(signum)
-                await session.drain()  # hand over gracefully; the mount stays
-
-            async with trio.open_nursery() as waiting:
-                await waiting.start(partial(serve_until_signalled, session, on_signal=drain))
-                print("ready", flush=True)
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(run)
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 128 + signal.SIGINT if signal.SIGINT in signals else 0  # Ctrl-C: 130, after draining
+    return run_failover(MemFS(), args, "memfs")
 
 
 if __name__ == "__main__":
