@@ -869,8 +869,8 @@ def test_posix_lock_ranges_in_one_process(m: MountedFS) -> None:
         typ, start, length, pid = map(int, child(_LOCK_CHILD, p, "getlk").stdout.split())
         assert (typ, start, length) == (fcntl.F_RDLCK, 45, 20)
         fcntl.lockf(fd, fcntl.LOCK_SH, 0, 0)  # merges into one shared lock
-        locked = [n for n in memfs(m).nodes.values() if isinstance(n, File) and n.plocks]
-        assert [lk[1:4] for lk in locked[0].plocks] == [(fcntl.F_RDLCK, 0, 0x7FFFFFFFFFFFFFFF)]
+        locked = [n for n in memfs(m).nodes.values() if isinstance(n, File) and n.locks.posix]
+        assert [lk[1:4] for lk in locked[0].locks.posix] == [(fcntl.F_RDLCK, 0, 0x7FFFFFFFFFFFFFFF)]
     finally:
         os.close(fd)
 
@@ -1125,7 +1125,7 @@ def test_inodes_are_dropped(m: MountedFS) -> None:
         os.unlink(os.path.join(d, str(i)))
     os.rmdir(d)
     assert wait_for(lambda: fs.inode_count == 1), fs.inode_count
-    assert fs._used_chunks == 0
+    assert fs.pool.used == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1292,7 +1292,7 @@ def test_direct_random_file_ops_match_a_model() -> None:
                     assert exc.errno == errno.ENXIO
                     data_at = len(model)
                 assert pos <= data_at <= len(model) and not any(model[pos:data_at])
-        used = sum(len(n.chunks) for n in fs.nodes.values() if isinstance(n, File))
-        assert used == fs._used_chunks
+        used = sum(len(n.data.chunks) for n in fs.nodes.values() if isinstance(n, File))
+        assert used == fs.pool.used
 
     trio.run(main)

@@ -38,7 +38,7 @@ def hdr(unique: int, nodeid: int = 1) -> tuple[int, int, int, int, int]:
 def content(fs: MemFS, nodeid: int) -> bytes:
     n = fs.node(nodeid)
     assert isinstance(n, File)
-    return n.pread(0, n.size)
+    return n.data.read(0, n.size)
 
 
 def open_files(fs: MemFS) -> dict[str, int]:
@@ -191,7 +191,7 @@ def _same(a: MemFS, b: MemFS) -> None:
             assert {k: c.nodeid for k, c in n.children.items()} == {k: c.nodeid for k, c in m.children.items()}
     assert open_files(a) == open_files(b)
     assert a.dump_state()["bridge"] == b.dump_state()["bridge"]
-    assert (a._serial, a._used_chunks) == (b._serial, b._used_chunks)
+    assert (a._serial, a.pool.used) == (b._serial, b.pool.used)
 
 
 def test_dump_and_restore_state() -> None:
@@ -311,7 +311,7 @@ async def test_crash_restore_and_takeover(tmp_path: Path) -> None:
                 await trio.to_thread.run_sync(after)
                 a = second.node(inos["a.txt"])
                 assert isinstance(a, File)
-                assert a.pread(0, 17) == b"ALPHA omega alpha"
+                assert a.data.read(0, 17) == b"ALPHA omega alpha"
                 await _close(fd)
                 assert a.opens == 0  # RELEASE of the pre-crash handle reached the new daemon
                 assert not session2.errors

@@ -32,10 +32,10 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-import trio
-
 from afuse.errors import FUSEError
 from afuse.nodes import Caller, FileHandle, Node, NodeFS, current_caller
+from afuse.nodes.locks import FileLocks, LockWaits
+from afuse.nodes.sparse import CHUNK, MAX_FILE_SIZE, ChunkPool, SparseData
 from afuse.state import SNAPSHOT, FileStateStore
 from afuse.wire import requests as r
 from afuse.wire.opcodes import STATEFUL_HANDLERS
@@ -43,16 +43,12 @@ from afuse.wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply,
 
 __all__ = ["CHUNK", "Dir", "File", "MNode", "MemFS", "Special", "Symlink", "main"]
 
-CHUNK = 1 << 16  #: bytes per data chunk of a regular file
-_ZEROS = memoryview(bytes(CHUNK))
-NAME_MAX, PATH_MAX, XATTR_SIZE_MAX, MAX_FILE_SIZE = 255, 4096, 1 << 16, 0x7FFFFFFFFFFFFFFF
+NAME_MAX, PATH_MAX, XATTR_SIZE_MAX = 255, 4096, 1 << 16
 _DIRENT, _BLK, _NO_IDS = 20, 4096, 0xFFFFFFFF  # dir size per entry (as tmpfs), block size, "no caller ids"
 _R, _W, _X = 4, 2, 1
-F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 log = logging.getLogger("afuse.examples.memfs")
 _now = time.time_ns  # the recorded clock while a journal is redone
 _replay_caller: Caller | None = None  # the recorded caller while a journal is redone
-_Lock = tuple[int, int, int, int, int]  # a POSIX lock: owner, type, start, end (inclusive), pid
 
 
 def _err(code: int) -> FUSEError:
@@ -139,7 +135,7 @@ class MNode(Node):
         self.uid, self.gid, self.perm = uid, gid, perm
         if req.size is not None:
             assert isinstance(self, File)
-            self.truncate(req.size)
+            self.data.truncate(req.size)
             self.mtime, changed = now, True
         for name in ("atime", "mtime"):
             ns = getattr(req, name + "_ns")
@@ -207,85 +203,35 @@ class Symlink(MNode):
 
 
 class File(MNode):
-    """A regular file: ``chunks`` maps a chunk index to its bytes (shorter: the rest reads as zeros;
-    None: allocated, unwritten; absent: a hole)."""
+    """A regular file: its bytes in ``data`` (sparse), its locks in ``locks``."""
 
     def __init__(self, fs: MemFS, mode: int, uid: int, gid: int, serial: int = 0) -> None:
+        self.data, self.locks = SparseData(fs.pool), FileLocks(fs.lock_waits)
         super().__init__(fs, mode, uid, gid, serial)
-        self.chunks: dict[int, bytearray | None] = {}
-        self.plocks: list[_Lock] = []
-        self.flocks: dict[int, int] = {}  # open file -> F_RDLCK / F_WRLCK
-        self.lock_event: trio.Event | None = None
+
+    @property
+    def size(self) -> int:
+        """The file size."""
+        return self.data.size
+
+    @size.setter
+    def size(self, size: int) -> None:
+        self.data.size = size
 
     @property
     def blocks(self) -> int:
-        """512-byte blocks in use (written chunks rounded to 4 KiB, allocated ones whole)."""
-        return sum(CHUNK if b is None else (len(b) + _BLK - 1) & ~(_BLK - 1) for b in self.chunks.values()) >> 9
+        """512-byte blocks in use."""
+        return self.data.blocks
 
     def forgotten(self) -> None:
         """Dropped by the bridge (no name, no kernel reference): free the data."""
-        self.fs._used_chunks -= len(self.chunks)
-        self.chunks.clear()
-
-    def pread(self, off: int, size: int) -> bytes:
-        """The bytes at ``off`` (zeros in holes; nothing past the end)."""
-        end = min(off + size, self.size)
-        parts: list[bytes | bytearray | memoryview] = []
-        while off < end:
-            idx, rel = divmod(off, CHUNK)
-            take = min(CHUNK - rel, end - off)
-            got = memoryview(self.chunks.get(idx) or b"")[rel : rel + take]
-            parts += [got, _ZEROS[: take - len(got)]]
-            off += take
-        out = b"".join(parts)
-        parts.clear()  # release the memoryviews: the bytearrays stay resizable
-        return out
-
-    def pwrite(self, off: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` at ``off``."""
-        if off + len(data) > MAX_FILE_SIZE:
-            raise _err(errno.EFBIG)
-        mv, pos = memoryview(data), 0
-        while pos < len(data):
-            idx, rel = divmod(off + pos, CHUNK)
-            take = min(CHUNK - rel, len(data) - pos)
-            ba = self.chunks.get(idx)
-            if ba is None:
-                self.fs._used_chunks += idx not in self.chunks
-                self.chunks[idx] = ba = bytearray(rel)
-            elif len(ba) < rel:
-                ba += _ZEROS[: rel - len(ba)]
-            ba[rel : rel + take] = mv[pos : pos + take]
-            pos += take
-        self.size = max(self.size, off + len(data))
-
-    def truncate(self, size: int) -> None:
-        """Cut (freeing chunks) or extend with a hole."""
-        if size < self.size:
-            self.punch(size, self.size)
-        self.size = size
-
-    def punch(self, off: int, end: int) -> None:
-        """Make [off, end) read as zeros, freeing chunks that hold nothing else."""
-        first, last = off // CHUNK, (end - 1) // CHUNK
-        keys = range(first, last + 1) if last - first < len(self.chunks) else sorted(
-            k for k in self.chunks if first <= k <= last)
-        for k in keys:
-            if k not in self.chunks:
-                continue
-            a, b, ba = max(off - k * CHUNK, 0), min(end - k * CHUNK, CHUNK), self.chunks[k]
-            if ba is not None and a < len(ba):
-                ba[a:b] = b"" if b >= len(ba) else _ZEROS[: b - a]
-            if (a == 0 and b == CHUNK) or (ba is not None and not any(ba)):
-                del self.chunks[k]
-                self.fs._used_chunks -= 1
+        self.data.free()
 
     async def open(self, flags: int) -> _Open:
         """Check the access asked for; O_TRUNC empties the file."""
-        acc = flags & os.O_ACCMODE
-        _need(self, (_R, _W, _R | _W, _R | _W)[acc] | (_W if flags & os.O_TRUNC else 0))
+        _need(self, (_R, _W, _R | _W, _R | _W)[flags & os.O_ACCMODE] | (_W if flags & os.O_TRUNC else 0))
         if flags & os.O_TRUNC and self.size:
-            self.truncate(0)
+            self.data.truncate(0)
             self.mtime = self.ctime = _now()
         return _Open(self)
 
@@ -293,7 +239,7 @@ class File(MNode):
         """Read (relatime: atime moves when it is older than mtime)."""
         if self.atime <= self.mtime:
             self.atime = _now()
-        return self.pread(offset, size)
+        return self.data.read(offset, size)
 
     async def fsync(self, datasync: int) -> None:
         """Nothing to do in memory."""
@@ -304,103 +250,31 @@ class File(MNode):
             raise _err(errno.EINVAL)
         if mode & ~3 or mode == 2:
             raise _err(errno.EOPNOTSUPP)
-        if (end := off + length) > MAX_FILE_SIZE:
+        if off + length > MAX_FILE_SIZE:
             raise _err(errno.EFBIG)
         now = self.ctime = _now()
         if mode & 2:
-            self.punch(off, end)
+            self.data.punch(off, off + length)
             self.mtime = now
-            return
-        missing = [k for k in range(off // CHUNK, (end - 1) // CHUNK + 1) if k not in self.chunks]
-        if len(missing) > self.fs._capacity - self.fs._used_chunks:
-            raise _err(errno.ENOSPC)
-        self.chunks.update(dict.fromkeys(missing))
-        self.fs._used_chunks += len(missing)
-        if not mode & 1 and end > self.size:
-            self.size, self.mtime = end, now
+        elif self.data.allocate(off, off + length, keep_size=bool(mode & 1)):
+            self.mtime = now
 
     async def lseek(self, off: int, whence: int) -> int:
-        """SEEK_DATA (3) / SEEK_HOLE (4): a chunk with bytes is data."""
-        if whence not in (3, 4):
-            raise _err(errno.EINVAL)
-        if off < 0 or off >= self.size:
-            raise _err(errno.ENXIO)
-        k = off // CHUNK
-        if whence == 3:
-            if self.chunks.get(k):
-                return off
-            after = min((i for i, b in self.chunks.items() if i > k and b), default=self.size)
-            if after * CHUNK >= self.size:
-                raise _err(errno.ENXIO)
-            return after * CHUNK
-        while self.chunks.get(k):
-            k += 1
-        return min(max(off, k * CHUNK), self.size)
+        """SEEK_DATA / SEEK_HOLE."""
+        return self.data.seek(off, whence)
 
     async def copy_file_range(self, off: int, out: _Open | None, out_off: int, length: int, flags: int) -> int:
         """Copy bytes; a hole stays a hole."""
         if flags or out is None or off < 0 or out_off < 0:
             raise _err(errno.EINVAL if out is not None else errno.EBADF)
-        dst, count = out.node, min(length, self.size - off)
-        if count <= 0:
-            return 0
-        if dst is self and off < out_off + count and out_off < off + count:
-            raise _err(errno.EINVAL)
-        if out_off + count > MAX_FILE_SIZE:
-            raise _err(errno.EFBIG)
-        pos = 0
-        while pos < count:
-            k, rel = divmod(off + pos, CHUNK)
-            take, at = min(CHUNK - rel, count - pos), out_off + pos
-            if self.chunks.get(k):
-                dst.pwrite(at, self.pread(off + pos, take))
-            else:
-                dst.punch(at, at + take)
-                dst.size = max(dst.size, at + take)
-            pos += take
-        dst.mtime = dst.ctime = _now()
+        count = self.data.copy_to(off, out.node.data, out_off, length)
+        if count:
+            out.node.mtime = out.node.ctime = _now()
         return count
-
-    # -- locks
-
-    def wake(self) -> None:
-        """Wake lock waiters."""
-        ev, self.lock_event = self.lock_event, None
-        if ev is not None:
-            ev.set()
-
-    async def wait(self) -> None:
-        """Until a lock is dropped (cancellable: an INTERRUPT)."""
-        if self.lock_event is None:
-            self.lock_event = trio.Event()
-        await self.lock_event.wait()
-
-    def conflict(self, owner: int, typ: int, start: int, end: int) -> _Lock | None:
-        """A POSIX lock of another owner in the way."""
-        return next((lk for lk in self.plocks if lk[0] != owner and lk[2] <= end and start <= lk[3]
-                     and (typ == F_WRLCK or lk[1] == F_WRLCK)), None)
-
-    def set_plock(self, owner: int, typ: int, start: int, end: int, pid: int) -> None:
-        """Give ``owner`` ``typ`` on [start, end] (F_UNLCK: drop), merging its locks as Linux does."""
-        keep = []
-        for o, t, s, e, p in self.plocks:
-            if o != owner or e < start - 1 or s > end + 1 or (t != typ and (e < start or s > end)):
-                keep.append((o, t, s, e, p))
-            elif t == typ:
-                start, end = min(s, start), max(e, end)
-            else:
-                keep += [(o, t, s, start - 1, p)] * (s < start) + [(o, t, end + 1, e, p)] * (e > end)
-        self.plocks = keep + [(owner, typ, start, end, pid)] * (typ != F_UNLCK)
-        self.wake()
-
-    def drop_locks(self, owner: int) -> None:
-        """close(2) drops the process's POSIX locks on the file."""
-        if any(lk[0] == owner for lk in self.plocks):
-            self.set_plock(owner, F_UNLCK, 0, MAX_FILE_SIZE, 0)
 
 
 class _Open(FileHandle):
-    """An open file (flock locks belong to it)."""
+    """An open file: I/O goes to the file; flock locks belong to the open file."""
 
     def __init__(self, node: File) -> None:
         self.node = node
@@ -409,55 +283,19 @@ class _Open(FileHandle):
     async def release(self) -> None:
         """The last close: its flock lock goes."""
         self.node.opens -= 1
-        if self.node.flocks.pop(id(self), None) is not None:
-            self.node.wake()
+        self.node.locks.drop_flock(self)
 
     async def getlk(self, req: r.GetlkRequest) -> Lock:
         """F_GETLK."""
-        lk = req.lock
-        if lk.type not in (F_RDLCK, F_WRLCK):
-            raise _err(errno.EINVAL)
-        c = self.node.conflict(req.owner, lk.type, lk.start, lk.end)
-        return Lock(lk.start, lk.end, F_UNLCK, 0) if c is None else Lock(c[2], c[3], c[1], c[4])
+        return await self.node.locks.getlk(req)
 
     async def setlk(self, req: r.SetlkRequest) -> None:
-        """F_SETLK / F_SETLKW (EDEADLK when waiting would close a cycle)."""
-        n, lk, owner, waiting = self.node, req.lock, req.owner, self.node.fs._waiting
-        if lk.start < 0 or lk.end < lk.start or lk.type not in (F_RDLCK, F_WRLCK, F_UNLCK):
-            raise _err(errno.EINVAL)
-        while lk.type != F_UNLCK and (c := n.conflict(owner, lk.type, lk.start, lk.end)) is not None:
-            if not req.sleep:
-                raise _err(errno.EAGAIN)
-            blocker = c[0]
-            for _ in range(10):  # follow the chain of waiting owners, as far as Linux does
-                if blocker == owner:
-                    raise _err(errno.EDEADLK)
-                w = waiting.get(blocker)
-                if w is None or (c := w[0].conflict(blocker, *w[1:])) is None:
-                    break
-                blocker = c[0]
-            waiting[owner] = (n, lk.type, lk.start, lk.end)
-            try:
-                await n.wait()
-            finally:
-                waiting.pop(owner, None)
-        n.set_plock(owner, lk.type, lk.start, lk.end, lk.pid)
+        """F_SETLK / F_SETLKW."""
+        await self.node.locks.setlk(req)
 
     async def flock(self, req: r.SetlkRequest) -> None:
-        """flock(2): a conversion drops the old lock first, as Linux does."""
-        n, typ, me = self.node, req.lock.type, id(self)
-        if typ not in (F_RDLCK, F_WRLCK, F_UNLCK):
-            raise _err(errno.EINVAL)
-        if n.flocks.get(me) == typ:
-            return
-        if n.flocks.pop(me, None) is not None:
-            n.wake()
-        while typ != F_UNLCK and any(o != me and F_WRLCK in (typ, t) for o, t in n.flocks.items()):
-            if not req.sleep:
-                raise _err(errno.EWOULDBLOCK)
-            await n.wait()
-        if typ != F_UNLCK:
-            n.flocks[me] = typ
+        """flock(2)."""
+        await self.node.locks.flock(req, self)
 
     async def poll(self, req: r.PollRequest) -> int:
         """Always ready."""
@@ -484,9 +322,9 @@ class Dir(MNode):
 
     async def statfs(self) -> FsStats:
         """Capacity and use."""
-        fs, per = self.fs, CHUNK // _BLK
-        free, files = max(0, (fs._capacity - fs._used_chunks) * per), max(fs._capacity, len(fs.nodes))
-        return FsStats(blocks=fs._capacity * per, bfree=free, bavail=free, files=files,
+        fs, per, pool = self.fs, CHUNK // _BLK, self.fs.pool
+        free, files = max(0, (pool.capacity - pool.used) * per), max(pool.capacity, len(fs.nodes))
+        return FsStats(blocks=pool.capacity * per, bfree=free, bavail=free, files=files,
                        ffree=files - len(fs.nodes), bsize=_BLK, namelen=NAME_MAX, frsize=_BLK)
 
     def _new(self, name: bytes, mode: int) -> tuple[int, int, int]:
@@ -648,9 +486,7 @@ class MemFS(NodeFS):
                 capacity = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             except (ValueError, OSError):
                 capacity = 1 << 32
-        self._capacity, self._used_chunks, self._serial = max(1, capacity // CHUNK), 0, 1
-        #: Lock owners blocked in setlk: owner -> (file, type, start, end), for EDEADLK.
-        self._waiting: dict[int, tuple[File, int, int, int]] = {}
+        self.pool, self.lock_waits, self._serial = ChunkPool(capacity), LockWaits(), 1
         self._sink: Callable[[tuple[Any, ...]], None] | None = None
         self._replayed: OrderedDict[int, Any] = OrderedDict()  # request_id -> result, for resent requests
         self._restored: dict[int, MNode] = {}
@@ -699,19 +535,19 @@ class MemFS(NodeFS):
         n = self.node(req.nodeid)
         if not isinstance(n, File):
             raise _err(errno.EINVAL)
-        n.pwrite(n.size if req.flags & os.O_APPEND and not req.write_flags & 1 else req.offset, req.data)
+        n.data.write(n.size if req.flags & os.O_APPEND and not req.write_flags & 1 else req.offset, req.data)
         n.mtime = n.ctime = _now()
         return len(req.data)
 
     async def flush(self, req: r.FlushRequest) -> None:
         """close(2) of any descriptor drops the process's POSIX locks on the file."""
         if isinstance(n := self.nodes.get(req.nodeid), File):
-            n.drop_locks(req.lock_owner)
+            n.locks.drop_posix(req.lock_owner)
 
     async def release(self, req: r.ReleaseRequest) -> None:
         """Locks of the owner go, then the open file."""
         if isinstance(n := self.nodes.get(req.nodeid), File):
-            n.drop_locks(req.lock_owner)
+            n.locks.drop_posix(req.lock_owner)
         await super().release(req)
 
     async def fsyncdir(self, req: r.FsyncdirRequest) -> None:
@@ -829,7 +665,7 @@ class MemFS(NodeFS):
             assert isinstance(n, MNode)
             extra: Any = None
             if isinstance(n, File):
-                extra = {str(k): None if v is None else _b64(v) for k, v in n.chunks.items()}
+                extra = {str(k): None if v is None else _b64(v) for k, v in n.data.chunks.items()}
             elif isinstance(n, Dir):
                 assert n.children is not None
                 extra = [n.parent.key, [[_b64(k), c.key] for k, c in n.children.items()]]
@@ -838,7 +674,8 @@ class MemFS(NodeFS):
                 extra = _b64(n.target)
             inodes.append([type(n).__name__, n.key, n.perm, n.nlink, n.uid, n.gid, n.rdev, n.size, n.atime,
                            n.mtime, n.ctime, n.btime, {_b64(k): _b64(v) for k, v in n.xattrs.items()}, extra])
-        return {"inodes": inodes, "next_serial": self._serial, "capacity": self._capacity, **super().dump_state()}
+        return {"inodes": inodes, "next_serial": self._serial, "capacity": self.pool.capacity * CHUNK,
+                **super().dump_state()}
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Become the filesystem of ``state`` (from :meth:`dump_state`; journal records folded in are
@@ -849,8 +686,8 @@ class MemFS(NodeFS):
             n: MNode
             if kind == "File":
                 n = File(self, perm, uid, gid, key)
-                n.chunks = {int(k): None if v is None else bytearray(unb64(v)) for k, v in extra.items()}
-                self._used_chunks += len(n.chunks)
+                n.data.chunks = {int(k): None if v is None else bytearray(unb64(v)) for k, v in extra.items()}
+                self.pool.used += len(n.data.chunks)
             elif kind == "Dir":
                 n = self.root if key == 1 else Dir(self, perm, uid, gid, None, key)  # type: ignore[assignment]
             else:
@@ -865,7 +702,8 @@ class MemFS(NodeFS):
                 d.parent = made[extra[0]]  # type: ignore[assignment]
                 for name, child in extra[1]:
                     d.add_child(unb64(name), made[child])
-        self._serial, self._capacity, self._restored = state["next_serial"], state["capacity"], made
+        self._serial, self._restored = state["next_serial"], made
+        self.pool.capacity = state["capacity"] // CHUNK
         super().restore_state(state)
         for fh in list(self._pending):  # open files, reopened now (memfs opens never block)
             _run_now(self._reopen(fh))
