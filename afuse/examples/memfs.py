@@ -24,22 +24,20 @@ import base64
 import errno
 import logging
 import os
-import pickle
 import stat
 import sys
-import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from afuse.errors import FUSEError
-from afuse.nodes import Caller, FileHandle, Node, NodeFS, current_caller
+from afuse.nodes import Caller, FileHandle, Node
+from afuse.nodes.journal import JournaledNodeFS, caller
+from afuse.nodes.journal import now as _now
 from afuse.nodes.locks import FileLocks, LockWaits
 from afuse.nodes.sparse import CHUNK, MAX_FILE_SIZE, ChunkPool, SparseData
 from afuse.state import SNAPSHOT, FileStateStore
 from afuse.wire import requests as r
-from afuse.wire.opcodes import STATEFUL_HANDLERS
-from afuse.wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
+from afuse.wire.types import Attr, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __all__ = ["CHUNK", "Dir", "File", "MNode", "MemFS", "Special", "Symlink", "main"]
 
@@ -47,16 +45,10 @@ NAME_MAX, PATH_MAX, XATTR_SIZE_MAX = 255, 4096, 1 << 16
 _DIRENT, _BLK, _NO_IDS = 20, 4096, 0xFFFFFFFF  # dir size per entry (as tmpfs), block size, "no caller ids"
 _R, _W, _X = 4, 2, 1
 log = logging.getLogger("afuse.examples.memfs")
-_now = time.time_ns  # the recorded clock while a journal is redone
-_replay_caller: Caller | None = None  # the recorded caller while a journal is redone
 
 
 def _err(code: int) -> FUSEError:
     return FUSEError(code)
-
-
-def _who() -> Caller:
-    return _replay_caller or current_caller()
 
 
 def _privileged(c: Caller) -> bool:
@@ -65,7 +57,7 @@ def _privileged(c: Caller) -> bool:
 
 def _may(n: MNode, mask: int, c: Caller | None = None) -> bool:
     """May the caller access ``n`` for ``mask`` (R 4 / W 2 / X 1), honouring supplementary groups?"""
-    c = c or _who()
+    c = c or caller()
     if _privileged(c):
         return not mask & _X or n.is_dir or bool(n.perm & 0o111)
     bits = n.perm >> 6 if c.uid == n.uid else n.perm >> 3 if c.in_group(n.gid) else n.perm
@@ -73,7 +65,7 @@ def _may(n: MNode, mask: int, c: Caller | None = None) -> bool:
 
 
 def _need(n: MNode, mask: int, c: Caller | None = None) -> None:
-    c = c or _who()
+    c = c or caller()
     if not _privileged(c) and not _may(n, mask, c):
         raise _err(errno.EACCES)
 
@@ -106,7 +98,7 @@ class MNode(Node):
 
     async def setattr(self, req: r.SetattrRequest) -> Attr:
         """chmod, chown, truncate, utimes: all checked first, so a refusal changes nothing."""
-        c = _who()
+        c = caller()
         priv = _privileged(c)
         owner = priv or c.uid == self.uid
         uid = self.uid if req.new_uid is None else req.new_uid
@@ -147,7 +139,7 @@ class MNode(Node):
         return await self.getattr()
 
     def _xattr(self, name: bytes, mask: int) -> None:
-        c = _who()
+        c = caller()
         if not name or len(name) > 255:
             raise _err(errno.ERANGE if name else errno.EINVAL)
         if name.startswith(b"user.") and c.uid and not _may(self, mask, c):
@@ -175,7 +167,7 @@ class MNode(Node):
 
     async def listxattr(self) -> list[bytes]:
         """Names (``trusted.`` ones for privileged callers only)."""
-        priv = _privileged(_who())
+        priv = _privileged(caller())
         return [k for k in self.xattrs if priv or not k.startswith(b"trusted.")]
 
     async def removexattr(self, name: bytes) -> None:
@@ -329,7 +321,7 @@ class Dir(MNode):
 
     def _new(self, name: bytes, mode: int) -> tuple[int, int, int]:
         """Check creating ``name`` (in Linux's order): uid, gid and mode of the new inode."""
-        c = _who()
+        c = caller()
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
         _need(self, _X, c)
@@ -398,14 +390,14 @@ class Dir(MNode):
     async def unlink(self, name: bytes) -> None:
         """Remove a name of a non-directory."""
         child = self._child(name)
-        self._removable(child, _who())
+        self._removable(child, caller())
         child.nlink -= 1
         child.ctime = self.mtime = self.ctime = _now()
 
     async def rmdir(self, name: bytes) -> None:
         """Remove an empty directory."""
         child = self._child(name)
-        self._removable(child, _who())
+        self._removable(child, caller())
         child.nlink, self.nlink = 0, self.nlink - 1
         child.ctime = self.mtime = self.ctime = _now()
 
@@ -417,7 +409,7 @@ class Dir(MNode):
         if len(newname) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
         assert isinstance(newparent, Dir) and newparent.children is not None
-        src, dst, c = self._child(name), newparent.children.get(newname), _who()
+        src, dst, c = self._child(name), newparent.children.get(newname), caller()
         assert dst is None or isinstance(dst, MNode)
         _need(newparent, _X, c)
         self._removable(src, c)
@@ -455,24 +447,11 @@ class Dir(MNode):
         return n is d
 
 
-_JOURNALED = tuple(h for h in STATEFUL_HANDLERS if h != "readdirplus")
-
-
-def _run_now(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a handler that does not block (the journaled ones never do)."""
-    try:
-        coro.send(None)
-    except StopIteration as e:
-        return e.value
-    coro.close()
-    raise RuntimeError("a journaled handler blocked while being redone")
-
-
 def _b64(b: bytes | bytearray) -> str:
     return base64.b64encode(b).decode()
 
 
-class MemFS(NodeFS):
+class MemFS(JournaledNodeFS):
     """An in-memory filesystem; ``uid``/``gid``/``mode`` describe the root directory, ``capacity``
     (bytes; default: the machine's memory) bounds fallocate and statfs, ``persist`` keeps a state
     store (:class:`afuse.state.FileStateStore`) in that directory: restored at start, then journaled."""
@@ -487,8 +466,6 @@ class MemFS(NodeFS):
             except (ValueError, OSError):
                 capacity = 1 << 32
         self.pool, self.lock_waits, self._serial = ChunkPool(capacity), LockWaits(), 1
-        self._sink: Callable[[tuple[Any, ...]], None] | None = None
-        self._replayed: OrderedDict[int, Any] = OrderedDict()  # request_id -> result, for resent requests
         self._restored: dict[int, MNode] = {}
         root = Dir(self, stat.S_IFDIR | (mode & 0o7777), os.getuid() if uid is None else uid,
                    os.getgid() if gid is None else gid, None, serial=1)
@@ -581,8 +558,7 @@ class MemFS(NodeFS):
         entry = await self._entry(f)
         return entry, self._opened(f, _Open(f), "tmpfile", req.flags)
 
-    # -- persistence: requests are journaled as ("r", time, handler, request, caller's groups) and
-    # READDIRPLUS entries the kernel took as ("i", nodeid); restoring redoes them through the handlers
+    # -- persistence: a snapshot of the inodes and tables, then the journaled requests (JournaledNodeFS)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> MemFS:
@@ -597,62 +573,6 @@ class MemFS(NodeFS):
             self._store.close()
             self._store = None
             self.set_journal(None)
-
-    def set_journal(self, journal: Callable[[Any], None] | None) -> None:
-        """Journal every change to ``journal`` (None: stop): the changing handlers become instance
-        attributes wrapping the class's, so a MemFS without a journal runs the plain ones."""
-        self._sink = None if journal is None else lambda rec: journal(
-            ["r", rec[1], rec[2], _b64(pickle.dumps(rec[3])), list(rec[4])] if rec[0] == "r" else list(rec))
-        for name in (*_JOURNALED, "readdirplus"):
-            self.__dict__.pop(name, None)
-        if journal is not None:
-            for name in _JOURNALED:
-                setattr(self, name, self._journaled(name, getattr(self, name)))
-            self.readdirplus = self._journaled_readdirplus  # type: ignore[method-assign]
-
-    def _journaled(self, name: str, handler: Callable[[Any], Coroutine[Any, Any, Any]]) -> Callable[[Any], Any]:
-        async def run(req: r.Request) -> Any:
-            global _now
-            if req.is_resend and req.request_id in self._replayed:
-                return self._replayed[req.request_id]  # the first attempt's result, restored
-            ts, saved = time.time_ns(), _now
-            _now = lambda: ts  # noqa: E731 - one clock reading per request: a redo reproduces it
-            try:
-                result = await handler(req)
-            finally:
-                _now = saved
-            if self._sink is not None and not (name == "lookup" and not result.nodeid):
-                self._sink(("r", ts, name, req, current_caller().groups if req.pid > 0 else ()))
-            return result
-        return run
-
-    async def _journaled_readdirplus(self, req: r.ReaddirplusRequest) -> AsyncIterator[DirEntry]:
-        return self._count_taken(await type(self).readdirplus(self, req))  # type: ignore[arg-type]
-
-    async def _count_taken(self, entries: AsyncIterator[DirEntry]) -> AsyncIterator[DirEntry]:
-        async for de in entries:
-            yield de  # resumed only when the kernel took the entry: one lookup to journal
-            if de.name not in (b".", b"..") and de.entry is not None and self._sink is not None:
-                self._sink(("i", de.entry.nodeid))
-
-    def _redo(self, rec: list[Any]) -> None:
-        """Redo one journal record (restoring)."""
-        global _now, _replay_caller
-        if rec[0] == "i" and (n := self.nodes.get(rec[1])) is not None:
-            n._lookups += 1
-        if rec[0] != "r":
-            return
-        _, ts, name, blob, groups = rec
-        req = pickle.loads(base64.b64decode(blob))
-        saved, _now, _replay_caller = _now, (lambda: ts), Caller(req.uid, req.gid, req.pid, tuple(groups))
-        try:
-            self._replayed[req.request_id] = _run_now(getattr(type(self), name)(self, req))
-            if len(self._replayed) > 4096:
-                self._replayed.popitem(last=False)
-        except FUSEError as e:  # pragma: no cover - a journal from another version
-            log.warning("journal: %s of request %d failed again: %s", name, req.request_id, e)
-        finally:
-            _now, _replay_caller = saved, None
 
     def dump_state(self) -> dict[str, Any]:
         """A JSON snapshot: every inode (data base64), the tree, the bridge's tables."""
@@ -705,18 +625,10 @@ class MemFS(NodeFS):
         self._serial, self._restored = state["next_serial"], made
         self.pool.capacity = state["capacity"] // CHUNK
         super().restore_state(state)
-        for fh in list(self._pending):  # open files, reopened now (memfs opens never block)
-            _run_now(self._reopen(fh))
-        for rec in state.get("pending", ()):
-            self._redo(rec)
 
     def restore_node(self, key: Any) -> Node | None:
         """An inode of the snapshot outside the tree (unlinked, still open or looked up)."""
         return self._restored.get(key)
-
-    def fold_record(self, state: dict[str, Any], record: Any) -> None:
-        """Keep a record pending: :meth:`restore_state` redoes it through the handlers."""
-        state.setdefault("pending", []).append(record)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
