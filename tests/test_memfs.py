@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 
 import pytest
 import trio
@@ -869,8 +869,8 @@ def test_posix_lock_ranges_in_one_process(m: MountedFS) -> None:
         typ, start, length, pid = map(int, child(_LOCK_CHILD, p, "getlk").stdout.split())
         assert (typ, start, length) == (fcntl.F_RDLCK, 45, 20)
         fcntl.lockf(fd, fcntl.LOCK_SH, 0, 0)  # merges into one shared lock
-        locked = [n for n in memfs(m)._nodes.values() if isinstance(n, File) and n.plocks]
-        assert [lk[1:4] for lk in locked[0].plocks] == [(fcntl.F_RDLCK, 0, 0x7FFFFFFFFFFFFFFF)]
+        locked = [n for n in memfs(m).nodes.values() if isinstance(n, File) and n.locks.posix]
+        assert [lk[1:4] for lk in locked[0].locks.posix] == [(fcntl.F_RDLCK, 0, 0x7FFFFFFFFFFFFFFF)]
     finally:
         os.close(fd)
 
@@ -1125,7 +1125,7 @@ def test_inodes_are_dropped(m: MountedFS) -> None:
         os.unlink(os.path.join(d, str(i)))
     os.rmdir(d)
     assert wait_for(lambda: fs.inode_count == 1), fs.inode_count
-    assert fs._used_chunks == 0
+    assert fs.pool.used == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1167,17 +1167,18 @@ def test_direct_readdirplus_counts_only_taken_entries() -> None:
         for i in range(5):
             e = await fs.mknod(r.MknodRequest(*_h(), name=b"n%d" % i, mode=stat.S_IFREG | 0o600))
             ids.append(e.nodeid)
-        gen = await fs.readdirplus(r.ReaddirplusRequest(*_h(), 0, 0, 4096))
-        assert isinstance(gen, Generator)
-        taken = [next(gen) for _ in range(4)]  # ".", "..", n0, n1 ...
-        gen.close()  # ... and the buffer was full at n1: n1 was not taken
+        od = await fs.opendir(r.OpendirRequest(*_h(), flags=0, open_flags=0))
+        gen = await fs.readdirplus(r.ReaddirplusRequest(*_h(), od.fh, 0, 4096))
+        assert isinstance(gen, AsyncGenerator)
+        taken = [await gen.__anext__() for _ in range(4)]  # ".", "..", n0, n1 ...
+        await gen.aclose()  # ... and the buffer was full at n1: n1 was not taken
         assert [d.name for d in taken] == [b".", b"..", b"n0", b"n1"]
-        counts = [fs._nodes[i].lookups for i in ids]
+        counts = [fs.nodes[i].lookups for i in ids]
         assert counts == [2, 1, 1, 1, 1]
-        # Resuming after n0's cookie yields n1 next.
-        gen = await fs.readdir(r.ReaddirRequest(*_h(), 0, taken[2].offset, 4096))
-        assert isinstance(gen, Generator)
-        assert [d.name for d in gen] == [b"n1", b"n2", b"n3", b"n4"]
+        # Resuming after n0's offset yields n1 next.
+        listing = await fs.readdir(r.ReaddirRequest(*_h(), od.fh, taken[2].offset, 4096))
+        assert isinstance(listing, Generator)
+        assert [d.name for d in listing] == [b"n1", b"n2", b"n3", b"n4"]
 
     trio.run(main)
 
@@ -1291,7 +1292,7 @@ def test_direct_random_file_ops_match_a_model() -> None:
                     assert exc.errno == errno.ENXIO
                     data_at = len(model)
                 assert pos <= data_at <= len(model) and not any(model[pos:data_at])
-        used = sum(len(n.chunks) for n in fs._nodes.values() if isinstance(n, File))
-        assert used == fs._used_chunks
+        used = sum(len(n.data.chunks) for n in fs.nodes.values() if isinstance(n, File))
+        assert used == fs.pool.used
 
     trio.run(main)

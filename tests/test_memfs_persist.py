@@ -1,4 +1,4 @@
-"""MemFS with persist=DIR: a journal restores contents, nodeids, lookup counts and open handles.
+"""MemFS with persist=DIR: a snapshot and journal restore contents, nodeids, lookup counts and open handles.
 
 The real-mount test "crashes" the first daemon (its MemFS object is dropped without unmounting,
 with the /dev/fuse descriptors kept, as tests/test_takeover.py does), restores a new MemFS from
@@ -36,9 +36,21 @@ def hdr(unique: int, nodeid: int = 1) -> tuple[int, int, int, int, int]:
 
 
 def content(fs: MemFS, nodeid: int) -> bytes:
-    n = fs._nodes[nodeid]
+    n = fs.node(nodeid)
     assert isinstance(n, File)
-    return fs._read(n, 0, n.size)
+    return n.data.read(0, n.size)
+
+
+def open_files(fs: MemFS) -> dict[str, int]:
+    """fh -> nodeid of the open files and directories (the bridge's tables)."""
+    return {fh: nodeid for fh, (nodeid, _flags) in fs.dump_state()["bridge"]["handles"].items()} | \
+        {fh: nodeid for fh, nodeid in fs.dump_state()["bridge"]["dirs"].items()}
+
+
+async def readdirplus_all(fs: MemFS, req: r.ReaddirplusRequest) -> list[afuse.DirEntry]:
+    entries = await fs.readdirplus(req)
+    assert hasattr(entries, "__aiter__")
+    return [de async for de in entries]
 
 
 # -- without the kernel -----------------------------------------------------------------------------
@@ -66,31 +78,31 @@ def test_restore_reproduces_state(tmp_path: Path) -> None:
         await fs.lookup(r.LookupRequest(*hdr(13), name=b"f"))
         await fs.lookup(r.LookupRequest(*hdr(14), name=b"nothing"))  # negative: not journaled
         od = await fs.opendir(r.OpendirRequest(*hdr(15, sub.nodeid), flags=0, open_flags=0))
-        list(await fs.readdirplus(r.ReaddirplusRequest(*hdr(16, sub.nodeid), fh=od.fh, offset=0, size=4096)))
+        await readdirplus_all(fs, r.ReaddirplusRequest(*hdr(16, sub.nodeid), fh=od.fh, offset=0, size=4096))
         return {"file": e.nodeid, "fh": h.fh, "sub": sub.nodeid, "dirfh": od.fh}
 
     fs = MemFS(persist=d)
     ids = trio.run(work, fs)
     fs.close_journal()
-    assert (d / "journal").exists()
+    assert (d / "state.json").exists() and list(d.glob("journal-*.jsonl"))
 
     fs2 = MemFS.load(d)
     assert fs2.inode_count == fs.inode_count
-    for ino, n in fs._nodes.items():
-        n2 = fs2._nodes[ino]
+    for nodeid, n in fs.nodes.items():
+        n2 = fs2.node(nodeid)
         assert type(n2) is type(n)
-        for attr in ("mode", "nlink", "uid", "gid", "size", "lookups", "opens", "mtime", "ctime", "btime",
-                     "xattrs"):
-            assert getattr(n2, attr) == getattr(n, attr), (ino, attr)
+        for attr in ("perm", "nlink", "uid", "gid", "size", "lookups", "opens", "mtime", "ctime", "btime",
+                     "xattrs", "key"):
+            assert getattr(n2, attr) == getattr(n, attr), (nodeid, attr)
     assert content(fs2, ids["file"]) == content(fs, ids["file"])
     assert content(fs2, ids["file"]).startswith(b"hello world")
-    assert sorted(fs2._handles) == sorted(fs._handles) == [ids["fh"], ids["dirfh"]]
-    assert fs2._next_fh == fs._next_fh and fs2._next_ino == fs._next_ino
-    assert set(fs2._dir(1).children) == {b"f", b"dir"}
-    assert fs2._nodes[ids["sub"]].lookups == fs._nodes[ids["sub"]].lookups
+    assert sorted(open_files(fs2)) == sorted(open_files(fs)) == sorted(map(str, [ids["fh"], ids["dirfh"]]))
+    assert fs2.dump_state()["bridge"] == fs.dump_state()["bridge"] and fs2._serial == fs._serial
+    assert fs2.root.children is not None and set(fs2.root.children) == {b"f", b"dir"}
+    assert fs2.node(ids["sub"]).lookups == fs.node(ids["sub"]).lookups
     # readdirplus counted the entries the caller took (ln and hard)
-    sub = fs2._dir(ids["sub"])
-    assert all(fs2._nodes[ino].lookups >= 2 for ino, _ in sub.children.values())
+    sub = fs2.node(ids["sub"])
+    assert sub.children and all(n.lookups >= 2 for n in sub.children.values())
 
     # it keeps journaling: a third generation sees what the second did
     async def more(fs: MemFS) -> None:
@@ -121,10 +133,10 @@ def test_resent_request_gets_first_result(tmp_path: Path) -> None:
 
     e2 = trio.run(replay, fs2)
     assert e2.nodeid == e.nodeid
-    assert fs2._nodes[e.nodeid].lookups == 1  # counted once, as the kernel will
+    assert fs2.node(e.nodeid).lookups == 1  # counted once, as the kernel will
 
-    async def other(fs: MemFS) -> None:
-        await fs.mkdir(r.MkdirRequest(*hdr(78 | RESEND), name=b"d", mode=0o755, umask=0))
+    async def other(fs: MemFS) -> None:  # another caller's: not what its first attempt would have made
+        await fs.mkdir(r.MkdirRequest(78 | RESEND, 1, UID + 1, GID, 42, name=b"d", mode=0o755, umask=0))
 
     with pytest.raises(afuse.FUSEError) as ei:  # not journaled: it runs (and fails) anew
         trio.run(other, fs2)
@@ -142,10 +154,10 @@ def test_incomplete_last_record_is_ignored(tmp_path: Path) -> None:
     fs = MemFS(persist=d)
     trio.run(work, fs)
     fs.close_journal()
-    size = os.path.getsize(d / "journal")
-    os.truncate(d / "journal", size - 3)
+    [journal] = d.glob("journal-*.jsonl")
+    os.truncate(journal, os.path.getsize(journal) - 3)
     fs2 = MemFS.load(d)
-    assert set(fs2._dir(1).children) == {b"a"}
+    assert fs2.root.children is not None and set(fs2.root.children) == {b"a"}
     fs2.close_journal()
     with pytest.raises(FileNotFoundError):
         MemFS.load(tmp_path / "empty")
@@ -165,21 +177,21 @@ async def _populate(fs: MemFS) -> dict[str, int]:
 
 
 def _same(a: MemFS, b: MemFS) -> None:
-    assert sorted(a._nodes) == sorted(b._nodes)
-    for ino, n in a._nodes.items():
-        m = b._nodes[ino]
+    assert sorted(a.nodes) == sorted(b.nodes)
+    for nodeid, n in a.nodes.items():
+        m = b.node(nodeid)
         assert type(m) is type(n)
-        for attr in ("mode", "nlink", "uid", "gid", "rdev", "size", "lookups", "opens", "atime", "mtime", "ctime",
-                     "btime", "xattrs"):
-            assert getattr(m, attr) == getattr(n, attr), (ino, attr)
+        for attr in ("perm", "nlink", "uid", "gid", "rdev", "size", "lookups", "opens", "atime", "mtime", "ctime",
+                     "btime", "xattrs", "key"):
+            assert getattr(m, attr) == getattr(n, attr), (nodeid, attr)
         if isinstance(n, File):
-            assert content(a, ino) == content(b, ino)
-    assert {fh: n.ino for fh, n in a._handles.items()} == {fh: n.ino for fh, n in b._handles.items()}
-    assert (a._next_fh, a._next_ino, a._used_chunks) == (b._next_fh, b._next_ino, b._used_chunks)
-    for ino, n in a._nodes.items():
-        if type(n).__name__ == "Dir":
-            m = b._nodes[ino]
-            assert n.children == m.children and n.cookies == m.cookies  # type: ignore[attr-defined]
+            assert content(a, nodeid) == content(b, nodeid)
+        if n.children is not None:
+            assert m.children is not None
+            assert {k: c.nodeid for k, c in n.children.items()} == {k: c.nodeid for k, c in m.children.items()}
+    assert open_files(a) == open_files(b)
+    assert a.dump_state()["bridge"] == b.dump_state()["bridge"]
+    assert (a._serial, a.pool.used) == (b._serial, b.pool.used)
 
 
 def test_dump_and_restore_state() -> None:
@@ -205,7 +217,7 @@ def test_state_store_protocol(tmp_path: Path) -> None:
     fs2 = MemFS()
     assert FileStateStore(tmp_path / "st").load_into(fs2)
     _same(fs, fs2)
-    assert fs2._handles[ids["fh"]] is fs2._nodes[ids["file"]]
+    assert fs2._handles[ids["fh"]][0] is fs2.node(ids["file"])
     # compaction folds the journal into a snapshot
     store2 = FileStateStore(tmp_path / "st")
     store2.attach(fs2)
@@ -262,7 +274,7 @@ async def test_crash_restore_and_takeover(tmp_path: Path) -> None:
             kept = [os.dup(fd) for fd in session.reader_fds]
             neg = session.negotiated
             fd, inos = await trio.to_thread.run_sync(before)
-            expected_c = bytes(first._read(first._nodes[inos["dir/c.bin"]], 0, 300_000))  # type: ignore[arg-type]
+            expected_c = content(first, inos["dir/c.bin"])
             outer.cancel_scope.cancel()  # the daemon "crashes": no unmount, no goodbye
         assert session.closed
         # Drop the first MemFS entirely: only the journal is left.
@@ -272,7 +284,7 @@ async def test_crash_restore_and_takeover(tmp_path: Path) -> None:
         assert ref() is None
 
         second = MemFS.load(state)
-        assert second._nodes[inos["a.txt"]].opens == 1  # the open fd's handle came back
+        assert second.node(inos["a.txt"]).opens == 1  # type: ignore[attr-defined]  # the open fd's handle came back
         takeover = afuse.session.Takeover(kept[0], neg, kept[1:])
         try:
             async with trio.open_nursery() as outer:
@@ -297,9 +309,9 @@ async def test_crash_restore_and_takeover(tmp_path: Path) -> None:
                     assert stat.S_ISDIR(os.stat(p(mp, "new")).st_mode)
 
                 await trio.to_thread.run_sync(after)
-                a = second._nodes[inos["a.txt"]]
+                a = second.node(inos["a.txt"])
                 assert isinstance(a, File)
-                assert second._read(a, 0, 17) == b"ALPHA omega alpha"
+                assert a.data.read(0, 17) == b"ALPHA omega alpha"
                 await _close(fd)
                 assert a.opens == 0  # RELEASE of the pre-crash handle reached the new daemon
                 assert not session2.errors
@@ -309,8 +321,8 @@ async def test_crash_restore_and_takeover(tmp_path: Path) -> None:
                 afuse.device.unmount(mp, lazy=True)
     # the second daemon journaled too: a third restore sees its changes
     third = MemFS.load(state)
-    assert b"new" in third._dir(1).children
-    assert third._read(third._nodes[inos["a.txt"]], 6, 5) == b"omega"  # type: ignore[arg-type]
+    assert third.root.children is not None and b"new" in third.root.children
+    assert content(third, inos["a.txt"])[6:11] == b"omega"
     third.close_journal()
 
 

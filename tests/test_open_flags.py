@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -34,6 +33,7 @@ import trio
 import afuse
 from afuse import FOpen
 from afuse.examples.memfs import MemFS
+from afuse.operations import DirEntries
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.testing import MountFactory
 
@@ -110,11 +110,11 @@ class FlagFS(MemFS):
         self._note("read", req.nodeid, req.offset)
         return await super().read(req)
 
-    async def readdir(self, req: afuse.ReaddirRequest) -> Iterator[afuse.DirEntry]:
+    async def readdir(self, req: afuse.ReaddirRequest) -> DirEntries:
         self._note("readdir", req.nodeid, req.offset)
         return await super().readdir(req)
 
-    async def readdirplus(self, req: afuse.ReaddirplusRequest) -> Iterator[afuse.DirEntry]:
+    async def readdirplus(self, req: afuse.ReaddirplusRequest) -> DirEntries:
         self._note("readdir", req.nodeid, req.offset)
         return await super().readdirplus(req)
 

@@ -36,7 +36,7 @@ import trio
 
 import afuse
 from afuse import testing
-from afuse.examples.memfs import MemFS
+from afuse.examples.memfs import MemFS, MNode
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.testing import MountFactory
 from afuse.wire.constants import WRITE_KILL_SUIDGID
@@ -116,7 +116,8 @@ def test_statx_mask_and_btime(fuse_mount: MountFactory) -> None:
     m = fuse_mount(fs)
     p = m.join("f")
     open(p, "w").close()
-    node = fs._nodes[os.stat(p).st_ino]
+    node = fs.node(os.stat(p).st_ino)
+    assert isinstance(node, MNode)
     fs.statx_masks.clear()
     # Basic stats only: answered by GETATTR (or the cache), no STATX.
     got, _, _ = statx(p, STATX_BASIC_STATS, AT_STATX_FORCE_SYNC)

@@ -52,3 +52,55 @@ def run_example(
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 128 + signal.SIGINT if stopped_by == signal.SIGINT else 0
+
+
+def add_failover_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--keeper SOCKET``, ``--state-dir DIR`` and ``--upgrade`` (see :func:`run_failover`)."""
+    parser.add_argument("--keeper", metavar="SOCKET", help="failover: keep the mount's descriptors in the afuse "
+                        f"keeper at SOCKET; a restarted {name} takes over the live mount (needs --state-dir)")
+    parser.add_argument("--state-dir", metavar="DIR", help="failover: where contents and handles are journaled")
+    parser.add_argument("--upgrade", action="store_true", help="failover: take over gracefully from the running one")
+
+
+def run_failover(ops: Operations, args: argparse.Namespace, name: str) -> int:
+    """Serve ``ops`` under :func:`afuse.failover.serve_failover` (``--keeper``, ``--state-dir``,
+    ``--upgrade``), printing ``ready`` once serving, until unmounted or signalled: SIGTERM, SIGHUP
+    and SIGINT drain (the mount stays for the next daemon). Exit status 130 after SIGINT, else 0;
+    1 if serving failed, 2 for bad options."""
+    from functools import partial
+
+    import trio
+
+    from ..failover import serve_failover
+    from ..running import serve_until_signalled
+
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+    try:
+        options = MountOptions.parse(",".join(args.options))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    signals: list[signal.Signals] = []
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            session = await nursery.start(lambda task_status: serve_failover(
+                ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
+                upgrade=args.upgrade, task_status=task_status))
+
+            async def drain(signum: signal.Signals) -> None:
+                signals.append(signum)
+                await session.drain()  # hand over gracefully; the mount stays
+
+            async with trio.open_nursery() as waiting:
+                await waiting.start(partial(serve_until_signalled, session, on_signal=drain))
+                print("ready", flush=True)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 128 + signal.SIGINT if signal.SIGINT in signals else 0

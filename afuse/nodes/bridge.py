@@ -5,6 +5,11 @@ counts (LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK and each READDIRPLUS entry t
 FORGET/BATCH_FORGET, dropping forgotten nodes that are not in the persistent tree, file and
 directory handles, directory snapshots (offsets stay valid while the directory changes),
 passthrough backing files (one per node while open) and the caller of each request.
+
+It also answers replayed requests (the kernel's resend after a daemon crash or takeover) as their
+first attempts were answered, and implements :class:`afuse.state.Persistent` for its own tables
+(nodeids and keys, lookup counts, open handles, the outcomes of recent non-idempotent requests),
+so a tree of nodes with stable keys can fail over (see docs/nodes.md, "Failover").
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Hashable, Iterable
-from typing import Any
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
+from typing import Any, TypeVar
 
 import attrs
 
@@ -30,10 +37,21 @@ from ..wire.init import Negotiated
 from ..wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock
 from .caller import _enter as _set_caller
 from .node import DirItem, FDHandle, FileHandle, Node
+from .tables import KINDS, NOT_DONE, OUTCOMES_KEPT, NotDone, decode_key, encode_key, error_code, fold, new_state
 
 __all__ = ["NodeFS"]
 
 log = logging.getLogger("afuse")
+_T = TypeVar("_T")
+
+
+def _fingerprint(req: r.Request) -> int:
+    """What a request asked, in 32 bits: an outcome kept under its request id is only given to
+    a replay asking the same (request ids restart with each connection)."""
+    what = (f"{int(type(req).opcode)}/{req.nodeid}/{getattr(req, 'newdir', 0)}/{getattr(req, 'oldnodeid', 0)}/"
+            f"{getattr(req, 'flags', 0)}/").encode()
+    return zlib.crc32(getattr(req, "newname", b""), zlib.crc32(getattr(req, "name", b""), zlib.crc32(what)))
+
 
 # Bridge operations answered only if some known node or handle class has one of these methods;
 # otherwise the dispatcher answers ENOSYS, which the kernel remembers (it stops sending them, or
@@ -105,7 +123,14 @@ class NodeFS(Operations):
         self._by_key: dict[Any, Node] = {}
         self._next_nodeid = ROOT_ID + 1
         self._handles: dict[int, tuple[Node, FileHandle]] = {}
+        #: fh -> open(2) flags of each open file (with or without a handle object), for snapshots.
+        self._fh_flags: dict[int, int] = {}
+        #: Open files of a restored snapshot, reopened at their first use: fh -> (nodeid, flags).
+        self._pending: dict[int, tuple[int, int]] = {}
         self._dirs: dict[int, _DirStream] = {}
+        self._journal: Callable[[Any], None] | None = None
+        #: request_id -> outcome (see afuse.nodes.tables) of recent non-idempotent requests.
+        self._outcomes: OrderedDict[int, list[Any]] = OrderedDict()
         self._next_fh = 1
         self._session: Session | None = None
         self._passthrough = False
@@ -153,13 +178,16 @@ class NodeFS(Operations):
             ex = self._canonical(n)
             if ex is not n:
                 return ex
-        if not n._nodeid:
+        new = not n._nodeid
+        if new:
             n._nodeid = self._next_nodeid
             self._next_nodeid += 1
         n._bridge = self
         self._nodes[n._nodeid] = n
         if n.key is not None and n.key not in self._by_key:
             self._by_key[n.key] = n
+        if new and self._journal is not None:  # journal after the change: the store may snapshot now
+            self._journal(["N", n._nodeid, encode_key(n.key)])
         self._check_class(type(n))
         return n
 
@@ -248,6 +276,8 @@ class NodeFS(Operations):
         attr = await self._attr(node)
         node = self._register(node, dedup=True)
         node._lookups += 1
+        if self._journal is not None:
+            self._journal(["L", node._nodeid, 1])
         if not attr.ino:  # a new node: its nodeid is its inode number
             attr = attrs.evolve(attr, ino=node._nodeid)
         return Entry(node._nodeid, attr, self.generation)
@@ -272,7 +302,10 @@ class NodeFS(Operations):
                 continue
             if item.nlookup > n._lookups:
                 self.excess_forgets += item.nlookup - n._lookups
-            n._lookups = max(0, n._lookups - item.nlookup)
+            was = n._lookups
+            n._lookups = max(0, was - item.nlookup)
+            if self._journal is not None and was:
+                self._journal(["L", n._nodeid, n._lookups - was])
             if n._lookups == 0:
                 self._detached(n)
 
@@ -306,7 +339,7 @@ class NodeFS(Operations):
     async def setattr(self, req: r.SetattrRequest) -> Attr:
         """SETATTR: the handle's (ftruncate, fchmod, ...) or node's ``setattr(changes)``; EPERM without."""
         _set_caller(req)
-        node, h = self._open_file(req, req.fh) if req.fh else (self.node(req.nodeid), None)
+        node, h = await self._open_file(req, req.fh) if req.fh else (self.node(req.nodeid), None)
         fn = self._method(node, h, "setattr")
         if fn is None:
             raise FUSEError(errno.EPERM)
@@ -402,31 +435,55 @@ class NodeFS(Operations):
         self._adopt(parent, name, child)
         return await self._entry(child)
 
-    async def mkdir(self, req: r.MkdirRequest) -> Entry:
-        """MKDIR: the parent's ``mkdir(name, mode)``; the new node joins a persistent parent."""
+    async def _mkdir(self, req: r.MkdirRequest) -> Entry:
         parent, fn = await self._creating(req, req.name, "mkdir")
         return await self._made(parent, req.name, "mkdir", await fn(req.name, stat.S_IFDIR | (req.mode & 0o7777)))
 
-    async def mknod(self, req: r.MknodRequest) -> Entry:
-        """MKNOD: the parent's ``mknod(name, mode, rdev)``."""
+    async def mkdir(self, req: r.MkdirRequest) -> Entry:
+        """MKDIR: the parent's ``mkdir(name, mode)``; the new node joins a persistent parent."""
+        return await self._once(req, lambda: self._mkdir(req),
+                                lambda _c: self._existing(req, req.nodeid, req.name, stat.S_IFDIR))
+
+    async def _mknod(self, req: r.MknodRequest) -> Entry:
         parent, fn = await self._creating(req, req.name, "mknod")
         return await self._made(parent, req.name, "mknod", await fn(req.name, req.mode, req.rdev))
 
-    async def symlink(self, req: r.SymlinkRequest) -> Entry:
-        """SYMLINK: the parent's ``symlink(name, target)``."""
+    async def mknod(self, req: r.MknodRequest) -> Entry:
+        """MKNOD: the parent's ``mknod(name, mode, rdev)``."""
+        fmt = stat.S_IFMT(req.mode) or stat.S_IFREG
+
+        async def same(node: Node) -> bool:
+            return fmt not in (stat.S_IFCHR, stat.S_IFBLK) or (await self._attr(node)).rdev == req.rdev
+        return await self._once(req, lambda: self._mknod(req),
+                                lambda _c: self._existing(req, req.nodeid, req.name, fmt, same))
+
+    async def _symlink(self, req: r.SymlinkRequest) -> Entry:
         parent, fn = await self._creating(req, req.name, "symlink")
         return await self._made(parent, req.name, "symlink", await fn(req.name, req.target))
 
-    async def link(self, req: r.LinkRequest) -> Entry:
-        """LINK: the parent's ``link(name, node)``."""
+    async def symlink(self, req: r.SymlinkRequest) -> Entry:
+        """SYMLINK: the parent's ``symlink(name, target)``."""
+        async def same(node: Node) -> bool:
+            fn = getattr(node, "readlink", None)
+            return fn is not None and await fn() == req.target
+        return await self._once(req, lambda: self._symlink(req),
+                                lambda _c: self._existing(req, req.nodeid, req.name, stat.S_IFLNK, same))
+
+    async def _link(self, req: r.LinkRequest) -> Entry:
         target = self.node(req.oldnodeid)
         if target.is_dir:
             raise FUSEError(errno.EPERM)
         parent, fn = await self._creating(req, req.newname, "link")
         return await self._made(parent, req.newname, "link", await fn(req.newname, target))
 
-    async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
-        """CREATE: the parent's ``create(name, flags, mode)``, then the file is open."""
+    async def link(self, req: r.LinkRequest) -> Entry:
+        """LINK: the parent's ``link(name, node)``."""
+        async def same(node: Node) -> bool:
+            return node is self._nodes.get(req.oldnodeid)
+        return await self._once(req, lambda: self._link(req),
+                                lambda _c: self._existing(req, req.nodeid, req.newname, 0, same))
+
+    async def _create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
         parent, fn = await self._creating(req, req.name, "create")
         res = await fn(req.name, req.flags, stat.S_IFREG | (req.mode & 0o7777))
         handle: object = None
@@ -436,7 +493,109 @@ class NodeFS(Operations):
         child = self._node_result(what, res)
         self._adopt(parent, req.name, child)
         entry = await self._entry(child)
-        return entry, self._opened(self._nodes[entry.nodeid], handle, what)
+        return entry, self._opened(self._nodes[entry.nodeid], handle, what, req.flags)
+
+    async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
+        """CREATE: the parent's ``create(name, flags, mode)``, then the file is open."""
+        async def existing(_code: int) -> tuple[Entry, Handle] | NotDone:
+            parent = self._nodes.get(req.nodeid)
+            child = None if parent is None else await self._named(parent, req.name)
+            if child is None or not await self._made_by(req, child, stat.S_IFREG):
+                return NOT_DONE
+            flags = req.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+            fn = getattr(child, "open", None)
+            handle = None if fn is None else await fn(flags)
+            entry = await self._entry(child)
+            return entry, self._opened(self._nodes[entry.nodeid], handle, f"{type(child).__qualname__}.open", flags)
+        return await self._once(req, lambda: self._create(req), existing)
+
+    # -- replayed requests ------------------------------------------------------------------------
+
+    async def _once(self, req: r.Request, attempt: Callable[[], Awaitable[_T]],
+                    recover: Callable[[int], Awaitable[_T | NotDone]]) -> _T:
+        """``attempt()``, its outcome kept for replays. A replayed request is answered with the
+        outcome of its first attempt if it is known, else by ``recover(errno)`` when the attempt
+        fails the way a replay of a successful first attempt fails (EEXIST, ENOENT)."""
+        if req.is_resend:
+            done = self._outcomes.get(req.request_id)
+            if done is not None and done[1] == _fingerprint(req):
+                again = await self._answer_again(done)
+                if not isinstance(again, NotDone):
+                    log.debug("%s %d: replay answered as its first attempt", type(req).opcode.name, req.request_id)
+                    return again  # type: ignore[no-any-return]
+        try:
+            res = await attempt()
+        except (FUSEError, OSError) as exc:
+            code = error_code(exc)
+            if code is None:
+                raise
+            if req.is_resend and code in (errno.EEXIST, errno.ENOENT):
+                found = await recover(code)
+                if not isinstance(found, NotDone):
+                    log.debug("%s %d: replay of a request that took effect", type(req).opcode.name, req.request_id)
+                    self._outcome(req, found)
+                    return found
+            self._outcome(req, None, code)
+            raise
+        self._outcome(req, res)
+        return res
+
+    def _outcome(self, req: r.Request, res: object, code: int = 0) -> None:
+        fp = _fingerprint(req)
+        if code:
+            out: list[Any] = ["x", fp, code]
+        elif res is None:
+            out = ["ok", fp]
+        elif isinstance(res, Entry):
+            out = ["e", fp, res.nodeid]
+        else:
+            assert isinstance(res, tuple)
+            entry, h = res
+            out = ["c", fp, entry.nodeid, h.fh, int(h.flags), h.backing_id]
+        rid = req.request_id
+        self._outcomes[rid] = out
+        if len(self._outcomes) > OUTCOMES_KEPT:
+            self._outcomes.popitem(last=False)
+        if self._journal is not None:
+            self._journal(["R", rid, out])
+
+    async def _answer_again(self, out: list[Any]) -> Any:
+        kind = out[0]
+        if kind == "ok":
+            return None
+        if kind == "x":
+            raise FUSEError(out[2])
+        node = self._nodes.get(out[2])
+        if node is None:
+            return NOT_DONE
+        entry = Entry(node._nodeid, await self._attr(node), self.generation)  # counted by the first attempt
+        if kind == "e":
+            return entry
+        return entry, Handle(out[3], out[4], out[5])
+
+    async def _named(self, parent: Node, name: bytes) -> Node | None:
+        try:
+            child = await self._child(parent, name)
+        except (FUSEError, OSError) as e:
+            if error_code(e) in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+        return None if child is None else self._canonical(child)
+
+    async def _made_by(self, req: r.Request, node: Node, fmt: int) -> bool:
+        """Could ``node`` be what ``req`` made: its file type, and owned by the caller?"""
+        if fmt and stat.S_IFMT(node.mode) != fmt:
+            return False
+        return not req.has_ids or (await self._attr(node)).uid == req.uid
+
+    async def _existing(self, req: r.Request, parent_id: int, name: bytes, fmt: int,
+                        same: Callable[[Node], Awaitable[bool]] | None = None) -> Entry | NotDone:
+        """The counted entry of ``name`` if it is what the first attempt of ``req`` made."""
+        parent = self._nodes.get(parent_id)
+        child = None if parent is None else await self._named(parent, name)
+        if child is None or not await self._made_by(req, child, fmt) or (same is not None and not await same(child)):
+            return NOT_DONE
+        return await self._entry(child)
 
     async def _removing(self, req: r.Request, name: bytes, method: str, want_dir: bool) -> None:
         _set_caller(req)
@@ -463,15 +622,32 @@ class NodeFS(Operations):
 
     async def unlink(self, req: r.UnlinkRequest) -> None:
         """UNLINK: the parent's ``unlink(name)`` allows it; a persistent parent drops the child."""
-        await self._removing(req, req.name, "unlink", False)
+        await self._once(req, lambda: self._removing(req, req.name, "unlink", False), self._gone)
 
     async def rmdir(self, req: r.RmdirRequest) -> None:
         """RMDIR: the parent's ``rmdir(name)`` allows it (ENOTEMPTY for a persistent non-empty one)."""
-        await self._removing(req, req.name, "rmdir", True)
+        await self._once(req, lambda: self._removing(req, req.name, "rmdir", True), self._gone)
+
+    @staticmethod
+    async def _gone(code: int) -> NotDone | None:
+        return None if code == errno.ENOENT else NOT_DONE
 
     async def rename(self, req: r.RenameRequest) -> None:
         """RENAME: the parent's ``rename(name, newparent, newname, flags)``; persistent trees are
         checked (NOREPLACE, EXCHANGE, type and emptiness) and updated after it."""
+        async def moved(code: int) -> NotDone | None:
+            # Done if the old name is gone and the new one is there (an exchange leaves no trace).
+            if req.flags & 2 or (code == errno.EEXIST and not req.flags & 1):
+                return NOT_DONE
+            old, new = self._nodes.get(req.nodeid), self._nodes.get(req.newdir)
+            if old is None or new is None or await self._named(new, req.newname) is None:
+                return NOT_DONE
+            if (req.nodeid, req.name) != (req.newdir, req.newname) and await self._named(old, req.name) is not None:
+                return NOT_DONE
+            return None
+        await self._once(req, lambda: self._rename(req), moved)
+
+    async def _rename(self, req: r.RenameRequest) -> None:
         _set_caller(req)
         parent, newparent = self.node(req.nodeid), self.node(req.newdir)
         if not parent.is_dir or not newparent.is_dir:
@@ -516,7 +692,7 @@ class NodeFS(Operations):
 
     # -- open files -----------------------------------------------------------------------------
 
-    def _opened(self, node: Node, handle: object, what: str) -> Handle:
+    def _opened(self, node: Node, handle: object, what: str, open_flags: int) -> Handle:
         """Give ``handle`` an fh; set up passthrough when it offers a descriptor. No awaits."""
         if handle is None:
             return Handle(0, getattr(node, "fopen", 0))
@@ -525,6 +701,10 @@ class NodeFS(Operations):
         self._check_class(type(handle))
         fh = self._next_fh
         self._next_fh += 1
+        self._fh_flags[fh] = open_flags
+        self._handles[fh] = (node, handle)
+        if self._journal is not None:
+            self._journal(["O", fh, node._nodeid, open_flags])
         flags = int(handle.fopen)
         if handle.backing_fd is not None and self._passthrough:
             bf = node._backing
@@ -537,9 +717,7 @@ class NodeFS(Operations):
                     log.warning("passthrough off: %s", unavailable_reason(e))
                     self._passthrough = False
             if bf is not None:
-                self._handles[fh] = (node, handle)
                 return Handle(fh, (flags & int(PASSTHROUGH_COMPATIBLE)) | FOpen.PASSTHROUGH, bf.id)
-        self._handles[fh] = (node, handle)
         return Handle(fh, flags)
 
     async def open(self, req: r.OpenRequest) -> Handle:
@@ -553,18 +731,39 @@ class NodeFS(Operations):
         if fn is None:
             if req.flags & _ACCMODE != os.O_RDONLY and getattr(node, "write", None) is None:
                 raise FUSEError(errno.EACCES)
-            return self._opened(node, None, "open")
+            return self._opened(node, None, "open", req.flags)
         handle = await fn(req.flags)
-        return self._opened(node, handle, f"{type(node).__qualname__}.open")
+        return self._opened(node, handle, f"{type(node).__qualname__}.open", req.flags)
 
-    def _open_file(self, req: r.Request, fh: int) -> tuple[Node, FileHandle | None]:
+    async def _open_file(self, req: r.Request, fh: int) -> tuple[Node, FileHandle | None]:
         _set_caller(req)
         if fh:
             got = self._handles.get(fh)
             if got is None:
-                raise FUSEError(errno.EBADF)
+                got = await self._reopen(fh)
             return got
         return self.node(req.nodeid), None
+
+    async def _reopen(self, fh: int) -> tuple[Node, FileHandle]:
+        """The handle of a restored open file, opened again at its first use (EBADF if it cannot be)."""
+        pending = self._pending.pop(fh, None)
+        if pending is None:
+            raise FUSEError(errno.EBADF)
+        nodeid, flags = pending
+        node = self._nodes.get(nodeid)
+        fn = getattr(node, "open", None)
+        handle = None
+        if fn is not None:
+            try:
+                handle = await fn(flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+            except (FUSEError, OSError) as e:
+                log.warning("open file %d (nodeid %d) cannot be reopened: %s", fh, nodeid, e)
+        if node is None or not isinstance(handle, FileHandle):
+            self._pending[fh] = pending  # still open for the kernel: its RELEASE will drop it
+            raise FUSEError(errno.EBADF)
+        self._handles[fh] = (node, handle)
+        self._fh_flags[fh] = flags
+        return node, handle
 
     @staticmethod
     def _method(node: Node, handle: FileHandle | None, name: str) -> Any:
@@ -573,7 +772,7 @@ class NodeFS(Operations):
 
     async def read(self, req: r.ReadRequest) -> bytes:
         """READ: the handle's or node's ``read(offset, size)``, else pread on its ``backing_fd``."""
-        node, h = self._open_file(req, req.fh)
+        node, h = await self._open_file(req, req.fh)
         fn = getattr(h, "read", None)
         if fn is None and h is not None and h.backing_fd is not None:
             return os.pread(h.backing_fd, req.size, req.offset)
@@ -585,7 +784,7 @@ class NodeFS(Operations):
 
     async def write(self, req: r.WriteRequest) -> int:
         """WRITE: the handle's or node's ``write(offset, data)``, else pwrite on its ``backing_fd``."""
-        node, h = self._open_file(req, req.fh)
+        node, h = await self._open_file(req, req.fh)
         fn = getattr(h, "write", None)
         if fn is None and h is not None and h.backing_fd is not None:
             return os.pwrite(h.backing_fd, req.data, req.offset)
@@ -597,14 +796,14 @@ class NodeFS(Operations):
 
     async def flush(self, req: r.FlushRequest) -> None:
         """FLUSH: the handle's or node's ``flush()``."""
-        node, h = self._open_file(req, req.fh)
+        node, h = await self._open_file(req, req.fh)
         fn = self._method(node, h, "flush")
         if fn is not None:
             await fn()
 
     async def fsync(self, req: r.FsyncRequest) -> None:
         """FSYNC: the handle's or node's ``fsync(datasync)``, else fsync of its ``backing_fd``."""
-        node, h = self._open_file(req, req.fh)
+        node, h = await self._open_file(req, req.fh)
         fn = getattr(h, "fsync", None)
         if fn is None and h is not None and h.backing_fd is not None:
             (os.fdatasync if req.datasync else os.fsync)(h.backing_fd)
@@ -617,6 +816,10 @@ class NodeFS(Operations):
         """RELEASE: forget the fh; the handle's ``release()``."""
         _set_caller(req)
         got = self._handles.pop(req.fh, None)
+        self._fh_flags.pop(req.fh, None)
+        self._pending.pop(req.fh, None)
+        if self._journal is not None and req.fh:
+            self._journal(["C", req.fh])
         if got is not None:
             fn = getattr(got[1], "release", None)
             if fn is not None:
@@ -624,7 +827,7 @@ class NodeFS(Operations):
 
     async def fallocate(self, req: r.FallocateRequest) -> None:
         """FALLOCATE: ``fallocate(offset, length, mode)``; EOPNOTSUPP without one."""
-        node, h = self._open_file(req, req.fh)
+        node, h = await self._open_file(req, req.fh)
         fn = self._method(node, h, "fallocate")
         if fn is None:
             raise FUSEError(errno.EOPNOTSUPP)
@@ -632,7 +835,7 @@ class NodeFS(Operations):
 
     async def lseek(self, req: r.LseekRequest) -> int:
         """LSEEK (SEEK_DATA/SEEK_HOLE): ``lseek(offset, whence)``; without one the file is all data."""
-        node, h = self._open_file(req, req.fh)
+        node, h = await self._open_file(req, req.fh)
         fn = self._method(node, h, "lseek")
         if fn is not None:
             res: int = await fn(req.offset, req.whence)
@@ -644,8 +847,8 @@ class NodeFS(Operations):
 
     async def copy_file_range(self, req: r.CopyFileRangeRequest) -> int:
         """COPY_FILE_RANGE: ``copy_file_range(offset, out_handle, out_offset, length, flags)``."""
-        node, h = self._open_file(req, req.fh_in)
-        out = self._handles.get(req.fh_out)
+        node, h = await self._open_file(req, req.fh_in)
+        out = await self._open_file(req, req.fh_out) if req.fh_out else None
         fn = self._method(node, h, "copy_file_range")
         if fn is None:
             raise FUSEError(errno.EOPNOTSUPP)
@@ -654,7 +857,7 @@ class NodeFS(Operations):
 
     async def getlk(self, req: r.GetlkRequest) -> Lock:
         """GETLK: ``getlk(req)``; ENOLCK without one."""
-        fn = self._method(*self._open_file(req, req.fh), "getlk")
+        fn = self._method(*await self._open_file(req, req.fh), "getlk")
         if fn is None:
             raise FUSEError(errno.ENOLCK)
         res: Lock = await fn(req)
@@ -662,21 +865,21 @@ class NodeFS(Operations):
 
     async def setlk(self, req: r.SetlkRequest) -> None:
         """SETLK/SETLKW: ``setlk(req)``; ENOLCK without one."""
-        fn = self._method(*self._open_file(req, req.fh), "setlk")
+        fn = self._method(*await self._open_file(req, req.fh), "setlk")
         if fn is None:
             raise FUSEError(errno.ENOLCK)
         await fn(req)
 
     async def flock(self, req: r.SetlkRequest) -> None:
         """flock(2): ``flock(req)``; ENOLCK without one."""
-        fn = self._method(*self._open_file(req, req.fh), "flock")
+        fn = self._method(*await self._open_file(req, req.fh), "flock")
         if fn is None:
             raise FUSEError(errno.ENOLCK)
         await fn(req)
 
     async def ioctl(self, req: r.IoctlRequest) -> IoctlReply:
         """IOCTL: ``ioctl(req)``; ENOTTY without one."""
-        fn = self._method(*self._open_file(req, req.fh), "ioctl")
+        fn = self._method(*await self._open_file(req, req.fh), "ioctl")
         if fn is None:
             raise FUSEError(errno.ENOTTY)
         res: IoctlReply = await fn(req)
@@ -684,7 +887,7 @@ class NodeFS(Operations):
 
     async def poll(self, req: r.PollRequest) -> int:
         """POLL: ``poll(req)``; always ready without one."""
-        fn = self._method(*self._open_file(req, req.fh), "poll")
+        fn = self._method(*await self._open_file(req, req.fh), "poll")
         if fn is None:
             return _DEFAULT_POLL
         res: int = await fn(req)
@@ -702,11 +905,14 @@ class NodeFS(Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = _DirStream(node)
+        if self._journal is not None:
+            self._journal(["D", fh, node._nodeid])
         return Handle(fh, getattr(node, "fopen", 0))
 
     async def releasedir(self, req: r.ReleasedirRequest) -> None:
         """RELEASEDIR: drop the stream."""
-        self._dirs.pop(req.fh, None)
+        if self._dirs.pop(req.fh, None) is not None and self._journal is not None:
+            self._journal(["C", req.fh])
 
     async def _items(self, req: r.ReaddirRequest) -> tuple[_DirStream, list[tuple[bytes, int, int, Node | None]]]:
         _set_caller(req)
@@ -776,10 +982,105 @@ class NodeFS(Operations):
                 fresh.append(child)
                 yield DirEntry(name, i + 1, entry=Entry(child._nodeid, attr, self.generation))
                 child._lookups += 1  # runs only once the kernel took the entry
+                if self._journal is not None:
+                    self._journal(["L", child._nodeid, 1])
         finally:
             for c in fresh:
                 if c._lookups == 0:
                     self._detached(c)
+
+    # -- failover: afuse.state.Persistent ---------------------------------------------------------
+
+    def restore_node(self, key: Hashable) -> Node | None:
+        """The node with ``key`` in a restarted daemon (:meth:`restore_state`), if the tree does not
+        hold it: a subclass reopens it (e.g. by file handle). None: its nodeid goes stale (ESTALE)."""
+        return None
+
+    def set_journal(self, journal: Callable[[Any], None] | None) -> None:
+        """Send a record (a JSON list, see :mod:`afuse.nodes.tables`) of each change to the tables
+        to ``journal`` before the reply that shows it to the kernel (None: stop)."""
+        self._journal = journal
+
+    def dump_state(self) -> dict[str, Any]:
+        """A JSON snapshot: ``{"bridge": tables}`` (a subclass adds its own items)."""
+        st = new_state(self.generation)
+        st["next_nodeid"], st["next_fh"] = self._next_nodeid, self._next_fh
+        st["nodes"] = {str(i): [encode_key(n.key), n._lookups] for i, n in self._nodes.items()
+                       if n._lookups > 0 or n is self.root}
+        handles = {str(fh): [node._nodeid, self._fh_flags.get(fh, 0)] for fh, (node, _h) in self._handles.items()}
+        handles.update((str(fh), [nodeid, flags]) for fh, (nodeid, flags) in self._pending.items())
+        st["handles"] = handles
+        st["dirs"] = {str(fh): d.node._nodeid for fh, d in self._dirs.items()}
+        st["outcomes"] = [[rid, out] for rid, out in self._outcomes.items()]
+        return {"bridge": st}
+
+    def fold_record(self, state: dict[str, Any], record: Any) -> None:
+        """Apply one of the bridge's journal records to a snapshot (ValueError for another record:
+        a subclass journaling its own records handles those first)."""
+        if not isinstance(record, list) or not record or record[0] not in KINDS:
+            raise ValueError(f"not a NodeFS journal record: {record!r}")
+        fold(state["bridge"], record)
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Take over the tables of ``state`` (a snapshot with the journal folded in): each node the
+        kernel holds is found by key in the tree or by :meth:`restore_node` (keyless nodes of the
+        initial tree by their nodeid: the same tree numbers them alike); open files are reopened
+        (``open`` without O_CREAT/O_EXCL/O_TRUNC) at their first use; open directories list afresh."""
+        b = state["bridge"]
+        root = self.root
+        initial = dict(self._nodes)
+        by_key = {n.key: n for n in initial.values() if n.key is not None}
+        for n in initial.values():
+            if n is not root:
+                n._nodeid = n._lookups = 0
+        self._nodes = {ROOT_ID: root}
+        self._by_key = {} if root.key is None else {root.key: root}
+        stale = 0
+        for sid, (enc, lookups) in b["nodes"].items():
+            nodeid = int(sid)
+            if nodeid == ROOT_ID:
+                root._lookups = lookups
+                continue
+            if lookups <= 0:
+                continue
+            key = decode_key(enc)
+            node = by_key.get(key) if key is not None else initial.get(nodeid)
+            if node is not None and node._nodeid:
+                node = None  # one node, two saved nodeids: the tree changed
+            if node is None and key is not None:
+                node = self.restore_node(key)
+            if node is None or (key is None and node.key is not None):
+                stale += 1
+                continue
+            if node._bridge is not None and node._bridge is not self:
+                raise ValueError(f"restore_node returned {node!r}, which belongs to another NodeFS")
+            node._nodeid, node._lookups, node._bridge = nodeid, lookups, self
+            self._nodes[nodeid] = node
+            if key is not None:
+                self._by_key.setdefault(key, node)
+            self._check_class(type(node))
+        self._next_nodeid = max(self._next_nodeid, int(b["next_nodeid"]), max(self._nodes) + 1)
+        first = {id(n): nid for nid, n in initial.items()}
+        stack, seen = [root], set()  # the rest of the persistent tree: its first nodeids, or new ones
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if self._nodes.get(n._nodeid) is not n:
+                nid = first.get(id(n), 0)
+                n._nodeid = nid if nid not in self._nodes else 0
+                self._register(n, dedup=False)
+            if n.children:
+                stack.extend(reversed(n.children.values()))
+        self._handles, self._fh_flags = {}, {}
+        self._pending = {int(fh): (nodeid, flags) for fh, (nodeid, flags) in b["handles"].items()}
+        self._dirs = {int(fh): _DirStream(self._nodes[nodeid]) for fh, nodeid in b["dirs"].items()
+                      if nodeid in self._nodes}
+        self._next_fh = max(self._next_fh, int(b["next_fh"]))
+        self._outcomes = OrderedDict((int(rid), out) for rid, out in b["outcomes"][-OUTCOMES_KEPT:])
+        if stale:
+            log.warning("restore: %d nodes the kernel holds were not found: their nodeids are stale", stale)
 
     # -- notifications --------------------------------------------------------------------------
 
