@@ -18,6 +18,12 @@ other users in. Run as another user, everything happens with that user's rights.
 Attributes report the source's inode numbers, so ``stat`` through the mount and on the source
 agree. Directory offsets are the source's own ``d_off`` cookies.
 
+The mount is coherent with the source by default: names, attributes and listings are not cached
+by the kernel (entry and attribute timeouts 0, no directory cache), so a change made directly in
+SOURCE shows in the mount at once. ``--timeout SECONDS`` and ``--cache-dir`` trade that
+coherence for speed: the kernel then keeps names and attributes for that long, and directory
+listings until the directory's mtime changes, and may show stale results meanwhile.
+
 Regular files are opened in FUSE passthrough mode where the kernel and privileges allow it
 (FUSE_PASSTHROUGH negotiated, which the command line asks for unless ``--no-passthrough``, and
 BACKING_OPEN permitted: CAP_SYS_ADMIN in the initial user namespace): the kernel then reads,
@@ -29,6 +35,7 @@ inode's one backing registration) while it is available, other files never do.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import errno
@@ -281,19 +288,21 @@ class PassthroughFS(Operations):
     ``timeout`` is the entry and attribute cache time (seconds); ``negative_timeout`` how long
     the kernel may remember that a name does not exist (0: not at all). ``cache_dir`` lets the
     kernel cache directory listings (FOPEN_CACHE_DIR; it drops them when the directory's mtime
-    changes). ``switch_credentials`` (default: when running as root) performs each request with
-    the caller's fsuid/fsgid/groups. ``passthrough`` (default True) opens regular files in FUSE
-    passthrough mode when the session negotiated it (``InitConfig(passthrough=True)``) and
-    BACKING_OPEN is permitted; :attr:`passthrough_unavailable` then says why not.
+    changes). The defaults (0, 0, False) keep the mount coherent with changes made directly in
+    the source; caching trades that coherence for speed. ``switch_credentials`` (default: when
+    running as root) performs each request with the caller's fsuid/fsgid/groups.
+    ``passthrough`` (default True) opens regular files in FUSE passthrough mode when the session
+    negotiated it (``InitConfig(passthrough=True)``) and BACKING_OPEN is permitted;
+    :attr:`passthrough_unavailable` then says why not.
     """
 
     def __init__(
         self,
         source: str | os.PathLike[str],
         *,
-        timeout: float = 1.0,
+        timeout: float = 0.0,
         negative_timeout: float = 0.0,
-        cache_dir: bool = True,
+        cache_dir: bool = False,
         switch_credentials: bool | None = None,
         passthrough: bool = True,
     ) -> None:
@@ -917,17 +926,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = make_parser("Mirror the directory SOURCE at MOUNTPOINT.", source=True,
                          prog="python -m afuse.examples.passthroughfs")
-    parser.add_argument("--timeout", type=float, default=1.0,
-                        help="entry and attribute cache time in seconds (default 1)")
-    parser.add_argument("--no-cache-dir", action="store_true",
-                        help="do not let the kernel cache directory listings")
+    parser.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="let the kernel cache names and attributes this long: faster, but changes "
+                             "made directly in SOURCE may show only after it (default 0: coherent)")
+    parser.add_argument("--cache-dir", action="store_true",
+                        help="let the kernel cache directory listings until a directory's mtime changes: "
+                             "faster, but may hide changes made directly in SOURCE")
+    parser.add_argument("--no-cache-dir", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--no-passthrough", action="store_true",
                         help="serve reads and writes in the daemon (no FUSE passthrough)")
     args = parser.parse_args(argv)
     from afuse.wire.init import InitConfig
 
     try:
-        ops = PassthroughFS(args.source, timeout=args.timeout, cache_dir=not args.no_cache_dir,
+        ops = PassthroughFS(args.source, timeout=args.timeout, cache_dir=args.cache_dir,
                             passthrough=not args.no_passthrough)
     except OSError as e:
         print(f"error: cannot open {args.source}: {e.strerror}", file=sys.stderr)
