@@ -49,7 +49,7 @@ import attrs
 import trio
 
 from afuse.errors import FUSEError
-from afuse.examples.passthroughfs import PassthroughFS, _Inode
+from afuse.examples.lowlevel_passthroughfs import PassthroughFS, _Inode
 from afuse.wire import requests as r
 from afuse.wire.constants import ROOT_ID
 from afuse.wire.types import DirEntry, Entry, Handle

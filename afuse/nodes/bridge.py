@@ -46,6 +46,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "removexattr": ("removexattr",), "access": ("access",), "getlk": ("getlk",),
     "setlk": ("setlk",), "flock": ("flock",), "fallocate": ("fallocate",), "lseek": ("lseek",),
     "copy_file_range": ("copy_file_range",), "ioctl": ("ioctl",), "poll": ("poll",),
+    "tmpfile": ("tmpfile",),
 }
 _DOTS = (b".", b"..")
 _ACCMODE = os.O_ACCMODE
@@ -438,6 +439,23 @@ class NodeFS(Operations):
         entry = await self._entry(child)
         return entry, self._opened(self._nodes[entry.nodeid], handle, what)
 
+    async def tmpfile(self, req: r.TmpfileRequest) -> tuple[Entry, Handle]:
+        """TMPFILE (O_TMPFILE): the directory's ``tmpfile(flags, mode) -> (Node, FileHandle | None)``;
+        the unnamed node joins no persistent tree."""
+        _set_caller(req)
+        parent = self.node(req.nodeid)
+        if not parent.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        fn = getattr(parent, "tmpfile", None)
+        if fn is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        what = f"{type(parent).__qualname__}.tmpfile"
+        res = await fn(req.flags, stat.S_IFREG | (req.mode & 0o7777))
+        if not (isinstance(res, tuple) and len(res) == 2):
+            raise HandlerResultError(f"{what} must return (Node, FileHandle | None)")
+        entry = await self._entry(self._node_result(what, res[0]))
+        return entry, self._opened(self._nodes[entry.nodeid], res[1], what)
+
     async def _removing(self, req: r.Request, name: bytes, method: str, want_dir: bool) -> None:
         _set_caller(req)
         parent = self.node(req.nodeid)
@@ -556,6 +574,13 @@ class NodeFS(Operations):
             return self._opened(node, None, "open")
         handle = await fn(req.flags)
         return self._opened(node, handle, f"{type(node).__qualname__}.open")
+
+    def handle(self, fh: int) -> FileHandle:
+        """The open file handle with ``fh`` (EBADF if there is none)."""
+        got = self._handles.get(fh)
+        if got is None:
+            raise FUSEError(errno.EBADF)
+        return got[1]
 
     def _open_file(self, req: r.Request, fh: int) -> tuple[Node, FileHandle | None]:
         _set_caller(req)
@@ -762,8 +787,9 @@ class NodeFS(Operations):
                     try:
                         child = await self._child(parent, name)
                     except (FUSEError, OSError) as e:
-                        if e.errno != errno.ENOENT:
-                            raise
+                        if e.errno != errno.ENOENT:  # e.g. EACCES: a directory readable, not searchable
+                            yield DirEntry(name, i + 1, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
+                            continue
                     if child is None:
                         continue  # vanished since the listing
                     child = self._canonical(child)
