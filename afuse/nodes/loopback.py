@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
+import attrs
 import trio
 
 from ..errors import FUSEError, SessionError
@@ -42,7 +43,7 @@ from ..wire.init import Negotiated
 from ..wire.types import Attr, FsStats, Lock, Statx, Timestamp
 from .bridge import NodeFS
 from .caller import current_caller
-from .node import DirItem, FileHandle, Node
+from .node import DirItem, FDHandle, FileHandle, Node
 
 __all__ = ["LoopbackFS", "LoopbackHandle", "LoopbackNode", "loopback"]
 
@@ -143,18 +144,20 @@ class _Credentials:
         arr = (ctypes.c_uint * max(len(groups), 1))(*groups)
         _check(int(_syscall(ctypes.c_long(_NR_SETGROUPS or -1), ctypes.c_long(len(groups)), arr)), "setgroups")
 
-    @contextlib.contextmanager
-    def caller(self) -> Iterator[None]:
-        """Run the block as the current request's caller (no ``await`` inside!)."""
+    def caller(self) -> contextlib.AbstractContextManager[None]:
+        """A context running its block as the current request's caller (no ``await`` inside!)."""
         c = current_caller()
         if not self.enabled or c.uid == INVALID_UIDGID or (c.uid == self.uid and c.gid == self.gid):
-            yield
-            return
+            return _AS_IS
+        return self._as(c.uid, c.gid, c.groups)
+
+    @contextlib.contextmanager
+    def _as(self, uid: int, gid: int, groups: Sequence[int]) -> Iterator[None]:
         try:
-            self._setgroups(c.groups)
-            _setfsgid(c.gid)
-            _setfsuid(c.uid)
-            if _setfsuid(0xFFFFFFFF) != c.uid:  # setfsuid reports failure only this way
+            self._setgroups(groups)
+            _setfsgid(gid)
+            _setfsuid(uid)
+            if _setfsuid(0xFFFFFFFF) != uid:  # setfsuid reports failure only this way
                 raise PermissionError(errno.EPERM, "cannot switch to the caller's credentials")
             yield
         finally:  # fsuid first: it restores the capabilities
@@ -162,6 +165,9 @@ class _Credentials:
             _setfsgid(self.gid)
             with contextlib.suppress(OSError):
                 self._setgroups(self.groups)
+
+
+_AS_IS = contextlib.nullcontext()
 
 
 class _LockFd:
@@ -180,8 +186,8 @@ class LoopbackNode(Node):
         super().__init__(st.st_mode, key=(st.st_dev, st.st_ino), ino=st.st_ino)
         self.fs, self.fd = fs, fd
         self._fresh: os.stat_result | None = st  # answers the getattr of the entry being built
-        #: Lock owner -> its OFD lock descriptor.
-        self.locks: dict[int, _LockFd] = {}
+        #: Lock owner -> its OFD lock descriptor (None until the first lock).
+        self.locks: dict[int, _LockFd] | None = None
 
     @property
     def fopen(self) -> int:
@@ -190,16 +196,21 @@ class LoopbackNode(Node):
 
     def forgotten(self) -> None:
         """Close the descriptors."""
-        for lf in self.locks.values():
+        for lf in (self.locks or {}).values():
             with contextlib.suppress(OSError):
                 os.close(lf.fd)
-        self.locks.clear()
+        self.locks = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     def _at(self, name: bytes) -> LoopbackNode:
         """The node of ``name`` in this directory (the live one if the kernel knows the inode)."""
+        st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        live = self.fs.node_by_key((st.st_dev, st.st_ino))
+        if isinstance(live, LoopbackNode):  # no descriptor to open
+            live._fresh = st
+            return live
         return self.fs.adopt(os.open(name, _O_PATH, dir_fd=self.fd))
 
     # -- attributes ------------------------------------------------------------------------
@@ -283,7 +294,9 @@ class LoopbackNode(Node):
             with self.fs.creds.caller():
                 return self._at(name)
         except FileNotFoundError:
-            return None
+            if self.fs.negative_timeout > 0:
+                return None  # the bridge answers a negative entry
+            raise
 
     async def readdir(self) -> list[DirItem]:
         """The host directory's entries."""
@@ -386,32 +399,17 @@ def _dtype(e: os.DirEntry[bytes] | os.DirEntry[str]) -> int:
     return stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
 
 
-class LoopbackHandle(FileHandle):
-    """An open host file, descriptor ``fd`` (``backing_fd`` too when in passthrough mode)."""
+class LoopbackHandle(FDHandle):
+    """An open host file of ``node``, descriptor ``fd``: the bridge serves reads, writes and fsync
+    with it, or hands it to the kernel (passthrough) when the filesystem negotiated that."""
 
-    def __init__(self, node: LoopbackNode, fd: int, passthrough: bool) -> None:
+    def __init__(self, node: LoopbackNode, fd: int) -> None:
+        super().__init__(fd)
         self.node, self.fd = node, fd
-        self.backing_fd = fd if passthrough else None
-
-    async def read(self, offset: int, size: int) -> bytes:
-        """pread."""
-        return os.pread(self.fd, size, offset)
-
-    async def write(self, offset: int, data: bytes) -> int:
-        """pwrite."""
-        return os.pwrite(self.fd, data, offset)
 
     async def flush(self) -> None:
         """Close a duplicate, so the source sees a close (NFS-style close-to-open, errors)."""
         os.close(os.dup(self.fd))
-
-    async def fsync(self, datasync: bool) -> None:
-        """fsync or fdatasync."""
-        (os.fdatasync if datasync else os.fsync)(self.fd)
-
-    async def release(self) -> None:
-        """Close the descriptor."""
-        os.close(self.fd)
 
     async def setattr(self, changes: r.SetattrRequest) -> Attr:
         """ftruncate, fchmod, ... through this open file."""
@@ -442,13 +440,16 @@ class LoopbackHandle(FileHandle):
 
     def _lock_fd(self, owner: int, pid: int) -> _LockFd:
         """The descriptor holding ``owner``'s POSIX locks on the node (one OFD per owner)."""
-        lf = self.node.locks.get(owner)
+        locks = self.node.locks
+        if locks is None:
+            locks = self.node.locks = {}
+        lf = locks.get(owner)
         if lf is None:
             try:
                 fd = os.open(_proc(self.fd), os.O_RDWR | os.O_CLOEXEC)
             except OSError:
                 fd = os.open(_proc(self.fd), (fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ACCMODE) | os.O_CLOEXEC)
-            lf = self.node.locks[owner] = _LockFd(fd, pid)
+            lf = locks[owner] = _LockFd(fd, pid)
         elif pid:
             lf.pid = pid
         return lf
@@ -456,18 +457,19 @@ class LoopbackHandle(FileHandle):
     async def getlk(self, req: r.GetlkRequest) -> Lock:
         """A conflicting lock and its holder's pid (the owner that does not see it as a conflict)."""
         lf = self._lock_fd(req.owner, req.lock.pid)
+        locks = self.node.locks or {}
         query = _flock_bytes(req.lock)
         res = fcntl.fcntl(lf.fd, F_OFD_GETLK, query)
         typ, _, start, length, _ = _FLOCK.unpack(res)
         if typ == fcntl.F_UNLCK:
             return Lock(0, 0, fcntl.F_UNLCK, 0)
-        pid = next((o.pid for owner, o in self.node.locks.items()
+        pid = next((o.pid for owner, o in locks.items()
                     if owner != req.owner and fcntl.fcntl(o.fd, F_OFD_GETLK, query) != res), 0)
         return Lock(start, start + length - 1 if length else OFFSET_MAX, typ, pid)
 
     async def setlk(self, req: r.SetlkRequest) -> None:
         """An OFD lock for the lock owner; SETLKW polls, so an INTERRUPT ends the wait."""
-        if req.lock.type == fcntl.F_UNLCK and req.owner not in self.node.locks:
+        if req.lock.type == fcntl.F_UNLCK and req.owner not in (self.node.locks or {}):
             return
         fd, arg = self._lock_fd(req.owner, req.lock.pid).fd, _flock_bytes(req.lock)
         await _retry(lambda: fcntl.fcntl(fd, F_OFD_SETLK, arg), req.sleep)
@@ -519,7 +521,6 @@ class LoopbackFS(NodeFS):
         self.passthrough = passthrough
         #: Why passthrough is not used (None while it is, or before INIT).
         self.passthrough_unavailable: str | None = None
-        self._use_backing = False
         self.entry_timeout = self.attr_timeout = float(timeout)
         self.negative_timeout = float(negative_timeout)
         self.dir_fopen = int(FOpen.CACHE_DIR | FOpen.KEEP_CACHE) if cache_dir else 0
@@ -553,6 +554,7 @@ class LoopbackFS(NodeFS):
         live = self.node_by_key((st.st_dev, st.st_ino))
         if isinstance(live, LoopbackNode):
             os.close(fd)
+            live._fresh = st
             return live
         return LoopbackNode(self, fd, st)
 
@@ -566,8 +568,8 @@ class LoopbackFS(NodeFS):
         return node, self.handle_of(fd, node)
 
     def handle_of(self, fd: int, node: LoopbackNode) -> LoopbackHandle:
-        """The handle of ``node`` open at ``fd``: passthrough for regular files when available."""
-        return LoopbackHandle(node, fd, self._use_backing and stat.S_ISREG(node.mode))
+        """The handle of ``node`` open at ``fd`` (passthrough when available)."""
+        return LoopbackHandle(node, fd)
 
     @contextlib.contextmanager
     def creating(self) -> Iterator[None]:
@@ -588,9 +590,15 @@ class LoopbackFS(NodeFS):
     # -- Operations the bridge leaves to the filesystem ---------------------------------------
 
     def init(self, negotiated: Negotiated) -> None:
-        """Find out whether regular files can be opened in passthrough mode."""
-        super().init(negotiated)
-        self._use_backing, self.passthrough_unavailable = False, None
+        """Find out whether regular files can be opened in passthrough mode (else the bridge
+        is told passthrough was not negotiated: it serves reads and writes itself)."""
+        self.passthrough_unavailable = None
+        if self._passthrough_usable(negotiated):
+            super().init(negotiated)
+        else:
+            super().init(attrs.evolve(negotiated, flags=negotiated.flags & ~InitFlag.PASSTHROUGH))
+
+    def _passthrough_usable(self, negotiated: Negotiated) -> bool:
         if not self.passthrough:
             return self._no_passthrough("disabled (LoopbackFS(passthrough=False))", logging.INFO)
         if not negotiated.has(InitFlag.PASSTHROUGH):
@@ -609,12 +617,13 @@ class LoopbackFS(NodeFS):
             return self._no_passthrough(unavailable_reason(e), logging.WARNING)
         finally:
             os.close(probe)
-        self._use_backing = True
         self.log.info("passthrough: regular files are read and written by the kernel on the host files")
+        return True
 
-    def _no_passthrough(self, why: str, level: int) -> None:
+    def _no_passthrough(self, why: str, level: int) -> bool:
         self.passthrough_unavailable = why
         self.log.log(level, "passthrough unavailable: %s; serving reads and writes in the daemon", why)
+        return False
 
     async def opendir(self, req: r.OpendirRequest) -> Any:
         """OPENDIR: the caller must be able to open the source directory."""
@@ -627,7 +636,7 @@ class LoopbackFS(NodeFS):
     async def flush(self, req: r.FlushRequest) -> None:
         """FLUSH: a close() drops the closing process's POSIX locks on the file."""
         node = self.nodes.get(req.nodeid)
-        if isinstance(node, LoopbackNode):
+        if isinstance(node, LoopbackNode) and node.locks:
             lf = node.locks.pop(req.lock_owner, None)
             if lf is not None:
                 os.close(lf.fd)
