@@ -571,21 +571,23 @@ class LoopbackFS(NodeFS):
         """The handle of ``node`` open at ``fd`` (passthrough when available)."""
         return LoopbackHandle(node, fd)
 
-    @contextlib.contextmanager
-    def creating(self) -> Iterator[None]:
+    def creating(self) -> contextlib.AbstractContextManager[None]:
         """As the caller, with umask 0: the kernel has applied the caller's umask already."""
         private = getattr(self._thread, "private", None)
         if private is None:  # give this thread its own umask (and cwd and root) once, set to 0
             private = self._thread.private = _unshare(CLONE_FS) == 0
             if private:
                 os.umask(0)
-        old = None if private else os.umask(0)  # else the process-wide umask, briefly
+        return self.creds.caller() if private else self._umask0()
+
+    @contextlib.contextmanager
+    def _umask0(self) -> Iterator[None]:
+        old = os.umask(0)  # the process-wide umask, briefly
         try:
             with self.creds.caller():
                 yield
         finally:
-            if old is not None:
-                os.umask(old)
+            os.umask(old)
 
     # -- Operations the bridge leaves to the filesystem ---------------------------------------
 
