@@ -300,13 +300,8 @@ class LoopbackNode(Node):
 
     async def readdir(self) -> list[DirItem]:
         """The host directory's entries."""
-        with self.fs.creds.caller():
-            dfd = os.open(_proc(self.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            with os.scandir(dfd) as it:
-                return [DirItem(os.fsencode(e.name), _dtype(e), e.inode()) for e in it]
-        finally:
-            os.close(dfd)
+        with self.fs.creds.caller(), os.scandir(_proc(self.fd)) as it:  # opened as the caller
+            return [DirItem(e.name, _dtype(e), e.inode()) for e in it]
 
     async def create(self, name: bytes, flags: int, mode: int) -> tuple[Node, FileHandle]:
         """Create and open a regular file (never through a symlink)."""
@@ -389,13 +384,13 @@ class LoopbackNode(Node):
         return self.fs.handle_of(fd, self)
 
 
-def _dtype(e: os.DirEntry[bytes] | os.DirEntry[str]) -> int:
-    if e.is_symlink():
-        return stat.S_IFLNK
-    if e.is_dir(follow_symlinks=False):
-        return stat.S_IFDIR
+def _dtype(e: os.DirEntry[bytes]) -> int:
     if e.is_file(follow_symlinks=False):
         return stat.S_IFREG
+    if e.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if e.is_symlink():
+        return stat.S_IFLNK
     return stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
 
 
