@@ -2,6 +2,8 @@
 
 * ``fuse_mount(ops, **kw)`` — mount in a background thread for this test (see
   :func:`afuse.testing.mounted`); returns a :class:`~afuse.testing.MountedFS`.
+* ``fuse_mount_asyncio(ops, **kw)`` — the same for asyncio handlers (see
+  :func:`afuse.testing.asyncio_mounted`).
 * ``fuse_mount_process("module:factory", args, options=...)`` — mount in a child process.
 * ``fuse_available`` — skips the test with a reason when /dev/fuse cannot be used here.
 
@@ -13,13 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from .operations import Operations
-from .testing import MountedFS, MountedProcess, MountFactory, ProcessMountFactory, mounted, mounted_process
+from .testing import (
+    MountedFS,
+    MountedProcess,
+    MountFactory,
+    ProcessMountFactory,
+    asyncio_mounted,
+    mounted,
+    mounted_process,
+)
 
 
 def fuse_unavailable_reason() -> str | None:
@@ -49,6 +59,16 @@ def fuse_mount(fuse_available: None) -> Iterator[MountFactory]:
     with contextlib.ExitStack() as stack:
         def make(ops: Operations, **kwargs: Any) -> MountedFS:
             return stack.enter_context(mounted(ops, **kwargs))
+
+        yield make
+
+
+@pytest.fixture
+def fuse_mount_asyncio(fuse_available: None) -> Iterator[Callable[..., MountedFS]]:
+    """Factory: ``fuse_mount_asyncio(ops, options=...)`` serves asyncio handlers for the rest of the test."""
+    with contextlib.ExitStack() as stack:
+        def make(ops: Operations, **kwargs: Any) -> MountedFS:
+            return stack.enter_context(asyncio_mounted(ops, **kwargs))
 
         yield make
 

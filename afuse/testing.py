@@ -8,6 +8,8 @@ Three forms, all unmounting afterwards and never leaving a mount behind:
   the GIL while the kernel waits on the filesystem (a page fault on an mmap of a file on it).
 * :func:`trio_mount` — an ``async with`` for trio tests; touch the mount only from threads
   (``trio.to_thread.run_sync``, ``trio.Path``), never from the loop serving it.
+* :func:`asyncio_mounted` — as :func:`mounted`, for filesystems whose handlers are asyncio
+  coroutines (:mod:`afuse.asyncio`), served from an asyncio loop in another thread.
 
 The pytest plugin (:mod:`afuse.pytest_plugin`) wraps them as fixtures.
 """
@@ -24,9 +26,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -38,6 +40,8 @@ from .running import serve_until_signalled
 from .session import Session, mount, serve
 from .wire.init import InitConfig
 
+T = TypeVar("T")
+
 
 class HandlerErrors(Exception):
     """Handlers raised unexpected exceptions while a test used the filesystem (see ``__cause__``)."""
@@ -46,10 +50,19 @@ class HandlerErrors(Exception):
 class MountedFS:
     """A filesystem served in a background thread; ``path`` is its mountpoint."""
 
-    def __init__(self, path: str, session: Session, ops: Operations) -> None:
+    def __init__(self, path: str, session: Session, ops: Operations,
+                 token: trio.lowlevel.TrioToken | None = None) -> None:
         self.path = path
         self.session = session
         self.ops = ops
+        self._token = token
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``await fn(*args)`` on the loop serving the filesystem and return its result
+        (e.g. ``m.call(afuse.notify.inval_entry, m.session, 1, b"name")``); from the test thread."""
+        if self._token is None:
+            raise RuntimeError("this filesystem is not served by a loop of this process")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
 
     def __fspath__(self) -> str:
         return self.path
@@ -136,7 +149,7 @@ def mounted(
         raise box["error"]
     session: Session = box["session"]
     try:
-        yield MountedFS(path, session, ops)
+        yield MountedFS(path, session, ops, box["token"])
     finally:
         with contextlib.suppress(RuntimeError):  # the loop already ended
             box["token"].run_sync_soon(box["scope"].cancel)
@@ -189,6 +202,78 @@ async def trio_mount(
                 nursery.cancel_scope.cancel()
     finally:
         _cleanup_mountpoint(path, made)
+    if raise_handler_errors and session.errors:
+        raise HandlerErrors(f"{len(session.errors)} handler error(s); first: {session.errors[0]!r}") \
+            from session.errors[0]
+
+
+@contextlib.contextmanager
+def asyncio_mounted(
+    ops: Operations,
+    *,
+    mountpoint: str | None = None,
+    timeout: float = 20.0,
+    raise_handler_errors: bool = True,
+    **serve_kwargs: Any,
+) -> Iterator[MountedFS]:
+    """As :func:`mounted`, for a filesystem whose handlers are asyncio coroutines.
+
+    ``ops`` is served with :func:`afuse.asyncio.mount` from an asyncio loop in a background
+    thread; the test thread may use the mount.
+    """
+    import asyncio
+
+    from . import asyncio as afuse_asyncio
+
+    path, made = _make_mountpoint(mountpoint)
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        box["loop"], box["stop"] = asyncio.get_running_loop(), stop
+        async with afuse_asyncio.mount(ops, path, **serve_kwargs) as fs:
+            box["session"] = fs.session
+            started.set()
+            waiting = [asyncio.ensure_future(fs.wait_closed()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiting:
+                w.cancel()
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # reported to the test thread
+            while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                e = e.exceptions[0]
+            box["error"] = e
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, name=f"afuse asyncio {path}", daemon=True)
+    thread.start()
+    if not started.wait(timeout) or "session" not in box:
+        if "loop" in box:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(timeout)
+        _cleanup_mountpoint(path, made)
+        raise box.get("error") or MountError(0, f"mounting {path} did not finish within {timeout} s")
+    session: Session = box["session"]
+    try:
+        yield MountedFS(path, session, ops)
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(timeout)
+        if thread.is_alive():
+            # A handler that never finishes: abort the connection, which fails every request.
+            with contextlib.suppress(OSError):
+                session.mount.abort()
+            thread.join(timeout)
+        _cleanup_mountpoint(path, made)
+    if "error" in box and not isinstance(box["error"], KeyboardInterrupt):
+        raise box["error"]
     if raise_handler_errors and session.errors:
         raise HandlerErrors(f"{len(session.errors)} handler error(s); first: {session.errors[0]!r}") \
             from session.errors[0]

@@ -112,6 +112,7 @@ async def test_keeper_protocol(tmp_path: Path) -> None:
     r, w = os.pipe()
     async with trio.open_nursery() as nursery:
         await nursery.start(Keeper(owner_wait=5).serve, path)
+        assert os.stat(path).st_mode & 0o777 == 0o600  # as docs/failover.md says, as root too
         a = await KeeperClient.connect(path)
         assert await a.take(mp) is None  # nothing kept yet: the daemon mounts anew
         await a.register(mp, neg, [r, w])

@@ -1,5 +1,7 @@
-"""The filesystem of docs/tutorial.md: one directory of in-memory files.
+"""The filesystem of docs/tutorial.md, built from nodes.
 
+``/notes`` holds read-write files in memory, ``/squares/N`` is a file for every number N
+(looked up on demand), ``/now`` is the current time, and ``/README`` is a fixed text.
 Run it with ``python docs/examples/tutorialfs.py MOUNTPOINT [--debug] [-o OPTIONS]``.
 """
 
@@ -10,144 +12,140 @@ import errno
 import logging
 import os
 import stat
-import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import afuse
-from afuse import ROOT_ID
+from afuse import Attr, FOpen
+from afuse.nodes import Dir, DirItem, Node, NodeFS, current_caller
 
 
-class Node:
-    """A file: its attributes, its bytes and how many lookups the kernel holds on it."""
+class Note(Node):
+    """A regular file whose bytes live in memory."""
 
-    def __init__(self, attr: afuse.Attr) -> None:
-        self.attr = attr
+    def __init__(self, mode: int = 0o644) -> None:
+        super().__init__(stat.S_IFREG | (mode & 0o7777))
+        caller = current_caller()  # who created it owns it
+        now = time.time_ns()
+        self.attr = Attr(mode=self.mode, nlink=1, uid=caller.uid, gid=caller.gid,
+                         atime_ns=now, mtime_ns=now, ctime_ns=now)
         self.data = bytearray()
-        self.lookups = 0
+
+    async def getattr(self) -> Attr:
+        self.attr.size = len(self.data)
+        return self.attr  # ino 0: the bridge fills in the nodeid
+
+    async def open(self, flags: int) -> None:
+        if flags & os.O_TRUNC:
+            self.truncate(0)
+        # None: no file handle object; reads and writes come to this node.
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.data[offset:offset + size])
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if offset > len(self.data):
+            self.data.extend(bytes(offset - len(self.data)))
+        self.data[offset:offset + len(data)] = data
+        self.attr.mtime_ns = self.attr.ctime_ns = time.time_ns()
+        return len(data)
+
+    def truncate(self, size: int) -> None:
+        del self.data[size:]
+        self.data.extend(bytes(size - len(self.data)))
+        self.attr.mtime_ns = self.attr.ctime_ns = time.time_ns()
+
+    async def setattr(self, changes: afuse.SetattrRequest) -> Attr:
+        if changes.size is not None:
+            self.truncate(changes.size)
+        if changes.mode is not None:
+            self.attr.mode = stat.S_IFREG | (changes.mode & 0o7777)
+        if changes.mtime_ns is not None or changes.mtime_now:
+            self.attr.mtime_ns = time.time_ns() if changes.mtime_now else changes.mtime_ns or 0
+        return await self.getattr()
 
 
-class TutorialFS(afuse.Operations):
-    """A root directory holding regular files, kept in memory."""
+class Notes(Dir):
+    """A directory of notes: the bridge keeps its children; these methods say yes or no."""
+
+    async def create(self, name: bytes, flags: int, mode: int) -> Node:
+        if not name.endswith(b".txt"):
+            raise afuse.FUSEError(errno.EPERM)  # notes only
+        return Note(mode)
+
+    async def unlink(self, name: bytes) -> None:
+        pass  # allowed: the bridge removes the child
+
+    async def rename(self, name: bytes, newparent: Node, newname: bytes, flags: int) -> None:
+        if newparent is not self or not newname.endswith(b".txt"):
+            raise afuse.FUSEError(errno.EPERM)
+
+
+class Square(Node):
+    """The file ``/squares/N``: N squared, as text."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(stat.S_IFREG | 0o444, key=("square", n))
+        self.text = f"{n * n}\n".encode()
+
+    async def getattr(self) -> Attr:
+        return Attr(mode=self.mode, nlink=1, size=len(self.text))
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return self.text[offset:offset + size]
+
+
+class Squares(Node):
+    """A directory answering lookups itself: every number has a file, none is stored."""
 
     def __init__(self) -> None:
-        now = time.time_ns()
-        self.root = afuse.Attr(ino=ROOT_ID, mode=stat.S_IFDIR | 0o755, nlink=2, uid=os.getuid(),
-                               gid=os.getgid(), atime_ns=now, mtime_ns=now, ctime_ns=now)
-        self.names: dict[bytes, int] = {}  # file name -> nodeid
-        self.nodes: dict[int, Node] = {}  # nodeid -> file, until unlinked and forgotten
-        self.next_id = ROOT_ID + 1
+        super().__init__(stat.S_IFDIR | 0o555)
 
-    def node(self, nodeid: int) -> Node:
-        if nodeid not in self.nodes:  # the root: it cannot be opened, truncated or chmod-ed here
-            raise afuse.FUSEError(errno.EPERM if nodeid == ROOT_ID else errno.ENOENT)
-        return self.nodes[nodeid]
+    async def lookup(self, name: bytes) -> Node | None:
+        if not name.isdigit() or len(name) > 6:
+            return None  # ENOENT
+        return Square(int(name))
 
-    def touch(self, attr: afuse.Attr) -> None:
-        attr.mtime_ns = attr.ctime_ns = time.time_ns()
-
-    def resize(self, node: Node, size: int) -> None:
-        if size < len(node.data):
-            del node.data[size:]
-        else:
-            node.data.extend(bytes(size - len(node.data)))
-        node.attr.size = size
-        node.attr.blocks = (size + 511) // 512
-
-    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
-        if req.nodeid != ROOT_ID or req.name not in self.names:
-            raise afuse.FUSEError(errno.ENOENT)
-        nodeid = self.names[req.name]
-        self.nodes[nodeid].lookups += 1  # every Entry returned counts one lookup
-        return afuse.Entry(nodeid, self.nodes[nodeid].attr)
-
-    async def forget(self, req: afuse.ForgetRequest) -> None:
-        for item in req.items:
-            node = self.nodes[item.nodeid]
-            node.lookups -= item.nlookup
-            if node.lookups == 0 and node.attr.nlink == 0:
-                del self.nodes[item.nodeid]  # unlinked and unknown to the kernel: free it
-
-    async def getattr(self, req: afuse.GetattrRequest) -> afuse.Attr:
-        return self.root if req.nodeid == ROOT_ID else self.node(req.nodeid).attr
-
-    async def setattr(self, req: afuse.SetattrRequest) -> afuse.Attr:
-        node = self.node(req.nodeid)
-        if req.size is not None:  # truncate(2), ftruncate(2)
-            self.resize(node, req.size)
-            self.touch(node.attr)
-        if req.mode is not None:  # chmod(2); other changes are accepted and ignored
-            node.attr.mode = stat.S_IFMT(node.attr.mode) | stat.S_IMODE(req.mode)
-        return node.attr
-
-    async def readdir(self, req: afuse.ReaddirRequest) -> AsyncIterator[afuse.DirEntry]:
-        # Each entry carries the cookie of the next one: "." 1, ".." 2, a file nodeid + 2.
-        # Listing files in nodeid order keeps cookies valid while files come and go.
-        if req.offset < 1:
-            yield afuse.DirEntry(b".", 1, self.root)
-        if req.offset < 2:
-            yield afuse.DirEntry(b"..", 2, self.root)
-        for nodeid, name in sorted((nodeid, name) for name, nodeid in self.names.items()):
-            if nodeid + 2 > req.offset:
-                yield afuse.DirEntry(name, nodeid + 2, self.nodes[nodeid].attr)
-
-    async def open(self, req: afuse.OpenRequest) -> afuse.Handle:
-        node = self.node(req.nodeid)
-        if req.flags & os.O_TRUNC:  # open(O_TRUNC) comes here, not to setattr
-            self.resize(node, 0)
-            self.touch(node.attr)
-        return afuse.Handle()  # fh 0: read and write find the file by req.nodeid
-
-    async def read(self, req: afuse.ReadRequest) -> bytes:
-        return bytes(self.node(req.nodeid).data[req.offset : req.offset + req.size])
-
-    async def write(self, req: afuse.WriteRequest) -> int:
-        node = self.node(req.nodeid)
-        end = req.offset + len(req.data)
-        if end > len(node.data):
-            self.resize(node, end)
-        node.data[req.offset : end] = req.data
-        self.touch(node.attr)
-        return len(req.data)
-
-    async def create(self, req: afuse.CreateRequest) -> tuple[afuse.Entry, afuse.Handle]:
-        if req.nodeid != ROOT_ID:
-            raise afuse.FUSEError(errno.ENOENT)
-        if req.name in self.names:
-            raise afuse.FUSEError(errno.EEXIST)
-        nodeid, self.next_id = self.next_id, self.next_id + 1
-        now = time.time_ns()
-        node = Node(afuse.Attr(ino=nodeid, mode=req.mode, uid=req.uid, gid=req.gid,
-                               atime_ns=now, mtime_ns=now, ctime_ns=now))
-        node.lookups = 1  # the Entry returned counts one lookup, as in lookup()
-        self.nodes[nodeid] = node
-        self.names[req.name] = nodeid
-        self.touch(self.root)
-        return afuse.Entry(nodeid, node.attr), afuse.Handle()
-
-    async def unlink(self, req: afuse.UnlinkRequest) -> None:
-        if req.nodeid != ROOT_ID or req.name not in self.names:
-            raise afuse.FUSEError(errno.ENOENT)
-        nodeid = self.names.pop(req.name)
-        self.nodes[nodeid].attr.nlink = 0  # the kernel may still use it; forget() frees it
-        self.touch(self.root)
-        if self.nodes[nodeid].lookups == 0:
-            del self.nodes[nodeid]
+    async def readdir(self) -> Iterator[DirItem]:
+        return (DirItem(str(n).encode(), stat.S_IFREG) for n in range(1, 11))  # lists 1..10
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Serve on MOUNTPOINT in the foreground until Ctrl-C, SIGTERM, SIGHUP or an unmount."""
-    parser = argparse.ArgumentParser(description="A directory of in-memory files.")
+class Now(Node):
+    """The current time; read anew at every open (direct I/O: no page cache)."""
+
+    fopen = FOpen.DIRECT_IO
+
+    def __init__(self) -> None:
+        super().__init__(stat.S_IFREG | 0o444)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return time.strftime("%Y-%m-%d %H:%M:%S\n").encode()[offset:offset + size]
+
+
+def make_root() -> Dir:
+    """The tree: fixed text, a notes directory, the squares, the clock."""
+    return Dir({
+        "README": "Notes go in notes/, squares are in squares/, and now tells the time.\n",
+        "notes": Notes(),
+        "squares": Squares(),
+        "now": Now(),
+    })
+
+
+def make_fs() -> NodeFS:
+    """The filesystem: the tree, and the classes that appear in it only later."""
+    return NodeFS(make_root(), types=[Note, Square])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="tutorialfs", description="The tutorial's filesystem.")
     parser.add_argument("mountpoint")
-    parser.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma-separated")
+    parser.add_argument("-o", dest="options", action="append", default=[], help="mount options")
     parser.add_argument("--debug", action="store_true", help="log every request")
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        afuse.run(TutorialFS(), args.mountpoint, options=",".join(args.options))
-    except afuse.MountError as e:
-        sys.exit(f"error: {e}")
+    afuse.run(make_fs(), args.mountpoint, options=",".join(args.options))
 
 
 if __name__ == "__main__":
