@@ -439,23 +439,6 @@ class NodeFS(Operations):
         entry = await self._entry(child)
         return entry, self._opened(self._nodes[entry.nodeid], handle, what)
 
-    async def tmpfile(self, req: r.TmpfileRequest) -> tuple[Entry, Handle]:
-        """TMPFILE (O_TMPFILE): the directory's ``tmpfile(flags, mode) -> (Node, FileHandle | None)``;
-        the unnamed node joins no persistent tree."""
-        _set_caller(req)
-        parent = self.node(req.nodeid)
-        if not parent.is_dir:
-            raise FUSEError(errno.ENOTDIR)
-        fn = getattr(parent, "tmpfile", None)
-        if fn is None:
-            raise FUSEError(errno.EOPNOTSUPP)
-        what = f"{type(parent).__qualname__}.tmpfile"
-        res = await fn(req.flags, stat.S_IFREG | (req.mode & 0o7777))
-        if not (isinstance(res, tuple) and len(res) == 2):
-            raise HandlerResultError(f"{what} must return (Node, FileHandle | None)")
-        entry = await self._entry(self._node_result(what, res[0]))
-        return entry, self._opened(self._nodes[entry.nodeid], res[1], what)
-
     async def _removing(self, req: r.Request, name: bytes, method: str, want_dir: bool) -> None:
         _set_caller(req)
         parent = self.node(req.nodeid)
@@ -574,6 +557,23 @@ class NodeFS(Operations):
             return self._opened(node, None, "open")
         handle = await fn(req.flags)
         return self._opened(node, handle, f"{type(node).__qualname__}.open")
+
+    async def tmpfile(self, req: r.TmpfileRequest) -> tuple[Entry, Handle]:
+        """TMPFILE (O_TMPFILE): the directory's ``tmpfile(flags, mode) -> (Node, FileHandle | None)``;
+        the unnamed node joins no persistent tree."""
+        _set_caller(req)
+        parent = self.node(req.nodeid)
+        if not parent.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        fn = getattr(parent, "tmpfile", None)
+        if fn is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        what = f"{type(parent).__qualname__}.tmpfile"
+        res = await fn(req.flags, stat.S_IFREG | (req.mode & 0o7777))
+        if not (isinstance(res, tuple) and len(res) == 2):
+            raise HandlerResultError(f"{what} must return (Node, FileHandle | None)")
+        entry = await self._entry(self._node_result(what, res[0]))
+        return entry, self._opened(self._nodes[entry.nodeid], res[1], what)
 
     def handle(self, fh: int) -> FileHandle:
         """The open file handle with ``fh`` (EBADF if there is none)."""
