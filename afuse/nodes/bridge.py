@@ -10,6 +10,7 @@ passthrough backing files (one per node while open) and the caller of each reque
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -767,7 +768,7 @@ class NodeFS(Operations):
         """READDIR: the stream's snapshot from ``req.offset`` (offsets are snapshot positions)."""
         _stream, items = await self._items(req)
         return (DirEntry(name, i + 1, Attr(ino=ino or 0xFFFFFFFF, mode=mode))
-                for i, (name, mode, ino, _n) in enumerate(items) if i >= req.offset)
+                for i, (name, mode, ino, _n) in enumerate(itertools.islice(items, req.offset, None), req.offset))
 
     async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
         """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup."""
