@@ -7,7 +7,10 @@ Both daemons (separate processes, ``afuse.testing``'s) mirror one source directo
 workload by workload (A and B back to back), so load from other processes hits both alike; the
 report gives each side's median time per operation, B/A, and the median of the per-round B/A.
 Defaults: the low-level passthroughfs (A) and the node-based one (B).
-Workloads: create (open O_CREAT + close), stat, listdir of 200 entries, 4 KiB file read
+With ``--cpu N`` (default: the last CPU; ``--cpu -1`` for none) this process and both daemons
+run on that one CPU: on machines where waking an idle CPU is slow (VMs), a daemon that happens to
+run on another CPU than the client pays tens of microseconds per request, which would swamp
+the difference measured. Workloads: create (open O_CREAT + close), stat, listdir of 200 entries, 4 KiB file read
 (open, read, close) and write, GETATTR round trip (fstat of an open file), unlink.
 """
 
@@ -86,12 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("a", nargs="?", default="afuse.examples.lowlevel_passthroughfs:PassthroughFS")
     p.add_argument("b", nargs="?", default="afuse.examples.passthroughfs:PassthroughFS")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)))
     args = p.parse_args(argv)
     src = tempfile.mkdtemp(prefix="afuse-ab-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     times: dict[str, dict[str, list[float]]] = {name: {"A": [], "B": []} for name, _, _ in WORKLOADS}
     try:
         with mounted_process(args.a, [src]) as ma, mounted_process(args.b, [src]) as mb:
             mounts = {"A": ma.path, "B": mb.path}
+            if args.cpu >= 0:
+                for pid in (0, ma.proc.pid, mb.proc.pid):
+                    for tid in os.listdir(f"/proc/{pid or os.getpid()}/task"):  # every thread of it
+                        os.sched_setaffinity(int(tid), {args.cpu})
             for rnd in range(args.rounds):
                 order = ("A", "B") if rnd % 2 == 0 else ("B", "A")
                 dirs = {side: os.path.join(mounts[side], f"r{rnd}{side}") for side in order}
@@ -106,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                     os.rmdir(d)
     finally:
         shutil.rmtree(src, ignore_errors=True)
-    print(f"A = {args.a}\nB = {args.b}\n{args.rounds} interleaved rounds, median us per operation, "
+    where = f"on CPU {args.cpu}" if args.cpu >= 0 else "unpinned"
+    print(f"A = {args.a}\nB = {args.b}\n{args.rounds} interleaved rounds {where}, median us per operation, "
           f"1-min load average {os.getloadavg()[0]:.2f}\n")
     print(f"{'workload':<12} {'A us':>8} {'B us':>8} {'B/A':>6}  {'median of pair ratios':>21}")
     for name, _, _ in WORKLOADS:
