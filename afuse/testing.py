@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
@@ -39,6 +39,9 @@ from .operations import Operations
 from .running import serve_until_signalled
 from .session import Session, mount, serve
 from .wire.init import InitConfig
+
+if TYPE_CHECKING:
+    from .cuse import CuseSession, DeviceOperations
 
 T = TypeVar("T")
 
@@ -385,6 +388,71 @@ def _child_main(argv: Sequence[str]) -> int:
 
     trio.run(main)
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def served_device(
+    ops: DeviceOperations,
+    name: str,
+    *,
+    timeout: float = 20.0,
+    raise_handler_errors: bool = True,
+    **serve_kwargs: Any,
+) -> Iterator[CuseSession]:
+    """Serve CUSE device ``ops`` as /dev/``name`` in a background thread (see :mod:`afuse.cuse`).
+
+    The test thread may open and use ``session.path``. On exit the device is removed (its
+    connection aborted if serving does not stop within ``timeout``), and unexpected handler
+    exceptions are raised as :class:`HandlerErrors`.
+    """
+    from .cuse import serve_device
+
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            box["token"] = trio.lowlevel.current_trio_token()
+            box["scope"] = nursery.cancel_scope
+            session = await nursery.start(partial(serve_device, ops, name, **serve_kwargs))
+            box["session"] = session
+            started.set()
+            await session.wait_closed()
+            nursery.cancel_scope.cancel()
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as e:  # reported to the test thread
+            while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                e = e.exceptions[0]
+            box["error"] = e
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, name=f"afuse /dev/{name}", daemon=True)
+    thread.start()
+    if not started.wait(timeout):
+        raise TimeoutError(f"creating /dev/{name} did not finish within {timeout} s")
+    if "error" in box:
+        thread.join(timeout)
+        raise box["error"]
+    session: CuseSession = box["session"]
+    try:
+        yield session
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            box["token"].run_sync_soon(box["scope"].cancel)
+        thread.join(timeout)
+        if thread.is_alive():
+            with contextlib.suppress(OSError):
+                session.abort()
+            thread.join(timeout)
+    if "error" in box and not isinstance(box["error"], KeyboardInterrupt):
+        raise box["error"]
+    if raise_handler_errors and session.errors:
+        raise HandlerErrors(f"{len(session.errors)} handler error(s); first: {session.errors[0]!r}") \
+            from session.errors[0]
 
 
 def copy_tree(src: str, dst: str) -> None:
