@@ -21,11 +21,13 @@ Workloads:
               client pinned to one CPU, and unpinned
 6. pyfuse3    the same latency test on a pyfuse3 filesystem, if pyfuse3 is installed
 
-``--memfs`` adds afuse's in-memory MemFS as a third column for workloads 1-4 (afuse's own cost,
-without a backing filesystem). ``--tmpdir DIR`` puts the source directory (and mountpoints) on
-DIR's filesystem, e.g. /dev/shm to take the disk out of the native figures. For reference the
-latency section also times a 1-byte pipe ping-pong between two Python processes: the floor
-under any round trip to a daemon process on this machine.
+``--also-fs MODULE:FACTORY`` adds another passthrough filesystem on the same source as columns
+"also" for workloads 1-4 (two implementations compared in one run). ``--memfs`` adds afuse's
+in-memory MemFS as columns too (afuse's own cost, without a backing filesystem).
+``--tmpdir DIR`` puts the source directory (and mountpoints) on DIR's filesystem, e.g. /dev/shm
+to take the disk out of the native figures. For reference the latency section also times a
+1-byte pipe ping-pong between two Python processes: the floor under any round trip to a daemon
+process on this machine.
 
 Nothing here asserts anything about speed: it prints figures (and ``--json`` writes them).
 All mounts and temporary directories are removed on exit, Ctrl-C and failure. The figures are
@@ -61,6 +63,8 @@ from afuse import device  # noqa: E402  (after the path, so a plain checkout wor
 
 PASSTHROUGH = "afuse.examples.passthroughfs:PassthroughFS"
 MEMFS = "afuse.examples.memfs:MemFS"
+#: Extra columns of workloads 1-4: ``--memfs`` and ``--also-fs``'s filesystem.
+EXTRA_COLUMNS = ("memfs", "also")
 LATENCY_FS = "benchmarks._latencyfs:ZeroTimeoutHello"
 LISTING_TARGET = 500.0  # listings/s, afuse's target for a 2,000-entry directory
 LATENCY_TARGET = 15.0  # µs per GETATTR round trip, pinned
@@ -477,7 +481,7 @@ def compare(workload: Callable[[str, Config], dict[str, float]], name: str, root
 
 
 def run_filesystems(cfg: Config, factory: str, with_memfs: bool, pin: int | None, results: dict[str, Any],
-                    problems: list[str], tmp: str, log: Callable[[str], None]) -> None:
+                    problems: list[str], tmp: str, log: Callable[[str], None], also: str | None = None) -> None:
     src = tempfile.mkdtemp(prefix=PREFIX + "src-", dir=tmp)
     try:
         with contextlib.ExitStack() as stack:
@@ -488,6 +492,10 @@ def run_filesystems(cfg: Config, factory: str, with_memfs: bool, pin: int | None
                 mem = stack.enter_context(serving(afuse_daemon("memfs", MEMFS, [], cpu=pin), problems))
                 daemons.append(mem)
                 roots["memfs"] = mem.path
+            if also:
+                other = stack.enter_context(serving(afuse_daemon("also", also, [src], cpu=pin), problems))
+                daemons.append(other)
+                roots["also"] = other.path
             n = cfg.files
             plan: list[tuple[str, str, Callable[[str, Config], dict[str, float]], int, str]] = [
                 ("metadata", f"metadata, {n} files", wl_metadata, cfg.repeat, "ops/s"),
@@ -518,13 +526,15 @@ def run_filesystems(cfg: Config, factory: str, with_memfs: bool, pin: int | None
                         continue
                     unit_here = "entries/s" if phase == "readdir" else unit
                     extra: dict[str, Any] = {"target": LISTING_TARGET} if key == "listing" else {}
-                    if "memfs" in by_root:
-                        mem_fig = statistics.median(by_root["memfs"])
-                        extra["memfs"] = mem_fig
-                        extra["memfs_ratio"] = mem_fig / statistics.median(by_root["native"])
+                    for col in EXTRA_COLUMNS:
+                        if col in by_root:
+                            col_fig = statistics.median(by_root[col])
+                            extra[col] = col_fig
+                            extra[f"{col}_ratio"] = col_fig / statistics.median(by_root["native"])
                     out[phase] = figure(by_root["native"], by_root["afuse"], unit_here, **extra)
-                    if "memfs" in by_root:
-                        out[phase]["samples"]["memfs"] = by_root["memfs"]
+                    for col in EXTRA_COLUMNS:
+                        if col in by_root:
+                            out[phase]["samples"][col] = by_root[col]
                 results[key] = out
                 log(f"    done in {clock() - t:.1f} s")
         run_passthrough(cfg, src, pin, results, problems, log)
@@ -652,12 +662,12 @@ def fmt(value: float) -> str:
 
 
 def report(results: dict[str, Any]) -> str:
-    memfs = any(isinstance(f, dict) and "memfs" in f
-                for key in ("metadata", "sequential", "small_files", "listing")
-                for f in (results.get(key) or {}).values())
+    cols = [col for col in EXTRA_COLUMNS
+            if any(isinstance(f, dict) and col in f for key in ("metadata", "sequential", "small_files", "listing")
+                   for f in (results.get(key) or {}).values())]
     head = ["workload", "measure", "unit", "native", "afuse", "afuse/native"]
-    if memfs:
-        head += ["memfs", "memfs/native"]
+    for col in cols:
+        head += [col, f"{col}/native"]
     rows: list[list[str]] = [[*head, "note"]]
     for key in ("metadata", "sequential", "sequential_passthrough", "small_files", "listing", "latency"):
         section = results.get(key)
@@ -683,8 +693,8 @@ def report(results: dict[str, Any]) -> str:
                 note = (note + "; " if note else "") + "lower is better"
             row = [title, phase.replace("_", " "), fig["unit"], fmt(fig["native"]), fmt(fig["afuse"]),
                    f"{fig['ratio']:.3f}"]
-            if memfs:
-                row += [fmt(fig["memfs"]), f"{fig['memfs_ratio']:.3f}"] if "memfs" in fig else ["", ""]
+            for col in cols:
+                row += [fmt(fig[col]), f"{fig[f'{col}_ratio']:.3f}"] if col in fig else ["", ""]
             rows.append([*row, note])
             title = ""
     left = {0, 1, 2, len(head)}
@@ -764,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     p.add_argument("--fs", default=PASSTHROUGH, metavar="MODULE:FACTORY",
                    help=f"passthrough filesystem taking the source directory (default {PASSTHROUGH})")
+    p.add_argument("--also-fs", metavar="MODULE:FACTORY",
+                   help="also run workloads 1-4 on this passthrough filesystem (same source directory), as extra "
+                        "columns \"also\": e.g. afuse.examples.lowlevel_passthroughfs:PassthroughFS")
     p.add_argument("--memfs", action="store_true",
                    help="also run workloads 1-4 on afuse's in-memory MemFS (afuse overhead without a backing "
                         "filesystem), as extra columns")
@@ -806,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"afuse benchmarks ({'quick' if cfg.quick else 'full'}): passthroughfs vs native")
         if not args.latency_only:
             run_filesystems(cfg, args.fs, args.memfs, pick_cpu() if args.pin else None, results, problems, tmp,
-                            log)
+                            log, also=args.also_fs)
         log("latency")
         run_latency(cfg, results, problems, tmp, log, have_pyfuse3)
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ import trio
 
 from afuse.examples.failoverfs import file_handle, open_by_handle
 from afuse.failover import serve_failover
-from afuse.nodes import FDHandle, LoopbackNode, Node, NodeFS
+from afuse.nodes import LoopbackFS, LoopbackNode, Node
 from afuse.wire import requests as r
 from afuse.wire.types import Entry, Handle
 
@@ -37,14 +37,7 @@ async def _maybe_slow() -> None:
 
 
 class HandleNode(LoopbackNode):
-    """A loopback node whose key survives the daemon: (dev, ino, handle type, handle)."""
-
-    def __init__(self, fd: int, st: os.stat_result) -> None:
-        super().__init__(fd, st)
-        fh = file_handle(fd)
-        if fh is None:
-            raise OSError("the source filesystem has no file handles")
-        self.key = (st.st_dev, st.st_ino, fh[0], fh[1])
+    """A loopback node that is slow, on request, after its changes took effect."""
 
     async def create(self, name: bytes, flags: int, mode: int) -> Any:
         res = await super().create(name, flags, mode)
@@ -79,12 +72,21 @@ class HandleNode(LoopbackNode):
         await _maybe_slow()
 
 
-class HandleFS(NodeFS):
-    """The bridge over :class:`HandleNode` s, restoring nodes by file handle."""
+class HandleFS(LoopbackFS):
+    """A loopback filesystem whose node keys survive the daemon: (dev, ino, handle type, handle);
+    a successor restores nodes by file handle."""
+
+    node_class = HandleNode
 
     def __init__(self, source: str) -> None:
-        super().__init__(HandleNode.root(source), types=[FDHandle])
         self.mount_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        super().__init__(source)
+
+    def node_key(self, fd: int, st: os.stat_result) -> Hashable:
+        fh = file_handle(fd)
+        if fh is None:
+            raise OSError("the source filesystem has no file handles")
+        return (st.st_dev, st.st_ino, fh[0], fh[1])
 
     def restore_node(self, key: Hashable) -> Node | None:
         assert isinstance(key, tuple)
@@ -97,7 +99,7 @@ class HandleFS(NodeFS):
         if (st.st_dev, st.st_ino) != (dev, ino):
             os.close(fd)
             return None
-        return HandleNode(fd, st)
+        return HandleNode(self, fd, st)
 
     async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
         res = await super().create(req)

@@ -809,12 +809,12 @@ async def test_negative_entries_cached_until_notified() -> None:
 
 
 def test_loopback_matches_native(fuse_mount: Mount, tmp_path: Any) -> None:
-    from afuse.nodes import LoopbackNode
+    from afuse.nodes import LoopbackFS
 
     native, src = str(tmp_path / "native"), str(tmp_path / "src")
     os.mkdir(native)
     os.mkdir(src)
-    fs = NodeFS(LoopbackNode.root(src), types=[FDHandle])
+    fs = LoopbackFS(src)
     m = fuse_mount(fs)
     got, want = _workload(m.path), _workload(native)
     assert got == want
@@ -826,16 +826,18 @@ def test_loopback_matches_native(fuse_mount: Mount, tmp_path: Any) -> None:
 
 
 def test_loopback_one_node_per_inode_and_descriptors_closed(fuse_mount: Mount, tmp_path: Any) -> None:
-    from afuse.nodes import LoopbackNode
+    from afuse.nodes import LoopbackFS, LoopbackNode
 
     src = str(tmp_path / "src")
     os.makedirs(os.path.join(src, "sub"))
     with open(os.path.join(src, "a"), "wb") as f:
         f.write(b"shared")
     os.link(os.path.join(src, "a"), os.path.join(src, "sub", "b"))  # one inode, two names
-    fs = NodeFS(LoopbackNode.root(src), types=[FDHandle])
+    fs = LoopbackFS(src)
     m = fuse_mount(fs, config=afuse.InitConfig(passthrough=True))
     fds_mounted = set(os.listdir("/proc/self/fd"))
+    assert m.session.backing is not None
+    probed = m.session.backing.opened  # LoopbackFS tries BACKING_OPEN once at INIT
     a, b = os.stat(m.join("a")), os.stat(m.join("sub", "b"))
     assert a.st_ino == b.st_ino == os.stat(os.path.join(src, "a")).st_ino and a.st_nlink == 2
     live = [n for n in fs.nodes.values() if isinstance(n, LoopbackNode) and n is not fs.root]
@@ -844,7 +846,7 @@ def test_loopback_one_node_per_inode_and_descriptors_closed(fuse_mount: Mount, t
         f.write(b"SHARED")
     with open(os.path.join(src, "a"), "rb") as f:
         assert f.read() == b"SHARED"
-    assert m.session.backing is not None and m.session.backing.opened == 1
+    assert m.session.backing.opened == probed + 1
     os.listdir(m.join("sub"))
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("2\n")

@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -26,6 +26,7 @@ from afuse import device
 from afuse.dispatch import HandlerResultError
 from afuse.errors import FUSEError, NotNegotiated
 from afuse.examples.passthroughfs import PassthroughFS
+from afuse.nodes import LoopbackHandle
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.session import Session, current_session
 from afuse.testing import MountedFS, mounted
@@ -282,12 +283,13 @@ class _BadFlags(PassthroughFS):
 
     async def open(self, req: r.OpenRequest) -> Handle:
         h = await super().open(req)
-        name = os.readlink(f"/proc/self/fd/{h.fh}").rsplit("/", 1)[-1]
+        fd = cast(LoopbackHandle, self.handle(h.fh)).fd
+        name = os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]
         if name.startswith("bad"):
             return Handle(h.fh, FOpen.PASSTHROUGH | FOpen.KEEP_CACHE, backing_id=h.backing_id)
         if name.startswith("raise"):
-            current_session().open_backing(h.fh)  # registered, then the handler fails
-            os.close(h.fh)
+            current_session().open_backing(fd)  # registered, then the handler fails
+            await self.release(r.ReleaseRequest(req.unique, req.nodeid, 0, 0, 0, h.fh, 0, 0, 0))
             raise FUSEError(errno.EACCES)
         if name.startswith("unknown"):
             return Handle(h.fh, FOpen.PASSTHROUGH, backing_id=999_999)

@@ -49,7 +49,7 @@ import attrs
 import trio
 
 from afuse.errors import FUSEError
-from afuse.examples.passthroughfs import PassthroughFS, _Inode
+from afuse.examples.lowlevel_passthroughfs import PassthroughFS, _Inode
 from afuse.wire import requests as r
 from afuse.wire.constants import ROOT_ID
 from afuse.wire.types import DirEntry, Entry, Handle
@@ -480,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True, help="where nodeids and open files are journaled")
     parser.add_argument("--upgrade", action="store_true",
                         help="take over from the running daemon gracefully (it drains and exits)")
-    parser.add_argument("--timeout", type=float, default=1.0, help="entry and attribute cache time (s)")
+    parser.add_argument("--timeout", type=float, default=0.0,
+                        help="entry and attribute cache time (s; default 0: coherent with SOURCE)")
     parser.add_argument("--readers", type=int, default=2, help="descriptors reading requests")
     parser.add_argument("--events", help="append timing events (JSON lines) to this file")
     parser.add_argument("--take-wait", type=float, default=None,

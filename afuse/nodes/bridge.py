@@ -15,6 +15,7 @@ so a tree of nodes with stable keys can fail over (see docs/nodes.md, "Failover"
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -64,6 +65,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "removexattr": ("removexattr",), "access": ("access",), "getlk": ("getlk",),
     "setlk": ("setlk",), "flock": ("flock",), "fallocate": ("fallocate",), "lseek": ("lseek",),
     "copy_file_range": ("copy_file_range",), "ioctl": ("ioctl",), "poll": ("poll",),
+    "tmpfile": ("tmpfile",),
 }
 _DOTS = (b".", b"..")
 _ACCMODE = os.O_ACCMODE
@@ -735,6 +737,30 @@ class NodeFS(Operations):
         handle = await fn(req.flags)
         return self._opened(node, handle, f"{type(node).__qualname__}.open", req.flags)
 
+    async def tmpfile(self, req: r.TmpfileRequest) -> tuple[Entry, Handle]:
+        """TMPFILE (O_TMPFILE): the directory's ``tmpfile(flags, mode) -> (Node, FileHandle | None)``;
+        the unnamed node joins no persistent tree."""
+        _set_caller(req)
+        parent = self.node(req.nodeid)
+        if not parent.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        fn = getattr(parent, "tmpfile", None)
+        if fn is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        what = f"{type(parent).__qualname__}.tmpfile"
+        res = await fn(req.flags, stat.S_IFREG | (req.mode & 0o7777))
+        if not (isinstance(res, tuple) and len(res) == 2):
+            raise HandlerResultError(f"{what} must return (Node, FileHandle | None)")
+        entry = await self._entry(self._node_result(what, res[0]))
+        return entry, self._opened(self._nodes[entry.nodeid], res[1], what, req.flags)
+
+    def handle(self, fh: int) -> FileHandle:
+        """The open file handle with ``fh`` (EBADF if there is none)."""
+        got = self._handles.get(fh)
+        if got is None:
+            raise FUSEError(errno.EBADF)
+        return got[1]
+
     async def _open_file(self, req: r.Request, fh: int) -> tuple[Node, FileHandle | None]:
         _set_caller(req)
         if fh:
@@ -948,7 +974,7 @@ class NodeFS(Operations):
         """READDIR: the stream's snapshot from ``req.offset`` (offsets are snapshot positions)."""
         _stream, items = await self._items(req)
         return (DirEntry(name, i + 1, Attr(ino=ino or 0xFFFFFFFF, mode=mode))
-                for i, (name, mode, ino, _n) in enumerate(items) if i >= req.offset)
+                for i, (name, mode, ino, _n) in enumerate(itertools.islice(items, req.offset, None), req.offset))
 
     async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
         """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup."""
@@ -968,8 +994,9 @@ class NodeFS(Operations):
                     try:
                         child = await self._child(parent, name)
                     except (FUSEError, OSError) as e:
-                        if e.errno != errno.ENOENT:
-                            raise
+                        if e.errno != errno.ENOENT:  # e.g. EACCES: a directory readable, not searchable
+                            yield DirEntry(name, i + 1, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
+                            continue
                     if child is None:
                         continue  # vanished since the listing
                     child = self._canonical(child)
