@@ -40,7 +40,7 @@ import trio
 from .device import Mount, MountOptions, set_nonblocking
 from .errors import FUSEError, MountError, SessionError
 from .operations import Operations
-from .readers import END_ERRNOS
+from .readers import read_one
 from .session import _CURRENT, Session, Takeover
 from .wire import replies
 from .wire import requests as r
@@ -224,17 +224,9 @@ class CuseSession(Session):
     async def _cuse_handshake(self) -> None:
         fd = self.mount.fd
         buf = bytearray(8192)
-        while True:
-            try:
-                n = os.readv(fd, (buf,))
-                break
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-            except OSError as e:
-                if e.errno in END_ERRNOS:
-                    raise SessionError("the CUSE channel closed before CUSE_INIT") from e
-                if e.errno not in (errno.EINTR, errno.ENOENT):
-                    raise
+        n = await read_one(fd, buf)
+        if n is None:
+            raise SessionError("the CUSE channel closed before CUSE_INIT")
         req = self.decoder.decode(memoryview(buf)[:n])
         if not isinstance(req, r.CuseInitRequest):
             raise SessionError(f"expected CUSE_INIT from the kernel, got {type(req).opcode.name}")

@@ -28,7 +28,7 @@ from .wire.constants import UNIQUE_RESEND
 
 log = logging.getLogger("afuse")
 
-__all__ = ["END_ERRNOS", "MAX_EARLY_INTERRUPTS", "ReaderPool"]
+__all__ = ["END_ERRNOS", "MAX_EARLY_INTERRUPTS", "ReaderPool", "read_one"]
 
 #: Interrupts whose request has not been read yet are remembered; this many at most.
 MAX_EARLY_INTERRUPTS = 1024
@@ -37,6 +37,24 @@ END_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF)
 
 #: ``serve(fd, data, worker_scope)``: serve one request; True if its handler blocked.
 Serve = Callable[[int, memoryview, trio.CancelScope], Awaitable[bool]]
+
+
+async def read_one(fd: int, buf: bytearray) -> int | None:
+    """Read one message from non-blocking ``fd`` into ``buf`` (waiting for one); its length, or
+    None when the connection has ended. For a session's first message; readers use the pool."""
+    while True:
+        try:
+            return os.readv(fd, (buf,))
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+        except InterruptedError:
+            pass
+        except OSError as e:
+            if e.errno == errno.ENOENT:  # interrupted while being read
+                continue
+            if e.errno in END_ERRNOS:
+                return None
+            raise
 
 
 class ReaderPool:

@@ -29,7 +29,7 @@ from .dispatch import Dispatcher, check_operations
 from .errors import MountError, NotNegotiated, SessionError
 from .operations import Mountable, Operations, as_operations
 from .passthrough import BackingFile, BackingTable
-from .readers import END_ERRNOS, ReaderPool
+from .readers import END_ERRNOS, ReaderPool, read_one
 from .wire import replies
 from .wire import requests as r
 from .wire.connection import Connection
@@ -234,17 +234,9 @@ class Session:
         buf = bytearray(1 << 16)
         wanted = self.dispatcher.wanted_flags(self.config)
         while True:
-            while True:
-                try:
-                    n = os.readv(fd, (buf,))
-                    break
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(fd)
-                except OSError as e:
-                    if e.errno in END_ERRNOS:
-                        raise SessionError("the connection closed before INIT") from e
-                    if e.errno not in (errno.EINTR, errno.ENOENT):
-                        raise
+            n = await read_one(fd, buf)
+            if n is None:
+                raise SessionError("the connection closed before INIT")
             try:
                 step = self.connection.init(memoryview(buf)[:n], wanted)
             except ProtocolError as e:

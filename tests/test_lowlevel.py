@@ -6,45 +6,35 @@ The module is loaded from its path, so what docs/lowlevel.md shows is what runs 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import logging
 import mmap
 import os
-import re
 import signal
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from doc_helpers import ROOT, load_example, mounted, python_blocks, read, wait
 
 import afuse
 import afuse.notify
 from afuse import device, testing
 from afuse.testing import MountFactory, ProcessMountFactory
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "lowlevelfs.py"
 
 
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lowlevelfs", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 if TYPE_CHECKING:
     from lowlevelfs import LowLevelFS  # docs/examples is on mypy's path (pyproject.toml)
 else:
-    LowLevelFS = _load(EXAMPLE).LowLevelFS
+    LowLevelFS = load_example(EXAMPLE).LowLevelFS
 
 
 def _umask() -> int:
@@ -53,26 +43,12 @@ def _umask() -> int:
     return mask
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
-def _wait(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
-def _mounted(path: str) -> bool:
-    return os.path.realpath(path) in [mp for mp, _type, _src in device.find_mounts()]
 
 
-def _python_blocks(doc: Path) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", doc.read_text(), re.M | re.S)
 
 
 @pytest.mark.parametrize("doc", ["lowlevel.md", "testing.md", "asyncio.md"])
@@ -81,7 +57,7 @@ def test_python_blocks_are_verbatim(doc: str) -> None:
     asyncio example and its tests."""
     sources = EXAMPLE.read_text() + Path(__file__).read_text() + (ROOT / "tests" / "test_asyncio.py").read_text() \
         + (ROOT / "afuse" / "examples" / "hello_asyncio.py").read_text()
-    blocks = _python_blocks(ROOT / "docs" / doc)
+    blocks = python_blocks(ROOT / "docs" / doc)
     assert blocks
     for block in blocks:
         assert block in sources, f"{doc}: not verbatim in lowlevelfs.py or test_lowlevel.py:\n{block}"
@@ -104,7 +80,7 @@ def test_create_write_read_getattr(fuse_mount: MountFactory) -> None:
     m = fuse_mount(ops)
     with open(m.join("notes.txt"), "wb") as f:  # LOOKUP (ENOENT), CREATE, WRITE, RELEASE
         f.write(b"hello\n")
-    assert _read(m.join("notes.txt")) == b"hello\n"  # LOOKUP, OPEN, READ
+    assert read(m.join("notes.txt")) == b"hello\n"  # LOOKUP, OPEN, READ
     st = os.stat(m.join("notes.txt"))
     assert stat.S_ISREG(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o666 & ~_umask()
@@ -132,11 +108,11 @@ def test_writes_at_offsets_and_large_files(fuse_mount: MountFactory) -> None:
         os.close(fd)
     with open(path, "ab") as f:
         f.write(b"+")
-    assert _read(path) == b"head" + bytes(6) + b"tail+"
+    assert read(path) == b"head" + bytes(6) + b"tail+"
     big = os.urandom(3 * 1024 * 1024 + 123)  # several WRITE and READ requests
     with open(m.join("big"), "wb") as f:
         f.write(big)
-    assert _read(m.join("big")) == big
+    assert read(m.join("big")) == big
     assert os.stat(m.join("big")).st_blocks == (len(big) + 511) // 512
 
 
@@ -147,7 +123,7 @@ def test_open_with_o_trunc_empties_the_file(fuse_mount: MountFactory) -> None:
         f.write(b"a long first version")
     with open(path, "wb") as f:  # OPEN with O_TRUNC (atomic_o_trunc): no SETATTR
         f.write(b"v2")
-    assert _read(path) == b"v2"
+    assert read(path) == b"v2"
     assert os.stat(path).st_size == 2
 
 
@@ -157,12 +133,12 @@ def test_setattr_truncate_and_chmod(fuse_mount: MountFactory) -> None:
     with open(path, "wb") as f:
         f.write(b"0123456789")
     os.truncate(path, 4)  # SETATTR size
-    assert _read(path) == b"0123"
+    assert read(path) == b"0123"
     os.truncate(path, 6)
-    assert _read(path) == b"0123\0\0"
+    assert read(path) == b"0123\0\0"
     with open(path, "r+b") as f:
         os.ftruncate(f.fileno(), 1)  # SETATTR size with the handle
-    assert _read(path) == b"0"
+    assert read(path) == b"0"
     os.chmod(path, 0o600)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_ISREG(os.stat(path).st_mode)
@@ -216,7 +192,7 @@ def test_unlink(fuse_mount: MountFactory) -> None:
     finally:
         os.close(fd)
     # Closing drops the kernel's inode, which sends FORGET: the file is freed.
-    assert _wait(lambda: nodeid not in ops.nodes)
+    assert wait(lambda: nodeid not in ops.nodes)
 
 
 def test_debug_log_has_a_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
@@ -247,7 +223,7 @@ def test_mmap(fuse_mount_process: ProcessMountFactory, monkeypatch: pytest.Monke
         assert mm[:4] == b"0123"  # a page fault, answered by READ in the child
         mm[:4] = b"abcd"
         mm.flush()  # WRITE of the dirty page
-    assert _read(m.join("f")) == b"abcd456789"
+    assert read(m.join("f")) == b"abcd456789"
 
 
 # -- afuse.testing.trio_mount: trio tests touch the mount only from threads ---------------------
@@ -299,11 +275,11 @@ async def test_mount_form_serves_until_unmounted(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_until_unmounted, mp)
-            assert await trio.to_thread.run_sync(_wait, lambda: _mounted(mp))
+            assert await trio.to_thread.run_sync(wait, lambda: mounted(mp))
             await trio.Path(mp, "f").write_bytes(b"data")
             assert await trio.Path(mp, "f").read_bytes() == b"data"
             await trio.run_process(["umount", mp])  # serve_until_unmounted returns
-    assert not _mounted(mp)
+    assert not mounted(mp)
 
 
 def test_command_line_with_debug(tmp_path: Path) -> None:
@@ -313,11 +289,11 @@ def test_command_line_with_debug(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(EXAMPLE), mp, "--debug", "-o", "fsname=afuse-lowlevel"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
-        assert _wait(lambda: _mounted(mp) or proc.poll() is not None)
+        assert wait(lambda: mounted(mp) or proc.poll() is not None)
         assert proc.poll() is None
         with open(os.path.join(mp, "f"), "wb") as f:
             f.write(b"cli")
-        assert _read(os.path.join(mp, "f")) == b"cli"
+        assert read(os.path.join(mp, "f")) == b"cli"
         assert (os.path.realpath(mp), "fuse", "afuse-lowlevel") in device.find_mounts()
         proc.send_signal(signal.SIGTERM)  # unmounts and exits 0
         _out, err = proc.communicate(timeout=20)
@@ -325,10 +301,10 @@ def test_command_line_with_debug(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if _mounted(mp):
+        if mounted(mp):
             device.unmount(mp, lazy=True)
     assert proc.returncode == 0
-    assert not _mounted(mp)
+    assert not mounted(mp)
     assert " afuse DEBUG -> CREATE unique=" in err and " afuse DEBUG <- CREATE unique=" in err
     assert " afuse DEBUG -> WRITE unique=" in err
 
@@ -343,13 +319,13 @@ def test_errors_reach_the_caller(fuse_mount: MountFactory) -> None:
         os.chmod(m.path, 0o700)
     with open(m.join("f"), "wb") as f:  # no flush: the first close answers ENOSYS, then none come
         f.write(b"x")
-    assert _read(m.join("f")) == b"x"
+    assert read(m.join("f")) == b"x"
 
 
 @pytest.mark.trio
 async def test_readdirplus_example_of_the_operations_reference() -> None:
     """docs/operations.md's readdirplus counts exactly the entries the kernel took."""
-    (block,) = [b for b in _python_blocks(ROOT / "docs" / "operations.md") if "class PlusFS" in b]
+    (block,) = [b for b in python_blocks(ROOT / "docs" / "operations.md") if "class PlusFS" in b]
     namespace: dict[str, Any] = {  # the block's names: exec'd code is dynamic
         "LowLevelFS": LowLevelFS, "afuse": afuse, "Iterator": Iterator, "AsyncIterator": AsyncIterator}
     exec(block, namespace)

@@ -6,7 +6,6 @@ The module is loaded from its path, so what docs/tutorial.md shows is what runs 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import logging
 import os
 import re
@@ -15,53 +14,33 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from doc_helpers import ROOT, load_example, mounted, read, wait
 
 import afuse
 import afuse.notify
 from afuse import device, testing
 from afuse.testing import MountFactory
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "tutorialfs.py"
 
 
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tutorialfs", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 if TYPE_CHECKING:
     from tutorialfs import make_fs  # docs/examples is on mypy's path (pyproject.toml)
 else:
-    make_fs = _load(EXAMPLE).make_fs
+    make_fs = load_example(EXAMPLE).make_fs
 
 
-def _wait(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
-def _mounted(path: str) -> bool:
-    return os.path.realpath(path) in [mp for mp, _type, _src in device.find_mounts()]
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def test_python_blocks_are_verbatim() -> None:
@@ -87,9 +66,9 @@ def test_step_1_a_tree_of_plain_values(tmp_path: Path) -> None:
     os.mkdir(mp)
     proc = subprocess.Popen([sys.executable, "-c", STEP_1.replace("/mnt/hello", mp)], stderr=subprocess.PIPE)
     try:
-        assert _wait(lambda: _mounted(mp) or proc.poll() is not None)
-        assert _read(os.path.join(mp, "hello.txt")) == b"Hello, world!\n"
-        assert _read(os.path.join(mp, "docs", "a.txt")) == b"A\n"
+        assert wait(lambda: mounted(mp) or proc.poll() is not None)
+        assert read(os.path.join(mp, "hello.txt")) == b"Hello, world!\n"
+        assert read(os.path.join(mp, "docs", "a.txt")) == b"A\n"
         assert sorted(os.listdir(mp)) == ["docs", "hello.txt"]
         with pytest.raises(PermissionError):
             open(os.path.join(mp, "hello.txt"), "w")
@@ -99,9 +78,9 @@ def test_step_1_a_tree_of_plain_values(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if _mounted(mp):
+        if mounted(mp):
             device.unmount(mp, lazy=True)
-    assert not _mounted(mp)
+    assert not mounted(mp)
 
 
 # -- steps 2 and 3: notes ------------------------------------------------------------------------
@@ -125,12 +104,12 @@ def test_notes_behave_like_files(fuse_mount: MountFactory) -> None:
         f.write(b"0123456789")
         f.seek(20)
         f.write(b"x")  # a hole, filled with zeros
-    assert _read(path) == b"0123456789" + bytes(10) + b"x"
+    assert read(path) == b"0123456789" + bytes(10) + b"x"
     os.truncate(path, 4)
-    assert _read(path) == b"0123"
+    assert read(path) == b"0123"
     with open(path, "w") as f:  # O_TRUNC
         f.write("new")
-    assert _read(path) == b"new"
+    assert read(path) == b"new"
     os.chmod(path, 0o600)
     st = os.stat(path)
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 3
@@ -138,7 +117,7 @@ def test_notes_behave_like_files(fuse_mount: MountFactory) -> None:
     os.utime(path, ns=(1_000_000_000, 2_000_000_000))
     assert os.stat(path).st_mtime_ns == 2_000_000_000
     os.rename(path, m.join("notes", "m.txt"))
-    assert os.listdir(m.join("notes")) == ["m.txt"] and _read(m.join("notes", "m.txt")) == b"new"
+    assert os.listdir(m.join("notes")) == ["m.txt"] and read(m.join("notes", "m.txt")) == b"new"
     with pytest.raises(PermissionError):
         os.rename(m.join("notes", "m.txt"), m.join("notes", "m.doc"))  # refused by Notes.rename
     with pytest.raises(FileExistsError):
@@ -156,8 +135,8 @@ def test_notes_behave_like_files(fuse_mount: MountFactory) -> None:
 
 def test_squares(fuse_mount: MountFactory) -> None:
     m = fuse_mount(make_fs())
-    assert _read(m.join("squares", "12")) == b"144\n"
-    assert _read(m.join("squares", "999999")) == b"999998000001\n"
+    assert read(m.join("squares", "12")) == b"144\n"
+    assert read(m.join("squares", "999999")) == b"999998000001\n"
     assert sorted(os.listdir(m.join("squares")), key=int) == [str(n) for n in range(1, 11)]
     with pytest.raises(FileNotFoundError):
         os.stat(m.join("squares", "twelve"))
@@ -191,11 +170,11 @@ async def test_forgotten_squares_are_dropped() -> None:
 
 def test_now_is_read_anew(fuse_mount: MountFactory) -> None:
     m = fuse_mount(make_fs())
-    first = _read(m.join("now"))
+    first = read(m.join("now"))
     assert re.fullmatch(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\n", first)
     time.sleep(1.1)
-    assert _read(m.join("now")) != first  # no page cache in the way
-    assert _read(m.join("README")).startswith(b"Notes go in notes/")
+    assert read(m.join("now")) != first  # no page cache in the way
+    assert read(m.join("README")).startswith(b"Notes go in notes/")
 
 
 # -- running it ------------------------------------------------------------------------------------
@@ -214,10 +193,10 @@ async def test_mount_form_serves_until_unmounted(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_until_unmounted, mp)
-            assert await trio.to_thread.run_sync(_wait, lambda: _mounted(mp))
+            assert await trio.to_thread.run_sync(wait, lambda: mounted(mp))
             assert await trio.Path(mp, "squares", "3").read_bytes() == b"9\n"
             await trio.run_process(["umount", mp])  # serve_until_unmounted returns
-    assert not _mounted(mp)
+    assert not mounted(mp)
 
 
 def test_command_line_with_debug(tmp_path: Path) -> None:
@@ -227,11 +206,11 @@ def test_command_line_with_debug(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(EXAMPLE), mp, "--debug", "-o", "fsname=afuse-tutorial"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
-        assert _wait(lambda: _mounted(mp) or proc.poll() is not None)
+        assert wait(lambda: mounted(mp) or proc.poll() is not None)
         assert proc.poll() is None
         with open(os.path.join(mp, "notes", "a.txt"), "w") as f:
             f.write("cli")
-        assert _read(os.path.join(mp, "notes", "a.txt")) == b"cli"
+        assert read(os.path.join(mp, "notes", "a.txt")) == b"cli"
         assert (os.path.realpath(mp), "fuse", "afuse-tutorial") in device.find_mounts()
         proc.send_signal(signal.SIGTERM)  # unmounts and exits 0
         _out, err = proc.communicate(timeout=20)
@@ -239,10 +218,10 @@ def test_command_line_with_debug(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if _mounted(mp):
+        if mounted(mp):
             device.unmount(mp, lazy=True)
     assert proc.returncode == 0
-    assert not _mounted(mp)
+    assert not mounted(mp)
     assert " afuse DEBUG -> CREATE unique=" in err and "name=b'a.txt'" in err
     assert " afuse DEBUG <- WRITE unique=" in err
 

@@ -150,11 +150,16 @@ def _statfs(conn: ReplyState, req: r.Request, st: Any, what: str) -> bytes:
 
 def _xattr(conn: ReplyState, req: r.GetxattrRequest, value: Any, what: str) -> bytes:
     _check(value, _BYTES, what)
+    return _sized(req, value)
+
+
+def _sized(req: r.GetxattrRequest | r.ListxattrRequest, body: bytes | bytearray | memoryview) -> bytes:
+    """An xattr reply: its length when asked with size 0, ERANGE when it does not fit."""
     if req.size == 0:
-        return replies.xattr_size(req.unique, len(value))
-    if len(value) > req.size:
+        return replies.xattr_size(req.unique, len(body))
+    if len(body) > req.size:
         return replies.error(req.unique, errno.ERANGE)
-    return replies.data(req.unique, value)
+    return replies.data(req.unique, body)
 
 
 def _xattr_names(conn: ReplyState, req: r.ListxattrRequest, value: Any, what: str) -> bytes:
@@ -165,12 +170,7 @@ def _xattr_names(conn: ReplyState, req: r.ListxattrRequest, value: Any, what: st
     for n in names:
         if not isinstance(n, bytes) or not n or b"\0" in n:
             raise HandlerResultError(f"{what} returned an invalid name {n!r}")
-    body = replies.xattr_names(names)
-    if req.size == 0:
-        return replies.xattr_size(req.unique, len(body))
-    if len(body) > req.size:
-        return replies.error(req.unique, errno.ERANGE)
-    return replies.data(req.unique, body)
+    return _sized(req, replies.xattr_names(names))
 
 
 def _lock(conn: ReplyState, req: r.Request, lock: Any, what: str) -> bytes:
