@@ -32,7 +32,7 @@ _CURRENT: contextvars.ContextVar[RequestContext] = contextvars.ContextVar("afuse
 class RequestContext:
     """One request being served (see the module docstring)."""
 
-    __slots__ = ("_after", "connection", "fd", "handling", "request", "scope")
+    __slots__ = ("callbacks", "connection", "fd", "handling", "request", "scope")
 
     def __init__(self, connection: Connection | None, request: Request, fd: int,
                  scope: trio.CancelScope | None = None) -> None:
@@ -44,8 +44,9 @@ class RequestContext:
         #: The cancel scope an INTERRUPT of this request cancels.
         self.scope = scope
         #: True while the handler runs (resources taken then belong to the request).
-        self.handling = False
-        self._after: list[Callable[[bool], None]] | None = None
+        self.handling = True
+        #: What :meth:`after_reply` registered (None: nothing).
+        self.callbacks: list[Callable[[bool], None]] | None = None
 
     @property
     def unique(self) -> int:
@@ -54,13 +55,13 @@ class RequestContext:
 
     def after_reply(self, fn: Callable[[bool], None]) -> None:
         """Call ``fn(written)`` once the reply has been written (True) or could not be (False)."""
-        if self._after is None:
-            self._after = []
-        self._after.append(fn)
+        if self.callbacks is None:
+            self.callbacks = []
+        self.callbacks.append(fn)
 
     def finish(self, written: bool) -> None:
         """The reply was written (or not, or there is none): run the :meth:`after_reply` callbacks."""
-        after, self._after = self._after, None
+        after, self.callbacks = self.callbacks, None
         if after:
             for fn in after:
                 try:

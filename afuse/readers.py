@@ -79,7 +79,8 @@ class ReaderPool:
         self.inflight: dict[int, trio.CancelScope] = {}
         #: unique -> (when it blocked, on trio's clock; the request) for blocked handlers.
         self.blocked: dict[int, tuple[float, object]] = {}
-        self._early_interrupts: OrderedDict[int, None] = OrderedDict()
+        #: Interrupts that arrived before their request (request id -> None), oldest first.
+        self.early_interrupts: OrderedDict[int, None] = OrderedDict()
         self._fds: set[int] = set()  # descriptors this pool opened (and closes)
         self._lot = trio.lowlevel.ParkingLot()
         self._leader = False
@@ -155,16 +156,16 @@ class ReaderPool:
             scope.cancel()
             return
         # Not read yet (another daemon read it, or it is being resent): remember it.
-        self._early_interrupts[target & ~UNIQUE_RESEND] = None
-        if len(self._early_interrupts) > MAX_EARLY_INTERRUPTS:
-            self._early_interrupts.popitem(last=False)
+        self.early_interrupts[target & ~UNIQUE_RESEND] = None
+        if len(self.early_interrupts) > MAX_EARLY_INTERRUPTS:
+            self.early_interrupts.popitem(last=False)
 
     def interrupted_early(self, unique: int) -> bool:
         """True (once) if an INTERRUPT of ``unique`` arrived before the request itself."""
-        if self._early_interrupts:
+        if self.early_interrupts:
             key = unique & ~UNIQUE_RESEND
-            if key in self._early_interrupts:
-                del self._early_interrupts[key]
+            if key in self.early_interrupts:
+                del self.early_interrupts[key]
                 return True
         return False
 

@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from . import device
+from .context import _CURRENT as _REQUEST
 from .context import RequestContext, current_request_or_none
 from .device import Mount, MountOptions
 from .dispatch import Dispatcher, check_operations
@@ -79,6 +80,8 @@ class Session:
         self.backing: BackingTable | None = None
         self.dispatcher = Dispatcher(ops, self.connection)
         self.pool = ReaderPool(mnt.fd if mnt is not None else -1, readers, max_requests, private_clones)
+        self._decode = self.connection.decoder.decode  # the hot path's bound methods
+        self._handle = self.dispatcher.handle
         self._retrieve_waiters: dict[int, trio.MemorySendChannel[r.NotifyReplyRequest]] = {}
         self._workers_scope = trio.CancelScope(shield=True)
         #: Requests served so far (for tests and statistics).
@@ -313,7 +316,7 @@ class Session:
     async def _serve(self, fd: int, data: memoryview, wscope: trio.CancelScope) -> bool:
         """Serve one request read from ``fd``; True if its handler blocked."""
         try:
-            req = self.connection.decode(data)
+            req = self._decode(data)
         except UnknownOpcode as e:
             log.warning("%s; answering ENOSYS", e)
             _write(fd, replies.error(e.unique, errno.ENOSYS), e.unique)
@@ -337,20 +340,21 @@ class Session:
             return False
         unique = req.unique
         t0 = time.perf_counter() if debug else 0.0
-        ctx = RequestContext(self.connection, req, fd, wscope)
-        ctx.enter()
-        if self.pool.interrupted_early(unique):
+        ctx = RequestContext(self.connection, req, fd, wscope)  # handling, until the handler is done
+        _set_request(ctx)
+        pool = self.pool
+        if pool.early_interrupts and pool.interrupted_early(unique):
             reply: bytes | None = replies.error(unique, errno.EINTR)
             blocked = False
         else:
-            ctx.handling = True
             try:
-                reply, blocked = await self.pool.drive(self.dispatcher.handle(req), unique, wscope, req)
+                reply, blocked = await pool.drive(self._handle(req), unique, wscope, req)
             finally:
                 ctx.handling = False
         self.served += 1
         written = reply is not None and _write(fd, reply, unique)
-        ctx.finish(written)
+        if ctx.callbacks is not None:
+            ctx.finish(written)
         if debug:
             log.debug("<- %s unique=%d: %s in %.1f us%s", cls.opcode.name, unique, describe_reply(reply),
                       (time.perf_counter() - t0) * 1e6, "" if written or reply is None else " (not delivered)")
@@ -380,6 +384,9 @@ class Session:
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         send.close()
+
+
+_set_request = _REQUEST.set
 
 
 def _write(fd: int, data: bytes, unique: int) -> bool:

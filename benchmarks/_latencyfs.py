@@ -1,8 +1,10 @@
 """Filesystems for the GETATTR round-trip benchmark (``benchmarks/bench.py``).
 
-* :class:`ZeroTimeoutHello` — afuse's HelloFS with ``attr_timeout = 0``, so every ``stat`` of
-  ``hello`` is one GETATTR round trip (the name stays cached: ``entry_timeout = 3600``).
-  Served by ``python -m afuse.testing benchmarks._latencyfs:ZeroTimeoutHello MOUNTPOINT -o ''``.
+* :class:`ZeroTimeoutHello` — a one-file filesystem on the low-level ``afuse.Operations`` API
+  with ``attr_timeout = 0``, so every ``stat`` of ``hello`` is one GETATTR round trip (the name
+  stays cached: ``entry_timeout = 3600``). Served by
+  ``python -m afuse.testing benchmarks._latencyfs:ZeroTimeoutHello MOUNTPOINT -o ''``.
+* :class:`ZeroTimeoutNodeHello` — the same on nodes (``afuse.examples.hello``, the NodeFS bridge).
 * ``python benchmarks/_latencyfs.py raw MOUNTPOINT`` — the same filesystem served by a bare
   blocking read/decode/reply loop on afuse's wire codecs (no session, no trio): the least a
   Python daemon can do per request.
@@ -14,13 +16,59 @@ The scripts print ``ready`` once mounted and unmount on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import errno
+import stat
 import sys
+import time
+from collections.abc import Iterator
 
-from afuse.examples.hello import HelloFS
+from afuse import Attr, DirEntry, Entry, FUSEError, Handle, Operations
+from afuse.examples.hello import DATA, NAME, HelloFS
+from afuse.wire import requests as r
+from afuse.wire.constants import ROOT_ID
+
+FILE_ID = 2
 
 
-class ZeroTimeoutHello(HelloFS):
-    """HelloFS whose attributes the kernel may never cache: one GETATTR per stat."""
+class ZeroTimeoutHello(Operations):
+    """One read-only file on the low-level API; its attributes are never cached: one GETATTR per stat."""
+
+    attr_timeout = 0.0
+    entry_timeout = 3600.0
+
+    def __init__(self) -> None:
+        now = time.time_ns()
+        self._root = Attr(ino=ROOT_ID, mode=stat.S_IFDIR | 0o755, nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now)
+        self._file = Attr(ino=FILE_ID, mode=stat.S_IFREG | 0o444, nlink=1, size=len(DATA),
+                          atime_ns=now, mtime_ns=now, ctime_ns=now)
+
+    async def getattr(self, req: r.GetattrRequest) -> Attr:
+        if req.nodeid == ROOT_ID:
+            return self._root
+        if req.nodeid == FILE_ID:
+            return self._file
+        raise FUSEError(errno.ENOENT)
+
+    async def lookup(self, req: r.LookupRequest) -> Entry:
+        if req.nodeid != ROOT_ID or req.name != NAME:
+            raise FUSEError(errno.ENOENT)
+        return Entry(FILE_ID, self._file)
+
+    async def readdir(self, req: r.ReaddirRequest) -> Iterator[DirEntry]:
+        entries = [DirEntry(b".", 1, self._root), DirEntry(b"..", 2, self._root), DirEntry(NAME, 3, self._file)]
+        return iter(entries[req.offset:])
+
+    async def open(self, req: r.OpenRequest) -> Handle:
+        if req.nodeid != FILE_ID:
+            raise FUSEError(errno.EISDIR if req.nodeid == ROOT_ID else errno.ENOENT)
+        return Handle()
+
+    async def read(self, req: r.ReadRequest) -> bytes:
+        return DATA[req.offset : req.offset + req.size]
+
+
+class ZeroTimeoutNodeHello(HelloFS):
+    """The hello example (nodes) with the same timeouts."""
 
     attr_timeout = 0.0
     entry_timeout = 3600.0

@@ -66,6 +66,7 @@ MEMFS = "afuse.examples.memfs:MemFS"
 #: Extra columns of workloads 1-4: ``--memfs`` and ``--also-fs``'s filesystem.
 EXTRA_COLUMNS = ("memfs", "also")
 LATENCY_FS = "benchmarks._latencyfs:ZeroTimeoutHello"
+LATENCY_NODES_FS = "benchmarks._latencyfs:ZeroTimeoutNodeHello"
 LISTING_TARGET = 500.0  # listings/s, afuse's target for a 2,000-entry directory
 LATENCY_TARGET = 15.0  # µs per GETATTR round trip, pinned
 PASSTHROUGH_RATIO_TARGET = 0.9  # sequential throughput with FUSE passthrough, of native
@@ -604,6 +605,9 @@ def run_latency(cfg: Config, results: dict[str, Any], problems: list[str], tmp: 
     log("  GETATTR latency, afuse HelloFS (attr_timeout=0) ...")
     af_pinned, af_unpinned = measure(lambda pin: afuse_daemon(
         f"latency hello (cpu {pin})", LATENCY_FS, [], cpu=pin))
+    log("  GETATTR latency, the same file on nodes (NodeFS bridge) ...")
+    nodes_pinned, nodes_unpinned = measure(lambda pin: afuse_daemon(
+        f"nodes hello (cpu {pin})", LATENCY_NODES_FS, [], cpu=pin))
     if cfg.compare_tree:
         log(f"  GETATTR latency, afuse HelloFS from {cfg.compare_tree} ...")
         cmp_pinned, cmp_unpinned = measure(lambda pin: afuse_daemon(
@@ -623,6 +627,7 @@ def run_latency(cfg: Config, results: dict[str, Any], problems: list[str], tmp: 
                              "ratio": af_unpinned / native_unpinned, "higher_is_better": False},
         "pipe_roundtrip": {"unit": "us", "pinned": pipe_pinned, "unpinned": pipe_unpinned},
         "bare_loop": {"unit": "us", "pinned": raw_pinned, "unpinned": raw_unpinned},
+        "nodes": {"unit": "us", "pinned": nodes_pinned, "unpinned": nodes_unpinned},
     }
     if cfg.compare_tree:
         results["latency"]["compare"] = {
@@ -720,6 +725,10 @@ def report(results: dict[str, Any]) -> str:
                      f"{bare['unpinned']:.1f}")
         lines.append(f"  afuse (session, trio, dispatcher)                   {af_p:6.1f} / {af_u:.1f}"
                      f"   -> afuse/bare loop {af_p / bare['pinned']:.2f} / {af_u / bare['unpinned']:.2f}")
+        nodes = lat.get("nodes")
+        if nodes:
+            lines.append(f"  afuse nodes (the same file through NodeFS)          {nodes['pinned']:6.1f} / "
+                         f"{nodes['unpinned']:.1f}")
         other = lat.get("compare")
         if other:
             again = other["this_tree_again"]

@@ -11,6 +11,8 @@ from .requests import ProtocolError, Request, UnknownOpcode
 
 __all__ = ["Decoder"]
 
+_HEADER = S.IN_HEADER.unpack_from
+
 
 class Decoder:
     """Turns one request's bytes into a :class:`Request`, by the opcode table.
@@ -20,16 +22,18 @@ class Decoder:
     :meth:`register` adds opcodes to this decoder only.
     """
 
-    __slots__ = ("_specs", "setxattr_ext")
+    __slots__ = ("_decoders", "_specs", "setxattr_ext")
 
     def __init__(self, setxattr_ext: bool = False) -> None:
         self.setxattr_ext = setxattr_ext
         self._specs: dict[int, OpSpec] = dict(BY_OPCODE)
+        self._decoders = {op: spec.decode for op, spec in self._specs.items()}  # the hot path's view
 
     def register(self, *specs: OpSpec) -> None:
         """Decode these opcodes too (e.g. the experimental :data:`afuse.wire.iomap.OPCODES`)."""
         for spec in specs:
             self._specs[spec.opcode] = spec
+            self._decoders[spec.opcode] = spec.decode
 
     def spec(self, opcode: int) -> OpSpec | None:
         """The table's record for ``opcode`` in this decoder, or None."""
@@ -37,22 +41,25 @@ class Decoder:
 
     def decode(self, buf: bytes | bytearray | memoryview) -> Request:
         """Decode one complete request; raises :class:`ProtocolError` for malformed input."""
-        mv = memoryview(buf)
-        if len(mv) < 40:
-            raise ProtocolError(f"request of {len(mv)} bytes is shorter than its header")
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = S.IN_HEADER.unpack_from(mv)
-        if length != len(mv):
-            raise ProtocolError(f"header says {length} bytes, read {len(mv)}", unique, opcode)
-        spec = self._specs.get(opcode)
-        if spec is None:
+        mv = buf if type(buf) is memoryview else memoryview(buf)
+        size = len(mv)
+        if size < 40:
+            raise ProtocolError(f"request of {size} bytes is shorter than its header")
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _HEADER(mv)
+        if length != size:
+            raise ProtocolError(f"header says {length} bytes, read {size}", unique, opcode)
+        decode = self._decoders.get(opcode)
+        if decode is None:
             raise UnknownOpcode(f"unknown opcode {opcode}", unique, opcode)
-        end = length - extlen * 8
-        if end < 40:
-            raise ProtocolError("extensions longer than the request", unique, opcode)
         try:
-            if extlen and spec.extensions:
-                return spec.decode(self, (unique, nodeid, uid, gid, pid), mv[40:end], mv[end:])
-            return spec.decode(self, (unique, nodeid, uid, gid, pid), mv[40:end])
+            if extlen:
+                end = length - extlen * 8
+                if end < 40:
+                    raise ProtocolError("extensions longer than the request", unique, opcode)
+                if self._specs[opcode].extensions:
+                    return decode(self, (unique, nodeid, uid, gid, pid), mv[40:end], mv[end:])
+                return decode(self, (unique, nodeid, uid, gid, pid), mv[40:end])
+            return decode(self, (unique, nodeid, uid, gid, pid), mv[40:])
         except ProtocolError as e:
             e.unique, e.opcode = unique, opcode
             raise

@@ -103,8 +103,10 @@ def _entry(conn: ReplyState, req: r.Request, e: Any, what: str) -> bytes:
 
 
 def _attr(conn: ReplyState, req: r.Request, a: Any, what: str) -> bytes:
-    _check(a, Attr, what)
-    _check_attr(a, what)
+    if type(a) is not Attr:
+        _check(a, Attr, what)
+    if not a.mode & _S_IFMT:
+        _check_attr(a, what)
     return replies.attr(req.unique, a, conn.attr_timeout)
 
 
