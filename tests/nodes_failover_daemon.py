@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from afuse.examples.failoverfs import file_handle, open_by_handle
+from afuse.examples.passthroughfs import file_handle, open_by_handle
 from afuse.failover import serve_failover
 from afuse.nodes import LoopbackFS, LoopbackNode, Node
 from afuse.wire import requests as r
@@ -99,7 +99,7 @@ class HandleFS(LoopbackFS):
         if (st.st_dev, st.st_ino) != (dev, ino):
             os.close(fd)
             return None
-        return HandleNode(self, fd, st)
+        return self.reopened(fd, st)
 
     async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
         res = await super().create(req)

@@ -6,13 +6,14 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..device import MountOptions
 from ..errors import MountError
 from ..operations import Operations
 from ..running import run_until_signalled
 from ..wire.init import InitConfig
+from ..wire.requests import Request
 
 
 def make_parser(description: str, source: bool = False, *, prog: str | None = None) -> argparse.ArgumentParser:
@@ -62,11 +63,16 @@ def add_failover_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--upgrade", action="store_true", help="failover: take over gracefully from the running one")
 
 
-def run_failover(ops: Operations, args: argparse.Namespace, name: str) -> int:
+def run_failover(
+    ops: Operations, args: argparse.Namespace, name: str, *, probe: Callable[[Request], None] | None = None,
+    on_drain: Callable[[], None] | None = None, on_serving: Callable[[], None] | None = None,
+) -> int:
     """Serve ``ops`` under :func:`afuse.failover.serve_failover` (``--keeper``, ``--state-dir``,
-    ``--upgrade``), printing ``ready`` once serving, until unmounted or signalled: SIGTERM, SIGHUP
-    and SIGINT drain (the mount stays for the next daemon). Exit status 130 after SIGINT, else 0;
-    1 if serving failed, 2 for bad options."""
+    ``--upgrade``, and ``--take-wait``/``--readers`` if ``args`` has them), printing ``ready`` once
+    serving, until unmounted or signalled: SIGTERM, SIGHUP and SIGINT drain (the mount stays for the
+    next daemon). ``probe`` sees each request, ``on_drain`` is called when draining starts,
+    ``on_serving`` once serving. Exit status 130 after SIGINT, else 0; 1 if serving failed, 2 for
+    bad options."""
     from functools import partial
 
     import trio
@@ -87,10 +93,15 @@ def run_failover(ops: Operations, args: argparse.Namespace, name: str) -> int:
         async with trio.open_nursery() as nursery:
             session = await nursery.start(lambda task_status: serve_failover(
                 ops, args.mountpoint, keeper=args.keeper, state_dir=args.state_dir, options=options,
-                upgrade=args.upgrade, task_status=task_status))
+                upgrade=args.upgrade, take_wait=getattr(args, "take_wait", None),
+                readers=getattr(args, "readers", 2), probe=probe, on_drain=on_drain, task_status=task_status))
+            if on_serving is not None:
+                on_serving()
 
             async def drain(signum: signal.Signals) -> None:
                 signals.append(signum)
+                if on_drain is not None:
+                    on_drain()
                 await session.drain()  # hand over gracefully; the mount stays
 
             async with trio.open_nursery() as waiting:

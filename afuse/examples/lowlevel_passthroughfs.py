@@ -1,6 +1,6 @@
 """passthroughfs on the low-level :class:`afuse.Operations` API, in the manner of libfuse's
-passthrough_hp: the base of failoverfs (which journals its nodeid and handle tables) and the
-reference the node-based :mod:`afuse.examples.passthroughfs` is benchmarked against.
+passthrough_hp: the reference the node-based :mod:`afuse.examples.passthroughfs` (and
+failoverfs, which is that with failover on) is benchmarked against.
 
 Every inode the kernel knows is an ``O_PATH | O_NOFOLLOW`` descriptor of the source object,
 keyed by its ``(st_dev, st_ino)``, so one source inode always has one nodeid. All operations are

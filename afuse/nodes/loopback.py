@@ -555,6 +555,13 @@ class LoopbackFS(NodeFS):
             return live
         return self.node_class(self, fd, st)
 
+    def reopened(self, fd: int, st: os.stat_result) -> LoopbackNode:
+        """A node for the object at O_PATH descriptor ``fd`` (with stat ``st``) found again by
+        ``restore_node`` after a restart: its first getattr asks the source (``st`` may be old by then)."""
+        node = self.node_class(self, fd, st)
+        node._fresh = None
+        return node
+
     def node_key(self, fd: int, st: os.stat_result) -> Hashable:
         """The identity of the object at ``fd``: ``(st_dev, st_ino)``; a failover-capable
         subclass returns one a successor can reopen (e.g. a file handle, see ``restore_node``)."""
