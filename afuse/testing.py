@@ -117,6 +117,39 @@ def mounted(
     if isinstance(options, str):
         options = MountOptions.parse(options)
     path, made = _make_mountpoint(mountpoint)
+    try:
+        with _serving_thread(
+            partial(serve, ops, path, options=options, config=config, **serve_kwargs), f"afuse {path}", timeout,
+            lambda: MountError(0, f"mounting {path} did not finish within {timeout} s"),
+            _abort_mount, raise_handler_errors,
+        ) as (session, token):
+            yield MountedFS(path, session, ops, token)
+    finally:
+        _cleanup_mountpoint(path, made)
+
+
+S = TypeVar("S", bound=Session)
+
+
+def _abort_mount(session: Session) -> None:
+    session.mount.abort()
+
+
+@contextlib.contextmanager
+def _serving_thread(
+    start: Callable[..., Awaitable[None]],
+    label: str,
+    timeout: float,
+    timed_out: Callable[[], BaseException],
+    abort: Callable[[S], None],
+    raise_handler_errors: bool,
+) -> Iterator[tuple[S, trio.lowlevel.TrioToken]]:
+    """Run ``await nursery.start(start)`` in a trio loop of a background thread, for the block.
+
+    Yields the session and the loop's token. On exit serving is cancelled; a session whose
+    handler never finishes is aborted (``abort``) if the thread does not end within ``timeout``.
+    An error of the loop, then unexpected handler errors (:class:`HandlerErrors`), are raised.
+    """
     box: dict[str, Any] = {}
     started = threading.Event()
 
@@ -124,8 +157,7 @@ def mounted(
         async with trio.open_nursery() as nursery:
             box["token"] = trio.lowlevel.current_trio_token()
             box["scope"] = nursery.cancel_scope
-            session = await nursery.start(
-                partial(serve, ops, path, options=options, config=config, **serve_kwargs))
+            session = await nursery.start(start)
             box["session"] = session
             started.set()
             await session.wait_closed()
@@ -141,18 +173,16 @@ def mounted(
         finally:
             started.set()
 
-    thread = threading.Thread(target=run, name=f"afuse {path}", daemon=True)
+    thread = threading.Thread(target=run, name=label, daemon=True)
     thread.start()
     if not started.wait(timeout):
-        _cleanup_mountpoint(path, made)
-        raise MountError(0, f"mounting {path} did not finish within {timeout} s")
+        raise timed_out()
     if "error" in box:
         thread.join(timeout)
-        _cleanup_mountpoint(path, made)
         raise box["error"]
-    session: Session = box["session"]
+    session: S = box["session"]
     try:
-        yield MountedFS(path, session, ops, box["token"])
+        yield session, box["token"]
     finally:
         with contextlib.suppress(RuntimeError):  # the loop already ended
             box["token"].run_sync_soon(box["scope"].cancel)
@@ -160,9 +190,8 @@ def mounted(
         if thread.is_alive():
             # A handler that never finishes: abort the connection, which fails every request.
             with contextlib.suppress(OSError):
-                session.mount.abort()
+                abort(session)
             thread.join(timeout)
-        _cleanup_mountpoint(path, made)
     if "error" in box and not isinstance(box["error"], KeyboardInterrupt):
         raise box["error"]
     if raise_handler_errors and session.errors:
@@ -405,54 +434,14 @@ def served_device(
     connection aborted if serving does not stop within ``timeout``), and unexpected handler
     exceptions are raised as :class:`HandlerErrors`.
     """
-    from .cuse import serve_device
+    from .cuse import CuseSession, serve_device
 
-    box: dict[str, Any] = {}
-    started = threading.Event()
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            box["token"] = trio.lowlevel.current_trio_token()
-            box["scope"] = nursery.cancel_scope
-            session = await nursery.start(partial(serve_device, ops, name, **serve_kwargs))
-            box["session"] = session
-            started.set()
-            await session.wait_closed()
-            nursery.cancel_scope.cancel()
-
-    def run() -> None:
-        try:
-            trio.run(main)
-        except BaseException as e:  # reported to the test thread
-            while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
-                e = e.exceptions[0]
-            box["error"] = e
-        finally:
-            started.set()
-
-    thread = threading.Thread(target=run, name=f"afuse /dev/{name}", daemon=True)
-    thread.start()
-    if not started.wait(timeout):
-        raise TimeoutError(f"creating /dev/{name} did not finish within {timeout} s")
-    if "error" in box:
-        thread.join(timeout)
-        raise box["error"]
-    session: CuseSession = box["session"]
-    try:
+    with _serving_thread(
+        partial(serve_device, ops, name, **serve_kwargs), f"afuse /dev/{name}", timeout,
+        lambda: TimeoutError(f"creating /dev/{name} did not finish within {timeout} s"),
+        CuseSession.abort, raise_handler_errors,
+    ) as (session, _token):
         yield session
-    finally:
-        with contextlib.suppress(RuntimeError):  # the loop already ended
-            box["token"].run_sync_soon(box["scope"].cancel)
-        thread.join(timeout)
-        if thread.is_alive():
-            with contextlib.suppress(OSError):
-                session.abort()
-            thread.join(timeout)
-    if "error" in box and not isinstance(box["error"], KeyboardInterrupt):
-        raise box["error"]
-    if raise_handler_errors and session.errors:
-        raise HandlerErrors(f"{len(session.errors)} handler error(s); first: {session.errors[0]!r}") \
-            from session.errors[0]
 
 
 def copy_tree(src: str, dst: str) -> None:
