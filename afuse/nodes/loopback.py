@@ -12,7 +12,8 @@ identity (fsuid, fsgid and supplementary groups of the serving thread, switched 
 system call), so permission checks and new files' owners are the host filesystem's. Regular
 files open in FUSE passthrough mode when negotiated and permitted (:class:`LoopbackHandle`),
 else the daemon serves their reads and writes. POSIX locks are OFD locks on the host file,
-one descriptor per lock owner. ``afuse.examples.passthroughfs`` is its command line.
+one descriptor per lock owner; SETLKW and blocking flock wait in the host kernel, in a worker
+thread. ``afuse.examples.passthroughfs`` is its command line.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, cast
 
 import attrs
-import trio
 
 from ..errors import FUSEError, SessionError
 from ..passthrough import unavailable_reason
@@ -43,6 +43,7 @@ from ..wire.init import Negotiated
 from ..wire.types import Attr, FsStats, Lock, Statx, Timestamp
 from .bridge import NodeFS
 from .caller import current_caller
+from .locks import OFDLockWaits, flock_wait
 from .node import DirItem, FDHandle, FileHandle, Node
 
 __all__ = ["LoopbackFS", "LoopbackHandle", "LoopbackNode", "loopback"]
@@ -463,35 +464,23 @@ class LoopbackHandle(FDHandle):
         return Lock(start, start + length - 1 if length else OFFSET_MAX, typ, pid)
 
     async def setlk(self, req: r.SetlkRequest) -> None:
-        """An OFD lock for the lock owner; SETLKW polls, so an INTERRUPT ends the wait."""
+        """An OFD lock for the lock owner; SETLKW waits for it in the host kernel (in a worker
+        thread, which an INTERRUPT stops)."""
         if req.lock.type == fcntl.F_UNLCK and req.owner not in (self.node.locks or {}):
             return
-        fd, arg = self._lock_fd(req.owner, req.lock.pid).fd, _flock_bytes(req.lock)
-        await _retry(lambda: fcntl.fcntl(fd, F_OFD_SETLK, arg), req.sleep)
+        self._lock_fd(req.owner, req.lock.pid)
+        assert self.node.locks is not None
+        await self.node.fs.lock_waits.setlk(self.node.locks, req.owner, _flock_bytes(req.lock), req.sleep)
 
     async def flock(self, req: r.SetlkRequest) -> None:
-        """flock(2) on the open file."""
+        """flock(2) on the open file; a blocking one waits in the host kernel as SETLKW does."""
         op = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX}.get(req.lock.type, fcntl.LOCK_UN)
         if op == fcntl.LOCK_UN:
             fcntl.flock(self.fd, op)
+        elif req.sleep:
+            await flock_wait(self.fd, op)
         else:
-            await _retry(lambda: fcntl.flock(self.fd, op | fcntl.LOCK_NB), req.sleep)
-
-
-async def _retry(attempt: Callable[[], object], sleep: bool) -> None:
-    """``attempt`` a non-blocking lock until it is granted (EAGAIN at once unless ``sleep``)."""
-    delay = 0.001
-    while True:
-        try:
-            attempt()
-            return
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            if not sleep:
-                raise FUSEError(errno.EAGAIN) from None
-        await trio.sleep(delay)
-        delay = min(delay * 2, 0.05)
+            fcntl.flock(self.fd, op | fcntl.LOCK_NB)
 
 
 class LoopbackFS(NodeFS):
@@ -522,6 +511,8 @@ class LoopbackFS(NodeFS):
         self.negative_timeout = float(negative_timeout)
         self.dir_fopen = int(FOpen.CACHE_DIR | FOpen.KEEP_CACHE) if cache_dir else 0
         self.creds = _Credentials(os.geteuid() == 0 if switch_credentials is None else switch_credentials)
+        #: Lock owners waiting in SETLKW (for EDEADLK).
+        self.lock_waits = OFDLockWaits()
         self._thread = threading.local()  # ``private``: the thread's umask is its own (and 0)
         _raise_fd_limit()
         fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
