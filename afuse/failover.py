@@ -152,7 +152,7 @@ async def serve_failover(
         if client is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
-                    await client.drained(mp)
+                    await client.drained(mp, resend=bool(session.pool.left_unanswered))
                 except OSError:
                     pass
             client.close()

@@ -282,7 +282,8 @@ class Keeper:
             await chan.send({"ok": True, "negotiated": entry.negotiated, "resend": resend}, entry.fds)
         elif op in ("drained", "release"):
             if entry is not None and entry.owner is chan:
-                entry.release(drained=op == "drained")
+                # A drain that left requests unanswered (lock waits) needs them resent.
+                entry.release(drained=op == "drained" and not msg.get("resend"))
             if op == "release":
                 await chan.send({"ok": True})
         elif op == "unmount":
@@ -414,9 +415,10 @@ class KeeperClient:
         """Stop owning ``mountpoint`` (the keeper keeps the descriptors)."""
         await self._call({"op": "release", "mountpoint": canonical(mountpoint)})
 
-    async def drained(self, mountpoint: str) -> None:
-        """Tell the keeper this daemon has drained ``mountpoint`` (no reply)."""
-        await self.chan.send({"op": "drained", "mountpoint": canonical(mountpoint)})
+    async def drained(self, mountpoint: str, resend: bool = False) -> None:
+        """Tell the keeper this daemon has drained ``mountpoint`` (no reply); ``resend``: it left
+        requests unanswered (lock waits), so the successor asks the kernel to resend them."""
+        await self.chan.send({"op": "drained", "mountpoint": canonical(mountpoint), "resend": resend})
 
     async def list(self) -> list[dict[str, Any]]:
         """The kept mountpoints."""

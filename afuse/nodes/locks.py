@@ -19,6 +19,7 @@ EINTR) until it returns, and a lock granted at that very moment is released agai
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -27,17 +28,18 @@ import signal
 import struct
 import threading
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import outcome
 import trio
 
-from ..errors import FUSEError
+from ..errors import FUSEError, SessionError
 from ..wire import requests as r
 from ..wire.types import Lock
 
 __all__ = ["F_RDLCK", "F_UNLCK", "F_WRLCK", "WAKE_SIGNAL", "FileLocks", "LockWaits", "OFDLockWaits", "flock_wait",
-           "ofd_setlkw", "wait_in_thread"]
+           "leave_to_successor", "ofd_setlkw",
+           "wait_in_thread"]
 
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 _EOF = 0x7FFFFFFFFFFFFFFF
@@ -48,11 +50,26 @@ _MAX_DEADLK_STEPS = 10
 PosixLock = tuple[int, int, int, int, int]
 
 
+def leave_to_successor() -> None:
+    """Called by a handler about to wait for a lock: a graceful upgrade (drain) may leave this
+    request unanswered instead of waiting for it; the kernel resends it to the successor, which
+    waits on (the locks being kept state). Outside a session it does nothing."""
+    from ..context import current_request_or_none
+    from ..session import current_session
+
+    ctx = current_request_or_none()
+    if ctx is not None:
+        with contextlib.suppress(SessionError):
+            current_session().pool.resendable.add(ctx.request.unique)
+
+
 class LockWaits:
     """The lock owners waiting in SETLKW on any file of one filesystem (for EDEADLK)."""
 
     def __init__(self) -> None:
         self.waiting: dict[int, tuple[FileLocks, int, int, int]] = {}
+        #: Called with a file's :class:`FileLocks` after its locks changed (e.g. to journal them).
+        self.changed: Callable[[FileLocks], None] | None = None
 
     def deadlock(self, me: int, blocker: int) -> bool:
         """Would ``me`` waiting for ``blocker`` close a cycle of waiting owners?"""
@@ -76,7 +93,26 @@ class FileLocks:
         self.posix: list[PosixLock] = []
         #: flock(2) locks: open file (any hashable) -> F_RDLCK / F_WRLCK.
         self.flocks: dict[object, int] = {}
+        #: Whatever the filesystem identifies the file by (for :attr:`LockWaits.changed`).
+        self.tag: object = None
         self._event: trio.Event | None = None
+
+    def _changed(self) -> None:
+        if self.waits.changed is not None:
+            self.waits.changed(self)
+
+    def dump(self, fh_of: Callable[[object], int | None]) -> list[Any]:
+        """The locks as JSON: [POSIX locks, [fh, type] of each flock lock] (``fh_of``: an open
+        file's handle number, None to leave it out)."""
+        return [[list(lk) for lk in self.posix],
+                [[fh, t] for h, t in self.flocks.items() if (fh := fh_of(h)) is not None]]
+
+    def load(self, state: list[Any], holder_of: Callable[[int], object | None]) -> None:
+        """Become the locks of ``state`` (from :meth:`dump`; ``holder_of``: the open file of a handle number)."""
+        posix, flocks = state
+        self.posix = [(o, t, s, e, p) for o, t, s, e, p in posix]
+        self.flocks = {h: t for fh, t in flocks if (h := holder_of(fh)) is not None}
+        self._wake()
 
     def _wake(self) -> None:
         ev, self._event = self._event, None
@@ -106,6 +142,7 @@ class FileLocks:
                 keep += [(o, t, s, start - 1, p)] * (s < start) + [(o, t, end + 1, e, p)] * (e > end)
         self.posix = keep + [(owner, typ, start, end, pid)] * (typ != F_UNLCK)
         self._wake()
+        self._changed()
 
     def drop_posix(self, owner: int) -> None:
         """Drop ``owner``'s record locks (close(2) of any descriptor of the file does)."""
@@ -116,6 +153,7 @@ class FileLocks:
         """Drop the flock lock of open file ``holder`` (its release)."""
         if self.flocks.pop(holder, None) is not None:
             self._wake()
+            self._changed()
 
     async def getlk(self, req: r.GetlkRequest) -> Lock:
         """F_GETLK: the first conflicting lock, or F_UNLCK."""
@@ -137,6 +175,7 @@ class FileLocks:
             if self.waits.deadlock(owner, c[0]):
                 raise FUSEError(errno.EDEADLK)
             waiting[owner] = (self, lk.type, lk.start, lk.end)
+            leave_to_successor()
             try:
                 await self._wait()
             finally:
@@ -154,9 +193,11 @@ class FileLocks:
         while typ != F_UNLCK and any(o != holder and F_WRLCK in (typ, t) for o, t in self.flocks.items()):
             if not req.sleep:
                 raise FUSEError(errno.EWOULDBLOCK)
+            leave_to_successor()
             await self._wait()
         if typ != F_UNLCK:
             self.flocks[holder] = typ
+            self._changed()
 
 
 # -- waiting for host locks in a worker thread --------------------------------------------------
@@ -268,6 +309,7 @@ async def wait_in_thread(call: Callable[[], int], undo: Callable[[], object]) ->
             trio.lowlevel.spawn_system_task(_keep_waking, w)
         return trio.lowlevel.Abort.FAILED  # the thread's result reschedules the task
 
+    leave_to_successor()
     trio.lowlevel.start_thread_soon(w.run, deliver)
     err: int = await trio.lowlevel.wait_task_rescheduled(abort)
     if cancel:
