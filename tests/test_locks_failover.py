@@ -1,9 +1,10 @@
-"""Locks survive failover (memfs under the keeper): after a SIGKILL or a graceful upgrade, a held
+"""Locks survive failover (memfs, and passthroughfs, under the keeper): after a SIGKILL or a graceful upgrade, a held
 POSIX lock and a held flock lock still keep others out, their holders' unlocks release them, and
 a waiter blocked in SETLKW across the failover gets the lock when it is released."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -24,9 +25,12 @@ pytestmark = pytest.mark.skipif(fuse_unavailable_reason() is not None or os.gete
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["sigkill", "upgrade"])
-def test_memfs_locks_survive_failover(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize("fs", ["memfs", "passthroughfs"])
+def test_locks_survive_failover(tmp_path: Path, fs: str, how: str) -> None:
     mnt, state, sock = tmp_path / "mnt", tmp_path / "state", str(tmp_path / "keeper.sock")
+    src = tmp_path / "src"
     mnt.mkdir()
+    src.mkdir()
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     py = sys.executable
@@ -38,7 +42,8 @@ def test_memfs_locks_survive_failover(tmp_path: Path, how: str) -> None:
         return p
 
     def memfs(*extra: str) -> subprocess.Popen[str]:
-        p = spawn("-m", "afuse.examples.memfs", str(mnt), "--keeper", sock, "--state-dir", str(state), *extra,
+        where = [str(mnt)] if fs == "memfs" else [str(src), str(mnt)]
+        p = spawn("-m", f"afuse.examples.{fs}", *where, "--keeper", sock, "--state-dir", str(state), *extra,
                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         return p
@@ -95,11 +100,13 @@ def test_memfs_locks_survive_failover(tmp_path: Path, how: str) -> None:
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stderr
     finally:
-        for p in reversed(procs):
+        for p in reversed(procs):  # daemons and keeper too: a client stuck on the mount is freed
             if p.poll() is None:
                 p.kill()
-            p.wait(10)
         if str(mnt) in [m for m, _t, _s in device.find_mounts()]:
             device.unmount(str(mnt), lazy=True)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
 
 

@@ -30,7 +30,7 @@ import stat
 import struct
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 
@@ -45,6 +45,9 @@ from .bridge import NodeFS
 from .caller import current_caller
 from .locks import OFDLockWaits, flock_wait
 from .node import DirItem, FDHandle, FileHandle, Node
+
+if TYPE_CHECKING:
+    from ..keeper import KeptDescriptors
 
 __all__ = ["LoopbackFS", "LoopbackHandle", "LoopbackNode", "loopback"]
 
@@ -172,12 +175,19 @@ _AS_IS = contextlib.nullcontext()
 
 
 class _LockFd:
-    """The descriptor carrying one lock owner's POSIX locks on one inode (as OFD locks)."""
+    """The descriptor carrying one lock owner's POSIX locks on one inode (as OFD locks); ``kept``:
+    its tag in the failover keeper, which keeps a copy so that the locks outlive the daemon."""
 
-    __slots__ = ("fd", "pid")
+    __slots__ = ("fd", "kept", "pid")
 
-    def __init__(self, fd: int, pid: int) -> None:
-        self.fd, self.pid = fd, pid
+    def __init__(self, fd: int, pid: int, kept: str | None = None) -> None:
+        self.fd, self.pid, self.kept = fd, pid, kept
+
+    def close(self, keeper: KeptDescriptors | None) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        if self.kept is not None and keeper is not None:
+            keeper.unkeep(self.kept)
 
 
 class LoopbackNode(Node):
@@ -198,8 +208,7 @@ class LoopbackNode(Node):
     def forgotten(self) -> None:
         """Close the descriptors."""
         for lf in (self.locks or {}).values():
-            with contextlib.suppress(OSError):
-                os.close(lf.fd)
+            lf.close(self.fs.keeper)
         self.locks = None
         if self.fd >= 0:
             os.close(self.fd)
@@ -402,6 +411,15 @@ class LoopbackHandle(FDHandle):
     def __init__(self, node: LoopbackNode, fd: int) -> None:
         super().__init__(fd)
         self.node, self.fd = node, fd
+        #: Its tag in the failover keeper while it holds a flock lock (see LoopbackFS.attach_keeper).
+        self.kept: str | None = None
+
+    async def release(self) -> None:
+        """Close the descriptor (and the keeper's copy)."""
+        if self.kept is not None and self.node.fs.keeper is not None:
+            self.node.fs.keeper.unkeep(self.kept)
+            self.kept = None
+        await super().release()
 
     async def flush(self) -> None:
         """Close a duplicate, so the source sees a close (NFS-style close-to-open, errors)."""
@@ -468,16 +486,28 @@ class LoopbackHandle(FDHandle):
         thread, which an INTERRUPT stops)."""
         if req.lock.type == fcntl.F_UNLCK and req.owner not in (self.node.locks or {}):
             return
-        self._lock_fd(req.owner, req.lock.pid)
+        lf = self._lock_fd(req.owner, req.lock.pid)
+        keeper = self.node.fs.keeper
+        if keeper is not None and lf.kept is None and req.lock.type != fcntl.F_UNLCK:
+            lf.kept = keeper.tag("p", self.node._nodeid, req.owner, lf.pid)
+            await keeper.keep(lf.kept, lf.fd)  # before the lock: it must outlive this daemon
         assert self.node.locks is not None
         await self.node.fs.lock_waits.setlk(self.node.locks, req.owner, _flock_bytes(req.lock), req.sleep)
 
     async def flock(self, req: r.SetlkRequest) -> None:
         """flock(2) on the open file; a blocking one waits in the host kernel as SETLKW does."""
         op = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX}.get(req.lock.type, fcntl.LOCK_UN)
+        keeper = self.node.fs.keeper
         if op == fcntl.LOCK_UN:
             fcntl.flock(self.fd, op)
-        elif req.sleep:
+            if self.kept is not None and keeper is not None:
+                keeper.unkeep(self.kept)
+                self.kept = None
+            return
+        if keeper is not None and self.kept is None:
+            self.kept = keeper.tag("f", req.fh)
+            await keeper.keep(self.kept, self.fd)  # before the lock: it must outlive this daemon
+        if req.sleep:
             await flock_wait(self.fd, op)
         else:
             fcntl.flock(self.fd, op | fcntl.LOCK_NB)
@@ -513,6 +543,8 @@ class LoopbackFS(NodeFS):
         self.creds = _Credentials(os.geteuid() == 0 if switch_credentials is None else switch_credentials)
         #: Lock owners waiting in SETLKW (for EDEADLK).
         self.lock_waits = OFDLockWaits()
+        #: Failover: where descriptors holding locks are kept (see :meth:`attach_keeper`).
+        self.keeper: KeptDescriptors | None = None
         self._thread = threading.local()  # ``private``: the thread's umask is its own (and 0)
         _raise_fd_limit()
         fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -552,6 +584,40 @@ class LoopbackFS(NodeFS):
         node = self.node_class(self, fd, st)
         node._fresh = None
         return node
+
+    def attach_keeper(self, keeper: KeptDescriptors) -> None:
+        """Failover (called by ``serve_failover``): keep each descriptor holding locks (a lock
+        owner's OFD descriptor, an open file holding a flock lock) in the keeper too, so that the
+        locks outlive this daemon; take back those a predecessor kept (after the restore)."""
+        self.keeper = keeper
+        taken, keeper.taken = keeper.taken, {}
+        for tag, fd in taken.items():
+            if not self._take_back(tag, fd):
+                os.close(fd)
+                keeper.unkeep(tag)
+
+    def _take_back(self, tag: str, fd: int) -> bool:
+        kind, *rest = tag.split()
+        if kind == "p":  # a lock owner's OFD descriptor: "p NODEID OWNER PID ..."
+            nodeid, owner, pid = int(rest[0]), int(rest[1]), int(rest[2])
+            node = self.nodes.get(nodeid)
+            if not isinstance(node, LoopbackNode) or owner in (node.locks or {}):
+                return False
+            node.locks = node.locks or {}
+            node.locks[owner] = _LockFd(fd, pid, tag)
+            return True
+        if kind == "f":  # an open file holding a flock lock: "f FH ..."; it becomes that fh's handle
+            fh = int(rest[0])
+            pending = self._pending.get(fh)
+            node = None if pending is None else self.nodes.get(pending[0])
+            if pending is None or not isinstance(node, LoopbackNode):
+                return False
+            del self._pending[fh]
+            h = self.handle_of(fd, node)
+            h.kept = tag
+            self._handles[fh], self._fh_flags[fh] = (node, h), pending[1]
+            return True
+        return False
 
     def node_key(self, fd: int, st: os.stat_result) -> Hashable:
         """The identity of the object at ``fd``: ``(st_dev, st_ino)``; a failover-capable
@@ -641,7 +707,7 @@ class LoopbackFS(NodeFS):
         if isinstance(node, LoopbackNode) and node.locks:
             lf = node.locks.pop(req.lock_owner, None)
             if lf is not None:
-                os.close(lf.fd)
+                lf.close(self.keeper)
         try:
             h: FileHandle | None = self.handle(req.fh)
         except FUSEError:
