@@ -34,7 +34,9 @@ the bridge's journaled tables name every inode the kernel holds in a way a succe
 ``open_by_handle_at`` (needs CAP_DAC_READ_SEARCH), whatever its name is by then. The bridge
 reopens open files at their first use under the same fh, and answers replayed requests (the
 resend bit) as their first attempts were answered. Passthrough is off (backing ids die with the
-daemon). Not kept: locks, files unlinked while open, inodes on submounts of SOURCE.
+daemon). Locks are kept: the keeper keeps a copy of each descriptor holding locks
+(:meth:`afuse.nodes.LoopbackFS.attach_keeper`). Not kept: files unlinked while open, inodes on
+submounts of SOURCE.
 ``AFUSE_FAILOVERFS_SLOW="SECONDS,PROBABILITY"`` makes lookup, write, create, mkdir, rename and
 unlink sleep now and then before, inside (after taking effect) and after the bridge's work (to be
 killed with requests in flight, in tests).
