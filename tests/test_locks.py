@@ -1,9 +1,10 @@
-"""Blocking locks on the passthrough filesystems: SETLKW and blocking flock wait in the host kernel.
+"""Blocking locks: SETLKW and blocking flock on the passthrough filesystems wait in the host kernel.
 
 Both the node loopback (``afuse.examples.passthroughfs``) and the low-level passthrough
 (``afuse.examples.lowlevel_passthroughfs``) keep POSIX locks as OFD locks on the source files
 and flock locks on their open files; a waiter waits in a worker thread that an INTERRUPT stops.
-Lock holders and waiters are separate processes, as the kernel's lock owners are.
+memfs (its own lock table, waiters granted in arrival order) must behave the same. Lock holders
+and waiters are separate processes, as the kernel's lock owners are.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from afuse.examples import lowlevel_passthroughfs
+from afuse.examples.memfs import MemFS
 from afuse.examples.passthroughfs import PassthroughFS
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.testing import MountedFS, mounted
@@ -101,13 +103,20 @@ class Child:
 Spawn = Callable[..., Child]
 
 
-@pytest.fixture(params=["nodes", "lowlevel"])
+@pytest.fixture(params=["nodes", "lowlevel", "memfs"])
 def fs(request: pytest.FixtureRequest) -> Iterator[tuple[MountedFS, str]]:
-    """A mounted passthrough (node loopback, or the low-level one) of a fresh directory: (mount, base)."""
+    """A mounted passthrough (node loopback, or the low-level one) of a fresh directory, or a
+    memfs (its own lock table, the same behaviour): (mount, base)."""
     base = tempfile.mkdtemp(prefix="afuse-locks-", dir="/tmp")
     src = os.path.join(base, "src")
     os.mkdir(src)
-    ops: Any = PassthroughFS(src) if request.param == "nodes" else lowlevel_passthroughfs.PassthroughFS(src)
+    ops: Any
+    if request.param == "nodes":
+        ops = PassthroughFS(src)
+    elif request.param == "lowlevel":
+        ops = lowlevel_passthroughfs.PassthroughFS(src)
+    else:
+        ops = MemFS()
     try:
         with mounted(ops) as m:
             with open(m.join("f"), "wb") as f:

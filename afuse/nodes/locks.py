@@ -84,8 +84,24 @@ class LockWaits:
         return False
 
 
+class _Queued:
+    """A SETLKW or blocking flock waiting in a :class:`FileLocks` queue."""
+
+    __slots__ = ("end", "event", "granted", "holder", "owner", "pid", "start", "typ")
+
+    def __init__(self, owner: int, typ: int, start: int, end: int, pid: int, holder: object = None) -> None:
+        self.owner, self.typ, self.start, self.end, self.pid, self.holder = owner, typ, start, end, pid, holder
+        self.event = trio.Event()
+        self.granted = False
+
+
 class FileLocks:
-    """The locks of one file: POSIX record locks by lock owner, flock locks by open file."""
+    """The locks of one file: POSIX record locks by lock owner, flock locks by open file.
+
+    Waiters queue in arrival order; a release hands the lock straight to the first waiters it
+    frees (granting it inside the releasing request), so a process that unlocks and locks again
+    at once cannot take it back before them: no waiter starves.
+    """
 
     def __init__(self, waits: LockWaits) -> None:
         self.waits = waits
@@ -95,7 +111,8 @@ class FileLocks:
         self.flocks: dict[object, int] = {}
         #: Whatever the filesystem identifies the file by (for :attr:`LockWaits.changed`).
         self.tag: object = None
-        self._event: trio.Event | None = None
+        #: Waiting requests, oldest first.
+        self.queue: list[_Queued] = []
 
     def _changed(self) -> None:
         if self.waits.changed is not None:
@@ -112,26 +129,17 @@ class FileLocks:
         posix, flocks = state
         self.posix = [(o, t, s, e, p) for o, t, s, e, p in posix]
         self.flocks = {h: t for fh, t in flocks if (h := holder_of(fh)) is not None}
-        self._wake()
-
-    def _wake(self) -> None:
-        ev, self._event = self._event, None
-        if ev is not None:
-            ev.set()
-
-    async def _wait(self) -> None:
-        if self._event is None:
-            self._event = trio.Event()
-        await self._event.wait()
+        self._grant()
 
     def conflict(self, owner: int, typ: int, start: int, end: int) -> PosixLock | None:
         """A POSIX lock of another owner in the way of ``typ`` on [start, end]."""
         return next((lk for lk in self.posix if lk[0] != owner and lk[2] <= end and start <= lk[3]
                      and (typ == F_WRLCK or lk[1] == F_WRLCK)), None)
 
-    def set_posix(self, owner: int, typ: int, start: int, end: int, pid: int) -> None:
-        """Give ``owner`` ``typ`` on [start, end] without checking (F_UNLCK: drop), merging and
-        splitting its own locks as Linux does; waiters are woken."""
+    def _flock_conflict(self, holder: object, typ: int) -> bool:
+        return any(o is not holder and F_WRLCK in (typ, t) for o, t in self.flocks.items())
+
+    def _apply(self, owner: int, typ: int, start: int, end: int, pid: int) -> None:
         keep = []
         for o, t, s, e, p in self.posix:
             if o != owner or e < start - 1 or s > end + 1 or (t != typ and (e < start or s > end)):
@@ -141,7 +149,31 @@ class FileLocks:
             else:
                 keep += [(o, t, s, start - 1, p)] * (s < start) + [(o, t, end + 1, e, p)] * (e > end)
         self.posix = keep + [(owner, typ, start, end, pid)] * (typ != F_UNLCK)
-        self._wake()
+
+    def _grant(self) -> None:
+        """Give the lock to each waiter, oldest first, that nothing is in the way of any more."""
+        i = 0
+        while i < len(self.queue):
+            w = self.queue[i]
+            if w.holder is None:
+                if self.conflict(w.owner, w.typ, w.start, w.end) is not None:
+                    i += 1
+                    continue
+                self._apply(w.owner, w.typ, w.start, w.end, w.pid)
+            else:
+                if self._flock_conflict(w.holder, w.typ):
+                    i += 1
+                    continue
+                self.flocks[w.holder] = w.typ
+            del self.queue[i]
+            w.granted = True
+            w.event.set()
+
+    def set_posix(self, owner: int, typ: int, start: int, end: int, pid: int) -> None:
+        """Give ``owner`` ``typ`` on [start, end] without checking (F_UNLCK: drop), merging and
+        splitting its own locks as Linux does; waiters it frees get their locks."""
+        self._apply(owner, typ, start, end, pid)
+        self._grant()
         self._changed()
 
     def drop_posix(self, owner: int) -> None:
@@ -152,8 +184,22 @@ class FileLocks:
     def drop_flock(self, holder: object) -> None:
         """Drop the flock lock of open file ``holder`` (its release)."""
         if self.flocks.pop(holder, None) is not None:
-            self._wake()
+            self._grant()
             self._changed()
+
+    async def _wait(self, w: _Queued) -> None:
+        """Queue ``w`` until it is granted; a cancellation after the grant is too late (the caller
+        has the lock, and is answered so)."""
+        self.queue.append(w)
+        leave_to_successor()
+        try:
+            await w.event.wait()
+        except trio.Cancelled:
+            if not w.granted:
+                raise
+        finally:
+            if not w.granted:
+                self.queue.remove(w)
 
     async def getlk(self, req: r.GetlkRequest) -> Lock:
         """F_GETLK: the first conflicting lock, or F_UNLCK."""
@@ -169,18 +215,21 @@ class FileLocks:
         lk, owner, waiting = req.lock, req.owner, self.waits.waiting
         if lk.start < 0 or lk.end < lk.start or lk.type not in (F_RDLCK, F_WRLCK, F_UNLCK):
             raise FUSEError(errno.EINVAL)
-        while lk.type != F_UNLCK and (c := self.conflict(owner, lk.type, lk.start, lk.end)) is not None:
-            if not req.sleep:
-                raise FUSEError(errno.EAGAIN)
-            if self.waits.deadlock(owner, c[0]):
-                raise FUSEError(errno.EDEADLK)
-            waiting[owner] = (self, lk.type, lk.start, lk.end)
-            leave_to_successor()
-            try:
-                await self._wait()
-            finally:
-                waiting.pop(owner, None)
-        self.set_posix(owner, lk.type, lk.start, lk.end, lk.pid)
+        c = None if lk.type == F_UNLCK else self.conflict(owner, lk.type, lk.start, lk.end)
+        if c is None:
+            self.set_posix(owner, lk.type, lk.start, lk.end, lk.pid)
+            return
+        if not req.sleep:
+            raise FUSEError(errno.EAGAIN)
+        if self.waits.deadlock(owner, c[0]):
+            raise FUSEError(errno.EDEADLK)
+        me = waiting[owner] = (self, lk.type, lk.start, lk.end)
+        try:
+            await self._wait(_Queued(owner, lk.type, lk.start, lk.end, lk.pid))
+        finally:
+            if waiting.get(owner) is me:
+                del waiting[owner]
+        self._changed()
 
     async def flock(self, req: r.SetlkRequest, holder: object) -> None:
         """flock(2) for open file ``holder``: a conversion drops the old lock first, as Linux does."""
@@ -190,14 +239,15 @@ class FileLocks:
         if self.flocks.get(holder) == typ:
             return
         self.drop_flock(holder)
-        while typ != F_UNLCK and any(o != holder and F_WRLCK in (typ, t) for o, t in self.flocks.items()):
-            if not req.sleep:
-                raise FUSEError(errno.EWOULDBLOCK)
-            leave_to_successor()
-            await self._wait()
-        if typ != F_UNLCK:
+        if typ == F_UNLCK:
+            return
+        if not self._flock_conflict(holder, typ):
             self.flocks[holder] = typ
-            self._changed()
+        elif not req.sleep:
+            raise FUSEError(errno.EWOULDBLOCK)
+        else:
+            await self._wait(_Queued(0, typ, 0, 0, 0, holder))
+        self._changed()
 
 
 # -- waiting for host locks in a worker thread --------------------------------------------------
