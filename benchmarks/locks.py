@@ -1,10 +1,11 @@
 """Lock and xattr stressors: stress-ng ``lockf``, ``flock`` and ``xattr`` on passthroughfs, memfs
 and the host directory itself (the native baseline), all in one run, plus a fairness check.
 
-    python benchmarks/locks.py [--seconds 5] [--workers 2]
+    python benchmarks/locks.py [--seconds 5] [--workers 2] [--rounds 3]
 
 Needs root, /dev/fuse and stress-ng (``apt-get install stress-ng``). Prints bogo ops/s per
-stressor and filesystem and each one's ratio to native and to memfs. ``xattr`` bogo ops are not
+stressor and filesystem (the median of the rounds, which alternate the filesystems so that
+background load hits all alike) and each one's ratio to native and to memfs. ``xattr`` bogo ops are not
 comparable across filesystems: one op sets, reads and removes as many xattrs as the file takes
 (up to 4096; ext4 refuses after about 70, memfs and tmpfs take all 4096), so its row also shows
 xattr system calls per second, which are. Fairness: three processes take and release one POSIX
@@ -18,6 +19,7 @@ import contextlib
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,23 +115,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if shutil.which("stress-ng") is None:
         print("needs stress-ng (apt-get install stress-ng)", file=sys.stderr)
         return 2
     base = tempfile.mkdtemp(prefix="afuse-bench-locks-", dir="/tmp")
     kinds = ["native", "memfs", "passthroughfs"]
-    rows: dict[str, dict[str, float]] = {}
+    runs: dict[str, dict[str, list[float]]] = {}
     fair: dict[str, list[int]] = {}
     try:
-        for kind in kinds:
-            with mounted(kind, base) as where:
-                for s in ("lockf", "flock", "xattr"):
-                    rows.setdefault(s, {})[kind] = stress(where, s, args.seconds, args.workers)
-                rows.setdefault("xattr calls/s", {})[kind] = xattr_calls(where)
-                fair[kind] = fairness(where, min(args.seconds, 3.0))
+        for rnd in range(args.rounds):
+            for kind in kinds:
+                os.makedirs(os.path.join(base, str(rnd)), exist_ok=True)
+                with mounted(kind, os.path.join(base, str(rnd))) as where:
+                    for s in ("lockf", "flock", "xattr"):
+                        runs.setdefault(s, {}).setdefault(kind, []).append(
+                            stress(where, s, args.seconds, args.workers))
+                    runs.setdefault("xattr calls/s", {}).setdefault(kind, []).append(xattr_calls(where))
+                    if rnd == 0:
+                        fair[kind] = fairness(where, min(args.seconds, 3.0))
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    rows = {s: {k: statistics.median(v) for k, v in per.items()} for s, per in runs.items()}
     print(f"{'stressor':14s}" + "".join(f"{k:>15s}" for k in kinds) + f"{'pt/native':>11s}{'pt/memfs':>10s}"
           f"{'memfs/native':>13s}")
     for s, v in rows.items():
