@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import trio
 
-from . import device
+from . import device, uring
 from .context import _CURRENT as _REQUEST
 from .context import RequestContext, current_request_or_none
 from .device import Mount, MountOptions
@@ -30,7 +30,6 @@ from .dispatch import Dispatcher, check_operations
 from .errors import MountError, NotNegotiated, SessionError
 from .operations import Mountable, Operations, as_operations
 from .passthrough import BackingFile, BackingTable
-from . import uring
 from .readers import END_ERRNOS, ReaderPool, read_one
 from .uring import IoUring, Uring
 from .wire import replies

@@ -26,14 +26,16 @@ x86-64 and other little-endian architectures with io_uring syscall numbers 425-4
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import mmap
 import os
 import struct
+import time
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import trio
@@ -52,7 +54,10 @@ if TYPE_CHECKING:
     from .session import Session
     from .wire.init import Negotiated
 
-__all__ = ["DEFAULT_DEPTH", "IoUring", "Uring", "UringUnavailable", "possible_cpus", "uring_enabled"]
+__all__ = [
+    "DEFAULT_DEPTH", "ENABLE_URING_PATH", "IoUring", "Uring", "UringUnavailable", "negotiated_or_raise",
+    "possible_cpus", "uring_enabled", "uring_parameter",
+]
 
 log = logging.getLogger("afuse")
 
@@ -114,6 +119,27 @@ def uring_enabled() -> bool | None:
             return f.read().strip() == "Y"
     except OSError:
         return None
+
+
+@contextlib.contextmanager
+def uring_parameter(enabled: bool = True) -> Iterator[bool | None]:
+    """Set the fuse module parameter ``enable_uring`` for the block (root), then restore it,
+    however the block ends. Yields the value it had before (None: the kernel has none)."""
+    before = uring_enabled()
+    if before is None:
+        raise UringUnavailable(f"this kernel has no {ENABLE_URING_PATH} (no FUSE over io_uring)")
+    if before != enabled:
+        _write_parameter(enabled)
+    try:
+        yield before
+    finally:
+        if before != enabled:
+            _write_parameter(before)
+
+
+def _write_parameter(enabled: bool) -> None:
+    with open(ENABLE_URING_PATH, "w") as f:
+        f.write("Y" if enabled else "N")
 
 
 def possible_cpus() -> int:
@@ -406,8 +432,10 @@ class Uring:
             self._commit(ent, unique, None if opcode in NO_REPLY else replies.error(unique, errno.EIO))
             return False
         debug = log.isEnabledFor(logging.DEBUG)
-        if debug:
-            log.debug("-> (io_uring) %s", describe_request(req))
+        t0 = 0.0
+        if debug:  # the same lines as for requests read from /dev/fuse
+            log.debug("-> %s", describe_request(req))
+            t0 = time.perf_counter()
         cls = type(req)
         pool = session.pool
         if cls is r.NotifyReplyRequest:
@@ -439,7 +467,8 @@ class Uring:
         if ctx.callbacks is not None:
             ctx.finish(written)
         if debug:
-            log.debug("<- (io_uring) %s unique=%d: %s", cls.opcode.name, unique, describe_reply(reply))
+            log.debug("<- %s unique=%d: %s in %.1f us%s", cls.opcode.name, unique, describe_reply(reply),
+                      (time.perf_counter() - t0) * 1e6, "" if written or reply is None else " (not delivered)")
         return blocked
 
     def _commit(self, ent: _Entry, unique: int, reply: bytes | None, flush: bool = False) -> bool:
