@@ -105,6 +105,9 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _L = ctypes.c_long
 
+#: Replies committed in one io_uring_enter at most while further requests wait to be served.
+_BATCH = 4
+
 _END_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV, errno.ECANCELED)
 
 
@@ -351,10 +354,13 @@ class Uring:
         """The next request's entry (waiting for one); None once the connection has ended."""
         ready = self._ready
         while True:
-            if self._to_submit:
-                self._flush()
             if not ready:
                 self._reap()
+            if ready and self._to_submit < _BATCH:
+                return ready.popleft()  # more requests wait: commit these replies together
+            if self._to_submit:
+                self._flush()  # one io_uring_enter answers them and arms their entries
+                continue
             if ready:
                 return ready.popleft()
             if self._gone and not self._armed:
