@@ -202,6 +202,10 @@ class Uring:
         self._to_submit = 0
         self._gone = False            # the connection has ended
         self._session: Session | None = None
+        self._buffers: tuple[mmap.mmap, mmap.mmap] | None = None
+        self._fuse_fd = -1
+        # Shielded like the readers' scope: serving goes on while the session unmounts.
+        self._scope = trio.CancelScope(shield=True)
         self._setup()
 
     # -- the ring ------------------------------------------------------------------------------
@@ -334,17 +338,14 @@ class Uring:
         self._idle = 0
         self._workers = 0
         self._max_workers = len(self._entries) + 1
-        self._scope = trio.CancelScope(shield=True)
         with self._scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._start_worker(permanent=True)
 
     def stop(self) -> None:
-        """Cancel the ring's tasks (and the handlers they run)."""
-        scope = getattr(self, "_scope", None)
-        if scope is not None:
-            scope.cancel()
+        """Cancel the ring's tasks (and the handlers they run), even before :meth:`run` starts."""
+        self._scope.cancel()
 
     def _start_worker(self, permanent: bool) -> None:
         self._workers += 1
@@ -554,6 +555,8 @@ class Uring:
             os.close(self.fd)
             self.fd = -1
         self._ready.clear()
+        self._entries.clear()  # the buffers go with the last entry a handler may still hold
+        self._buffers = None
 
 
 def negotiated_or_raise(neg: Negotiated, mode: IoUring) -> bool:
