@@ -339,7 +339,8 @@ class Session:
         self.pool.notify_closing()
         self.pool.close()
         if self.uring is not None:  # the ring before /dev/fuse: its commands hold the device
-            trio.lowlevel.notify_closing(self.uring.fd)
+            if self.uring.fd >= 0:
+                trio.lowlevel.notify_closing(self.uring.fd)
             self.uring.close()
         if self.backing is not None:
             self.backing.end()
