@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import trio
 
-from . import device
+from . import device, uring
 from .context import _CURRENT as _REQUEST
 from .context import RequestContext, current_request_or_none
 from .device import Mount, MountOptions
@@ -31,6 +31,7 @@ from .errors import MountError, NotNegotiated, SessionError
 from .operations import Mountable, Operations, as_operations
 from .passthrough import BackingFile, BackingTable
 from .readers import END_ERRNOS, ReaderPool, read_one
+from .uring import IoUring, Uring
 from .wire import replies
 from .wire import requests as r
 from .wire.connection import Connection
@@ -88,6 +89,10 @@ class Session:
         self.served = 0
         #: Seconds a handler may stay blocked before a warning names its request (None: never).
         self.warn_after: float | None = 10.0
+        #: The io_uring transport hook (:mod:`afuse.uring`): set by :func:`serve` for
+        #: ``io_uring=True``/``"auto"``, None when requests come through /dev/fuse only.
+        self.uring: Uring | None = None
+        self.io_uring: IoUring = False
 
     # -- public ----------------------------------------------------------------------------
 
@@ -230,12 +235,35 @@ class Session:
                 await self._handshake()
         else:
             self.adopt(takeover.negotiated)
+        if self.uring is not None:
+            self._start_uring()
         self.pool.open(None if takeover is None else list(takeover.clones))
+
+    def _start_uring(self) -> None:
+        """The io_uring hook: register the ring's entries, or fall back to /dev/fuse."""
+        assert self.uring is not None and self.negotiated is not None
+        try:
+            if uring.negotiated_or_raise(self.negotiated, self.io_uring):
+                self.uring.register(self, self.negotiated)
+                return
+        except uring.UringUnavailable as e:
+            if self.io_uring is True:
+                raise
+            log.warning("io_uring=auto: %s; serving over /dev/fuse", e)
+        self.uring.close()
+        self.uring = None
+
+    @property
+    def transport(self) -> str:
+        """``"io_uring"`` if requests come through the ring, else ``"/dev/fuse"``."""
+        return "io_uring" if self.uring is not None else "/dev/fuse"
 
     async def _handshake(self) -> None:
         fd = self.mount.fd
         buf = bytearray(1 << 16)
         wanted = self.dispatcher.wanted_flags(self.config)
+        if self.uring is not None:
+            wanted |= InitFlag.OVER_IO_URING
         while True:
             n = await read_one(fd, buf)
             if n is None:
@@ -272,6 +300,8 @@ class Session:
         async with trio.open_nursery() as nursery:
             if self.warn_after is not None:
                 nursery.start_soon(self._watch_slow_requests, self.warn_after)
+            if self.uring is not None:
+                nursery.start_soon(self.uring.run, self)
             task_status.started()
             await self.pool.run(self._serve, self._workers_scope)
             nursery.cancel_scope.cancel()
@@ -279,6 +309,8 @@ class Session:
     def stop_readers(self) -> None:
         """Cancel the readers (and the handlers they run)."""
         self._workers_scope.cancel()
+        if self.uring is not None:
+            self.uring.stop()
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Unmount (if still mounted) while the readers keep serving; wait up to ``grace``
@@ -306,6 +338,10 @@ class Session:
         """Release the connection's descriptors and backing files; serving has ended."""
         self.pool.notify_closing()
         self.pool.close()
+        if self.uring is not None:  # the ring before /dev/fuse: its commands hold the device
+            if self.uring.fd >= 0:
+                trio.lowlevel.notify_closing(self.uring.fd)
+            self.uring.close()
         if self.backing is not None:
             self.backing.end()
         self.mount.close()
@@ -429,6 +465,8 @@ async def serve(
     private_clones: bool = True,
     shutdown_grace: float = 5.0,
     warn_after: float | None = 10.0,
+    io_uring: IoUring = False,
+    io_uring_depth: int = uring.DEFAULT_DEPTH,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``ops`` (an :class:`Operations`, or a root :class:`afuse.Node`) on ``mountpoint``
@@ -443,6 +481,9 @@ async def serve(
     When serving ends by cancellation, the filesystem is unmounted and requests in flight get
     ``shutdown_grace`` seconds to finish; a mount still busy then is detached lazily. A request
     unanswered for ``warn_after`` seconds is logged as a warning (None: never).
+    ``io_uring=True`` serves requests through FUSE over io_uring (``io_uring_depth`` entries per
+    CPU; see :mod:`afuse.uring`) and raises :class:`~afuse.uring.UringUnavailable` where the kernel
+    refuses; ``"auto"`` falls back to /dev/fuse there, with a log line.
     """
     if warn_after is not None and not warn_after > 0:
         raise ValueError(f"warn_after must be positive seconds or None, not {warn_after!r}")
@@ -457,12 +498,30 @@ async def serve(
         raise MountError(errno.EINVAL, "InitConfig(allow_idmap=True) needs the default_permissions "
                          "mount option (or posix_acl=True): the kernel does permission checks "
                          "on idmapped mounts")
+    ring: Uring | None = None
+    if io_uring not in (False, True, "auto"):
+        raise ValueError(f"io_uring must be True, False or 'auto', not {io_uring!r}")
+    if io_uring:
+        if takeover is not None:
+            raise ValueError("io_uring cannot be combined with takeover (failover serves /dev/fuse)")
+        try:
+            ring = Uring(io_uring_depth)  # before mounting: no io_uring, no flag asked at INIT
+        except uring.UringUnavailable as e:
+            if io_uring is True:
+                raise
+            log.info("io_uring=auto: %s; serving over /dev/fuse", e)
     if takeover is None:
-        mnt = await trio.to_thread.run_sync(device.mount, os.fspath(mountpoint), opts)
+        try:
+            mnt = await trio.to_thread.run_sync(device.mount, os.fspath(mountpoint), opts)
+        except BaseException:
+            if ring is not None:
+                ring.close()
+            raise
     else:
         mnt = Mount(takeover.fd, device.resolve_mountpoint(os.fspath(mountpoint)), opts, False)
     session = Session(ops, mnt, cfg, readers, max_requests, private_clones)
     session.warn_after = warn_after
+    session.uring, session.io_uring = ring, io_uring
     current = _CURRENT.set(session)
     try:
         await session.start(takeover)
