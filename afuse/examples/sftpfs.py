@@ -244,6 +244,10 @@ class Pool:
 
 # -- open files (asyncio side) ----------------------------------------------------------------------
 
+def _bytes(data: bytes | str) -> bytes:
+    return data if isinstance(data, bytes) else data.encode()  # always bytes: files are opened with encoding=None
+
+
 def _pflags(flags: int) -> int:
     acc = flags & _ACCMODE
     p = asyncssh.FXF_READ if acc == os.O_RDONLY else asyncssh.FXF_WRITE if acc == os.O_WRONLY \
@@ -311,23 +315,37 @@ class RemoteFile:
     # reads -----------------------------------------------------------------------------------------
 
     async def _chunk(self, offset: int) -> bytes:
-        return await self.run(lambda f: f.read(CHUNK, offset))
+        return _bytes(await self.run(lambda f: f.read(CHUNK, offset)))
 
-    def _drop_chunks(self, keep: Callable[[int], bool] = lambda off: False) -> None:
+    def _drop_chunks(self, keep: Callable[[int], bool] = lambda off: False, cancel: bool = True) -> None:
         for off in [o for o in self.chunks if not keep(o)]:
-            self.chunks.pop(off).cancel()
+            task = self.chunks.pop(off)
+            if cancel:
+                task.cancel()
+
+    async def _part(self, off: int) -> bytes:
+        task = self.chunks.get(off)
+        if task is None:
+            task = self.chunks[off] = asyncio.get_running_loop().create_task(self._chunk(off))
+        try:
+            return await asyncio.shield(task)  # a cancelled read leaves the chunk to the next one
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise
+            return await self._chunk(off)  # the chunk was dropped (a write, a jump) meanwhile
 
     async def read(self, offset: int, size: int) -> bytes:
-        """Read ``size`` bytes at ``offset``: sequential readers get read-ahead, others plain reads."""
+        """Read ``size`` bytes at ``offset``: a sequential reader (the kernel sends its read-ahead
+        as several READs at once, in any order) gets read-ahead chunks, others plain reads."""
         await self.drain()
-        if offset != self.next_offset:  # not sequential: no read-ahead, drop what was read ahead
+        if abs(offset - self.next_offset) > self.window + size:  # a jump: no read-ahead
             self.window = 0
             self._drop_chunks()
-        self.next_offset = offset + size
+        self.next_offset = max(self.next_offset, offset + size) if self.window else offset + size
         if self.window == 0 and offset != 0:
-            self.window = CHUNK  # the first read of a run: start small
-            data = await self.run(lambda f: f.read(size, offset))
-            return data
+            self.window = CHUNK  # the first read after a jump: read just that, start small
+            return _bytes(await self.run(lambda f: f.read(size, offset)))
         self.window = min(max(2 * self.window, 2 * CHUNK), self.pool.options.readahead)
         first = offset - offset % CHUNK
         end = offset + size + self.window
@@ -339,15 +357,13 @@ class RemoteFile:
                 self.chunks[off] = loop.create_task(self._chunk(off))
         parts: list[bytes] = []
         for off in range(first, offset + size, CHUNK):
-            task = self.chunks.get(off)
-            if task is None:
-                task = self.chunks[off] = loop.create_task(self._chunk(off))
-            part = await asyncio.shield(task)  # a cancelled read leaves the chunk for the next one
+            part = await self._part(off)
             lo = max(0, offset - off)
             parts.append(part[lo:offset + size - off])
             if len(part) < CHUNK:  # end of file
                 break
-        self._drop_chunks(lambda off: off + CHUNK > offset + size)
+        # Chunks behind the reader are done with (others may still be awaiting them: no cancel).
+        self._drop_chunks(lambda off: off + CHUNK > self.next_offset - self.window, cancel=False)
         return b"".join(parts)
 
     # writes ----------------------------------------------------------------------------------------
@@ -443,6 +459,8 @@ class SftpNode(Node):
         self.path = path
         self.sattrs = a
         self.fetched = time.monotonic()
+        #: When it last changed through the mount (attributes read before are out of date).
+        self.changed = 0.0
         #: Directory listing cache: name -> attributes, and when it was read.
         self.listing: dict[bytes, asyncssh.SFTPAttrs] | None = None
         self.listed = 0.0
@@ -463,15 +481,23 @@ class SftpNode(Node):
             if f.writes or f.error:
                 await afuse.asyncio.run_asyncio(f.drain())
 
-    def _set(self, a: asyncssh.SFTPAttrs) -> None:
-        self.sattrs, self.fetched = a, time.monotonic()
+    def _set(self, a: asyncssh.SFTPAttrs, when: float | None = None) -> None:
+        """New attributes, read at ``when`` (now): older ones than those held are ignored."""
+        when = time.monotonic() if when is None else when
+        if when >= self.fetched and when >= self.changed:
+            self.sattrs, self.fetched = a, when
 
     def _stale(self) -> None:
+        """Changed through the mount: ask the server next time, and re-list the parent."""
         self.fetched = -1e9
+        self.changed = time.monotonic()
+        parent = self.fs.live.get(self.path.rpartition(b"/")[0] or b"/")
+        if parent is not None:
+            parent.listing = None
 
     def _changed_listing(self) -> None:
         self.listing = None
-        self._stale()
+        self.fetched = -1e9
 
     async def _lstat(self, path: bytes | None = None) -> asyncssh.SFTPAttrs | None:
         try:
@@ -494,27 +520,31 @@ class SftpNode(Node):
     async def lookup(self, name: bytes) -> Node | None:
         """A child: from a fresh listing, else LSTAT."""
         a = None
+        when = self.listed
         if self.listing is not None and time.monotonic() - self.listed < self.fs.options.dir_timeout:
             a = self.listing.get(name)
             if a is None:
                 return None
         if a is None:
+            when = time.monotonic()
             a = await self._lstat(_join(self.path, name))
             if a is None:
                 return None
-        return self.fs.node_for(_join(self.path, name), a)
+        return self.fs.node_for(_join(self.path, name), a, when)
 
     async def getattr(self) -> Attr:
         """Cached attributes, or LSTAT (after this node's pipelined writes are done)."""
         await self._drain()
         if time.monotonic() - self.fetched >= self.fs.options.stat_timeout or self.fs.options.stat_timeout == 0:
+            when = time.monotonic()
             a = await self._lstat()
             if a is None:
                 if not self.files:
                     raise FUSEError(errno.ENOENT)
                 f = next(iter(self.files))  # unlinked but open: ask the open handle
                 a = await afuse.asyncio.run_asyncio(f.run(lambda h: h.stat()))
-            self._set(a)
+            self.fetched = -1e9  # answer what was just read, even if it changed meanwhile
+            self._set(a, max(when, self.changed))
         return _attr(self.sattrs)
 
     async def setattr(self, changes: SetattrRequest) -> Attr:
@@ -547,7 +577,9 @@ class SftpNode(Node):
         if isinstance(handle, SftpHandle):
             await handle.call(handle.rf.run(lambda f: f.setstat(new)))
         else:
-            await self.fs.call(lambda s: s.setstat(self.path, new, follow_symlinks=False))
+            # lsetstat@openssh.com for a symlink's own times (it takes no size); plain SETSTAT otherwise
+            nofollow = stat.S_ISLNK(self.mode)
+            await self.fs.call(lambda s: s.setstat(self.path, new, follow_symlinks=not nofollow))
         if changes.size is not None:
             for f in self.files:
                 f._drop_chunks()
@@ -574,7 +606,7 @@ class SftpNode(Node):
             for name, a in self.listing.items():  # fresher attributes for the nodes the kernel holds
                 child = self.fs.live.get(_join(self.path, name))
                 if child is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(child.mode):
-                    child._set(a)
+                    child._set(a, now)
         return [DirItem(name, stat.S_IFMT(a.permissions or 0), _ino(_join(self.path, name)))
                 for name, a in self.listing.items()]
 
@@ -796,13 +828,15 @@ class SftpFS(NodeFS):
         """Run one SFTP operation (from trio) on the least busy connection."""
         return await afuse.asyncio.run_asyncio(self.pool.run(op))
 
-    def node_for(self, path: bytes, a: asyncssh.SFTPAttrs) -> SftpNode:
-        """The live node for ``path`` with fresh attributes ``a``, or a new one."""
+    def node_for(self, path: bytes, a: asyncssh.SFTPAttrs, when: float | None = None) -> SftpNode:
+        """The live node for ``path`` with attributes ``a`` read at ``when`` (now), or a new one."""
         n = self.live.get(path)
         if n is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(n.mode):
-            n._set(a)
+            n._set(a, when)
             return n
         n = SftpNode(self, path, a)
+        if when is not None:
+            n.fetched = when
         self.live[path] = n
         return n
 
