@@ -94,6 +94,10 @@ class SftpOptions:
     readahead: int = 8 << 20
     #: Bytes of pipelined writes a handle may have in flight.
     write_window: int = 16 << 20
+    #: SSH ciphers in order of preference: AES-GCM first (one call into OpenSSL per packet; asyncssh's
+    #: chacha20-poly1305, OpenSSH's first choice, costs several).
+    ciphers: list[str] = attrs.Factory(lambda: ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                                                "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"])
 
 
 class ConnectError(Exception):
@@ -151,7 +155,8 @@ class Connection:
     async def _connect(self) -> None:
         o = self.pool.options
         kwargs: dict[str, Any] = {"port": o.port, "username": o.user or getpass.getuser(),
-                                  "keepalive_interval": max(1.0, o.timeout / 3), "keepalive_count_max": 3}
+                                  "keepalive_interval": max(1.0, o.timeout / 3), "keepalive_count_max": 3,
+                                  "encryption_algs": o.ciphers}
         if o.identities:
             kwargs["client_keys"] = o.identities
         if o.known_hosts is not None:
@@ -927,7 +932,7 @@ def parse_remote(spec: str) -> tuple[str | None, str, str]:
 
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
-                "reconnect", "StrictHostKeyChecking"}
+                "reconnect", "StrictHostKeyChecking", "Ciphers"}
 
 
 def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
@@ -975,6 +980,8 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             setattr(o, key, n)
         elif key == "reconnect":
             o.reconnect = True
+        elif key == "Ciphers":
+            o.ciphers = value.split(":")
         if not eq and key not in ("reconnect",):
             raise ValueError(f"option {key} needs a value")
     return o, MountOptions.parse(",".join(mount))
@@ -1046,7 +1053,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
-                        "Port=N, readahead=BYTES, write_window=BYTES, reconnect; others are mount options")
+                        "Port=N, Ciphers=A:B, readahead=BYTES, write_window=BYTES, reconnect; others are mount options")
     p.add_argument("--connections", type=int, default=1, help="SSH connections to spread requests over")
     p.add_argument("--reconnect", action="store_true", help="reconnect when the connection is lost")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds before a request fails with EIO")
