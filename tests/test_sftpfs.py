@@ -272,7 +272,7 @@ def test_killed_sshd_gives_eio_then_reconnect(tmp_path: Path) -> None:
             # while the server is down: EIO (reconnecting is refused)
             res = subprocess.run(["cat", f"{mnt}/small"], capture_output=True, text=True, timeout=30)
             assert res.returncode != 0 and "Input/output error" in res.stderr
-            assert os.path.ismount(mnt)
+            assert _mounted(mnt)
             server.restart()
             deadline = time.monotonic() + 20
             while True:
@@ -285,6 +285,29 @@ def test_killed_sshd_gives_eio_then_reconnect(tmp_path: Path) -> None:
             assert os.pread(big, 8, (1 << 30) - 8192) == b"\0" * 8
         finally:
             os.close(big)
+
+
+def test_unresponsive_server_gives_eio(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "data").write_text("payload")
+    with sshd_tool.running_sshd() as server, sftpfs(server, remote, "--timeout", "2", "-o", "cache=no") as mnt:
+        assert Path(mnt, "data").read_text() == "payload"
+        frozen = sshd_tool._children(server.pid)  # the session processes: the connection stays open
+        assert frozen
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            res = subprocess.run(["cat", f"{mnt}/data"], capture_output=True, text=True, timeout=30)
+            assert res.returncode != 0 and "Input/output error" in res.stderr
+            assert _mounted(mnt)
+            # the timed-out connection was dropped; without --reconnect every request now fails at once
+            res = subprocess.run(["stat", f"{mnt}/data"], capture_output=True, text=True, timeout=30)
+            assert res.returncode != 0 and "Input/output error" in res.stderr
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
 
 def _server_reads(server: Any) -> int:

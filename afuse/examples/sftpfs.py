@@ -203,6 +203,7 @@ class Pool:
         self.conns = [Connection(self, i) for i in range(max(1, options.connections))]
         #: SFTP requests answered EIO because of a lost connection or a timeout.
         self.failures = 0
+        self.closing = False
 
     async def start(self) -> None:
         """Connect every connection now (errors are ConnectError with the reason)."""
@@ -236,18 +237,46 @@ class Pool:
             if isinstance(e, asyncssh.SFTPError) and not _lost(e):
                 raise FUSEError(_errno_of(e), str(e)) from None
             self.failures += 1
-            log.warning("connection %d: %s", c.index, e or type(e).__name__)
+            if not self.closing:
+                log.warning("connection %d: %s", c.index, e or type(e).__name__)
             c.drop()
             raise FUSEError(errno.EIO, str(e)) from None
         finally:
             c.busy -= 1
 
+    async def then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], path: bytes,
+                         via: Connection | None = None) -> tuple[T, asyncssh.SFTPAttrs | None]:
+        """``op`` and an LSTAT of ``path`` sent back to back on one connection, without waiting
+        in between: the server answers in order, so the LSTAT sees what ``op`` made (one round
+        trip for both). The LSTAT's answer is None if it failed."""
+        c = via or self.pick()
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(self.run(op, c))
+        second = loop.create_task(self.run(lambda s: s.lstat(path), c))
+        try:
+            result = await first
+        except BaseException:
+            second.cancel()
+            with contextlib.suppress(BaseException):
+                await second
+            raise
+        try:
+            return result, await second
+        except FUSEError:
+            return result, None
+
     async def close(self) -> None:
         """Close every connection."""
+        self.closing = True
         await asyncio.gather(*(c.close() for c in self.conns))
 
 
 # -- open files (asyncio side) ----------------------------------------------------------------------
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
 
 def _bytes(data: bytes | str) -> bytes:
     return data if isinstance(data, bytes) else data.encode()  # always bytes: files are opened with encoding=None
@@ -319,6 +348,11 @@ class RemoteFile:
 
     # reads -----------------------------------------------------------------------------------------
 
+    def _spawn_chunk(self, offset: int) -> asyncio.Task[bytes]:
+        task = asyncio.get_running_loop().create_task(self._chunk(offset))
+        task.add_done_callback(_consume)  # a chunk nobody reads any more may fail unseen
+        return task
+
     async def _chunk(self, offset: int) -> bytes:
         return _bytes(await self.run(lambda f: f.read(CHUNK, offset)))
 
@@ -331,7 +365,7 @@ class RemoteFile:
     async def _part(self, off: int) -> bytes:
         task = self.chunks.get(off)
         if task is None:
-            task = self.chunks[off] = asyncio.get_running_loop().create_task(self._chunk(off))
+            task = self.chunks[off] = self._spawn_chunk(off)
         try:
             return await asyncio.shield(task)  # a cancelled read leaves the chunk to the next one
         except asyncio.CancelledError:
@@ -356,10 +390,9 @@ class RemoteFile:
         end = offset + size + self.window
         if self.size is not None:
             end = min(end, max(self.size, offset + size))
-        loop = asyncio.get_running_loop()
         for off in range(first, end, CHUNK):
             if off not in self.chunks:
-                self.chunks[off] = loop.create_task(self._chunk(off))
+                self.chunks[off] = self._spawn_chunk(off)
         parts: list[bytes] = []
         for off in range(first, offset + size, CHUNK):
             part = await self._part(off)
@@ -512,6 +545,10 @@ class SftpNode(Node):
                 return None
             raise
 
+    async def _then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]],
+                          path: bytes) -> tuple[T, asyncssh.SFTPAttrs | None]:
+        return await afuse.asyncio.run_asyncio(self.fs.pool.then_lstat(op, path))
+
     async def _child(self, name: bytes, a: asyncssh.SFTPAttrs | None = None) -> SftpNode:
         path = _join(self.path, name)
         if a is None:
@@ -643,17 +680,19 @@ class SftpNode(Node):
         path = _join(self.path, name)
         rf = RemoteFile(self.fs.pool, path, flags | os.O_CREAT, mode)
         try:
-            await afuse.asyncio.run_asyncio(rf.open())
+            _, a = await afuse.asyncio.run_asyncio(self.fs.pool.then_lstat(lambda _s: rf.open(), path, rf.conn))
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
         self._changed_listing()
         rf.size = 0
-        try:
-            a = await afuse.asyncio.run_asyncio(rf.run(lambda f: f.stat()))
-        except BaseException:
-            await afuse.asyncio.run_asyncio(rf.close())
-            raise
+        if a is None or not stat.S_ISREG(a.permissions or 0):
+            try:
+                a = await afuse.asyncio.run_asyncio(rf.run(lambda f: f.stat()))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await afuse.asyncio.run_asyncio(rf.close())
+                raise
         node = self.fs.node_for(path, a)
         return node, SftpHandle(node, rf)
 
@@ -686,23 +725,24 @@ class SftpNode(Node):
         """MKDIR (EEXIST if the name is taken)."""
         path = _join(self.path, name)
         try:
-            await self.fs.call(lambda s: s.mkdir(path, asyncssh.SFTPAttrs(permissions=mode & 0o7777)))
+            _, a = await self._then_lstat(lambda s: s.mkdir(path, asyncssh.SFTPAttrs(permissions=mode & 0o7777)),
+                                          path)
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
         self._changed_listing()
-        return await self._child(name)
+        return await self._child(name, a)
 
     async def symlink(self, name: bytes, target: bytes) -> Node:
         """SYMLINK."""
         path = _join(self.path, name)
         try:
-            await self.fs.call(lambda s: s.symlink(target, path))
+            _, a = await self._then_lstat(lambda s: s.symlink(target, path), path)
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
         self._changed_listing()
-        return await self._child(name)
+        return await self._child(name, a)
 
     async def link(self, name: bytes, node: Node) -> Node:
         """hardlink@openssh.com; the new name is a node of its own (SFTP has no inode identity)."""
@@ -710,13 +750,13 @@ class SftpNode(Node):
             raise FUSEError(errno.EXDEV)
         path = _join(self.path, name)
         try:
-            await self.fs.call(lambda s: s.link(node.path, path))
+            _, a = await self._then_lstat(lambda s: s.link(node.path, path), path)
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
         self._changed_listing()
         node._stale()
-        return await self._child(name)
+        return await self._child(name, a)
 
     async def unlink(self, name: bytes) -> None:
         """REMOVE."""
