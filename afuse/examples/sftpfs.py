@@ -56,7 +56,8 @@ from afuse.wire.init import InitConfig
 from afuse.wire.requests import SetattrRequest
 from afuse.wire.types import Attr, FsStats
 
-__all__ = ["Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions", "main", "parse_remote"]
+__all__ = ["Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions", "list_directory", "main",
+           "parse_remote"]
 
 log = logging.getLogger("afuse.sftpfs")
 T = TypeVar("T")
@@ -269,6 +270,43 @@ class Pool:
         """Close every connection."""
         self.closing = True
         await asyncio.gather(*(c.close() for c in self.conns))
+
+
+async def list_directory(sftp: asyncssh.SFTPClient, path: bytes) -> list[asyncssh.SFTPName]:
+    """The entries of directory ``path`` with their attributes, READDIR requests pipelined.
+
+    SFTP lists a directory in batches (OpenSSH: 100 names per READDIR). asyncssh's ``readdir``
+    asks for one batch at a time, a round trip each; here more READDIRs on the handle are sent
+    before the answers come (the server answers them in order, each with the next batch): two at
+    first, one more for each full batch, up to 16 in flight.
+    """
+    handler = sftp._handler  # asyncssh's request layer: OPENDIR, READDIR, CLOSE
+    handle = await handler.opendir(path)
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Task[tuple[Sequence[asyncssh.SFTPName], bool]]] = [
+        loop.create_task(handler.readdir(handle)) for _ in range(2)]
+    names: list[asyncssh.SFTPName] = []
+    try:
+        done = False
+        while pending:
+            task = pending.pop(0)
+            try:
+                batch, at_end = await task
+            except asyncssh.SFTPEOFError:
+                done = True
+                continue
+            names.extend(batch)
+            done = done or at_end
+            if not done:
+                for _ in range(2 if len(pending) < 15 else 1):
+                    pending.append(loop.create_task(handler.readdir(handle)))
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(asyncssh.Error, OSError):
+            await handler.close(handle)
+    return names
 
 
 # -- open files (asyncio side) ----------------------------------------------------------------------
@@ -641,7 +679,7 @@ class SftpNode(Node):
         """The listing (one READDIR exchange; names, types and attributes, kept ``dir_timeout``)."""
         now = time.monotonic()
         if self.listing is None or now - self.listed >= self.fs.options.dir_timeout:
-            names = await self.fs.call(lambda s: s.readdir(self.path))
+            names = await self.fs.call(lambda s: list_directory(s, self.path))
             self.listing = {n.filename: n.attrs for n in names  # type: ignore[misc]
                             if n.filename not in (b".", b"..")}
             self.listed = now
