@@ -391,9 +391,14 @@ class RemoteFile:
             return await op(await self._file(sftp))
         return await self.pool.run(go, self.conn)
 
-    async def open(self) -> None:
-        """Open the file on the server (EEXIST for O_EXCL on an existing name is the caller's to find)."""
+    async def open(self, prefetch: bool = False) -> None:
+        """Open the file on the server (EEXIST for O_EXCL on an existing name is the caller's to find).
+        ``prefetch``: start reading the first chunk at once (most files opened for reading are read
+        from the start: the first READ then finds its data on the way or in)."""
         await self.run(lambda f: asyncio.sleep(0))
+        if prefetch:
+            self.next_offset, self.window = 0, CHUNK
+            self.chunks[0] = self._spawn_chunk(0)
 
     # reads -----------------------------------------------------------------------------------------
 
@@ -769,8 +774,8 @@ class SftpNode(Node):
         """OPEN (O_TRUNC included); the page cache is dropped at each open, as sshfs does."""
         await self._drain()
         rf = RemoteFile(self.fs.pool, self.path, flags & ~(os.O_CREAT | os.O_EXCL))
-        await afuse.asyncio.run_asyncio(rf.open())
         rf.size = 0 if flags & os.O_TRUNC else (self.sattrs.size or 0)
+        await afuse.asyncio.run_asyncio(rf.open(prefetch=flags & _ACCMODE == os.O_RDONLY and rf.size > 0))
         if flags & os.O_TRUNC:
             self._stale()
         return SftpHandle(self, rf)
