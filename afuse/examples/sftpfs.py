@@ -1027,12 +1027,15 @@ class SftpFS(NodeFS):
                 except FUSEError:
                     return
             old = n.sattrs
-            if a is None:
+            if a is None or stat.S_IFMT(a.permissions or 0) != stat.S_IFMT(n.mode):
+                # gone, or replaced by another type: the kernel drops the name (looked up anew)
                 parent_path, _, name = n.path.rpartition(b"/")
                 parent = self.live.get(parent_path or b"/")
                 if parent is not None and name:
                     parent._changed_listing()
                     changed += 1
+                    if self.live.get(n.path) is n:
+                        del self.live[n.path]
                     await parent.notify_delete(name, n)
                 return
             if (a.size, a.mtime, a.permissions, a.uid, a.gid) == (old.size, old.mtime, old.permissions, old.uid,
@@ -1041,15 +1044,10 @@ class SftpFS(NodeFS):
             changed += 1
             n._set(a)
             if n.is_dir:
+                # The kernel caches no absent names (negative_timeout 0) and vanished children are
+                # found by their own checks: dropping the listing and the attributes is enough.
                 n.listing = None
                 await n.notify_content()
-                async with limit:
-                    try:
-                        names = await self.call(lambda s: s.listdir(n.path))
-                    except FUSEError:
-                        return
-                for name in set(names) - {b".", b".."}:  # names that may be cached as absent
-                    await n.notify_entry(name)
             else:
                 for f in n.files:
                     f._drop_chunks()
