@@ -321,6 +321,10 @@ def _start(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     return asyncio.get_running_loop().create_task(coro, context=ctx)
 
 
+async def _shielded(task: asyncio.Task[T]) -> T:
+    return await asyncio.shield(task)  # a cancelled waiter leaves the task to the others
+
+
 def _consume(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -607,6 +611,12 @@ class SftpNode(Node):
         #: Directory listing cache: name -> attributes, and when it was read.
         self.listing: dict[bytes, asyncssh.SFTPAttrs] | None = None
         self.listed = 0.0
+        self.listing_version = 0
+        #: The listing on its way (shared by the readdir and lookups waiting for it), its version and start.
+        self.listing_task: asyncio.Task[list[asyncssh.SFTPName]] | None = None
+        self.listing_task_from = (0, 0.0)
+        #: Lookups that missed the listing since it was last read (3 in a row: read it instead).
+        self.misses = 0
         self.target: bytes | None = None
         self.target_at = 0.0
         #: Open files (their writes are drained before this node's attributes are read).
@@ -636,11 +646,16 @@ class SftpNode(Node):
         self.changed = time.monotonic()
         parent = self.fs.live.get(self.path.rpartition(b"/")[0] or b"/")
         if parent is not None:
-            parent.listing = None
+            parent._drop_listing()
 
     def _changed_listing(self) -> None:
-        self.listing = None
+        self._drop_listing()
         self.fetched = -1e9
+
+    def _drop_listing(self) -> None:
+        """Forget the listing (a listing on its way is not kept either)."""
+        self.listing = None
+        self.listing_version += 1
 
     async def _lstat(self, path: bytes | None = None) -> asyncssh.SFTPAttrs | None:
         try:
@@ -664,20 +679,62 @@ class SftpNode(Node):
 
     # lookups and attributes ---------------------------------------------------------------------
 
-    async def lookup(self, name: bytes) -> Node | None:
-        """A child: from a fresh listing, else LSTAT."""
-        a = None
-        when = self.listed
+    def _fresh_listing(self) -> dict[bytes, asyncssh.SFTPAttrs] | None:
         if self.listing is not None and time.monotonic() - self.listed < self.fs.options.dir_timeout:
-            a = self.listing.get(name)
-            if a is None:
-                return None
-        if a is None:
-            when = time.monotonic()
-            a = await self._lstat(_join(self.path, name))
-            if a is None:
-                return None
-        return self.fs.node_for(_join(self.path, name), a, when)
+            return self.listing
+        return None
+
+    async def _fetch_listing(self) -> tuple[dict[bytes, asyncssh.SFTPAttrs], bool]:
+        """Read the listing, or wait for the one on its way; True if it is kept (the directory did
+        not change through the mount meanwhile)."""
+        task = self.listing_task
+        if task is None:
+            version, started = self.listing_version, time.monotonic()
+            task = self.listing_task = _start(self.fs.pool.run(lambda s: list_directory(s, self.path)))
+            self.listing_task_from = (version, started)
+            task.add_done_callback(self._listed)
+        version, started = self.listing_task_from
+        names = await afuse.asyncio.run_asyncio(_shielded(task))
+        if self.listing_version == version and self.listing is not None and self.listed == started:
+            return self.listing, True
+        return {n.filename: n.attrs for n in names if n.filename not in (b".", b"..")}, False  # type: ignore[misc]
+
+    def _listed(self, task: asyncio.Task[list[asyncssh.SFTPName]]) -> None:
+        """A listing arrived: keep it (once, for every waiter), and refresh the children's attributes."""
+        if self.listing_task is task:
+            self.listing_task = None
+        version, started = self.listing_task_from
+        if task.cancelled() or task.exception() is not None or self.listing_version != version:
+            return
+        self.listing = {n.filename: n.attrs for n in task.result()  # type: ignore[misc]
+                        if n.filename not in (b".", b"..")}
+        self.listed, self.misses = started, 0
+        for name, a in self.listing.items():  # fresher attributes for the nodes the kernel holds
+            child = self.fs.live.get(_join(self.path, name))
+            if child is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(child.mode):
+                child._set(a, started)
+
+    async def lookup(self, name: bytes) -> Node | None:
+        """A child: from a fresh listing, else LSTAT; after three misses in a row, the directory is
+        listed instead (later lookups of its names are then answered without asking the server)."""
+        path = _join(self.path, name)
+        listing = self._fresh_listing()
+        if listing is None and self.fs.options.dir_timeout > 0:
+            if self.listing_task is not None or self.misses >= 3:
+                try:
+                    listing, kept = await self._fetch_listing()
+                    if not kept:  # changed through the mount meanwhile: it may lack a new name
+                        listing = None
+                except FUSEError:  # e.g. a directory one may search but not read
+                    self.misses = -1000
+            else:
+                self.misses += 1
+        if listing is not None:
+            a = listing.get(name)
+            return None if a is None else self.fs.node_for(path, a, self.listed)
+        when = time.monotonic()
+        a = await self._lstat(path)
+        return None if a is None else self.fs.node_for(path, a, when)
 
     async def getattr(self) -> Attr:
         """Cached attributes, or LSTAT (after this node's pipelined writes are done)."""
@@ -743,19 +800,12 @@ class SftpNode(Node):
         return self.target
 
     async def readdir(self) -> list[DirItem]:
-        """The listing (one READDIR exchange; names, types and attributes, kept ``dir_timeout``)."""
-        now = time.monotonic()
-        if self.listing is None or now - self.listed >= self.fs.options.dir_timeout:
-            names = await self.fs.call(lambda s: list_directory(s, self.path))
-            self.listing = {n.filename: n.attrs for n in names  # type: ignore[misc]
-                            if n.filename not in (b".", b"..")}
-            self.listed = now
-            for name, a in self.listing.items():  # fresher attributes for the nodes the kernel holds
-                child = self.fs.live.get(_join(self.path, name))
-                if child is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(child.mode):
-                    child._set(a, now)
+        """The listing (READDIRs pipelined; names, types and attributes, kept ``dir_timeout``)."""
+        listing = self._fresh_listing()
+        if listing is None:
+            listing, _kept = await self._fetch_listing()
         return [DirItem(name, stat.S_IFMT(a.permissions or 0), _ino(_join(self.path, name)))
-                for name, a in self.listing.items()]
+                for name, a in listing.items()]
 
     async def statfs(self) -> FsStats:
         """statvfs@openssh.com (huge counts if the server lacks it, as sshfs)."""
@@ -1046,7 +1096,7 @@ class SftpFS(NodeFS):
             if n.is_dir:
                 # The kernel caches no absent names (negative_timeout 0) and vanished children are
                 # found by their own checks: dropping the listing and the attributes is enough.
-                n.listing = None
+                n._drop_listing()
                 await n.notify_content()
             else:
                 for f in n.files:
