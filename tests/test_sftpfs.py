@@ -389,7 +389,7 @@ def test_interrupted_cat_stops_reads(sshd: Any, tmp_path: Path) -> None:
         settled = _server_reads(sshd)
         time.sleep(1.0)
         after = _server_reads(sshd)
-        print(f"server read {(settled - before) >> 20} MiB of {size >> 20} MiB; {after - settled} bytes in the second after")
+        print(f"server read {(settled - before) >> 20} MiB of {size >> 20} MiB, then {after - settled} bytes in 1 s")
         assert settled - before > 0, "nothing was read"
         assert after - settled < CHUNK_MIN, f"the server still reads: {after - settled} bytes in 1 s"
         assert after - before < size // 2
