@@ -1010,8 +1010,12 @@ class SftpHandle(FileHandle):
         await self.call(self.rf.fsync())
 
     async def release(self) -> None:
-        """RELEASE: close the remote handle."""
+        """RELEASE: close the remote handle (in the background when no writes are pending: the
+        application does not wait for RELEASE, and its errors could reach no one)."""
         self.node.files.discard(self.rf)
+        if not self.rf.writes and self.rf.error is None:
+            _start(self.rf.close()).add_done_callback(_consume)
+            return
         with trio.CancelScope(shield=True):
             try:
                 await self.call(self.rf.close())
