@@ -105,8 +105,10 @@ class Daemon:
     alive: ClassVar[list[Daemon]] = []
 
     def __init__(self, label: str, cmd_for: Callable[[str], list[str]], cpu: int | None = None,
-                 tree: str = REPO) -> None:
+                 tree: str = REPO, ready_line: bool = True) -> None:
         self.label = label
+        #: The daemon prints "ready" once mounted (else: mounted once the mountpoint is a mount).
+        self.ready_line = ready_line
         self.cpu = cpu
         #: The checkout whose afuse the daemon imports.
         self.tree = tree
@@ -136,13 +138,14 @@ class Daemon:
             preexec_fn=pin if cpu is not None else None)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
-        line = b""
-        while time.monotonic() < deadline and self.proc.poll() is None:
+        line = b"" if self.ready_line else b"ready"
+        while self.ready_line and time.monotonic() < deadline and self.proc.poll() is None:
             r, _, _ = select.select([self.proc.stdout], [], [], 0.1)
             if r:
                 line = self.proc.stdout.readline()
                 break
-        while line.strip() == b"ready" and not mounted_here(self.path) and time.monotonic() < deadline:
+        while (line.strip() == b"ready" and not mounted_here(self.path) and time.monotonic() < deadline
+               and self.proc.poll() is None):
             time.sleep(0.01)
         if line.strip() != b"ready" or not mounted_here(self.path):
             self.stop()

@@ -1,6 +1,6 @@
 """passthroughfs: mirror a directory, node by node (like go-fuse's LoopbackNode, libfuse's passthrough_hp).
 
-``python -m afuse.examples.passthroughfs SOURCE MOUNTPOINT [-o OPTS] [--timeout S] [--cache-dir]
+``python -m afuse.examples.passthroughfs SOURCE MOUNTPOINT [-o OPTS] [--timeout S] [--cache-dir] [--keep-cache]
 [--keeper SOCKET --state-dir DIR [--upgrade] [--take-wait S] [--readers N] [--events FILE]]``
 
 The filesystem is :class:`afuse.nodes.LoopbackFS`: each :class:`afuse.nodes.LoopbackNode` holds
@@ -266,6 +266,9 @@ def main(argv: Sequence[str] | None = None, *, failover: bool = False) -> int:
     parser.add_argument("--cache-dir", action="store_true",
                         help="let the kernel cache directory listings until a directory's mtime changes: "
                              "faster, but may hide changes made directly in SOURCE")
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="let the kernel keep a file's cached pages across opens (dropped when its mtime "
+                             "or size is seen to change): faster rereads of files served by the daemon")
     parser.add_argument("--no-cache-dir", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--no-passthrough", action="store_true",
                         help="serve reads and writes in the daemon (no FUSE passthrough)")
@@ -283,7 +286,7 @@ def main(argv: Sequence[str] | None = None, *, failover: bool = False) -> int:
         return _serve_failover(args, name, run_failover)
     try:
         ops = PassthroughFS(args.source, timeout=args.timeout, cache_dir=args.cache_dir,
-                            passthrough=not args.no_passthrough)
+                            passthrough=not args.no_passthrough, keep_cache=args.keep_cache)
     except OSError as e:
         print(f"error: cannot open {args.source}: {e.strerror}", file=sys.stderr)
         return 1
