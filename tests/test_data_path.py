@@ -18,7 +18,7 @@ import afuse
 from afuse import device
 from afuse.examples import lowlevel_passthroughfs
 from afuse.examples.passthroughfs import PassthroughFS
-from afuse.nodes import Dir, LoopbackHandle, LoopbackNode
+from afuse.nodes import Dir, LoopbackHandle, LoopbackNode, NodeFS
 from afuse.nodes.loopback import LoopbackFS
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.splice import SPLICE_MIN, FileRange, SplicedReply, SplicePipe
@@ -129,7 +129,7 @@ def test_large_read_route_returns_header_and_data() -> None:
 def test_large_read_reply_is_written_with_one_writev(fuse_mount: MountFactory,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     data = os.urandom(MiB + 5)
-    m = fuse_mount(Dir({b"big": data}))
+    m = fuse_mount(NodeFS(Dir({b"big": data})))
     calls: list[list[int]] = []
     real = os.writev
 
@@ -173,7 +173,7 @@ def test_reads_are_spliced_from_the_source(kind: str, source: Path, fuse_mount: 
 @mounts
 @pytest.mark.parametrize("want", [1024, 128])
 def test_readahead_window_is_raised_to_max_readahead(want: int, fuse_mount: MountFactory) -> None:
-    m = fuse_mount(Dir({b"f": b"x"}), config=InitConfig(max_readahead=want * 1024))
+    m = fuse_mount(NodeFS(Dir({b"f": b"x"})), config=InitConfig(max_readahead=want * 1024))
     path = device.read_ahead_path(m.session.mount.connection_id())
     assert int(Path(path).read_text()) == want
 
