@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """afuse's passthroughfs against pyfuse3's and libfuse's passthrough examples, like for like, one run.
 
-    python benchmarks/vs_pyfuse3.py [--quick] [--rounds N] [--no-ext4] [--json FILE]
+    python benchmarks/vs_pyfuse3.py [--quick] [--rounds N] [--no-ext4] [--base DIR] [--json FILE]
 
 Sets itself up on first use, in a cache directory outside the repository (``--cache``, default
 ``~/.cache/afuse-bench``): apt-get installs Debian's libfuse3-dev (and gcc, pkg-config,
@@ -154,11 +154,11 @@ class Side:
     make: Callable[[str], Any] | None  # source dir -> bench.Daemon
 
 
-def sides(tools: dict[str, str], with_libfuse: bool) -> list[Side]:
-    def afuse(label: str, extra: list[str]) -> Callable[[str], Any]:
+def sides(tools: dict[str, str], with_libfuse: bool, base: str | None = None) -> list[Side]:
+    def afuse(label: str, extra: list[str], tree: str = bench.REPO) -> Callable[[str], Any]:
         return lambda src: bench.Daemon(label, lambda mnt: [
             sys.executable, "-m", "afuse.examples.passthroughfs", src, mnt, "-o", f"fsname=fusebench-{label}",
-            *extra], ready_line=False)
+            *extra], ready_line=False, tree=tree)
 
     out = [
         Side("afuse", "passthroughfs --timeout 0 --no-passthrough --keep-cache -o default_permissions "
@@ -168,6 +168,11 @@ def sides(tools: dict[str, str], with_libfuse: bool) -> list[Side]:
              lambda src: bench.Daemon("pyfuse3", lambda mnt: [tools["python"], tools["example"], src, mnt],
                                       ready_line=False)),
     ]
+    if base:
+        keep = ["--keep-cache"] if "--keep-cache" in _help(base) else []
+        out.append(Side("afuse-base", f"the same from {base}" + ("" if keep else " (it has no --keep-cache)"),
+                        afuse("afuse-base", ["--timeout", "0", "--no-passthrough", *keep, "-o",
+                                             "default_permissions"], tree=base)))
     if with_libfuse:
         out.append(Side("libfuse", "passthrough_ll -o source=SRC,timeout=0,default_permissions (cache=auto)",
                         lambda src: bench.Daemon("libfuse", lambda mnt: [
@@ -180,6 +185,12 @@ def sides(tools: dict[str, str], with_libfuse: bool) -> list[Side]:
         Side("native", "the source directory", None),
     ]
     return out
+
+
+def _help(tree: str) -> str:
+    env = dict(os.environ, PYTHONPATH=tree)
+    return subprocess.run([sys.executable, "-m", "afuse.examples.passthroughfs", "--help"], capture_output=True,
+                          text=True, cwd=tree, env=env).stdout
 
 
 def mount_facts(path: str) -> str:
@@ -489,7 +500,8 @@ def _per_op(c: Counter[str], ops: int) -> str:
 # FUSE passthrough on ext4
 
 
-def ext4_passthrough(size: int, runs: int, problems: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+def ext4_passthrough(size: int, runs: int, problems: list[str], log: Callable[[str], None],
+                     base: str | None = None) -> dict[str, Any]:
     """Sequential read of a ``size`` file on the root filesystem: native and through passthrough."""
     parent = "/var/tmp"
     fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", parent], capture_output=True,
@@ -503,15 +515,24 @@ def ext4_passthrough(size: int, runs: int, problems: list[str], log: Callable[[s
             for _ in range(size // MiB):
                 f.write(block)
             os.fsync(f.fileno())
-        daemon = bench.Daemon("afuse-passthrough", lambda mnt: [
-            sys.executable, "-m", "afuse.examples.passthroughfs", src, mnt, "-o", "fsname=fusebench-ext4"],
-            ready_line=False)
+        def daemon_of(label: str, tree: str) -> Any:
+            return bench.Daemon(label, lambda mnt: [
+                sys.executable, "-m", "afuse.examples.passthroughfs", src, mnt, "-o", "fsname=fusebench-ext4"],
+                ready_line=False, tree=tree)
+
+        daemon = daemon_of("afuse-passthrough", bench.REPO)
         native: list[float] = []
         fuse: list[float] = []
-        with bench.serving(daemon, problems):
+        older: list[float] = []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(bench.serving(daemon, problems))
+            plan = [("native", path, native), ("afuse", daemon.join("big.bin"), fuse)]
+            if base:
+                other = stack.enter_context(bench.serving(daemon_of("afuse-base-passthrough", base), problems))
+                plan.append(("afuse-base", other.join("big.bin"), older))
             out["mount"] = mount_facts(daemon.path)
             for _ in range(runs):
-                for label, p, acc in (("native", path, native), ("afuse", daemon.join("big.bin"), fuse)):
+                for label, p, acc in plan:
                     bench.drop_caches()
                     fd = os.open(p, os.O_RDONLY)
                     try:
@@ -527,6 +548,9 @@ def ext4_passthrough(size: int, runs: int, problems: list[str], log: Callable[[s
             problems.append("ext4: FUSE passthrough was not used: " + stderr[-500:])
         out.update(native=statistics.median(native), afuse=statistics.median(fuse),
                    samples={"native": native, "afuse": fuse})
+        if older:
+            out["base"] = statistics.median(older)
+            out["samples"]["afuse-base"] = older
         out["ratio"] = out["afuse"] / out["native"]
     finally:
         shutil.rmtree(src, ignore_errors=True)
@@ -543,7 +567,9 @@ def fmt(v: float) -> str:
 def report(names: list[str], samples: dict[str, dict[str, list[float]]], requests: dict[str, dict[str, str]],
            ext4: dict[str, Any] | None) -> list[str]:
     lines = []
-    head = ["workload", "unit", *names, "afuse/pyfuse3", "target", "afuse-default/pyfuse3", "afuse/native"]
+    base = "afuse-base" in names
+    head = ["workload", "unit", *names, "afuse/pyfuse3", "target", "afuse-default/pyfuse3", "afuse/native",
+            *(["afuse-base/pyfuse3"] if base else [])]
     rows = [head]
     for key, unit in ROWS:
         med = {n: statistics.median(samples[key][n]) for n in names if samples.get(key, {}).get(n)}
@@ -552,6 +578,9 @@ def report(names: list[str], samples: dict[str, dict[str, list[float]]], request
         rd = med.get("afuse-default", 0) / med["pyfuse3"] if med.get("pyfuse3") else 0
         rn = med.get("afuse", 0) / med["native"] if med.get("native") else 0
         row += [f"{r:.2f}", "met" if r >= TARGET else "MISSED", f"{rd:.2f}", f"{rn:.2f}"]
+        if base:
+            rb = med.get("afuse-base", 0) / med["pyfuse3"] if med.get("pyfuse3") else 0
+            row.append(f"{rb:.2f}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for j, r in enumerate(rows):
@@ -578,6 +607,9 @@ def report(names: list[str], samples: dict[str, dict[str, list[float]]], request
             lines.append(f"  native {fmt(ext4['native'])} MiB/s   afuse passthrough {fmt(ext4['afuse'])} MiB/s   "
                          f"afuse/native {ext4['ratio']:.3f} (target >= {EXT4_TARGET}: "
                          f"{'met' if ext4['ratio'] >= EXT4_TARGET else 'MISSED'})")
+            if "base" in ext4:
+                lines.append(f"  afuse-base passthrough {fmt(ext4['base'])} MiB/s   afuse-base/native "
+                             f"{ext4['base'] / ext4['native']:.3f}")
             lines.append(f"  samples native {[round(x) for x in ext4['samples']['native']]} "
                          f"afuse {[round(x) for x in ext4['samples']['afuse']]}")
             lines.append(f"  mount: {ext4.get('mount')}")
@@ -595,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-libfuse", action="store_true", help="leave out libfuse's passthrough_ll")
     p.add_argument("--no-ext4", action="store_true", help="leave out the FUSE passthrough on ext4 section")
     p.add_argument("--only", help="comma-separated sides to run (afuse,pyfuse3,libfuse,afuse-default,native)")
+    p.add_argument("--base", metavar="DIR", help="also run the passthroughfs of the afuse checkout DIR (e.g. "
+                   "`git archive` of an older commit) in pyfuse3's configuration: before/after in one run")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     args = p.parse_args(argv)
 
@@ -606,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.rounds = args.rounds
     tools = setup(args.cache, log)
     with_libfuse = not args.no_libfuse and os.path.exists(tools["passthrough_ll"])
-    all_sides = sides(tools, with_libfuse)
+    all_sides = sides(tools, with_libfuse, os.path.abspath(args.base) if args.base else None)
     if args.only:
         keep = set(args.only.split(",")) | {"pyfuse3"}
         all_sides = [s for s in all_sides if s.name in keep]
@@ -636,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             log("FUSE passthrough on ext4")
             size, runs = (64 * MiB, 2) if args.quick else (512 * MiB, 5)
             try:
-                ext4 = ext4_passthrough(size, runs, problems, log)
+                ext4 = ext4_passthrough(size, runs, problems, log, os.path.abspath(args.base) if args.base else None)
             except Exception as e:
                 traceback.print_exc()
                 ext4 = {"error": f"{type(e).__name__}: {e}"}
