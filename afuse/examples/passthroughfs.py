@@ -20,7 +20,12 @@ The mount is coherent with the source by default: the kernel caches no names, at
 listings (entry and attribute timeouts 0, no directory cache), so a change made directly in
 SOURCE shows in the mount at once. ``--timeout SECONDS`` and ``--cache-dir`` trade that
 coherence for speed: the kernel then keeps names and attributes that long, and listings until
-the directory's mtime changes, and may show stale results meanwhile.
+the directory's mtime changes, and may show stale results meanwhile. ``--keep-cache`` lets it
+keep a file's cached pages across opens (FOPEN_KEEP_CACHE) until it sees the file's mtime or size
+change (pyfuse3's default); a change made in SOURCE that keeps both may then go unseen.
+
+Reads the daemon serves (without passthrough) are spliced from the source file into the reply
+(:class:`afuse.splice.FileRange`): the kernel copies the data once, Python never holds it.
 
 Regular files are opened in FUSE passthrough mode where the kernel and privileges allow it
 (FUSE_PASSTHROUGH negotiated, as the command line asks unless ``--no-passthrough``, and
