@@ -105,8 +105,10 @@ class Daemon:
     alive: ClassVar[list[Daemon]] = []
 
     def __init__(self, label: str, cmd_for: Callable[[str], list[str]], cpu: int | None = None,
-                 tree: str = REPO, ready_line: bool = True) -> None:
+                 tree: str = REPO, ready_line: bool = True, ok_codes: tuple[int, ...] = (0,)) -> None:
         self.label = label
+        #: Exit statuses after SIGTERM that are not failures (libfuse's examples exit 1).
+        self.ok_codes = ok_codes
         #: The daemon prints "ready" once mounted (else: mounted once the mountpoint is a mount).
         self.ready_line = ready_line
         self.cpu = cpu
@@ -157,6 +159,18 @@ class Daemon:
     def join(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 
+    def cpu_seconds(self) -> float:
+        """CPU time the daemon's threads have used so far (schedstat: nanosecond resolution)."""
+        if self.proc is None:
+            return 0.0
+        total = 0
+        base = f"/proc/{self.proc.pid}/task"
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(base):
+                with contextlib.suppress(OSError), open(f"{base}/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        return total / 1e9
+
     def stderr(self) -> str:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
@@ -190,7 +204,7 @@ class Daemon:
     @property
     def failed(self) -> bool:
         """The daemon exited abnormally (afuse.testing exits 1 if a handler raised)."""
-        return self.returncode not in (0, -signal.SIGTERM, None)
+        return self.returncode not in (*self.ok_codes, -signal.SIGTERM, None)
 
 
 def afuse_daemon(label: str, factory: str, args: list[str], cpu: int | None = None, tree: str = REPO) -> Daemon:

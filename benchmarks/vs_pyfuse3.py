@@ -178,7 +178,7 @@ def sides(tools: dict[str, str], with_libfuse: bool, base: str | None = None) ->
                         lambda src: bench.Daemon("libfuse", lambda mnt: [
                             tools["passthrough_ll"], "-f", "-o",
                             f"source={src},timeout=0,default_permissions,fsname=fusebench-libfuse", mnt],
-                            ready_line=False)))
+                            ready_line=False, ok_codes=(0, 1))))
     out += [
         Side("afuse-default", "passthroughfs SRC MNT (its defaults: timeouts 0, FUSE passthrough)",
              afuse("afuse-default", [])),
@@ -448,11 +448,12 @@ ROWS = [("create", "ops/s"), ("stat", "ops/s"), ("rename", "ops/s"), ("unlink", 
 
 def run_side(side: Side, tmp: str, cfg: Config, tracer: Tracer | None, samples: dict[str, dict[str, list[float]]],
              requests: dict[str, dict[str, str]], facts: dict[str, str], problems: list[str],
-             first: bool, log: Callable[[str], None]) -> None:
+             first: bool, log: Callable[[str], None], cpu: dict[str, dict[str, list[float]]]) -> None:
     """One round of every workload on ``side`` (a fresh source directory and mount)."""
     src = tempfile.mkdtemp(prefix=bench.PREFIX + "src-", dir=tmp)
     try:
         with contextlib.ExitStack() as stack:
+            daemon = None
             if side.make is None:
                 root = src
             else:
@@ -463,15 +464,19 @@ def run_side(side: Side, tmp: str, cfg: Config, tracer: Tracer | None, samples: 
             trace = tracer if (tracer is not None and first and side.make is not None) else None
             if trace is not None:
                 trace.watch(root)
-            current = {"name": "", "ops": 0}
+            current: dict[str, Any] = {"name": "", "cpu": 0.0}
+            spent: dict[str, float] = {}
 
             def phase(name: str) -> None:
-                if trace is None:
-                    return
+                now = daemon.cpu_seconds() if daemon is not None else 0.0
                 if current["name"]:
-                    counts = trace.counts()
-                    requests.setdefault(current["name"], {})[side.name] = counts  # type: ignore[assignment]
-                trace.clear()
+                    spent[current["name"]] = now - current["cpu"]
+                current["cpu"] = now
+                if trace is not None:
+                    if current["name"]:
+                        counts = trace.counts()
+                        requests.setdefault(current["name"], {})[side.name] = counts  # type: ignore[assignment]
+                    trace.clear()
                 current["name"] = name
 
             for wl in WORKLOADS:
@@ -483,6 +488,8 @@ def run_side(side: Side, tmp: str, cfg: Config, tracer: Tracer | None, samples: 
                     shutil.rmtree(base, ignore_errors=True)
                 for key, (value, ops) in res.items():
                     samples.setdefault(key, {}).setdefault(side.name, []).append(value)
+                    if key in spent and daemon is not None:
+                        cpu.setdefault(key, {}).setdefault(side.name, []).append(spent[key] / ops * 1e6)
                     per = requests.get(key, {}).get(side.name)
                     if isinstance(per, Counter):
                         requests[key][side.name] = _per_op(per, ops)
@@ -565,7 +572,7 @@ def fmt(v: float) -> str:
 
 
 def report(names: list[str], samples: dict[str, dict[str, list[float]]], requests: dict[str, dict[str, str]],
-           ext4: dict[str, Any] | None) -> list[str]:
+           ext4: dict[str, Any] | None, cpu: dict[str, dict[str, list[float]]] | None = None) -> list[str]:
     lines = []
     base = "afuse-base" in names
     head = ["workload", "unit", *names, "afuse/pyfuse3", "target", "afuse-default/pyfuse3", "afuse/native",
@@ -588,6 +595,22 @@ def report(names: list[str], samples: dict[str, dict[str, list[float]]], request
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append(f"afuse/pyfuse3 is the headline (same configuration); target >= {TARGET} on every row.")
+    if cpu:
+        daemons = [n for n in names if n != "native"]
+        lines.append("")
+        lines.append("Daemon CPU time per operation, us (all its threads; per 1 MiB for the sequential rows; "
+                     "less sensitive to a busy machine than the rates above; lower is better):")
+        head2 = ["workload", *daemons, "pyfuse3/afuse"]
+        rows2 = [head2]
+        for key, _unit in ROWS:
+            med = {n: statistics.median(cpu[key][n]) for n in daemons if cpu.get(key, {}).get(n)}
+            r = med["pyfuse3"] / med["afuse"] if med.get("afuse") and med.get("pyfuse3") else 0
+            rows2.append([key, *[fmt(med[n]) if n in med else "-" for n in daemons], f"{r:.2f}"])
+        w2 = [max(len(r[i]) for r in rows2) for i in range(len(head2))]
+        for j, r in enumerate(rows2):
+            lines.append("  ".join(c.ljust(w2[i]) if i == 0 else c.rjust(w2[i]) for i, c in enumerate(r)))
+            if j == 0:
+                lines.append("  ".join("-" * w for w in w2))
     if requests:
         lines.append("")
         lines.append("FUSE requests per operation (kernel tracepoint fuse_request_send, first round; "
@@ -648,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     tempfile.tempdir = os.path.abspath(args.tmpdir)
     tmp = tempfile.mkdtemp(prefix=bench.PREFIX + "vs-")
     samples: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
     requests: dict[str, dict[str, str]] = {}
     facts: dict[str, str] = {}
     problems: list[str] = []
@@ -662,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             for side in all_sides:  # interleaved, so drift spreads over every side
                 log(f"round {i + 1}/{cfg.rounds}: {side.name}")
                 try:
-                    run_side(side, tmp, cfg, tracer, samples, requests, facts, problems, i == 0, log)
+                    run_side(side, tmp, cfg, tracer, samples, requests, facts, problems, i == 0, log, cpu)
                 except Exception as e:
                     traceback.print_exc()
                     problems.append(f"{side.name}: {type(e).__name__}: {e}")
@@ -692,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.name in facts:
             print(f"  {'':<14} mount: {facts[s.name]}")
     print()
-    for line in report(names, samples, requests, ext4):
+    for line in report(names, samples, requests, ext4, cpu):
         print(line)
     for note in bench.NOTES:
         print("NOTE:", note[-600:])
@@ -700,8 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         print("PROBLEM:", line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"samples": samples, "requests": requests, "mounts": facts, "ext4": ext4,
-                       "problems": problems}, f, indent=2, default=str)
+            json.dump({"samples": samples, "daemon_cpu_us_per_op": cpu, "requests": requests, "mounts": facts,
+                       "ext4": ext4, "problems": problems}, f, indent=2, default=str)
     return 1 if problems else 0
 
 
