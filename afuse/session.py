@@ -26,11 +26,12 @@ from . import device, uring
 from .context import _CURRENT as _REQUEST
 from .context import RequestContext, current_request_or_none
 from .device import Mount, MountOptions
-from .dispatch import Dispatcher, check_operations
+from .dispatch import Dispatcher, Reply, check_operations
 from .errors import MountError, NotNegotiated, SessionError
 from .operations import Mountable, Operations, as_operations
 from .passthrough import BackingFile, BackingTable
 from .readers import END_ERRNOS, ReaderPool, read_one
+from .splice import SplicedReply, SplicePipe
 from .uring import IoUring, Uring
 from .wire import replies
 from .wire import requests as r
@@ -87,6 +88,7 @@ class Session:
         self._workers_scope = trio.CancelScope(shield=True)
         #: Requests served so far (for tests and statistics).
         self.served = 0
+        self._splice_pipe: SplicePipe | None = None
         #: Seconds a handler may stay blocked before a warning names its request (None: never).
         self.warn_after: float | None = 10.0
         #: The io_uring transport hook (:mod:`afuse.uring`): set by :func:`serve` for
@@ -286,6 +288,19 @@ class Session:
                       "time_gran %d", neg.minor, flag_names(neg.flags), neg.max_write, neg.max_pages,
                       neg.max_readahead, neg.time_gran)
         self.adopt(neg)
+        self._raise_read_ahead(neg)
+
+    def _raise_read_ahead(self, neg: Negotiated) -> None:
+        """Widen the mount's readahead to ``InitConfig.max_readahead`` where INIT could only lower it."""
+        want = self.config.max_readahead
+        if neg.max_readahead >= want:
+            return
+        try:
+            now = device.raise_read_ahead(self.mount.connection_id(), want // 1024)
+        except (OSError, ValueError, MountError) as e:
+            log.debug("readahead stays at %d KiB: %s", neg.max_readahead // 1024, e)
+        else:
+            log.debug("readahead raised to %d KiB", now)
 
     def adopt(self, neg: Negotiated) -> None:
         """Serve with ``neg``: just negotiated, or taken over from an earlier daemon."""
@@ -344,6 +359,9 @@ class Session:
             self.uring.close()
         if self.backing is not None:
             self.backing.end()
+        if self._splice_pipe is not None:
+            self._splice_pipe.close()
+            self._splice_pipe = None
         self.mount.close()
         self.pool.ended.set()
 
@@ -380,7 +398,7 @@ class Session:
         _set_request(ctx)
         pool = self.pool
         if pool.early_interrupts and pool.interrupted_early(unique):
-            reply: bytes | None = replies.error(unique, errno.EINTR)
+            reply: Reply = replies.error(unique, errno.EINTR)
             blocked = False
         else:
             try:
@@ -388,13 +406,38 @@ class Session:
             finally:
                 ctx.handling = False
         self.served += 1
-        written = reply is not None and _write(fd, reply, unique)
+        if isinstance(reply, SplicedReply):
+            written = self._write_spliced(fd, reply)
+        else:
+            written = reply is not None and _write(fd, reply, unique)
         if ctx.callbacks is not None:
             ctx.finish(written)
         if debug:
             log.debug("<- %s unique=%d: %s in %.1f us%s", cls.opcode.name, unique, describe_reply(reply),
                       (time.perf_counter() - t0) * 1e6, "" if written or reply is None else " (not delivered)")
         return blocked
+
+    def _write_spliced(self, fd: int, reply: SplicedReply) -> bool:
+        """Write a READ reply spliced from its file (pread if no pipe can be had)."""
+        pipe = self._splice_pipe
+        if pipe is None:
+            try:
+                neg = self.connection.negotiated
+                pipe = self._splice_pipe = SplicePipe(neg.max_write if neg is not None else 1 << 20)
+            except OSError as e:
+                log.debug("no pipe for spliced replies (%s): reading them with pread", e)
+                try:
+                    message = reply.to_bytes()
+                except OSError as err:
+                    message = replies.error(reply.unique, err.errno or errno.EIO)
+                return _write(fd, message, reply.unique)
+        try:
+            pipe.write(fd, reply)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, *END_ERRNOS):
+                log.error("kernel rejected the spliced reply to unique %d: %s", reply.unique, e)
+            return False
 
     async def _watch_slow_requests(self, after: float) -> None:
         """Warn once about each request whose handler has been blocked longer than ``after`` seconds."""
@@ -425,10 +468,13 @@ class Session:
 _set_request = _REQUEST.set
 
 
-def _write(fd: int, data: bytes, unique: int) -> bool:
-    """Write one reply; False if the kernel did not take it."""
+def _write(fd: int, data: bytes | replies.Vector, unique: int) -> bool:
+    """Write one reply (a list of buffers with one writev); False if the kernel did not take it."""
     try:
-        os.write(fd, data)
+        if type(data) is list:
+            os.writev(fd, data)
+        else:
+            os.write(fd, data)  # type: ignore[arg-type]
         return True
     except OSError as e:
         if e.errno == errno.ENOENT:  # interrupted/aborted/resent meanwhile: nobody waits
@@ -436,7 +482,8 @@ def _write(fd: int, data: bytes, unique: int) -> bool:
         elif e.errno in END_ERRNOS:
             log.debug("reply to unique %d after the connection ended", unique)
         else:
-            log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, len(data), e)
+            size = sum(memoryview(b).nbytes for b in data) if type(data) is list else len(data)
+            log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, size, e)
         return False
 
 

@@ -42,7 +42,9 @@ import trio
 
 from .context import _CURRENT as _REQUEST
 from .context import RequestContext
+from .dispatch import Reply
 from .errors import SessionError
+from .splice import SplicedReply
 from .wire import replies
 from .wire import requests as r
 from .wire.constants import InitFlag
@@ -465,7 +467,8 @@ class Uring:
             reply = replies.error(unique, errno.EINTR)
         else:
             try:
-                reply, blocked = await self._drive(session._handle(req), unique, wscope, req)
+                result, blocked = await self._drive(session._handle(req), unique, wscope, req)
+                reply = _flat(result, unique)
             finally:
                 ctx.handling = False
         session.served += 1
@@ -593,3 +596,16 @@ class _Yield:
 
     def __await__(self) -> Generator[Any, Any, Any]:
         return (yield self.msg)
+
+
+def _flat(reply: Reply, unique: int) -> bytes | None:
+    """A dispatcher reply as one message for the ring's payload buffer: a vector joined, a
+    spliced READ read into memory (its file's error answered as that errno)."""
+    if reply is None or isinstance(reply, bytes):
+        return reply
+    if isinstance(reply, SplicedReply):
+        try:
+            return reply.to_bytes()
+        except OSError as e:
+            return replies.error(unique, e.errno or errno.EIO)
+    return b"".join(reply)

@@ -518,8 +518,10 @@ class LoopbackFS(NodeFS):
 
     ``timeout`` is the entry and attribute cache time (seconds), ``negative_timeout`` how long
     the kernel may remember that a name does not exist, ``cache_dir`` lets it cache listings
-    (until the directory's mtime changes): the defaults (0, 0, False) keep the mount coherent
-    with changes made directly in the source; caching trades that for speed.
+    (until the directory's mtime changes), ``keep_cache`` lets it keep a file's cached pages
+    across opens (FOPEN_KEEP_CACHE; dropped when the file's mtime or size is seen to change):
+    the defaults (0, 0, False, False) keep the mount coherent with changes made directly in the
+    source; caching trades that for speed.
     ``switch_credentials`` (default: when running as root) performs each request with the
     caller's fsuid/fsgid/groups. ``passthrough`` (default True) opens regular files in FUSE
     passthrough mode when negotiated (``InitConfig(passthrough=True)``) and BACKING_OPEN is
@@ -532,8 +534,11 @@ class LoopbackFS(NodeFS):
     node_class: type[LoopbackNode] = LoopbackNode
 
     def __init__(self, source: str | os.PathLike[str], *, timeout: float = 0.0, negative_timeout: float = 0.0,
-                 cache_dir: bool = False, switch_credentials: bool | None = None, passthrough: bool = True) -> None:
+                 cache_dir: bool = False, switch_credentials: bool | None = None, passthrough: bool = True,
+                 keep_cache: bool = False) -> None:
         self.source = os.fspath(source)
+        #: FOPEN flags of every open regular file (KEEP_CACHE with ``keep_cache``).
+        self.file_fopen = int(FOpen.KEEP_CACHE) if keep_cache else 0
         self.passthrough = passthrough
         #: Why passthrough is not used (None while it is, or before INIT).
         self.passthrough_unavailable: str | None = None
@@ -635,7 +640,9 @@ class LoopbackFS(NodeFS):
 
     def handle_of(self, fd: int, node: LoopbackNode) -> LoopbackHandle:
         """The handle of ``node`` open at ``fd`` (passthrough when available)."""
-        return LoopbackHandle(node, fd)
+        h = LoopbackHandle(node, fd)
+        h.fopen = self.file_fopen
+        return h
 
     def creating(self) -> contextlib.AbstractContextManager[None]:
         """As the caller, with umask 0: the kernel has applied the caller's umask already."""
