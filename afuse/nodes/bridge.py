@@ -22,7 +22,7 @@ import stat
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import attrs
@@ -37,13 +37,18 @@ from ..wire.constants import ROOT_ID, FOpen, InitFlag
 from ..wire.init import Negotiated
 from ..wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock
 from .caller import _enter as _set_caller
-from .node import DirItem, FDHandle, FileHandle, Node
+from .node import DirItem, FDHandle, FileHandle, Node, _Cookies
 from .tables import KINDS, NOT_DONE, OUTCOMES_KEPT, NotDone, decode_key, encode_key, error_code, fold, new_state
 
 __all__ = ["NodeFS"]
 
 log = logging.getLogger("afuse")
 _T = TypeVar("_T")
+
+
+def _fp(kept: Any) -> int:
+    """The fingerprint in a kept outcome: kept as the request itself until it is needed."""
+    return kept if type(kept) is int else _fingerprint(kept)
 
 
 def _fingerprint(req: r.Request) -> int:
@@ -499,6 +504,9 @@ class NodeFS(Operations):
 
     async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
         """CREATE: the parent's ``create(name, flags, mode)``, then the file is open."""
+        if not req.is_resend:
+            return await self._first(req, self._create(req))
+
         async def existing(_code: int) -> tuple[Entry, Handle] | NotDone:
             parent = self._nodes.get(req.nodeid)
             child = None if parent is None else await self._named(parent, req.name)
@@ -513,25 +521,38 @@ class NodeFS(Operations):
 
     # -- replayed requests ------------------------------------------------------------------------
 
+    async def _first(self, req: r.Request, attempt: Awaitable[_T]) -> _T:
+        """``await attempt`` of a request that is not a replay, its outcome kept for replays."""
+        try:
+            res = await attempt
+        except (FUSEError, OSError) as exc:
+            code = error_code(exc)
+            if code is not None:
+                self._outcome(req, None, code)
+            raise
+        self._outcome(req, res)
+        return res
+
     async def _once(self, req: r.Request, attempt: Callable[[], Awaitable[_T]],
                     recover: Callable[[int], Awaitable[_T | NotDone]]) -> _T:
         """``attempt()``, its outcome kept for replays. A replayed request is answered with the
         outcome of its first attempt if it is known, else by ``recover(errno)`` when the attempt
         fails the way a replay of a successful first attempt fails (EEXIST, ENOENT)."""
-        if req.is_resend:
-            done = self._outcomes.get(req.request_id)
-            if done is not None and done[1] == _fingerprint(req):
-                again = await self._answer_again(done)
-                if not isinstance(again, NotDone):
-                    log.debug("%s %d: replay answered as its first attempt", type(req).opcode.name, req.request_id)
-                    return again  # type: ignore[no-any-return]
+        if not req.is_resend:
+            return await self._first(req, attempt())
+        done = self._outcomes.get(req.request_id)
+        if done is not None and _fp(done[1]) == _fingerprint(req):
+            again = await self._answer_again(done)
+            if not isinstance(again, NotDone):
+                log.debug("%s %d: replay answered as its first attempt", type(req).opcode.name, req.request_id)
+                return again  # type: ignore[no-any-return]
         try:
             res = await attempt()
         except (FUSEError, OSError) as exc:
             code = error_code(exc)
             if code is None:
                 raise
-            if req.is_resend and code in (errno.EEXIST, errno.ENOENT):
+            if code in (errno.EEXIST, errno.ENOENT):
                 found = await recover(code)
                 if not isinstance(found, NotDone):
                     log.debug("%s %d: replay of a request that took effect", type(req).opcode.name, req.request_id)
@@ -543,7 +564,8 @@ class NodeFS(Operations):
         return res
 
     def _outcome(self, req: r.Request, res: object, code: int = 0) -> None:
-        fp = _fingerprint(req)
+        # Fingerprinted when journaled or needed (a replay, a snapshot): most never are.
+        fp: Any = req if self._journal is None else _fingerprint(req)
         if code:
             out: list[Any] = ["x", fp, code]
         elif res is None:
@@ -624,6 +646,8 @@ class NodeFS(Operations):
 
     async def unlink(self, req: r.UnlinkRequest) -> None:
         """UNLINK: the parent's ``unlink(name)`` allows it; a persistent parent drops the child."""
+        if not req.is_resend:
+            return await self._first(req, self._removing(req, req.name, "unlink", False))
         await self._once(req, lambda: self._removing(req, req.name, "unlink", False), self._gone)
 
     async def rmdir(self, req: r.RmdirRequest) -> None:
@@ -940,12 +964,46 @@ class NodeFS(Operations):
         if self._dirs.pop(req.fh, None) is not None and self._journal is not None:
             self._journal(["C", req.fh])
 
-    async def _items(self, req: r.ReaddirRequest) -> tuple[_DirStream, list[tuple[bytes, int, int, Node | None]]]:
+    def _stream(self, req: r.ReaddirRequest) -> _DirStream:
         _set_caller(req)
         stream = self._dirs.get(req.fh)
         if stream is None:
             raise FUSEError(errno.EBADF)
-        if stream.items is None or req.offset == 0:
+        return stream
+
+    @staticmethod
+    def _cookies(node: Node) -> _Cookies | None:
+        """The stable offsets of a persistent directory listed from its children (None: snapshots)."""
+        if node.children is None or getattr(node, "readdir", None) is not None:
+            return None
+        ck = node._cookies
+        if ck is None:
+            ck = node._cookies = _Cookies(node.children)
+        else:
+            ck.sync(node.children)
+        return ck
+
+    @staticmethod
+    def _kept(node: Node, ck: _Cookies, offset: int) -> Iterator[tuple[int, bytes, int, int, Node | None]]:
+        """(offset, name, mode, ino, node) of a persistent directory's entries after ``offset``."""
+        if offset < 1:
+            yield 1, b".", node.mode, node.ino or node._nodeid, None
+        if offset < 2:
+            yield 2, b"..", stat.S_IFDIR, 0, None
+        children = node.children
+        assert children is not None
+        while True:
+            nxt = ck.after(offset)  # looked up again each time: the directory may change meanwhile
+            if nxt is None:
+                return
+            offset, name = nxt
+            c = children.get(name)
+            if c is not None:
+                yield offset, name, c.mode, c.ino or c._nodeid, c
+
+    async def _items(self, stream: _DirStream, offset: int) -> Iterator[tuple[int, bytes, int, int, Node | None]]:
+        """(offset, name, mode, ino, node) after ``offset`` in the stream's snapshot (taken at offset 0)."""
+        if stream.items is None or offset == 0:
             node = stream.node
             ino = node.ino or node._nodeid
             items: list[tuple[bytes, int, int, Node | None]] = [(b".", node.mode, ino, None),
@@ -962,7 +1020,8 @@ class NodeFS(Operations):
             elif node.children is not None:
                 items += [(name, c.mode, c.ino or c._nodeid, c) for name, c in node.children.items()]
             stream.items = items
-        return stream, stream.items
+        return ((i + 1, name, mode, ino, n) for i, (name, mode, ino, n)
+                in enumerate(itertools.islice(stream.items, offset, None), offset))
 
     @staticmethod
     def _item(what: str, d: object) -> tuple[bytes, int, int, Node | None]:
@@ -971,31 +1030,35 @@ class NodeFS(Operations):
         return (d.name, d.mode, d.ino, None)
 
     async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
-        """READDIR: the stream's snapshot from ``req.offset`` (offsets are snapshot positions)."""
-        _stream, items = await self._items(req)
-        return (DirEntry(name, i + 1, Attr(ino=ino or 0xFFFFFFFF, mode=mode))
-                for i, (name, mode, ino, _n) in enumerate(itertools.islice(items, req.offset, None), req.offset))
+        """READDIR: the entries after ``req.offset``: a persistent directory's stable cookies, else
+        positions in the stream's snapshot."""
+        stream = self._stream(req)
+        ck = self._cookies(stream.node)
+        listing = self._kept(stream.node, ck, req.offset) if ck is not None else await self._items(stream, req.offset)
+        return (DirEntry(name, off, Attr(ino=ino or 0xFFFFFFFF, mode=mode)) for off, name, mode, ino, _n in listing)
 
     async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
         """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup."""
-        stream, items = await self._items(req)
-        return self._plus(stream.node, items, req.offset)
+        stream = self._stream(req)
+        ck = self._cookies(stream.node)
+        if ck is not None:
+            return self._plus(stream.node, self._kept(stream.node, ck, req.offset))
+        return self._plus(stream.node, await self._items(stream, req.offset))
 
-    async def _plus(self, parent: Node, items: list[tuple[bytes, int, int, Node | None]],
-                    offset: int) -> AsyncIterator[DirEntry]:
+    async def _plus(self, parent: Node, listing: Iterator[tuple[int, bytes, int, int, Node | None]]
+                    ) -> AsyncIterator[DirEntry]:
         fresh: list[Node] = []
         try:
-            for i in range(offset, len(items)):
-                name, mode, ino, child = items[i]
+            for off, name, mode, ino, child in listing:
                 if name in _DOTS:
-                    yield DirEntry(name, i + 1, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
+                    yield DirEntry(name, off, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
                     continue
                 if child is None:
                     try:
                         child = await self._child(parent, name)
                     except (FUSEError, OSError) as e:
                         if e.errno != errno.ENOENT:  # e.g. EACCES: a directory readable, not searchable
-                            yield DirEntry(name, i + 1, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
+                            yield DirEntry(name, off, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
                             continue
                     if child is None:
                         continue  # vanished since the listing
@@ -1007,7 +1070,7 @@ class NodeFS(Operations):
                 if not attr.ino:
                     attr = attrs.evolve(attr, ino=child._nodeid)
                 fresh.append(child)
-                yield DirEntry(name, i + 1, entry=Entry(child._nodeid, attr, self.generation))
+                yield DirEntry(name, off, entry=Entry(child._nodeid, attr, self.generation))
                 child._lookups += 1  # runs only once the kernel took the entry
                 if self._journal is not None:
                     self._journal(["L", child._nodeid, 1])
@@ -1038,7 +1101,7 @@ class NodeFS(Operations):
         handles.update((str(fh), [nodeid, flags]) for fh, (nodeid, flags) in self._pending.items())
         st["handles"] = handles
         st["dirs"] = {str(fh): d.node._nodeid for fh, d in self._dirs.items()}
-        st["outcomes"] = [[rid, out] for rid, out in self._outcomes.items()]
+        st["outcomes"] = [[rid, [out[0], _fp(out[1]), *out[2:]]] for rid, out in self._outcomes.items()]
         return {"bridge": st}
 
     def fold_record(self, state: dict[str, Any], record: Any) -> None:
