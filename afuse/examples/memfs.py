@@ -299,9 +299,9 @@ class _Open(FileHandle):
 
 
 class Dir(MNode):
-    """A directory: the bridge keeps its ``children``; ``parent`` is for ".." and rename checks. (No
-    FOPEN_CACHE_DIR: once a change drops a cached listing, the kernel would go on with the offsets of
-    one open directory's snapshot on another.)"""
+    """A directory: the bridge keeps its ``children`` (and their stable directory offsets);
+    ``parent`` is for ".." and rename checks. (No FOPEN_CACHE_DIR: offsets are not kept across a
+    failover, and the kernel's cached listing would outlive them.)"""
 
     def __init__(self, fs: MemFS, mode: int, uid: int, gid: int, parent: Dir | None, serial: int = 0) -> None:
         super().__init__(fs, mode, uid, gid, serial)

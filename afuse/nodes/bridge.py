@@ -73,6 +73,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "tmpfile": ("tmpfile",),
 }
 _DOTS = (b".", b"..")
+_NO_GETATTR = object()
 _ACCMODE = os.O_ACCMODE
 _DEFAULT_POLL = 0x0001 | 0x0004 | 0x0040 | 0x0100  # POLLIN|POLLOUT|POLLRDNORM|POLLWRNORM
 
@@ -262,15 +263,19 @@ class NodeFS(Operations):
 
     async def _attr(self, node: Node) -> Attr:
         fn = getattr(node, "getattr", None)
-        if fn is None:
+        return self._checked_attr(node, await fn() if fn is not None else _NO_GETATTR)
+
+    def _checked_attr(self, node: Node, got: object) -> Attr:
+        """``got`` (what ``node.getattr()`` returned) with inode number and type filled in."""
+        if type(got) is Attr:
+            a = got
+        elif got is _NO_GETATTR:
             uid, gid, t = self._default_attr
             a = Attr(mode=node.mode, nlink=2 if node.is_dir else 1, uid=uid, gid=gid,
                      atime_ns=t, mtime_ns=t, ctime_ns=t)
         else:
-            a = await fn()
-            if type(a) is not Attr:
-                raise HandlerResultError(f"{type(node).__qualname__}.getattr must return an Attr, "
-                                         f"not {type(a).__name__}")
+            raise HandlerResultError(f"{type(node).__qualname__}.getattr must return an Attr, "
+                                     f"not {type(got).__name__}")
         ino = a.ino or node.ino or node._nodeid
         mode = a.mode if stat.S_IFMT(a.mode) else a.mode | stat.S_IFMT(node.mode)
         if ino != a.ino or mode != a.mode:  # a copy: the node's Attr may be shared or kept
@@ -280,7 +285,8 @@ class NodeFS(Operations):
     async def _entry(self, node: Node) -> Entry:
         """The entry reply for ``node``; counts one lookup."""
         node = self._canonical(node)
-        attr = await self._attr(node)
+        fn = getattr(node, "getattr", None)  # self._attr(node), one coroutine less
+        attr = self._checked_attr(node, await fn() if fn is not None else _NO_GETATTR)
         node = self._register(node, dedup=True)
         node._lookups += 1
         if self._journal is not None:
@@ -419,7 +425,7 @@ class NodeFS(Operations):
 
     # -- creating and removing names --------------------------------------------------------------
 
-    async def _creating(self, req: r.Request, name: bytes, method: str) -> tuple[Node, Any]:
+    def _creating(self, req: r.Request, name: bytes, method: str) -> tuple[Node, Any]:
         _set_caller(req)
         parent = self.node(req.nodeid)
         if not parent.is_dir:
@@ -443,7 +449,7 @@ class NodeFS(Operations):
         return await self._entry(child)
 
     async def _mkdir(self, req: r.MkdirRequest) -> Entry:
-        parent, fn = await self._creating(req, req.name, "mkdir")
+        parent, fn = self._creating(req, req.name, "mkdir")
         return await self._made(parent, req.name, "mkdir", await fn(req.name, stat.S_IFDIR | (req.mode & 0o7777)))
 
     async def mkdir(self, req: r.MkdirRequest) -> Entry:
@@ -452,7 +458,7 @@ class NodeFS(Operations):
                                 lambda _c: self._existing(req, req.nodeid, req.name, stat.S_IFDIR))
 
     async def _mknod(self, req: r.MknodRequest) -> Entry:
-        parent, fn = await self._creating(req, req.name, "mknod")
+        parent, fn = self._creating(req, req.name, "mknod")
         return await self._made(parent, req.name, "mknod", await fn(req.name, req.mode, req.rdev))
 
     async def mknod(self, req: r.MknodRequest) -> Entry:
@@ -465,7 +471,7 @@ class NodeFS(Operations):
                                 lambda _c: self._existing(req, req.nodeid, req.name, fmt, same))
 
     async def _symlink(self, req: r.SymlinkRequest) -> Entry:
-        parent, fn = await self._creating(req, req.name, "symlink")
+        parent, fn = self._creating(req, req.name, "symlink")
         return await self._made(parent, req.name, "symlink", await fn(req.name, req.target))
 
     async def symlink(self, req: r.SymlinkRequest) -> Entry:
@@ -480,7 +486,7 @@ class NodeFS(Operations):
         target = self.node(req.oldnodeid)
         if target.is_dir:
             raise FUSEError(errno.EPERM)
-        parent, fn = await self._creating(req, req.newname, "link")
+        parent, fn = self._creating(req, req.newname, "link")
         return await self._made(parent, req.newname, "link", await fn(req.newname, target))
 
     async def link(self, req: r.LinkRequest) -> Entry:
@@ -491,7 +497,7 @@ class NodeFS(Operations):
                                 lambda _c: self._existing(req, req.nodeid, req.newname, 0, same))
 
     async def _create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
-        parent, fn = await self._creating(req, req.name, "create")
+        parent, fn = self._creating(req, req.name, "create")
         res = await fn(req.name, req.flags, stat.S_IFREG | (req.mode & 0o7777))
         handle: object = None
         if isinstance(res, tuple) and len(res) == 2:
@@ -504,8 +510,16 @@ class NodeFS(Operations):
 
     async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
         """CREATE: the parent's ``create(name, flags, mode)``, then the file is open."""
-        if not req.is_resend:
-            return await self._first(req, self._create(req))
+        if not req.is_resend:  # self._first(req, self._create(req)), one coroutine less
+            try:
+                res = await self._create(req)
+            except (FUSEError, OSError) as exc:
+                code = error_code(exc)
+                if code is not None:
+                    self._outcome(req, None, code)
+                raise
+            self._outcome(req, res)
+            return res
 
         async def existing(_code: int) -> tuple[Entry, Handle] | NotDone:
             parent = self._nodes.get(req.nodeid)

@@ -295,9 +295,7 @@ class LoopbackNode(Node):
             with self.fs.creds.caller():
                 return self._at(name)
         except FileNotFoundError:
-            if self.fs.negative_timeout > 0:
-                return None  # the bridge answers a negative entry
-            raise
+            return None  # the bridge answers ENOENT, or a negative entry
 
     async def readdir(self) -> list[DirItem]:
         """The host directory's entries."""
