@@ -33,7 +33,7 @@ from ..operations import DirEntries, Operations
 from ..passthrough import PASSTHROUGH_COMPATIBLE, unavailable_reason
 from ..session import Session, current_session
 from ..wire import requests as r
-from ..wire.constants import ROOT_ID, FOpen, InitFlag
+from ..wire.constants import ROOT_ID, UNIQUE_RESEND, FOpen, InitFlag
 from ..wire.init import Negotiated
 from ..wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock
 from .caller import _enter as _set_caller
@@ -44,11 +44,6 @@ __all__ = ["NodeFS"]
 
 log = logging.getLogger("afuse")
 _T = TypeVar("_T")
-
-
-def _fp(kept: Any) -> int:
-    """The fingerprint in a kept outcome: kept as the request itself until it is needed."""
-    return kept if type(kept) is int else _fingerprint(kept)
 
 
 def _fingerprint(req: r.Request) -> int:
@@ -138,7 +133,7 @@ class NodeFS(Operations):
         self._dirs: dict[int, _DirStream] = {}
         self._journal: Callable[[Any], None] | None = None
         #: request_id -> outcome (see afuse.nodes.tables) of recent non-idempotent requests.
-        self._outcomes: OrderedDict[int, list[Any]] = OrderedDict()
+        self._outcomes: OrderedDict[int, list[Any] | tuple[r.Request, object, int]] = OrderedDict()
         self._next_fh = 1
         self._session: Session | None = None
         self._passthrough = False
@@ -196,7 +191,8 @@ class NodeFS(Operations):
             self._by_key[n.key] = n
         if new and self._journal is not None:  # journal after the change: the store may snapshot now
             self._journal(["N", n._nodeid, encode_key(n.key)])
-        self._check_class(type(n))
+        if type(n) not in self._checked:
+            self._check_class(type(n))
         return n
 
     def node_by_key(self, key: Hashable) -> Node | None:
@@ -554,8 +550,8 @@ class NodeFS(Operations):
         fails the way a replay of a successful first attempt fails (EEXIST, ENOENT)."""
         if not req.is_resend:
             return await self._first(req, attempt())
-        done = self._outcomes.get(req.request_id)
-        if done is not None and _fp(done[1]) == _fingerprint(req):
+        done = self._kept_outcome(req.request_id)
+        if done is not None and done[1] == _fingerprint(req):
             again = await self._answer_again(done)
             if not isinstance(again, NotDone):
                 log.debug("%s %d: replay answered as its first attempt", type(req).opcode.name, req.request_id)
@@ -578,8 +574,28 @@ class NodeFS(Operations):
         return res
 
     def _outcome(self, req: r.Request, res: object, code: int = 0) -> None:
-        # Fingerprinted when journaled or needed (a replay, a snapshot): most never are.
-        fp: Any = req if self._journal is None else _fingerprint(req)
+        rid = req.unique & ~UNIQUE_RESEND  # req.request_id
+        outcomes = self._outcomes
+        if self._journal is None:
+            outcomes[rid] = (req, res, code)  # encoded when a replay or a snapshot needs it: most never are
+        else:
+            out = self._encode_outcome(req, res, code)
+            outcomes[rid] = out
+            self._journal(["R", rid, out])
+        if len(outcomes) > OUTCOMES_KEPT:
+            outcomes.popitem(last=False)
+
+    def _kept_outcome(self, rid: int) -> list[Any] | None:
+        """The outcome kept for request id ``rid`` (see :mod:`afuse.nodes.tables`), if any."""
+        out = self._outcomes.get(rid)
+        if isinstance(out, tuple):
+            encoded = self._outcomes[rid] = self._encode_outcome(*out)
+            return encoded
+        return out
+
+    @staticmethod
+    def _encode_outcome(req: r.Request, res: object, code: int) -> list[Any]:
+        fp = _fingerprint(req)
         if code:
             out: list[Any] = ["x", fp, code]
         elif res is None:
@@ -590,12 +606,7 @@ class NodeFS(Operations):
             assert isinstance(res, tuple)
             entry, h = res
             out = ["c", fp, entry.nodeid, h.fh, int(h.flags), h.backing_id]
-        rid = req.request_id
-        self._outcomes[rid] = out
-        if len(self._outcomes) > OUTCOMES_KEPT:
-            self._outcomes.popitem(last=False)
-        if self._journal is not None:
-            self._journal(["R", rid, out])
+        return out
 
     async def _answer_again(self, out: list[Any]) -> Any:
         kind = out[0]
@@ -738,7 +749,8 @@ class NodeFS(Operations):
             return Handle(0, getattr(node, "fopen", 0))
         if not isinstance(handle, FileHandle):
             raise HandlerResultError(f"{what} must return a FileHandle or None, not {type(handle).__name__}")
-        self._check_class(type(handle))
+        if type(handle) not in self._checked:
+            self._check_class(type(handle))
         fh = self._next_fh
         self._next_fh += 1
         self._fh_flags[fh] = open_flags
@@ -1115,7 +1127,7 @@ class NodeFS(Operations):
         handles.update((str(fh), [nodeid, flags]) for fh, (nodeid, flags) in self._pending.items())
         st["handles"] = handles
         st["dirs"] = {str(fh): d.node._nodeid for fh, d in self._dirs.items()}
-        st["outcomes"] = [[rid, [out[0], _fp(out[1]), *out[2:]]] for rid, out in self._outcomes.items()]
+        st["outcomes"] = [[rid, self._kept_outcome(rid)] for rid in self._outcomes]
         return {"bridge": st}
 
     def fold_record(self, state: dict[str, Any], record: Any) -> None:
