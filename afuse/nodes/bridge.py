@@ -280,10 +280,14 @@ class NodeFS(Operations):
 
     async def _entry(self, node: Node) -> Entry:
         """The entry reply for ``node``; counts one lookup."""
-        node = self._canonical(node)
+        key = node.key
+        if key is not None and self._by_key.get(key, node) is not node:
+            node = self._canonical(node)
         fn = getattr(node, "getattr", None)  # self._attr(node), one coroutine less
         attr = self._checked_attr(node, await fn() if fn is not None else _NO_GETATTR)
-        node = self._register(node, dedup=True)
+        key = node.key  # registered (again, if a node with its key went live meanwhile) unless it is as it was
+        if self._nodes.get(node._nodeid) is not node or (key is not None and self._by_key.get(key) is not node):
+            node = self._register(node, dedup=True)
         node._lookups += 1
         if self._journal is not None:
             self._journal(["L", node._nodeid, 1])
@@ -683,9 +687,8 @@ class NodeFS(Operations):
     async def _gone(code: int) -> NotDone | None:
         return None if code == errno.ENOENT else NOT_DONE
 
-    async def rename(self, req: r.RenameRequest) -> None:
-        """RENAME: the parent's ``rename(name, newparent, newname, flags)``; persistent trees are
-        checked (NOREPLACE, EXCHANGE, type and emptiness) and updated after it."""
+    async def _rename_again(self, req: r.RenameRequest) -> None:
+        """A replayed RENAME (see :meth:`_once`)."""
         async def moved(code: int) -> NotDone | None:
             # Done if the old name is gone and the new one is there (an exchange leaves no trace).
             if req.flags & 2 or (code == errno.EEXIST and not req.flags & 1):
@@ -697,6 +700,13 @@ class NodeFS(Operations):
                 return NOT_DONE
             return None
         await self._once(req, lambda: self._rename(req), moved)
+
+    async def rename(self, req: r.RenameRequest) -> None:
+        """RENAME: the parent's ``rename(name, newparent, newname, flags)``; persistent trees are
+        checked (NOREPLACE, EXCHANGE, type and emptiness) and updated after it."""
+        if req.is_resend:
+            return await self._rename_again(req)
+        return await self._first(req, self._rename(req))
 
     async def _rename(self, req: r.RenameRequest) -> None:
         _set_caller(req)
