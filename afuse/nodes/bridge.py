@@ -69,6 +69,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
 }
 _DOTS = (b".", b"..")
 _NO_GETATTR = object()
+_ENOENT = os.strerror(errno.ENOENT)
 _ACCMODE = os.O_ACCMODE
 _DEFAULT_POLL = 0x0001 | 0x0004 | 0x0040 | 0x0100  # POLLIN|POLLOUT|POLLRDNORM|POLLWRNORM
 
@@ -295,10 +296,20 @@ class NodeFS(Operations):
             attr = attrs.evolve(attr, ino=node._nodeid)
         return Entry(node._nodeid, attr, self.generation)
 
-    def _node_result(self, what: str, res: object) -> Node:
+    @staticmethod
+    def _node_result(owner: Node, method: str, res: object) -> Node:
         if not isinstance(res, Node):
-            raise HandlerResultError(f"{what} must return a Node, not {type(res).__name__}")
+            raise HandlerResultError(f"{type(owner).__qualname__}.{method} must return a Node, "
+                                     f"not {type(res).__name__}")
         return res
+
+    @staticmethod
+    def _handle_result(owner: Node, method: str, res: object) -> str:
+        """``method`` (the name :meth:`_opened` reports), once ``res`` is known to be a handle or None."""
+        if res is not None and not isinstance(res, FileHandle):
+            raise HandlerResultError(f"{type(owner).__qualname__}.{method} must return a FileHandle or None, "
+                                     f"not {type(res).__name__}")
+        return method
 
     # -- Operations: lifecycle and lookups --------------------------------------------------------
 
@@ -329,7 +340,7 @@ class NodeFS(Operations):
         if fn is None:
             raise FUSEError(errno.ENOTDIR if not parent.is_dir else errno.ENOENT)
         res = await fn(name)
-        return None if res is None else self._node_result(f"{type(parent).__qualname__}.lookup", res)
+        return None if res is None else self._node_result(parent, "lookup", res)
 
     async def lookup(self, req: r.LookupRequest) -> Entry:
         """LOOKUP: the persistent child or the node's ``lookup``."""
@@ -341,7 +352,7 @@ class NodeFS(Operations):
         if child is None:
             if self.negative_timeout > 0:
                 return Entry(0, Attr(), entry_timeout=self.negative_timeout)
-            raise FUSEError(errno.ENOENT)
+            raise FileNotFoundError(errno.ENOENT, _ENOENT)  # the common miss: cheaper than a FUSEError
         return await self._entry(child)
 
     async def getattr(self, req: r.GetattrRequest) -> Attr:
@@ -444,7 +455,7 @@ class NodeFS(Operations):
             parent.add_child(name, child)
 
     async def _made(self, parent: Node, name: bytes, what: str, res: object) -> Entry:
-        child = self._node_result(f"{type(parent).__qualname__}.{what}", res)
+        child = self._node_result(parent, what, res)
         self._adopt(parent, name, child)
         return await self._entry(child)
 
@@ -502,8 +513,8 @@ class NodeFS(Operations):
         handle: object = None
         if isinstance(res, tuple) and len(res) == 2:
             res, handle = res
-        what = f"{type(parent).__qualname__}.create"
-        child = self._node_result(what, res)
+        child = self._node_result(parent, "create", res)
+        what = self._handle_result(parent, "create", handle)
         self._adopt(parent, req.name, child)
         entry = await self._entry(child)
         return entry, self._opened(self._nodes[entry.nodeid], handle, what, req.flags)
@@ -530,7 +541,8 @@ class NodeFS(Operations):
             fn = getattr(child, "open", None)
             handle = None if fn is None else await fn(flags)
             entry = await self._entry(child)
-            return entry, self._opened(self._nodes[entry.nodeid], handle, f"{type(child).__qualname__}.open", flags)
+            what = self._handle_result(child, "open", handle)
+            return entry, self._opened(self._nodes[entry.nodeid], handle, what, flags)
         return await self._once(req, lambda: self._create(req), existing)
 
     # -- replayed requests ------------------------------------------------------------------------
@@ -795,7 +807,7 @@ class NodeFS(Operations):
                 raise FUSEError(errno.EACCES)
             return self._opened(node, None, "open", req.flags)
         handle = await fn(req.flags)
-        return self._opened(node, handle, f"{type(node).__qualname__}.open", req.flags)
+        return self._opened(node, handle, self._handle_result(node, "open", handle), req.flags)
 
     async def tmpfile(self, req: r.TmpfileRequest) -> tuple[Entry, Handle]:
         """TMPFILE (O_TMPFILE): the directory's ``tmpfile(flags, mode) -> (Node, FileHandle | None)``;
@@ -811,7 +823,7 @@ class NodeFS(Operations):
         res = await fn(req.flags, stat.S_IFREG | (req.mode & 0o7777))
         if not (isinstance(res, tuple) and len(res) == 2):
             raise HandlerResultError(f"{what} must return (Node, FileHandle | None)")
-        entry = await self._entry(self._node_result(what, res[0]))
+        entry = await self._entry(self._node_result(parent, "tmpfile", res[0]))
         return entry, self._opened(self._nodes[entry.nodeid], res[1], what, req.flags)
 
     def handle(self, fh: int) -> FileHandle:
