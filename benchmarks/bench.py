@@ -690,6 +690,8 @@ def report(results: dict[str, Any]) -> str:
     head = ["workload", "measure", "unit", "native", "afuse", "afuse/native"]
     for col in cols:
         head += [col, f"{col}/native"]
+    if "also" in cols:  # two implementations in one run: how the first compares with the second
+        head.append("afuse/also")
     rows: list[list[str]] = [[*head, "note"]]
     for key in ("metadata", "sequential", "sequential_passthrough", "small_files", "listing", "latency"):
         section = results.get(key)
@@ -717,6 +719,8 @@ def report(results: dict[str, Any]) -> str:
                    f"{fig['ratio']:.3f}"]
             for col in cols:
                 row += [fmt(fig[col]), f"{fig[f'{col}_ratio']:.3f}"] if col in fig else ["", ""]
+            if "also" in cols:
+                row.append(f"{fig['afuse'] / fig['also']:.3f}" if fig.get("also") else "")
             rows.append([*row, note])
             title = ""
     left = {0, 1, 2, len(head)}
@@ -731,6 +735,9 @@ def report(results: dict[str, Any]) -> str:
     lines.append("afuse/native: afuse's figure divided by native's (throughput: 1.0 = native speed, "
                  "lower = slower; latency in us: how many times native's stat time). "
                  "Native latency = os.stat of a file on the source filesystem.")
+    if "also" in cols:
+        lines.append("afuse/also: afuse's throughput divided by the --also-fs filesystem's, measured in the "
+                     "same run (1.0 = as fast; e.g. node passthroughfs / lowlevel_passthroughfs).")
     lat = results.get("latency") or {}
     if lat:
         pipe, bare = lat["pipe_roundtrip"], lat["bare_loop"]

@@ -493,15 +493,16 @@ def test_outcomes_belong_to_one_connection() -> None:
     with testing.mounted(fs) as m:
         os.mkdir(m.join("d"))
         assert fs.root.children is not None
-        [(rid, out)] = fs._outcomes.items()
-        assert out[0] == "e" and out[2] == fs.root.children[b"d"].nodeid
+        [rid] = fs._outcomes
+        out = fs._kept_outcome(rid)
+        assert out is not None and out[0] == "e" and out[2] == fs.root.children[b"d"].nodeid
 
     async def main() -> None:
         fs._outcomes[77] = list(out)  # as if request 77 had been that mkdir, on a later connection
         rmdir = r.RmdirRequest(77 | afuse.wire.constants.UNIQUE_RESEND, 1, 0, 0, 1, name=b"d")
         await fs.rmdir(rmdir)  # runs: the outcome of a mkdir is no answer to an rmdir
         assert fs.root.children == {}
-        assert fs._outcomes[77][0] == "ok"
+        assert (fs._kept_outcome(77) or [])[0:1] == ["ok"]
         mkdir = r.MkdirRequest(rid | afuse.wire.constants.UNIQUE_RESEND, 1, 0, 0, 1, mode=0o755, umask=0, name=b"e")
         entry = await fs.mkdir(mkdir)  # another name: made, not answered with "d"'s entry
         assert fs.root.children is not None and entry.nodeid == fs.root.children[b"e"].nodeid

@@ -38,6 +38,7 @@ from afuse.nodes.locks import FileLocks, LockWaits
 from afuse.nodes.sparse import CHUNK, MAX_FILE_SIZE, ChunkPool, SparseData
 from afuse.state import SNAPSHOT, FileStateStore
 from afuse.wire import requests as r
+from afuse.wire.constants import FOpen
 from afuse.wire.types import Attr, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __all__ = ["CHUNK", "Dir", "File", "MNode", "MemFS", "Special", "Symlink", "main"]
@@ -301,9 +302,10 @@ class _Open(FileHandle):
 
 
 class Dir(MNode):
-    """A directory: the bridge keeps its ``children``; ``parent`` is for ".." and rename checks. (No
-    FOPEN_CACHE_DIR: once a change drops a cached listing, the kernel would go on with the offsets of
-    one open directory's snapshot on another.)"""
+    """A directory: the bridge keeps its ``children``; ``parent`` is for ".." and rename checks.
+    The kernel may cache listings (the bridge's directory offsets are the same in every open)."""
+
+    fopen = FOpen.CACHE_DIR | FOpen.KEEP_CACHE
 
     def __init__(self, fs: MemFS, mode: int, uid: int, gid: int, parent: Dir | None, serial: int = 0) -> None:
         super().__init__(fs, mode, uid, gid, serial)

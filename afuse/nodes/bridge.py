@@ -22,7 +22,7 @@ import stat
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import attrs
@@ -34,11 +34,11 @@ from ..passthrough import PASSTHROUGH_COMPATIBLE, unavailable_reason
 from ..session import Session, current_session
 from ..splice import FileRange
 from ..wire import requests as r
-from ..wire.constants import ROOT_ID, FOpen, InitFlag
+from ..wire.constants import ROOT_ID, UNIQUE_RESEND, FOpen, InitFlag
 from ..wire.init import Negotiated
 from ..wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock
 from .caller import _enter as _set_caller
-from .node import DirItem, FDHandle, FileHandle, Node
+from .node import DirItem, FDHandle, FileHandle, Node, _Cookies
 from .tables import KINDS, NOT_DONE, OUTCOMES_KEPT, NotDone, decode_key, encode_key, error_code, fold, new_state
 
 __all__ = ["NodeFS"]
@@ -69,6 +69,8 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "tmpfile": ("tmpfile",),
 }
 _DOTS = (b".", b"..")
+_NO_GETATTR = object()
+_ENOENT = os.strerror(errno.ENOENT)
 _ACCMODE = os.O_ACCMODE
 _DEFAULT_POLL = 0x0001 | 0x0004 | 0x0040 | 0x0100  # POLLIN|POLLOUT|POLLRDNORM|POLLWRNORM
 
@@ -133,7 +135,7 @@ class NodeFS(Operations):
         self._dirs: dict[int, _DirStream] = {}
         self._journal: Callable[[Any], None] | None = None
         #: request_id -> outcome (see afuse.nodes.tables) of recent non-idempotent requests.
-        self._outcomes: OrderedDict[int, list[Any]] = OrderedDict()
+        self._outcomes: OrderedDict[int, list[Any] | tuple[r.Request, object, int]] = OrderedDict()
         self._next_fh = 1
         self._session: Session | None = None
         self._passthrough = False
@@ -191,7 +193,8 @@ class NodeFS(Operations):
             self._by_key[n.key] = n
         if new and self._journal is not None:  # journal after the change: the store may snapshot now
             self._journal(["N", n._nodeid, encode_key(n.key)])
-        self._check_class(type(n))
+        if type(n) not in self._checked:
+            self._check_class(type(n))
         return n
 
     def node_by_key(self, key: Hashable) -> Node | None:
@@ -258,15 +261,19 @@ class NodeFS(Operations):
 
     async def _attr(self, node: Node) -> Attr:
         fn = getattr(node, "getattr", None)
-        if fn is None:
+        return self._checked_attr(node, await fn() if fn is not None else _NO_GETATTR)
+
+    def _checked_attr(self, node: Node, got: object) -> Attr:
+        """``got`` (what ``node.getattr()`` returned) with inode number and type filled in."""
+        if type(got) is Attr:
+            a = got
+        elif got is _NO_GETATTR:
             uid, gid, t = self._default_attr
             a = Attr(mode=node.mode, nlink=2 if node.is_dir else 1, uid=uid, gid=gid,
                      atime_ns=t, mtime_ns=t, ctime_ns=t)
         else:
-            a = await fn()
-            if type(a) is not Attr:
-                raise HandlerResultError(f"{type(node).__qualname__}.getattr must return an Attr, "
-                                         f"not {type(a).__name__}")
+            raise HandlerResultError(f"{type(node).__qualname__}.getattr must return an Attr, "
+                                     f"not {type(got).__name__}")
         ino = a.ino or node.ino or node._nodeid
         mode = a.mode if stat.S_IFMT(a.mode) else a.mode | stat.S_IFMT(node.mode)
         if ino != a.ino or mode != a.mode:  # a copy: the node's Attr may be shared or kept
@@ -275,9 +282,14 @@ class NodeFS(Operations):
 
     async def _entry(self, node: Node) -> Entry:
         """The entry reply for ``node``; counts one lookup."""
-        node = self._canonical(node)
-        attr = await self._attr(node)
-        node = self._register(node, dedup=True)
+        key = node.key
+        if key is not None and self._by_key.get(key, node) is not node:
+            node = self._canonical(node)
+        fn = getattr(node, "getattr", None)  # self._attr(node), one coroutine less
+        attr = self._checked_attr(node, await fn() if fn is not None else _NO_GETATTR)
+        key = node.key  # registered (again, if a node with its key went live meanwhile) unless it is as it was
+        if self._nodes.get(node._nodeid) is not node or (key is not None and self._by_key.get(key) is not node):
+            node = self._register(node, dedup=True)
         node._lookups += 1
         if self._journal is not None:
             self._journal(["L", node._nodeid, 1])
@@ -285,10 +297,20 @@ class NodeFS(Operations):
             attr = attrs.evolve(attr, ino=node._nodeid)
         return Entry(node._nodeid, attr, self.generation)
 
-    def _node_result(self, what: str, res: object) -> Node:
+    @staticmethod
+    def _node_result(owner: Node, method: str, res: object) -> Node:
         if not isinstance(res, Node):
-            raise HandlerResultError(f"{what} must return a Node, not {type(res).__name__}")
+            raise HandlerResultError(f"{type(owner).__qualname__}.{method} must return a Node, "
+                                     f"not {type(res).__name__}")
         return res
+
+    @staticmethod
+    def _handle_result(owner: Node, method: str, res: object) -> str:
+        """``method`` (the name :meth:`_opened` reports), once ``res`` is known to be a handle or None."""
+        if res is not None and not isinstance(res, FileHandle):
+            raise HandlerResultError(f"{type(owner).__qualname__}.{method} must return a FileHandle or None, "
+                                     f"not {type(res).__name__}")
+        return method
 
     # -- Operations: lifecycle and lookups --------------------------------------------------------
 
@@ -319,7 +341,7 @@ class NodeFS(Operations):
         if fn is None:
             raise FUSEError(errno.ENOTDIR if not parent.is_dir else errno.ENOENT)
         res = await fn(name)
-        return None if res is None else self._node_result(f"{type(parent).__qualname__}.lookup", res)
+        return None if res is None else self._node_result(parent, "lookup", res)
 
     async def lookup(self, req: r.LookupRequest) -> Entry:
         """LOOKUP: the persistent child or the node's ``lookup``."""
@@ -331,7 +353,7 @@ class NodeFS(Operations):
         if child is None:
             if self.negative_timeout > 0:
                 return Entry(0, Attr(), entry_timeout=self.negative_timeout)
-            raise FUSEError(errno.ENOENT)
+            raise FileNotFoundError(errno.ENOENT, _ENOENT)  # the common miss: cheaper than a FUSEError
         return await self._entry(child)
 
     async def getattr(self, req: r.GetattrRequest) -> Attr:
@@ -415,7 +437,7 @@ class NodeFS(Operations):
 
     # -- creating and removing names --------------------------------------------------------------
 
-    async def _creating(self, req: r.Request, name: bytes, method: str) -> tuple[Node, Any]:
+    def _creating(self, req: r.Request, name: bytes, method: str) -> tuple[Node, Any]:
         _set_caller(req)
         parent = self.node(req.nodeid)
         if not parent.is_dir:
@@ -434,12 +456,12 @@ class NodeFS(Operations):
             parent.add_child(name, child)
 
     async def _made(self, parent: Node, name: bytes, what: str, res: object) -> Entry:
-        child = self._node_result(f"{type(parent).__qualname__}.{what}", res)
+        child = self._node_result(parent, what, res)
         self._adopt(parent, name, child)
         return await self._entry(child)
 
     async def _mkdir(self, req: r.MkdirRequest) -> Entry:
-        parent, fn = await self._creating(req, req.name, "mkdir")
+        parent, fn = self._creating(req, req.name, "mkdir")
         return await self._made(parent, req.name, "mkdir", await fn(req.name, stat.S_IFDIR | (req.mode & 0o7777)))
 
     async def mkdir(self, req: r.MkdirRequest) -> Entry:
@@ -448,7 +470,7 @@ class NodeFS(Operations):
                                 lambda _c: self._existing(req, req.nodeid, req.name, stat.S_IFDIR))
 
     async def _mknod(self, req: r.MknodRequest) -> Entry:
-        parent, fn = await self._creating(req, req.name, "mknod")
+        parent, fn = self._creating(req, req.name, "mknod")
         return await self._made(parent, req.name, "mknod", await fn(req.name, req.mode, req.rdev))
 
     async def mknod(self, req: r.MknodRequest) -> Entry:
@@ -461,7 +483,7 @@ class NodeFS(Operations):
                                 lambda _c: self._existing(req, req.nodeid, req.name, fmt, same))
 
     async def _symlink(self, req: r.SymlinkRequest) -> Entry:
-        parent, fn = await self._creating(req, req.name, "symlink")
+        parent, fn = self._creating(req, req.name, "symlink")
         return await self._made(parent, req.name, "symlink", await fn(req.name, req.target))
 
     async def symlink(self, req: r.SymlinkRequest) -> Entry:
@@ -476,7 +498,7 @@ class NodeFS(Operations):
         target = self.node(req.oldnodeid)
         if target.is_dir:
             raise FUSEError(errno.EPERM)
-        parent, fn = await self._creating(req, req.newname, "link")
+        parent, fn = self._creating(req, req.newname, "link")
         return await self._made(parent, req.newname, "link", await fn(req.newname, target))
 
     async def link(self, req: r.LinkRequest) -> Entry:
@@ -487,19 +509,30 @@ class NodeFS(Operations):
                                 lambda _c: self._existing(req, req.nodeid, req.newname, 0, same))
 
     async def _create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
-        parent, fn = await self._creating(req, req.name, "create")
+        parent, fn = self._creating(req, req.name, "create")
         res = await fn(req.name, req.flags, stat.S_IFREG | (req.mode & 0o7777))
         handle: object = None
         if isinstance(res, tuple) and len(res) == 2:
             res, handle = res
-        what = f"{type(parent).__qualname__}.create"
-        child = self._node_result(what, res)
+        child = self._node_result(parent, "create", res)
+        what = self._handle_result(parent, "create", handle)
         self._adopt(parent, req.name, child)
         entry = await self._entry(child)
         return entry, self._opened(self._nodes[entry.nodeid], handle, what, req.flags)
 
     async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
         """CREATE: the parent's ``create(name, flags, mode)``, then the file is open."""
+        if not req.is_resend:  # self._first(req, self._create(req)), one coroutine less
+            try:
+                res = await self._create(req)
+            except (FUSEError, OSError) as exc:
+                code = error_code(exc)
+                if code is not None:
+                    self._outcome(req, None, code)
+                raise
+            self._outcome(req, res)
+            return res
+
         async def existing(_code: int) -> tuple[Entry, Handle] | NotDone:
             parent = self._nodes.get(req.nodeid)
             child = None if parent is None else await self._named(parent, req.name)
@@ -509,30 +542,44 @@ class NodeFS(Operations):
             fn = getattr(child, "open", None)
             handle = None if fn is None else await fn(flags)
             entry = await self._entry(child)
-            return entry, self._opened(self._nodes[entry.nodeid], handle, f"{type(child).__qualname__}.open", flags)
+            what = self._handle_result(child, "open", handle)
+            return entry, self._opened(self._nodes[entry.nodeid], handle, what, flags)
         return await self._once(req, lambda: self._create(req), existing)
 
     # -- replayed requests ------------------------------------------------------------------------
+
+    async def _first(self, req: r.Request, attempt: Awaitable[_T]) -> _T:
+        """``await attempt`` of a request that is not a replay, its outcome kept for replays."""
+        try:
+            res = await attempt
+        except (FUSEError, OSError) as exc:
+            code = error_code(exc)
+            if code is not None:
+                self._outcome(req, None, code)
+            raise
+        self._outcome(req, res)
+        return res
 
     async def _once(self, req: r.Request, attempt: Callable[[], Awaitable[_T]],
                     recover: Callable[[int], Awaitable[_T | NotDone]]) -> _T:
         """``attempt()``, its outcome kept for replays. A replayed request is answered with the
         outcome of its first attempt if it is known, else by ``recover(errno)`` when the attempt
         fails the way a replay of a successful first attempt fails (EEXIST, ENOENT)."""
-        if req.is_resend:
-            done = self._outcomes.get(req.request_id)
-            if done is not None and done[1] == _fingerprint(req):
-                again = await self._answer_again(done)
-                if not isinstance(again, NotDone):
-                    log.debug("%s %d: replay answered as its first attempt", type(req).opcode.name, req.request_id)
-                    return again  # type: ignore[no-any-return]
+        if not req.is_resend:
+            return await self._first(req, attempt())
+        done = self._kept_outcome(req.request_id)
+        if done is not None and done[1] == _fingerprint(req):
+            again = await self._answer_again(done)
+            if not isinstance(again, NotDone):
+                log.debug("%s %d: replay answered as its first attempt", type(req).opcode.name, req.request_id)
+                return again  # type: ignore[no-any-return]
         try:
             res = await attempt()
         except (FUSEError, OSError) as exc:
             code = error_code(exc)
             if code is None:
                 raise
-            if req.is_resend and code in (errno.EEXIST, errno.ENOENT):
+            if code in (errno.EEXIST, errno.ENOENT):
                 found = await recover(code)
                 if not isinstance(found, NotDone):
                     log.debug("%s %d: replay of a request that took effect", type(req).opcode.name, req.request_id)
@@ -544,6 +591,27 @@ class NodeFS(Operations):
         return res
 
     def _outcome(self, req: r.Request, res: object, code: int = 0) -> None:
+        rid = req.unique & ~UNIQUE_RESEND  # req.request_id
+        outcomes = self._outcomes
+        if self._journal is None:
+            outcomes[rid] = (req, res, code)  # encoded when a replay or a snapshot needs it: most never are
+        else:
+            out = self._encode_outcome(req, res, code)
+            outcomes[rid] = out
+            self._journal(["R", rid, out])
+        if len(outcomes) > OUTCOMES_KEPT:
+            outcomes.popitem(last=False)
+
+    def _kept_outcome(self, rid: int) -> list[Any] | None:
+        """The outcome kept for request id ``rid`` (see :mod:`afuse.nodes.tables`), if any."""
+        out = self._outcomes.get(rid)
+        if isinstance(out, tuple):
+            encoded = self._outcomes[rid] = self._encode_outcome(*out)
+            return encoded
+        return out
+
+    @staticmethod
+    def _encode_outcome(req: r.Request, res: object, code: int) -> list[Any]:
         fp = _fingerprint(req)
         if code:
             out: list[Any] = ["x", fp, code]
@@ -555,12 +623,7 @@ class NodeFS(Operations):
             assert isinstance(res, tuple)
             entry, h = res
             out = ["c", fp, entry.nodeid, h.fh, int(h.flags), h.backing_id]
-        rid = req.request_id
-        self._outcomes[rid] = out
-        if len(self._outcomes) > OUTCOMES_KEPT:
-            self._outcomes.popitem(last=False)
-        if self._journal is not None:
-            self._journal(["R", rid, out])
+        return out
 
     async def _answer_again(self, out: list[Any]) -> Any:
         kind = out[0]
@@ -625,6 +688,8 @@ class NodeFS(Operations):
 
     async def unlink(self, req: r.UnlinkRequest) -> None:
         """UNLINK: the parent's ``unlink(name)`` allows it; a persistent parent drops the child."""
+        if not req.is_resend:
+            return await self._first(req, self._removing(req, req.name, "unlink", False))
         await self._once(req, lambda: self._removing(req, req.name, "unlink", False), self._gone)
 
     async def rmdir(self, req: r.RmdirRequest) -> None:
@@ -635,9 +700,8 @@ class NodeFS(Operations):
     async def _gone(code: int) -> NotDone | None:
         return None if code == errno.ENOENT else NOT_DONE
 
-    async def rename(self, req: r.RenameRequest) -> None:
-        """RENAME: the parent's ``rename(name, newparent, newname, flags)``; persistent trees are
-        checked (NOREPLACE, EXCHANGE, type and emptiness) and updated after it."""
+    async def _rename_again(self, req: r.RenameRequest) -> None:
+        """A replayed RENAME (see :meth:`_once`)."""
         async def moved(code: int) -> NotDone | None:
             # Done if the old name is gone and the new one is there (an exchange leaves no trace).
             if req.flags & 2 or (code == errno.EEXIST and not req.flags & 1):
@@ -649,6 +713,13 @@ class NodeFS(Operations):
                 return NOT_DONE
             return None
         await self._once(req, lambda: self._rename(req), moved)
+
+    async def rename(self, req: r.RenameRequest) -> None:
+        """RENAME: the parent's ``rename(name, newparent, newname, flags)``; persistent trees are
+        checked (NOREPLACE, EXCHANGE, type and emptiness) and updated after it."""
+        if req.is_resend:
+            return await self._rename_again(req)
+        return await self._first(req, self._rename(req))
 
     async def _rename(self, req: r.RenameRequest) -> None:
         _set_caller(req)
@@ -701,7 +772,8 @@ class NodeFS(Operations):
             return Handle(0, getattr(node, "fopen", 0))
         if not isinstance(handle, FileHandle):
             raise HandlerResultError(f"{what} must return a FileHandle or None, not {type(handle).__name__}")
-        self._check_class(type(handle))
+        if type(handle) not in self._checked:
+            self._check_class(type(handle))
         fh = self._next_fh
         self._next_fh += 1
         self._fh_flags[fh] = open_flags
@@ -736,7 +808,7 @@ class NodeFS(Operations):
                 raise FUSEError(errno.EACCES)
             return self._opened(node, None, "open", req.flags)
         handle = await fn(req.flags)
-        return self._opened(node, handle, f"{type(node).__qualname__}.open", req.flags)
+        return self._opened(node, handle, self._handle_result(node, "open", handle), req.flags)
 
     async def tmpfile(self, req: r.TmpfileRequest) -> tuple[Entry, Handle]:
         """TMPFILE (O_TMPFILE): the directory's ``tmpfile(flags, mode) -> (Node, FileHandle | None)``;
@@ -752,7 +824,7 @@ class NodeFS(Operations):
         res = await fn(req.flags, stat.S_IFREG | (req.mode & 0o7777))
         if not (isinstance(res, tuple) and len(res) == 2):
             raise HandlerResultError(f"{what} must return (Node, FileHandle | None)")
-        entry = await self._entry(self._node_result(what, res[0]))
+        entry = await self._entry(self._node_result(parent, "tmpfile", res[0]))
         return entry, self._opened(self._nodes[entry.nodeid], res[1], what, req.flags)
 
     def handle(self, fh: int) -> FileHandle:
@@ -942,12 +1014,46 @@ class NodeFS(Operations):
         if self._dirs.pop(req.fh, None) is not None and self._journal is not None:
             self._journal(["C", req.fh])
 
-    async def _items(self, req: r.ReaddirRequest) -> tuple[_DirStream, list[tuple[bytes, int, int, Node | None]]]:
+    def _stream(self, req: r.ReaddirRequest) -> _DirStream:
         _set_caller(req)
         stream = self._dirs.get(req.fh)
         if stream is None:
             raise FUSEError(errno.EBADF)
-        if stream.items is None or req.offset == 0:
+        return stream
+
+    @staticmethod
+    def _cookies(node: Node) -> _Cookies | None:
+        """The stable offsets of a persistent directory listed from its children (None: snapshots)."""
+        if node.children is None or getattr(node, "readdir", None) is not None:
+            return None
+        ck = node._cookies
+        if ck is None:
+            ck = node._cookies = _Cookies(node.children)
+        else:
+            ck.sync(node.children)
+        return ck
+
+    @staticmethod
+    def _kept(node: Node, ck: _Cookies, offset: int) -> Iterator[tuple[int, bytes, int, int, Node | None]]:
+        """(offset, name, mode, ino, node) of a persistent directory's entries after ``offset``."""
+        if offset < 1:
+            yield 1, b".", node.mode, node.ino or node._nodeid, None
+        if offset < 2:
+            yield 2, b"..", stat.S_IFDIR, 0, None
+        children = node.children
+        assert children is not None
+        while True:
+            nxt = ck.after(offset)  # looked up again each time: the directory may change meanwhile
+            if nxt is None:
+                return
+            offset, name = nxt
+            c = children.get(name)
+            if c is not None:
+                yield offset, name, c.mode, c.ino or c._nodeid, c
+
+    async def _items(self, stream: _DirStream, offset: int) -> Iterator[tuple[int, bytes, int, int, Node | None]]:
+        """(offset, name, mode, ino, node) after ``offset`` in the stream's snapshot (taken at offset 0)."""
+        if stream.items is None or offset == 0:
             node = stream.node
             ino = node.ino or node._nodeid
             items: list[tuple[bytes, int, int, Node | None]] = [(b".", node.mode, ino, None),
@@ -964,7 +1070,8 @@ class NodeFS(Operations):
             elif node.children is not None:
                 items += [(name, c.mode, c.ino or c._nodeid, c) for name, c in node.children.items()]
             stream.items = items
-        return stream, stream.items
+        return ((i + 1, name, mode, ino, n) for i, (name, mode, ino, n)
+                in enumerate(itertools.islice(stream.items, offset, None), offset))
 
     @staticmethod
     def _item(what: str, d: object) -> tuple[bytes, int, int, Node | None]:
@@ -973,31 +1080,35 @@ class NodeFS(Operations):
         return (d.name, d.mode, d.ino, None)
 
     async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
-        """READDIR: the stream's snapshot from ``req.offset`` (offsets are snapshot positions)."""
-        _stream, items = await self._items(req)
-        return (DirEntry(name, i + 1, Attr(ino=ino or 0xFFFFFFFF, mode=mode))
-                for i, (name, mode, ino, _n) in enumerate(itertools.islice(items, req.offset, None), req.offset))
+        """READDIR: the entries after ``req.offset``: a persistent directory's stable cookies, else
+        positions in the stream's snapshot."""
+        stream = self._stream(req)
+        ck = self._cookies(stream.node)
+        listing = self._kept(stream.node, ck, req.offset) if ck is not None else await self._items(stream, req.offset)
+        return (DirEntry(name, off, Attr(ino=ino or 0xFFFFFFFF, mode=mode)) for off, name, mode, ino, _n in listing)
 
     async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
         """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup."""
-        stream, items = await self._items(req)
-        return self._plus(stream.node, items, req.offset)
+        stream = self._stream(req)
+        ck = self._cookies(stream.node)
+        if ck is not None:
+            return self._plus(stream.node, self._kept(stream.node, ck, req.offset))
+        return self._plus(stream.node, await self._items(stream, req.offset))
 
-    async def _plus(self, parent: Node, items: list[tuple[bytes, int, int, Node | None]],
-                    offset: int) -> AsyncIterator[DirEntry]:
+    async def _plus(self, parent: Node, listing: Iterator[tuple[int, bytes, int, int, Node | None]]
+                    ) -> AsyncIterator[DirEntry]:
         fresh: list[Node] = []
         try:
-            for i in range(offset, len(items)):
-                name, mode, ino, child = items[i]
+            for off, name, mode, ino, child in listing:
                 if name in _DOTS:
-                    yield DirEntry(name, i + 1, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
+                    yield DirEntry(name, off, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
                     continue
                 if child is None:
                     try:
                         child = await self._child(parent, name)
                     except (FUSEError, OSError) as e:
                         if e.errno != errno.ENOENT:  # e.g. EACCES: a directory readable, not searchable
-                            yield DirEntry(name, i + 1, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
+                            yield DirEntry(name, off, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
                             continue
                     if child is None:
                         continue  # vanished since the listing
@@ -1009,7 +1120,7 @@ class NodeFS(Operations):
                 if not attr.ino:
                     attr = attrs.evolve(attr, ino=child._nodeid)
                 fresh.append(child)
-                yield DirEntry(name, i + 1, entry=Entry(child._nodeid, attr, self.generation))
+                yield DirEntry(name, off, entry=Entry(child._nodeid, attr, self.generation))
                 child._lookups += 1  # runs only once the kernel took the entry
                 if self._journal is not None:
                     self._journal(["L", child._nodeid, 1])
@@ -1040,7 +1151,7 @@ class NodeFS(Operations):
         handles.update((str(fh), [nodeid, flags]) for fh, (nodeid, flags) in self._pending.items())
         st["handles"] = handles
         st["dirs"] = {str(fh): d.node._nodeid for fh, d in self._dirs.items()}
-        st["outcomes"] = [[rid, out] for rid, out in self._outcomes.items()]
+        st["outcomes"] = [[rid, self._kept_outcome(rid)] for rid in self._outcomes]
         return {"bridge": st}
 
     def fold_record(self, state: dict[str, Any], record: Any) -> None:

@@ -77,14 +77,25 @@ def _proc_groups(pid: int) -> tuple[int, ...]:
     return ()
 
 
-_CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("afuse_caller")
+#: The request being served, replaced by its Caller once a node asks (most requests never do).
+_CALLER: contextvars.ContextVar[Caller | r.Request] = contextvars.ContextVar("afuse_caller")
 _NOBODY = Caller(0, 0, 0, ())
 
 
 def current_caller() -> Caller:
     """The :class:`Caller` of the request being served (uid/gid/pid 0 outside a request)."""
+    c = _CALLER.get(_NOBODY)
+    if isinstance(c, Caller):
+        return c
+    caller = Caller.of(c)
+    _CALLER.set(caller)  # kept for the rest of the request: /proc is read at most once
+    return caller
+
+
+def _ids() -> Caller | r.Request:
+    """The caller's ``uid`` and ``gid`` (and ``pid``) as attributes, without building a :class:`Caller`."""
     return _CALLER.get(_NOBODY)
 
 
 def _enter(req: r.Request) -> None:
-    _CALLER.set(Caller.of(req))
+    _CALLER.set(req)

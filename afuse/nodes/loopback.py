@@ -42,7 +42,7 @@ from ..wire.constants import INVALID_UIDGID, FOpen, InitFlag
 from ..wire.init import Negotiated
 from ..wire.types import Attr, FsStats, Lock, Statx, Timestamp
 from .bridge import NodeFS
-from .caller import current_caller
+from .caller import _ids, current_caller
 from .locks import OFDLockWaits, flock_wait
 from .node import DirItem, FDHandle, FileHandle, Node
 
@@ -150,10 +150,10 @@ class _Credentials:
 
     def caller(self) -> contextlib.AbstractContextManager[None]:
         """A context running its block as the current request's caller (no ``await`` inside!)."""
-        c = current_caller()
+        c = _ids()
         if not self.enabled or c.uid == INVALID_UIDGID or (c.uid == self.uid and c.gid == self.gid):
             return _AS_IS
-        return self._as(c.uid, c.gid, c.groups)
+        return self._as(c.uid, c.gid, current_caller().groups)
 
     @contextlib.contextmanager
     def _as(self, uid: int, gid: int, groups: Sequence[int]) -> Iterator[None]:
@@ -191,10 +191,11 @@ class _LockFd:
 
 
 class LoopbackNode(Node):
-    """A host object of ``fs``, by ``O_PATH`` descriptor ``fd`` (closed when the bridge drops the node)."""
+    """A host object of ``fs``, by ``O_PATH`` descriptor ``fd`` (closed when the bridge drops the node);
+    ``key`` is ``fs.node_key(fd, st)`` if the caller has it already."""
 
-    def __init__(self, fs: LoopbackFS, fd: int, st: os.stat_result) -> None:
-        super().__init__(st.st_mode, key=fs.node_key(fd, st), ino=st.st_ino)
+    def __init__(self, fs: LoopbackFS, fd: int, st: os.stat_result, key: Hashable | None = None) -> None:
+        super().__init__(st.st_mode, key=fs.node_key(fd, st) if key is None else key, ino=st.st_ino)
         self.fs, self.fd = fs, fd
         self._fresh: os.stat_result | None = st  # answers the getattr of the entry being built
         #: Lock owner -> its OFD lock descriptor (None until the first lock).
@@ -304,9 +305,7 @@ class LoopbackNode(Node):
             with self.fs.creds.caller():
                 return self._at(name)
         except FileNotFoundError:
-            if self.fs.negative_timeout > 0:
-                return None  # the bridge answers a negative entry
-            raise
+            return None  # the bridge answers ENOENT, or a negative entry
 
     async def readdir(self) -> list[DirItem]:
         """The host directory's entries."""
@@ -576,12 +575,13 @@ class LoopbackFS(NodeFS):
         except BaseException:
             os.close(fd)
             raise
-        live = self.node_by_key(self.node_key(fd, st))
+        key = self.node_key(fd, st)
+        live = self.node_by_key(key)
         if isinstance(live, LoopbackNode):
             os.close(fd)
             live._fresh = st
             return live
-        return self.node_class(self, fd, st)
+        return self.node_class(self, fd, st, key)
 
     def reopened(self, fd: int, st: os.stat_result) -> LoopbackNode:
         """A node for the object at O_PATH descriptor ``fd`` (with stat ``st``) found again by

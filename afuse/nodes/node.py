@@ -37,9 +37,10 @@ Raise :class:`afuse.FUSEError` (or OSError) to answer an errno.
 
 from __future__ import annotations
 
+import bisect
 import os
 import stat
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -68,6 +69,60 @@ class DirItem:
     ino: int = 0
 
 
+class _Cookies:
+    """Stable directory offsets of a persistent directory: each name gets the next cookie when it
+    joins, and keeps it while it stays (a removal does not move later entries, an insertion
+    appends), so an offset means the same entry in every open of the directory."""
+
+    __slots__ = ("by_name", "names", "next", "offsets", "stale")
+
+    #: Cookies 1 and 2 are "." and "..".
+    FIRST = 3
+
+    def __init__(self, names: Iterable[bytes]) -> None:
+        self.by_name: dict[bytes, int] = {}
+        self.offsets: list[int] = []  # ascending, with the names in ``names``; stale ones skipped
+        self.names: list[bytes] = []
+        self.next = self.FIRST
+        self.stale = 0
+        for name in names:
+            self.add(name)
+
+    def add(self, name: bytes) -> None:
+        if name not in self.by_name:
+            c = self.by_name[name] = self.next
+            self.next += 1
+            self.offsets.append(c)
+            self.names.append(name)
+
+    def remove(self, name: bytes) -> None:
+        if self.by_name.pop(name, None) is not None:
+            self.stale += 1
+            if self.stale > 64 and 2 * self.stale > len(self.offsets):
+                keep = [(c, n) for c, n in zip(self.offsets, self.names, strict=True) if self.by_name.get(n) == c]
+                self.offsets, self.names = [c for c, _ in keep], [n for _, n in keep]
+                self.stale = 0
+
+    def sync(self, children: dict[bytes, Node]) -> None:
+        """Catch up with changes made to ``children`` directly (not through add/remove_child)."""
+        if len(self.by_name) != len(children) or any(n not in children for n in self.by_name):
+            for name in [n for n in self.by_name if n not in children]:
+                self.remove(name)
+            for name in children:
+                self.add(name)
+
+    def after(self, offset: int) -> tuple[int, bytes] | None:
+        """The first live entry (cookie, name) with a cookie above ``offset``."""
+        i = bisect.bisect_right(self.offsets, offset)
+        offsets, names, by_name = self.offsets, self.names, self.by_name
+        while i < len(offsets):
+            c, name = offsets[i], names[i]
+            if by_name.get(name) == c:
+                return c, name
+            i += 1
+        return None
+
+
 class Node:
     """An inode. ``mode``'s file type is fixed for the node's life; ``key``, if not None, is a
     stable identity (e.g. ``(st_dev, st_ino)``): the bridge gives all live nodes with one key
@@ -79,8 +134,8 @@ class Node:
     links, unlinks, rmdirs and renames.
     """
 
-    __slots__ = ("__dict__", "_backing", "_bridge", "_links", "_lookups", "_nodeid", "children", "ino",
-                 "key", "mode")
+    __slots__ = ("__dict__", "_backing", "_bridge", "_cookies", "_links", "_lookups", "_nodeid", "children",
+                 "ino", "key", "mode")
 
     def __init__(self, mode: int = stat.S_IFREG | 0o644, *, key: Hashable | None = None, ino: int = 0) -> None:
         if not stat.S_IFMT(mode):
@@ -96,6 +151,8 @@ class Node:
         self._links = 0
         self._bridge: NodeFS | None = None
         self._backing: BackingFile | None = None
+        #: Directory offsets of the persistent children (made at the first listing).
+        self._cookies: _Cookies | None = None
 
     def as_operations(self) -> Operations:
         """A :class:`~afuse.nodes.NodeFS` with this node as its root, so ``afuse.mount(node, path)`` works."""
@@ -139,6 +196,8 @@ class Node:
         if old is child:
             return
         self.children[name] = child
+        if self._cookies is not None:
+            self._cookies.add(name)
         child._links += 1
         if self._bridge is not None:
             self._bridge._attach(child)
@@ -150,6 +209,8 @@ class Node:
         if self.children is None:
             raise KeyError(name)
         child = self.children.pop(name)
+        if self._cookies is not None:
+            self._cookies.remove(name)
         self._unlinked(child)
         return child
 
