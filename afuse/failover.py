@@ -68,16 +68,34 @@ def probe_requests(ops: Operations, probe: Callable[[r.Request], None]) -> None:
         setattr(ops, name, wrap(orig))
 
 
+class StandbyDismissed(Exception):
+    """A standby's wait ended without a handover: a new owner took over, the owner drained, or the
+    mount went away."""
+
+
+#: Seconds after a takeover before the state is compacted (the first requests are served first).
+COMPACT_AFTER = 2.0
+#: Seconds after serving starts before a warm successor is started (it competes for the CPU).
+SUCCESSOR_AFTER = 0.3
+
+
 async def _acquire(mp: str, keeper: str | None, upgrade: bool, store: FileStateStore,
-                   take_wait: float | None) -> tuple[KeeperClient | None, Handover | None]:
+                   take_wait: float | None, standby: bool) -> tuple[KeeperClient | None, Handover | None]:
     if keeper is not None:
         client = await KeeperClient.connect(keeper)
         try:
-            got = await (client.upgrade(mp, take_wait) if upgrade else client.take(mp, take_wait))
+            if standby:
+                got = await client.standby(mp)
+                if got is None:
+                    raise StandbyDismissed(mp)
+            else:
+                got = await (client.upgrade(mp, take_wait) if upgrade else client.take(mp, take_wait))
         except BaseException:
             client.close()
             raise
         return client, got
+    if standby:
+        raise ValueError("a standby needs a keeper")
     if listen_fds():
         return None, fdstore_take(mp, store.read_json(NEGOTIATED_FILE))
     return None, None
@@ -95,6 +113,8 @@ async def serve_failover(
     max_requests: int = 64,
     upgrade: bool = False,
     take_wait: float | None = None,
+    standby: bool = False,
+    successor: Callable[[], object] | None = None,
     probe: Callable[[r.Request], None] | None = None,
     on_drain: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
@@ -106,12 +126,16 @@ async def serve_failover(
     ``session.drain()`` called by the caller, e.g. on SIGTERM) or unmounted. The mount is never
     unmounted here; ask the keeper (``KeeperClient.unmount``) or ``umount`` it.
     ``upgrade``: ask the keeper to drain the serving daemon and take over from it.
+    ``standby``: wait at the keeper as a warm successor, and serve once the serving daemon dies
+    (:class:`StandbyDismissed` if the wait ends otherwise). ``successor``: called once serving
+    (with a keeper) when no standby waits at the keeper: start one (e.g. a process running this
+    with ``standby=True``). A takeover restores the state, serves, and compacts it a little later.
     """
     if not isinstance(ops, Persistent):
         raise TypeError(f"{type(ops).__name__} does not implement afuse.state.Persistent")
     mp = canonical(mountpoint)
     store = FileStateStore(state_dir)
-    client, handover = await _acquire(mp, keeper, upgrade, store, take_wait)
+    client, handover = await _acquire(mp, keeper, upgrade, store, take_wait, standby)
     if probe is not None:
         probe_requests(ops, probe)
     kw: dict[str, Any] = {"readers": readers, "max_requests": max_requests, "unmount": False,
@@ -119,9 +143,10 @@ async def serve_failover(
     try:
         async with trio.open_nursery() as nursery:
             if handover is not None:
-                if not store.load_into(ops):
+                loaded = store.load_into(ops)
+                if not loaded:
                     log.error("taking over %s without saved state: the kernel's nodeids will be stale", mp)
-                store.attach(ops)
+                store.attach(ops, compact=not loaded)  # compacted later: serve first
                 takeover = Takeover(handover.fds[0], handover.negotiated, handover.fds[1:], resend=handover.resend)
                 kw["readers"] = max(readers, len(handover.fds))
                 session: Session = await nursery.start(functools.partial(
@@ -145,6 +170,10 @@ async def serve_failover(
             task_status.started(session)
             if client is not None:
                 nursery.start_soon(_control, client, session, on_drain)
+            if handover is not None:
+                nursery.start_soon(_compact_later, store)
+            if successor is not None and client is not None and (handover is None or handover.standbys <= 0):
+                nursery.start_soon(_start_successor, successor)
             await session.wait_closed()
             nursery.cancel_scope.cancel()
     finally:
@@ -156,6 +185,19 @@ async def serve_failover(
                 except OSError:
                     pass
             client.close()
+
+
+async def _compact_later(store: FileStateStore) -> None:
+    await trio.sleep(COMPACT_AFTER)
+    store.compact()
+
+
+async def _start_successor(successor: Callable[[], object]) -> None:
+    await trio.sleep(SUCCESSOR_AFTER)
+    try:
+        successor()
+    except OSError as e:
+        log.warning("could not start a standby: %s", e)
 
 
 async def _control(client: KeeperClient, session: Session, on_drain: Callable[[], None] | None) -> None:
@@ -190,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "list":
                 for m in await client.list():
-                    print(f"{m['mountpoint']}\t{m['nfds']} fds\towner pid {m['owner_pid'] or '-'}")
+                    standbys = ",".join(map(str, m.get("standby_pids", []))) or "-"
+                    print(f"{m['mountpoint']}\t{m['nfds']} fds\towner pid {m['owner_pid'] or '-'}"
+                          f"\tstandby pids {standbys}")
             else:
                 if not args.mountpoint:
                     p.error("unmount needs MOUNTPOINT")

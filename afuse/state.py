@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -32,8 +33,11 @@ log = logging.getLogger("afuse.state")
 
 SNAPSHOT = "state.json"
 JOURNAL = "journal-{gen}.jsonl"
-#: Journal records after which :meth:`FileStateStore.journal` compacts by itself.
-COMPACT_EVERY = 50_000
+#: A subdirectory for file contents kept outside the snapshot (memfs's content store); cleared with the state.
+CONTENT_DIR = "data"
+#: Journal records after which :meth:`FileStateStore.journal` compacts by itself (a restore redoes
+#: at most this many).
+COMPACT_EVERY = 20_000
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
@@ -74,6 +78,7 @@ class FileStateStore:
         self.generation = 0
         self._fd = -1
         self._records = 0
+        self._loaded = self._good = 0
         self._source: Persistent | None = None
 
     # -- reading ---------------------------------------------------------------------------
@@ -97,8 +102,10 @@ class FileStateStore:
         except FileNotFoundError:
             data = b""
         lines = data.split(b"\n")
+        good = 0
         for i, line in enumerate(lines):
             if not line:
+                good += 1 if i < len(lines) - 1 else 0
                 continue
             try:
                 records.append(json.loads(line))
@@ -107,7 +114,10 @@ class FileStateStore:
                     log.warning("ignoring a torn last journal record in %s", self.path)
                     break
                 raise
+            good += len(line) + (i < len(lines) - 1)  # the last one may lack its newline
+        self._good = good
         state: dict[str, Any] = doc["state"]
+        self._loaded = len(records)
         return state, records
 
     def load_into(self, ops: Persistent) -> bool:
@@ -122,10 +132,20 @@ class FileStateStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def attach(self, ops: Persistent) -> None:
-        """Start a fresh generation from ``ops.dump_state()``; journal calls append to it."""
+    def attach(self, ops: Persistent, compact: bool = True) -> None:
+        """Start a fresh generation from ``ops.dump_state()``; journal calls append to it. With
+        ``compact=False`` after :meth:`load`, append to the loaded generation's journal instead (a
+        takeover serves at once and compacts later)."""
         self._source = ops
-        self.compact()
+        if compact or self.generation == 0:
+            self.compact()
+        else:
+            self._fd = os.open(os.path.join(self.path, JOURNAL.format(gen=self.generation)),
+                               os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            self._records = self._loaded
+            os.ftruncate(self._fd, self._good)  # a torn last record (its writer died) must not swallow the next
+            if self._good and os.pread(self._fd, 1, self._good - 1) != b"\n":
+                os.write(self._fd, b"\n")
         ops.set_journal(self.journal)
 
     def journal(self, record: Any) -> None:
@@ -161,12 +181,13 @@ class FileStateStore:
         log.debug("state compacted to generation %d (was %d)", gen, old_gen)
 
     def clear(self) -> None:
-        """Forget all saved state (a new mount starts from nothing)."""
+        """Forget all saved state, contents (:data:`CONTENT_DIR`) included: a new mount starts from nothing."""
         self.close()
         for name in os.listdir(self.path):
             if name == SNAPSHOT or name.startswith("journal-"):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.path, name))
+        shutil.rmtree(os.path.join(self.path, CONTENT_DIR), ignore_errors=True)
         self.generation = 0
 
     def close(self) -> None:

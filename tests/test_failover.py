@@ -407,6 +407,37 @@ with open(f"{mnt}/dir/kept.txt", "w+") as f:
 """
 
 
+def keeper_mounts(sock: str) -> list[dict[str, Any]]:
+    """The keeper's ``list``, from a subprocess-free client."""
+    async def ask() -> list[dict[str, Any]]:
+        client = await KeeperClient.connect(sock)
+        try:
+            return await client.list()
+        finally:
+            client.close()
+    return trio.run(ask)
+
+
+def wait_for_standby(sock: str, mnt: str, timeout: float = 30) -> int:
+    """The pid of the first warm standby waiting at the keeper for ``mnt``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for m in keeper_mounts(sock):
+            if m["mountpoint"] == os.path.realpath(mnt) and m["standby_pids"]:
+                return int(m["standby_pids"][0])
+        time.sleep(0.05)
+    raise AssertionError("no standby came")
+
+
+def wait_for_owner(sock: str, mnt: str, pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m["mountpoint"] == os.path.realpath(mnt) and m["owner_pid"] == pid for m in keeper_mounts(sock)):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 @pytest.mark.timeout(90)
 def test_memfs_under_the_keeper_survives_sigkill(tmp_path: Path) -> None:
     """memfs keeps its contents where a crash cannot lose them: SIGKILL it with a file open; a new
@@ -436,9 +467,10 @@ def test_memfs_under_the_keeper_survives_sigkill(tmp_path: Path) -> None:
         app = spawn("-c", APP, str(mnt), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert app.stdout is not None and app.stdin is not None
         assert app.stdout.readline().strip() == "written"
+        standby = wait_for_standby(sock, str(mnt))  # started by the first memfs: nothing to arrange
         first.kill()
         first.wait(10)
-        memfs()
+        assert wait_for_owner(sock, str(mnt), standby)  # the warm standby serves now
         app.stdin.write("go\n")
         app.stdin.flush()
         out = app.stdout.readline().strip()
