@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -143,7 +144,9 @@ async def serve_failover(
     try:
         async with trio.open_nursery() as nursery:
             if handover is not None:
+                t_load = time.perf_counter()
                 loaded = store.load_into(ops)
+                load_ms = (time.perf_counter() - t_load) * 1000
                 if not loaded:
                     log.error("taking over %s without saved state: the kernel's nodeids will be stale", mp)
                 store.attach(ops, compact=not loaded)  # compacted later: serve first
@@ -151,8 +154,8 @@ async def serve_failover(
                 kw["readers"] = max(readers, len(handover.fds))
                 session: Session = await nursery.start(functools.partial(
                     serve, ops, mp, takeover=takeover, config=config, **kw))
-                log.info("took over %s (%d descriptors, %s)", mp, len(handover.fds),
-                         "resent" if handover.resend else "drained")
+                log.info("took over %s (%d descriptors, %s; state restored in %.1f ms)", mp, len(handover.fds),
+                         "resent" if handover.resend else "drained", load_ms)
             else:
                 store.clear()
                 store.attach(ops)

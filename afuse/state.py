@@ -37,7 +37,7 @@ JOURNAL = "journal-{gen}.jsonl"
 CONTENT_DIR = "data"
 #: Journal records after which :meth:`FileStateStore.journal` compacts by itself (a restore redoes
 #: at most this many).
-COMPACT_EVERY = 20_000
+COMPACT_EVERY = 5_000
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 

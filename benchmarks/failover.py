@@ -586,7 +586,8 @@ def run(kind: str, count: int, duration: float, seed: int, slow: str, standby: b
         fo["resent"] = resent.get(fo["new"], 0)
         if fo["first_request_s"] is not None:
             latencies.append(fo["first_request_s"])
-        near = [lat for t, lat in slow_stats if fo["t"] - 0.2 <= t <= fo["t"] + 10]
+        upto = min([f["t"] for f in failovers if f["t"] > fo["t"]] + [fo["t"] + 5])
+        near = [lat for t, lat in slow_stats if fo["t"] - 0.05 <= t < upto]
         fo["stall_s"] = max(near, default=0.0)
         stalls.append(fo["stall_s"])
     errors = [e for _n, r in results for e in r.get("errors", [])]
@@ -658,10 +659,10 @@ def main(argv: list[str] | None = None) -> int:
         return fn(argv[2], float(argv[3]), argv[4])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fs", default="failoverfs,memfs", help="comma-separated: failoverfs, memfs")
-    p.add_argument("--data-gib", type=float, default=1.0, help="data written through the mount first")
-    p.add_argument("--duration", type=float, default=40.0, help="seconds per phase")
-    p.add_argument("--kills", type=int, default=10)
-    p.add_argument("--upgrades", type=int, default=10)
+    p.add_argument("--data-gib", type=float, default=None, help="data written through the mount first")
+    p.add_argument("--duration", type=float, default=None, help="seconds per phase")
+    p.add_argument("--kills", type=int, default=None, help="SIGKILLs per filesystem (default 10)")
+    p.add_argument("--upgrades", type=int, default=None, help="upgrades per filesystem (default 10)")
     p.add_argument("--cold-kills", type=int, default=None, help="baseline kills without standby (default: --kills)")
     p.add_argument("--apps", type=int, default=2)
     p.add_argument("--slow", default="0.05,0.2", help="AFUSE_FAILOVERFS_SLOW for failoverfs")
@@ -671,8 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary directories (logs, state)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    if args.quick:
-        args.data_gib, args.duration, args.kills, args.upgrades = 0.02, 12.0, 3, 3
+    for name, full, quick in (("data_gib", 1.0, 0.02), ("duration", 40.0, 12.0), ("kills", 10, 3), ("upgrades", 10, 3)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     cold = args.kills if args.cold_kills is None else args.cold_kills
     if os.geteuid() != 0:
         print("needs root (mount(2), open_by_handle_at)", file=sys.stderr)

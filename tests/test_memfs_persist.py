@@ -23,7 +23,7 @@ import pytest
 import trio
 
 import afuse
-from afuse.examples.memfs import File, MemFS
+from afuse.examples.memfs import File, MemFS, MNode
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.wire import requests as r
 
@@ -58,6 +58,7 @@ async def readdirplus_all(fs: MemFS, req: r.ReaddirplusRequest) -> list[afuse.Di
 
 async def _getattr_all(fs: MemFS) -> None:
     for n in fs.nodes.values():
+        assert isinstance(n, MNode)
         await n.getattr()
 
 
