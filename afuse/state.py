@@ -38,6 +38,9 @@ CONTENT_DIR = "data"
 #: Journal records after which :meth:`FileStateStore.journal` compacts by itself (a restore redoes
 #: at most this many).
 COMPACT_EVERY = 5_000
+#: It also compacts once the journal is this many bytes and twice the snapshot's size: restoring
+#: then costs about as much as reading the snapshot, whatever the history.
+COMPACT_MIN_BYTES = 256 * 1024
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
@@ -77,7 +80,7 @@ class FileStateStore:
         self.compact_every = compact_every
         self.generation = 0
         self._fd = -1
-        self._records = 0
+        self._records = self._bytes = self._snapshot_bytes = 0
         self._loaded = self._good = 0
         self._source: Persistent | None = None
 
@@ -91,9 +94,11 @@ class FileStateStore:
         snap_path = os.path.join(self.path, SNAPSHOT)
         try:
             with open(snap_path, "rb") as f:
-                doc = json.loads(f.read())
+                raw = f.read()
         except FileNotFoundError:
             return None, []
+        doc = json.loads(raw)
+        self._snapshot_bytes = len(raw)
         self.generation = int(doc["generation"])
         records: list[Any] = []
         try:
@@ -142,19 +147,23 @@ class FileStateStore:
         else:
             self._fd = os.open(os.path.join(self.path, JOURNAL.format(gen=self.generation)),
                                os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            self._records = self._loaded
+            self._records, self._bytes = self._loaded, self._good
             os.ftruncate(self._fd, self._good)  # a torn last record (its writer died) must not swallow the next
             if self._good and os.pread(self._fd, 1, self._good - 1) != b"\n":
                 os.write(self._fd, b"\n")
         ops.set_journal(self.journal)
 
     def journal(self, record: Any) -> None:
-        """Append one record (a JSON-serialisable value). Compacts every ``compact_every``."""
+        """Append one record (a JSON-serialisable value). Compacts every ``compact_every`` records, and
+        when the journal outgrows :data:`COMPACT_MIN_BYTES` and twice the snapshot."""
         if self._fd < 0:
             raise RuntimeError("FileStateStore.journal before attach()")
-        os.write(self._fd, _dumps(record).encode() + b"\n")
+        line = _dumps(record).encode() + b"\n"
+        os.write(self._fd, line)
         self._records += 1
-        if self._records >= self.compact_every and self._source is not None:
+        self._bytes += len(line)
+        if self._source is not None and (self._records >= self.compact_every or (
+                self._bytes >= COMPACT_MIN_BYTES and self._bytes >= 2 * self._snapshot_bytes)):
             self.compact()
 
     def compact(self) -> None:
@@ -165,13 +174,13 @@ class FileStateStore:
         new_journal = os.path.join(self.path, JOURNAL.format(gen=gen))
         fd = os.open(new_journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            doc = {"generation": gen, "state": self._source.dump_state()}
-            write_atomic(os.path.join(self.path, SNAPSHOT), _dumps(doc).encode())
+            raw = _dumps({"generation": gen, "state": self._source.dump_state()}).encode()
+            write_atomic(os.path.join(self.path, SNAPSHOT), raw)
         except BaseException:
             os.close(fd)
             raise
         old_fd, old_gen = self._fd, self.generation
-        self._fd, self.generation, self._records = fd, gen, 0
+        self._fd, self.generation, self._records, self._bytes, self._snapshot_bytes = fd, gen, 0, 0, len(raw)
         if old_fd >= 0:
             os.close(old_fd)
         for name in os.listdir(self.path):  # every older journal (also ones a dead writer left)
