@@ -468,9 +468,10 @@ class LoadSampler:
         self._thread.join()
 
 
-def populate(mnt: str, data_mib: int) -> list[tuple[str, bytes]]:
-    """Write ``data_mib`` MiB through the mount (64 MiB files); (path, sha256) of each."""
-    os.makedirs(os.path.join(mnt, "bulk"), exist_ok=True)
+def populate(mnt: str, data_mib: int, into: str | None = None) -> list[tuple[str, bytes]]:
+    """Write ``data_mib`` MiB (64 MiB files) through the mount, or into ``into`` (a passthrough's
+    source) then seen through the mount; (path in the mount, sha256) of each."""
+    os.makedirs(os.path.join(into or mnt, "bulk"), exist_ok=True)
     files = []
     left, i = data_mib * MIB, 0
     block = _pattern(7, 64 * MIB)
@@ -478,7 +479,7 @@ def populate(mnt: str, data_mib: int) -> list[tuple[str, bytes]]:
         size = min(left, 64 * MIB)
         path = os.path.join(mnt, "bulk", f"b{i}")
         data = block[:size - 8] + i.to_bytes(8, "little")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(os.path.join(into or mnt, "bulk", f"b{i}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             view, off = memoryview(data), 0
             while off < size:
@@ -503,7 +504,8 @@ def run(kind: str, count: int, duration: float, seed: int, slow: str, standby: b
         first = h.spawn_daemon()
         h.ready(first)
         t_pop = time.monotonic()
-        bulk = populate(h.mnt, data_mib)
+        # failoverfs mirrors its source: the data goes there (its daemon's writes sleep now and then)
+        bulk = populate(h.mnt, data_mib, h.src if fs == "failoverfs" else None)
         populate_s = time.monotonic() - t_pop
         if standby and kind == "kill":
             h.wait_info(lambda i: i.get("standby_pids"), 60, "the first standby")
