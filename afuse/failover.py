@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from .device import MountOptions
-from .keeper import Handover, KeeperClient, canonical, fdstore_save, fdstore_take, listen_fds, sd_notify
+from .keeper import Handover, KeeperClient, KeeperError, canonical, fdstore_save, fdstore_take, listen_fds, sd_notify
 from .operations import Operations, overridden
 from .session import Session, Takeover, serve
 from .state import FileStateStore, Persistent
@@ -86,7 +86,10 @@ async def _acquire(mp: str, keeper: str | None, upgrade: bool, store: FileStateS
         client = await KeeperClient.connect(keeper)
         try:
             if standby:
-                got = await client.standby(mp)
+                try:
+                    got = await client.standby(mp)
+                except KeeperError as e:  # the keeper went away: nothing to stand by for
+                    raise StandbyDismissed(f"{mp}: {e}") from None
                 if got is None:
                     raise StandbyDismissed(mp)
             else:
@@ -137,8 +140,6 @@ async def serve_failover(
     mp = canonical(mountpoint)
     store = FileStateStore(state_dir)
     client, handover = await _acquire(mp, keeper, upgrade, store, take_wait, standby)
-    if probe is not None:
-        probe_requests(ops, probe)
     kw: dict[str, Any] = {"readers": readers, "max_requests": max_requests, "unmount": False,
                           "private_clones": False}
     try:
@@ -150,6 +151,8 @@ async def serve_failover(
                 if not loaded:
                     log.error("taking over %s without saved state: the kernel's nodeids will be stale", mp)
                 store.attach(ops, compact=not loaded)  # compacted later: serve first
+                if probe is not None:  # after attach: journaling may wrap the handlers
+                    probe_requests(ops, probe)
                 takeover = Takeover(handover.fds[0], handover.negotiated, handover.fds[1:], resend=handover.resend)
                 kw["readers"] = max(readers, len(handover.fds))
                 session: Session = await nursery.start(functools.partial(
@@ -159,6 +162,8 @@ async def serve_failover(
             else:
                 store.clear()
                 store.attach(ops)
+                if probe is not None:
+                    probe_requests(ops, probe)
                 session = await nursery.start(functools.partial(
                     serve, ops, mp, options=options, config=config, **kw))
                 neg: Negotiated | None = session.negotiated

@@ -12,10 +12,12 @@ Permissions are checked here too, against the caller's uid, gid and supplementar
 Persistence: MemFS is :class:`afuse.state.Persistent` — a JSON snapshot of the inodes and the
 bridge's tables, then a journal of every request that changed something (with its clock and
 caller's groups) and of each READDIRPLUS entry the kernel took, written before the reply; restoring
-redoes the journal through the same handlers, reproducing contents, nodeids, lookup counts and open
-files, so a successor can take the live connection over (``--keeper``/``--state-dir``, see
-docs/failover.md). ``persist=DIR`` keeps such a store in DIR. A resent request whose first attempt is
-journaled gets that attempt's result. Locks and read atimes are not kept.
+redoes the journal through the same handlers, reproducing nodeids, lookup counts and open files, so
+a successor can take the live connection over (``--keeper``/``--state-dir``, see docs/failover.md).
+File contents are not in the snapshot or the journal: they live in a content store
+(:mod:`afuse.nodes.filestore`, ``DIR/data``), written through and opened lazily, so a takeover
+does not grow with the data. ``persist=DIR`` keeps such a store in DIR. A resent request whose
+first attempt is journaled gets that attempt's result. Locks and read atimes are not kept.
 """
 
 from __future__ import annotations
