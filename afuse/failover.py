@@ -75,7 +75,7 @@ class StandbyDismissed(Exception):
 
 
 #: Seconds after a takeover before the state is compacted (the first requests are served first).
-COMPACT_AFTER = 2.0
+COMPACT_AFTER = 0.5
 #: Seconds after serving starts before a warm successor is started (it competes for the CPU).
 SUCCESSOR_AFTER = 0.3
 
@@ -138,7 +138,7 @@ async def serve_failover(
     if not isinstance(ops, Persistent):
         raise TypeError(f"{type(ops).__name__} does not implement afuse.state.Persistent")
     mp = canonical(mountpoint)
-    store = FileStateStore(state_dir)
+    store = FileStateStore(state_dir, durable=False)  # for process crashes: no fsync on the serving path
     client, handover = await _acquire(mp, keeper, upgrade, store, take_wait, standby)
     kw: dict[str, Any] = {"readers": readers, "max_requests": max_requests, "unmount": False,
                           "private_clones": False}
@@ -157,8 +157,8 @@ async def serve_failover(
                 kw["readers"] = max(readers, len(handover.fds))
                 session: Session = await nursery.start(functools.partial(
                     serve, ops, mp, takeover=takeover, config=config, **kw))
-                log.info("took over %s (%d descriptors, %s; state restored in %.1f ms)", mp, len(handover.fds),
-                         "resent" if handover.resend else "drained", load_ms)
+                log.info("took over %s (%d descriptors, %s; state restored in %.1f ms: %d journal records)",
+                         mp, len(handover.fds), "resent" if handover.resend else "drained", load_ms, store.loaded)
             else:
                 store.clear()
                 store.attach(ops)

@@ -35,12 +35,11 @@ SNAPSHOT = "state.json"
 JOURNAL = "journal-{gen}.jsonl"
 #: A subdirectory for file contents kept outside the snapshot (memfs's content store); cleared with the state.
 CONTENT_DIR = "data"
-#: Journal records after which :meth:`FileStateStore.journal` compacts by itself (a restore redoes
-#: at most this many).
-COMPACT_EVERY = 5_000
-#: It also compacts once the journal is this many bytes and twice the snapshot's size: restoring
-#: then costs about as much as reading the snapshot, whatever the history.
-COMPACT_MIN_BYTES = 256 * 1024
+#: By default :meth:`FileStateStore.journal` compacts once the journal holds this many records
+#: and one per this many bytes of snapshot (redoing a record costs about what reading that much
+#: snapshot does), or is as big as the snapshot: a restore then costs about twice reading the
+#: snapshot, whatever the history.
+COMPACT_MIN_RECORDS, COMPACT_BYTES_PER_RECORD = 200, 500
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
@@ -74,10 +73,13 @@ class FileStateStore:
     journal, so a crash at any point leaves one consistent generation to :meth:`load`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], compact_every: int = COMPACT_EVERY) -> None:
+    def __init__(self, path: str | os.PathLike[str], compact_every: int | None = None, durable: bool = True) -> None:
         self.path = os.fspath(path)
         os.makedirs(self.path, exist_ok=True)
+        #: Compact after this many records (None: by the sizes, see :data:`COMPACT_MIN_RECORDS`).
         self.compact_every = compact_every
+        #: fsync snapshots (False: a process crash still never sees a torn one; a machine crash might)
+        self.durable = durable
         self.generation = 0
         self._fd = -1
         self._records = self._bytes = self._snapshot_bytes = 0
@@ -135,6 +137,11 @@ class FileStateStore:
         ops.restore_state(state)
         return True
 
+    @property
+    def loaded(self) -> int:
+        """Journal records the last :meth:`load` read."""
+        return self._loaded
+
     # -- writing ---------------------------------------------------------------------------
 
     def attach(self, ops: Persistent, compact: bool = True) -> None:
@@ -154,17 +161,21 @@ class FileStateStore:
         ops.set_journal(self.journal)
 
     def journal(self, record: Any) -> None:
-        """Append one record (a JSON-serialisable value). Compacts every ``compact_every`` records, and
-        when the journal outgrows :data:`COMPACT_MIN_BYTES` and twice the snapshot."""
+        """Append one record (a JSON-serialisable value); compact when due (see :data:`COMPACT_MIN_RECORDS`)."""
         if self._fd < 0:
             raise RuntimeError("FileStateStore.journal before attach()")
         line = _dumps(record).encode() + b"\n"
         os.write(self._fd, line)
         self._records += 1
         self._bytes += len(line)
-        if self._source is not None and (self._records >= self.compact_every or (
-                self._bytes >= COMPACT_MIN_BYTES and self._bytes >= 2 * self._snapshot_bytes)):
+        if self._source is not None and self._due():
             self.compact()
+
+    def _due(self) -> bool:
+        if self.compact_every is not None:
+            return self._records >= self.compact_every
+        return self._records >= max(COMPACT_MIN_RECORDS, self._snapshot_bytes // COMPACT_BYTES_PER_RECORD) or \
+            self._bytes >= max(COMPACT_MIN_RECORDS * COMPACT_BYTES_PER_RECORD, self._snapshot_bytes)
 
     def compact(self) -> None:
         """Write ``dump_state()`` as the next generation and start its empty journal."""
@@ -175,7 +186,7 @@ class FileStateStore:
         fd = os.open(new_journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             raw = _dumps({"generation": gen, "state": self._source.dump_state()}).encode()
-            write_atomic(os.path.join(self.path, SNAPSHOT), raw)
+            write_atomic(os.path.join(self.path, SNAPSHOT), raw, self.durable)
         except BaseException:
             os.close(fd)
             raise
@@ -187,7 +198,7 @@ class FileStateStore:
             if name.startswith("journal-") and name != JOURNAL.format(gen=gen):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.path, name))
-        log.debug("state compacted to generation %d (was %d)", gen, old_gen)
+        log.debug("state compacted to generation %d (was %d): %d bytes", gen, old_gen, len(raw))
 
     def clear(self) -> None:
         """Forget all saved state, contents (:data:`CONTENT_DIR`) included: a new mount starts from nothing."""
@@ -220,18 +231,22 @@ class FileStateStore:
             return None
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` by ``data`` all at once: temporary file, fsync, rename, fsync of the directory."""
+def write_atomic(path: str, data: bytes, durable: bool = True) -> None:
+    """Replace ``path`` by ``data`` all at once: temporary file, fsync, rename, fsync of the directory
+    (``durable=False``: no fsyncs; still never torn for a process that dies)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
+    if not durable:
+        return
     dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
