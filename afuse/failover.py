@@ -76,6 +76,8 @@ class StandbyDismissed(Exception):
 
 #: Seconds after a takeover before the state is compacted (the first requests are served first).
 COMPACT_AFTER = 0.5
+#: How often the serving daemon looks whether its journal asks for a compaction (seconds).
+COMPACT_POLL = 0.1
 #: Seconds after serving starts before a warm successor is started (it competes for the CPU).
 SUCCESSOR_AFTER = 0.3
 
@@ -138,7 +140,9 @@ async def serve_failover(
     if not isinstance(ops, Persistent):
         raise TypeError(f"{type(ops).__name__} does not implement afuse.state.Persistent")
     mp = canonical(mountpoint)
-    store = FileStateStore(state_dir, durable=False)  # for process crashes: no fsync on the serving path
+    # No fsync on the serving path (a process crash never sees a torn snapshot); compaction from a
+    # task of its own, never inside a handler (a READDIRPLUS entry is journaled before its count).
+    store = FileStateStore(state_dir, durable=False, auto_compact=False)
     client, handover = await _acquire(mp, keeper, upgrade, store, take_wait, standby)
     kw: dict[str, Any] = {"readers": readers, "max_requests": max_requests, "unmount": False,
                           "private_clones": False}
@@ -178,8 +182,7 @@ async def serve_failover(
             task_status.started(session)
             if client is not None:
                 nursery.start_soon(_control, client, session, on_drain)
-            if handover is not None:
-                nursery.start_soon(_compact_later, store)
+            nursery.start_soon(_compact_when_due, store, handover is not None)
             if successor is not None and client is not None and (handover is None or handover.standbys <= 0):
                 nursery.start_soon(_start_successor, successor)
             await session.wait_closed()
@@ -195,9 +198,15 @@ async def serve_failover(
             client.close()
 
 
-async def _compact_later(store: FileStateStore) -> None:
-    await trio.sleep(COMPACT_AFTER)
-    store.compact()
+async def _compact_when_due(store: FileStateStore, took_over: bool) -> None:
+    """Compact after a takeover (:data:`COMPACT_AFTER`), then whenever the journal asks for it."""
+    if took_over:
+        await trio.sleep(COMPACT_AFTER)
+        store.compact()
+    while True:
+        await trio.sleep(COMPACT_POLL)
+        if store.compact_due:
+            store.compact()
 
 
 async def _start_successor(successor: Callable[[], object]) -> None:

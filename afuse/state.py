@@ -15,8 +15,10 @@ to survive its own death keeps that state outside the process:
 Durability: records are written with plain ``write(2)`` (no fsync). A daemon killed with SIGKILL
 leaves its writes in the page cache, which the replacement reads: that is the failure this
 module is for. A machine crash loses the mount anyway (and with it every nodeid and handle the
-kernel held), so fsync-per-record would buy nothing; only compaction fsyncs, to never replace a
-good snapshot by a torn one.
+kernel held), so fsync-per-record would buy nothing. Compaction renames a complete temporary
+file over the snapshot, so a dying process never leaves a torn one; with ``durable=True`` (the
+default; ``serve_failover`` uses False) it also fsyncs, for stores meant to outlive the machine
+(``MemFS(persist=DIR)``).
 """
 
 from __future__ import annotations
@@ -73,13 +75,18 @@ class FileStateStore:
     journal, so a crash at any point leaves one consistent generation to :meth:`load`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], compact_every: int | None = None, durable: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], compact_every: int | None = None, durable: bool = True,
+                 auto_compact: bool = True) -> None:
         self.path = os.fspath(path)
         os.makedirs(self.path, exist_ok=True)
         #: Compact after this many records (None: by the sizes, see :data:`COMPACT_MIN_RECORDS`).
         self.compact_every = compact_every
         #: fsync snapshots (False: a process crash still never sees a torn one; a machine crash might)
         self.durable = durable
+        #: Compact inside :meth:`journal` when due (False: only set :attr:`compact_due`; the owner
+        #: compacts at a moment when no handler is half-way, e.g. from its own task).
+        self.auto_compact = auto_compact
+        self.compact_due = False
         self.generation = 0
         self._fd = -1
         self._records = self._bytes = self._snapshot_bytes = 0
@@ -169,7 +176,10 @@ class FileStateStore:
         self._records += 1
         self._bytes += len(line)
         if self._source is not None and self._due():
-            self.compact()
+            if self.auto_compact:
+                self.compact()
+            else:
+                self.compact_due = True
 
     def _due(self) -> bool:
         if self.compact_every is not None:
@@ -192,6 +202,7 @@ class FileStateStore:
             raise
         old_fd, old_gen = self._fd, self.generation
         self._fd, self.generation, self._records, self._bytes, self._snapshot_bytes = fd, gen, 0, 0, len(raw)
+        self.compact_due = False
         if old_fd >= 0:
             os.close(old_fd)
         for name in os.listdir(self.path):  # every older journal (also ones a dead writer left)
