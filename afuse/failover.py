@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from .device import MountOptions
 from .keeper import (
     Handover,
     KeeperClient,
+    KeeperError,
     KeptDescriptors,
     canonical,
     fdstore_save,
@@ -77,16 +79,39 @@ def probe_requests(ops: Operations, probe: Callable[[r.Request], None]) -> None:
         setattr(ops, name, wrap(orig))
 
 
+class StandbyDismissed(Exception):
+    """A standby's wait ended without a handover: a new owner took over, the owner drained, or the
+    mount went away."""
+
+
+#: Seconds after a takeover before the state is compacted (the first requests are served first).
+COMPACT_AFTER = 0.5
+#: How often the serving daemon looks whether its journal asks for a compaction (seconds).
+COMPACT_POLL = 0.1
+#: Seconds after serving starts before a warm successor is started (it competes for the CPU).
+SUCCESSOR_AFTER = 0.3
+
+
 async def _acquire(mp: str, keeper: str | None, upgrade: bool, store: FileStateStore,
-                   take_wait: float | None) -> tuple[KeeperClient | None, Handover | None]:
+                   take_wait: float | None, standby: bool) -> tuple[KeeperClient | None, Handover | None]:
     if keeper is not None:
         client = await KeeperClient.connect(keeper)
         try:
-            got = await (client.upgrade(mp, take_wait) if upgrade else client.take(mp, take_wait))
+            if standby:
+                try:
+                    got = await client.standby(mp)
+                except KeeperError as e:  # the keeper went away: nothing to stand by for
+                    raise StandbyDismissed(f"{mp}: {e}") from None
+                if got is None:
+                    raise StandbyDismissed(mp)
+            else:
+                got = await (client.upgrade(mp, take_wait) if upgrade else client.take(mp, take_wait))
         except BaseException:
             client.close()
             raise
         return client, got
+    if standby:
+        raise ValueError("a standby needs a keeper")
     if listen_fds():
         return None, fdstore_take(mp, store.read_json(NEGOTIATED_FILE))
     return None, None
@@ -104,6 +129,8 @@ async def serve_failover(
     max_requests: int = 64,
     upgrade: bool = False,
     take_wait: float | None = None,
+    standby: bool = False,
+    successor: Callable[[], object] | None = None,
     probe: Callable[[r.Request], None] | None = None,
     on_drain: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
@@ -115,36 +142,47 @@ async def serve_failover(
     ``session.drain()`` called by the caller, e.g. on SIGTERM) or unmounted. The mount is never
     unmounted here; ask the keeper (``KeeperClient.unmount``) or ``umount`` it.
     ``upgrade``: ask the keeper to drain the serving daemon and take over from it.
+    ``standby``: wait at the keeper as a warm successor, and serve once the serving daemon dies
+    (:class:`StandbyDismissed` if the wait ends otherwise). ``successor``: called once serving
+    (with a keeper) when no standby waits at the keeper: start one (e.g. a process running this
+    with ``standby=True``). A takeover restores the state, serves, and compacts it a little later.
     """
     if not isinstance(ops, Persistent):
         raise TypeError(f"{type(ops).__name__} does not implement afuse.state.Persistent")
     mp = canonical(mountpoint)
-    store = FileStateStore(state_dir)
-    client, handover = await _acquire(mp, keeper, upgrade, store, take_wait)
-    if probe is not None:
-        probe_requests(ops, probe)
+    # No fsync on the serving path (a process crash never sees a torn snapshot); compaction from a
+    # task of its own, never inside a handler (a READDIRPLUS entry is journaled before its count).
+    store = FileStateStore(state_dir, durable=False, auto_compact=False)
+    client, handover = await _acquire(mp, keeper, upgrade, store, take_wait, standby)
     kw: dict[str, Any] = {"readers": readers, "max_requests": max_requests, "unmount": False,
                           "private_clones": False}
     attach_keeper = getattr(ops, "attach_keeper", None)  # a filesystem keeping lock descriptors there
     try:
         async with trio.open_nursery() as nursery:
             if handover is not None:
-                if not store.load_into(ops):
+                t_load = time.perf_counter()
+                loaded = store.load_into(ops)
+                load_ms = (time.perf_counter() - t_load) * 1000
+                if not loaded:
                     log.error("taking over %s without saved state: the kernel's nodeids will be stale", mp)
                 if client is not None and attach_keeper is not None:
                     attach_keeper(KeptDescriptors(client, mp, await client.kept(mp)))
-                store.attach(ops)
+                store.attach(ops, compact=not loaded)  # compacted later: serve first
+                if probe is not None:  # after attach: journaling may wrap the handlers
+                    probe_requests(ops, probe)
                 takeover = Takeover(handover.fds[0], handover.negotiated, handover.fds[1:], resend=handover.resend)
                 kw["readers"] = max(readers, len(handover.fds))
                 session: Session = await nursery.start(functools.partial(
                     serve, ops, mp, takeover=takeover, config=config, **kw))
-                log.info("took over %s (%d descriptors, %s)", mp, len(handover.fds),
-                         "resent" if handover.resend else "drained")
+                log.info("took over %s (%d descriptors, %s; state restored in %.1f ms: %d journal records)",
+                         mp, len(handover.fds), "resent" if handover.resend else "drained", load_ms, store.loaded)
             else:
                 store.clear()
                 if client is not None and attach_keeper is not None:
                     attach_keeper(KeptDescriptors(client, mp))
                 store.attach(ops)
+                if probe is not None:
+                    probe_requests(ops, probe)
                 session = await nursery.start(functools.partial(
                     serve, ops, mp, options=options, config=config, **kw))
                 neg: Negotiated | None = session.negotiated
@@ -159,6 +197,9 @@ async def serve_failover(
             task_status.started(session)
             if client is not None:
                 nursery.start_soon(_control, client, session, on_drain)
+            nursery.start_soon(_compact_when_due, store, handover is not None)
+            if successor is not None and client is not None and (handover is None or handover.standbys <= 0):
+                nursery.start_soon(_start_successor, successor)
             await session.wait_closed()
             nursery.cancel_scope.cancel()
     finally:
@@ -170,6 +211,25 @@ async def serve_failover(
                 except OSError:
                     pass
             client.close()
+
+
+async def _compact_when_due(store: FileStateStore, took_over: bool) -> None:
+    """Compact after a takeover (:data:`COMPACT_AFTER`), then whenever the journal asks for it."""
+    if took_over:
+        await trio.sleep(COMPACT_AFTER)
+        store.compact()
+    while True:
+        await trio.sleep(COMPACT_POLL)
+        if store.compact_due:
+            store.compact()
+
+
+async def _start_successor(successor: Callable[[], object]) -> None:
+    await trio.sleep(SUCCESSOR_AFTER)
+    try:
+        successor()
+    except OSError as e:
+        log.warning("could not start a standby: %s", e)
 
 
 async def _control(client: KeeperClient, session: Session, on_drain: Callable[[], None] | None) -> None:
@@ -204,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "list":
                 for m in await client.list():
-                    print(f"{m['mountpoint']}\t{m['nfds']} fds\towner pid {m['owner_pid'] or '-'}")
+                    standbys = ",".join(map(str, m.get("standby_pids", []))) or "-"
+                    print(f"{m['mountpoint']}\t{m['nfds']} fds\towner pid {m['owner_pid'] or '-'}"
+                          f"\tstandby pids {standbys}")
             else:
                 if not args.mountpoint:
                     p.error("unmount needs MOUNTPOINT")

@@ -24,9 +24,14 @@ Keeper protocol: newline-delimited JSON messages on a SOCK_STREAM unix socket; a
   "mountpoint"}`` to the current owner, which stops reading, answers what it has in flight and
   replies ``{"op": "drained", "mountpoint"}``; then (or when the owner's connection closes: it
   died) the keeper answers the new daemon as for ``take`` (``"resend": false`` after a drain).
+* ``{"op": "standby", "mountpoint"}``: wait as a *warm successor*; answered as for ``take``
+  (``"resend": true``) when the owner dies (EOF, not drained) and no explicit take or upgrade
+  waits, or ``{"ok": false}`` when dismissed: another daemon took over (it starts its own
+  standby), the owner drained, or the mount was unmounted. ``take``/``upgrade``/``standby``
+  answers carry ``"standbys"``: how many still wait.
 * ``{"op": "release", "mountpoint"}``: the owner gives the connection up without unmounting.
 * ``{"op": "unmount", "mountpoint"}`` -> ``{"ok": true}``: unmount (lazily if busy), close.
-* ``{"op": "list"}`` -> ``{"ok": true, "mounts": [{"mountpoint", "nfds", "owner_pid"}]}``.
+* ``{"op": "list"}`` -> ``{"ok": true, "mounts": [{"mountpoint", "nfds", "owner_pid", "standby_pids"}]}``.
 * ``{"op": "keep", "mountpoint", "tag", "nfds": 1}`` + fd (owner only, no reply): keep a
   descriptor for the mount under ``tag`` (e.g. one holding a file lock, so that the lock outlives
   the daemon); ``{"op": "unkeep", "mountpoint", "tag"}`` closes it; ``{"op": "kept",
@@ -150,6 +155,13 @@ def canonical(mountpoint: str | os.PathLike[str]) -> str:
 
 
 @attrs.define(eq=False)
+class _Standby:
+    chan: Channel
+    pid: int
+    dismissed: bool = False
+
+
+@attrs.define(eq=False)
 class _Entry:
     mountpoint: str
     fds: list[int]
@@ -160,16 +172,35 @@ class _Entry:
     drained: bool = False
     #: Descriptors kept for the daemon by tag (``keep``), e.g. ones holding file locks.
     kept: dict[str, int] = attrs.field(factory=dict)
+    #: Warm successors waiting for the owner to die, first come first served.
+    standbys: list[_Standby] = attrs.field(factory=list)
+    #: Explicit take/upgrade requests waiting: they go before standbys.
+    takers: int = 0
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def kick(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     def set_owner(self, chan: Channel, pid: int) -> None:
         self.owner, self.owner_pid = chan, pid
         self.released = trio.Event()
         self.drained = False
+        self.kick()
 
     def release(self, drained: bool) -> None:
         self.owner, self.owner_pid = None, 0
         self.drained = drained
         self.released.set()
+        if drained:  # stopped on purpose: standbys are not for this
+            self.dismiss_standbys()
+        self.kick()
+
+    def dismiss_standbys(self) -> None:
+        for sb in self.standbys:
+            sb.dismissed = True
+        self.standbys.clear()
+        self.kick()
 
     def close(self) -> None:
         for fd in [*self.fds, *self.kept.values()]:
@@ -201,8 +232,12 @@ class Keeper:
         _remove_stale_socket(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            await sock.bind(path)
-            os.chmod(path, 0o600)  # peers are checked by SO_PEERCRED too: our uid or root
+            old_umask = os.umask(0o177)  # created 0600, never wider for a moment (peers: SO_PEERCRED too)
+            try:
+                await sock.bind(path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, 0o600)
             sock.listen(64)
             task_status.started()
             async with trio.open_nursery() as nursery:
@@ -252,7 +287,8 @@ class Keeper:
         op = msg["op"]
         if op == "list":
             await chan.send({"ok": True, "mounts": [
-                {"mountpoint": e.mountpoint, "nfds": len(e.fds), "owner_pid": e.owner_pid}
+                {"mountpoint": e.mountpoint, "nfds": len(e.fds), "owner_pid": e.owner_pid,
+                 "standby_pids": [sb.pid for sb in e.standbys]}
                 for e in self.entries.values()]})
             return
         mp = str(msg["mountpoint"])
@@ -262,12 +298,13 @@ class Keeper:
                 raise ValueError("register without descriptors")
             if entry is not None:
                 entry.close()
+                entry.dismiss_standbys()
                 entry.release(drained=False)
             entry = self.entries[mp] = _Entry(mp, fds, dict(msg["negotiated"]))
             entry.set_owner(chan, pid)
             self._save(entry)
             log.info("registered %s: %d descriptors from pid %d", mp, len(fds), pid)
-            await chan.send({"ok": True})
+            await chan.send({"ok": True, "standbys": 0})
         elif op in ("take", "upgrade"):
             if entry is None:
                 await chan.send({"ok": False, "error": "no descriptors for this mountpoint"})
@@ -280,9 +317,14 @@ class Keeper:
                     wait = float(msg.get("wait", self.drain_timeout))
                 else:
                     wait = float(msg.get("wait", self.owner_wait))
-                with trio.move_on_after(wait):
-                    while entry.owner is not None and entry.owner is not chan:
-                        await entry.released.wait()
+                entry.takers += 1
+                try:
+                    with trio.move_on_after(wait):
+                        while entry.owner is not None and entry.owner is not chan:
+                            await entry.released.wait()
+                finally:
+                    entry.takers -= 1
+                    entry.kick()
                 if entry.owner is not None and entry.owner is not chan:
                     await chan.send({"ok": False, "error": f"busy: pid {entry.owner_pid} serves it"})
                     return
@@ -291,8 +333,15 @@ class Keeper:
                     return
             resend = not entry.drained
             entry.set_owner(chan, pid)
+            entry.dismiss_standbys()  # the new owner starts its own (of its own version)
             log.info("handing %s to pid %d (%s)", mp, pid, "resend" if resend else "drained")
-            await chan.send({"ok": True, "negotiated": entry.negotiated, "resend": resend}, entry.fds)
+            await chan.send({"ok": True, "negotiated": entry.negotiated, "resend": resend, "standbys": 0},
+                            entry.fds)
+        elif op == "standby":
+            if entry is None:
+                await chan.send({"ok": False, "error": "no descriptors for this mountpoint"})
+                return
+            await self._standby(chan, pid, entry)
         elif op in ("keep", "unkeep"):
             if entry is None or entry.owner is not chan:
                 for fd in fds:
@@ -320,12 +369,35 @@ class Keeper:
                 await chan.send({"ok": False, "error": "no descriptors for this mountpoint"})
                 return
             del self.entries[mp]
+            entry.dismiss_standbys()
             err = await trio.to_thread.run_sync(_unmount, mp)
             entry.close()
             entry.release(drained=False)
             await chan.send({"ok": err is None, **({"error": err} if err else {})})
         else:
             raise ValueError(f"unknown op {op!r}")
+
+    async def _standby(self, chan: Channel, pid: int, entry: _Entry) -> None:
+        """Wait as a warm successor: get the descriptors when the owner dies (not when it drains, nor
+        while an explicit take or upgrade waits); ``{"ok": false}`` when dismissed."""
+        me = _Standby(chan, pid)
+        entry.standbys.append(me)
+        log.info("pid %d stands by for %s", pid, entry.mountpoint)
+        try:
+            while not me.dismissed and self.entries.get(entry.mountpoint) is entry:
+                if entry.owner is None and not entry.drained and not entry.takers and entry.standbys[0] is me:
+                    entry.standbys.pop(0)
+                    entry.set_owner(chan, pid)
+                    log.info("handing %s to standby pid %d (resend)", entry.mountpoint, pid)
+                    await chan.send({"ok": True, "negotiated": entry.negotiated, "resend": True,
+                                     "standbys": len(entry.standbys)}, entry.fds)
+                    return
+                await entry.changed.wait()
+        finally:
+            if me in entry.standbys:
+                entry.standbys.remove(me)
+                entry.kick()
+        await chan.send({"ok": False, "error": "dismissed"})
 
     def _save(self, entry: _Entry) -> None:
         if not self.state_dir:
@@ -374,6 +446,8 @@ class Handover:
     negotiated: Negotiated
     #: Whether unanswered requests must be resent (False after a graceful drain).
     resend: bool = True
+    #: Warm successors still waiting at the keeper (-1: unknown, e.g. from systemd).
+    standbys: int = -1
 
 
 class KeeperError(Exception):
@@ -413,7 +487,8 @@ class KeeperClient:
             if "busy" in str(reply.get("error", "")):
                 raise KeeperError(str(reply["error"]))
             return None
-        return Handover(fds, Negotiated.from_dict(reply["negotiated"]), bool(reply.get("resend", True)))
+        return Handover(fds, Negotiated.from_dict(reply["negotiated"]), bool(reply.get("resend", True)),
+                        int(reply.get("standbys", -1)))
 
     async def take(self, mountpoint: str, wait: float | None = None) -> Handover | None:
         """The kept descriptors of ``mountpoint`` (None: the keeper has none; mount anew).
@@ -426,6 +501,11 @@ class KeeperClient:
     async def upgrade(self, mountpoint: str, wait: float | None = None) -> Handover | None:
         """Have the current owner drain and exit, then take its descriptors."""
         return await self._handover("upgrade", mountpoint, wait)
+
+    async def standby(self, mountpoint: str) -> Handover | None:
+        """Wait as a warm successor of ``mountpoint``'s owner: its descriptors once it dies (resend
+        on); None when dismissed (a new owner took over, the owner drained, or it was unmounted)."""
+        return await self._handover("standby", mountpoint, None)
 
     async def register(self, mountpoint: str, negotiated: Negotiated, fds: Sequence[int]) -> None:
         """Give the keeper (dups of) this connection's descriptors; become their owner."""

@@ -21,6 +21,7 @@ import trio
 
 from afuse.errors import FUSEError
 from afuse.examples.memfs import CHUNK, File, MemFS
+from afuse.nodes.sparse import SparseData
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.testing import MountedFS, mounted, mounted_process
 from afuse.wire import requests as r
@@ -1292,7 +1293,8 @@ def test_direct_random_file_ops_match_a_model() -> None:
                     assert exc.errno == errno.ENXIO
                     data_at = len(model)
                 assert pos <= data_at <= len(model) and not any(model[pos:data_at])
-        used = sum(len(n.data.chunks) for n in fs.nodes.values() if isinstance(n, File))
+        used = sum(len(n.data.chunks) for n in fs.nodes.values()
+                   if isinstance(n, File) and isinstance(n.data, SparseData))
         assert used == fs.pool.used
 
     trio.run(main)

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 import afuse
-from afuse.examples.memfs import File, MemFS
+from afuse.examples.memfs import File, MemFS, MNode
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.wire import requests as r
 
@@ -54,6 +54,12 @@ async def readdirplus_all(fs: MemFS, req: r.ReaddirplusRequest) -> list[afuse.Di
 
 
 # -- without the kernel -----------------------------------------------------------------------------
+
+
+async def _getattr_all(fs: MemFS) -> None:
+    for n in fs.nodes.values():
+        assert isinstance(n, MNode)
+        await n.getattr()
 
 
 def test_restore_reproduces_state(tmp_path: Path) -> None:
@@ -88,6 +94,9 @@ def test_restore_reproduces_state(tmp_path: Path) -> None:
 
     fs2 = MemFS.load(d)
     assert fs2.inode_count == fs.inode_count
+    assert fs2.content is not None and fs2.content.opened == 0  # restoring opens no content
+    trio.run(_getattr_all, fs2)  # the first getattr reads the time of the last write (not journaled)
+    trio.run(_getattr_all, fs)
     for nodeid, n in fs.nodes.items():
         n2 = fs2.node(nodeid)
         assert type(n2) is type(n)

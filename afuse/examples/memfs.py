@@ -12,11 +12,13 @@ Permissions are checked here too, against the caller's uid, gid and supplementar
 Persistence: MemFS is :class:`afuse.state.Persistent` — a JSON snapshot of the inodes and the
 bridge's tables, then a journal of every request that changed something (with its clock and
 caller's groups) and of each READDIRPLUS entry the kernel took, written before the reply; restoring
-redoes the journal through the same handlers, reproducing contents, nodeids, lookup counts and open
-files, so a successor can take the live connection over (``--keeper``/``--state-dir``, see
-docs/failover.md). ``persist=DIR`` keeps such a store in DIR. A resent request whose first attempt is
-journaled gets that attempt's result. POSIX and flock locks are kept too (in the snapshot, and an
-``L`` record of the file's locks whenever they change); read atimes are not.
+redoes the journal through the same handlers, reproducing nodeids, lookup counts and open files, so
+a successor can take the live connection over (``--keeper``/``--state-dir``, see docs/failover.md).
+File contents are not in the snapshot or the journal: they live in a content store
+(:mod:`afuse.nodes.filestore`, ``DIR/data``), written through and opened lazily, so a takeover
+does not grow with the data. ``persist=DIR`` keeps such a store in DIR. A resent request whose
+first attempt is journaled gets that attempt's result. POSIX and flock locks are kept too (in
+the snapshot, and an ``L`` record of the file's locks whenever they change); read atimes are not.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from typing import Any
 
 from afuse.errors import FUSEError
 from afuse.nodes import Caller, FileHandle, Node
+from afuse.nodes.filestore import ContentStore, StoredData
 from afuse.nodes.journal import JournaledNodeFS, caller
 from afuse.nodes.journal import now as _now
 from afuse.nodes.locks import FileLocks, LockWaits
 from afuse.nodes.sparse import CHUNK, MAX_FILE_SIZE, ChunkPool, SparseData
-from afuse.state import SNAPSHOT, FileStateStore
+from afuse.state import CONTENT_DIR, SNAPSHOT, FileStateStore
 from afuse.wire import requests as r
 from afuse.wire.constants import FOpen
 from afuse.wire.types import Attr, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
@@ -197,12 +200,43 @@ class Symlink(MNode):
 
 
 class File(MNode):
-    """A regular file: its bytes in ``data`` (sparse), its locks in ``locks``."""
+    """A regular file: its bytes in ``data`` (sparse in memory, or in the filesystem's content store),
+    its locks in ``locks``."""
+
+    #: Restored from a content store: mtime is the stored file's if that is later (writes are not journaled).
+    _stale_times = False
+    _mtime = 0
+
+    @property
+    def mtime(self) -> int:
+        """Modification time (ns); with a content store, also set on the stored file (what a
+        successor reads, since writes are not journaled)."""
+        return self._mtime
+
+    @mtime.setter
+    def mtime(self, ns: int) -> None:
+        self._mtime = ns
+        if isinstance(self.data, StoredData):
+            self.data.set_mtime(ns)
 
     def __init__(self, fs: MemFS, mode: int, uid: int, gid: int, serial: int = 0) -> None:
-        self.data, self.locks = SparseData(fs.pool), FileLocks(fs.lock_waits)
+        serial = serial or fs._new_serial()
+        self.data: SparseData | StoredData = (
+            SparseData(fs.pool) if fs.content is None else StoredData(fs.content, serial, fs.pool))
+        self.locks = FileLocks(fs.lock_waits)
         super().__init__(fs, mode, uid, gid, serial)
         self.locks.tag = self
+        if fs.content is not None and fs.content.replaying:
+            self._stale_times = True
+
+    async def getattr(self) -> Attr:
+        """The attributes (after a restore from a content store, with the stored file's mtime)."""
+        if self._stale_times:
+            assert isinstance(self.data, StoredData)
+            self._stale_times = False
+            if (m := self.data.mtime_ns()) > self.mtime:
+                self.mtime, self.ctime = m, max(self.ctime, m)
+        return await super().getattr()
 
     @property
     def size(self) -> int:
@@ -262,7 +296,7 @@ class File(MNode):
         """Copy bytes; a hole stays a hole."""
         if flags or out is None or off < 0 or out_off < 0:
             raise _err(errno.EINVAL if out is not None else errno.EBADF)
-        count = self.data.copy_to(off, out.node.data, out_off, length)
+        count = self.data.copy_to(off, out.node.data, out_off, length)  # type: ignore[arg-type]
         if count:
             out.node.mtime = out.node.ctime = _now()
         return count
@@ -458,12 +492,15 @@ def _b64(b: bytes | bytearray) -> str:
 class MemFS(JournaledNodeFS):
     """An in-memory filesystem; ``uid``/``gid``/``mode`` describe the root directory, ``capacity``
     (bytes; default: the machine's memory) bounds fallocate and statfs, ``persist`` keeps a state
-    store (:class:`afuse.state.FileStateStore`) in that directory: restored at start, then journaled."""
+    store (:class:`afuse.state.FileStateStore`) in that directory: restored at start, then journaled;
+    ``content`` (default with ``persist``: its ``data`` subdirectory) keeps file contents on disk,
+    one sparse file per inode, written through and opened lazily (:mod:`afuse.nodes.filestore`)."""
 
     entry_timeout = attr_timeout = negative_timeout = 1.0
 
     def __init__(self, uid: int | None = None, gid: int | None = None, mode: int = 0o755,
-                 capacity: int | None = None, persist: str | os.PathLike[str] | None = None) -> None:
+                 capacity: int | None = None, persist: str | os.PathLike[str] | None = None,
+                 content: str | os.PathLike[str] | None = None) -> None:
         if capacity is None:
             try:
                 capacity = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -471,6 +508,10 @@ class MemFS(JournaledNodeFS):
                 capacity = 1 << 32
         self.pool, self.lock_waits, self._serial = ChunkPool(capacity), LockWaits(), 1
         self.lock_waits.changed = self._locks_changed
+        if persist is not None and content is None:
+            content = os.path.join(os.fspath(persist), CONTENT_DIR)
+        #: Where file contents live (None: in memory).
+        self.content = None if content is None else ContentStore(content)
         self._restored: dict[int, MNode] = {}
         root = Dir(self, stat.S_IFDIR | (mode & 0o7777), os.getuid() if uid is None else uid,
                    os.getgid() if gid is None else gid, None, serial=1)
@@ -480,6 +521,8 @@ class MemFS(JournaledNodeFS):
         if self._store is not None:
             if self._store.load_into(self):
                 log.info("restored MemFS from %s: %d inodes", self.persist, len(self.nodes))
+            elif self.content is not None:
+                self.content.clear()  # contents of another filesystem
             self._store.attach(self)  # a snapshot now, then a journal of every change
 
     def _new_serial(self) -> int:
@@ -572,6 +615,13 @@ class MemFS(JournaledNodeFS):
             raise FileNotFoundError(errno.ENOENT, "no MemFS state", snap)
         return cls(persist=path, **kwargs)
 
+    def set_journal(self, journal: Any) -> None:
+        """Journal changes (see :class:`JournaledNodeFS`); with a content store, WRITE is not journaled:
+        its bytes are in the store already."""
+        super().set_journal(journal)
+        if self.content is not None:
+            self.__dict__.pop("write", None)
+
     def close_journal(self) -> None:
         """Stop journaling; the filesystem keeps working in memory."""
         if self._store is not None:
@@ -610,8 +660,12 @@ class MemFS(JournaledNodeFS):
             seen.add(id(n))
             assert isinstance(n, MNode)
             extra: Any = None
+            size: int | None = n.size
             if isinstance(n, File):
-                extra = {str(k): None if v is None else _b64(v) for k, v in n.data.chunks.items()}
+                if isinstance(n.data, StoredData):
+                    extra, size = "stored", None  # the store has it: read when needed
+                else:
+                    extra = {str(k): None if v is None else _b64(v) for k, v in n.data.chunks.items()}
                 if n.locks.posix or n.locks.flocks:
                     locks.append([n.key, n.locks.dump(self._fh_of)])
             elif isinstance(n, Dir):
@@ -620,7 +674,7 @@ class MemFS(JournaledNodeFS):
                 stack.extend(n.children.values())
             elif isinstance(n, Symlink):
                 extra = _b64(n.target)
-            inodes.append([type(n).__name__, n.key, n.perm, n.nlink, n.uid, n.gid, n.rdev, n.size, n.atime,
+            inodes.append([type(n).__name__, n.key, n.perm, n.nlink, n.uid, n.gid, n.rdev, size, n.atime,
                            n.mtime, n.ctime, n.btime, {_b64(k): _b64(v) for k, v in n.xattrs.items()}, extra])
         return {"inodes": inodes, "next_serial": self._serial, "capacity": self.pool.capacity * CHUNK,
                 "locks": locks, **super().dump_state()}
@@ -628,20 +682,37 @@ class MemFS(JournaledNodeFS):
     def restore_state(self, state: dict[str, Any]) -> None:
         """Become the filesystem of ``state`` (from :meth:`dump_state`; journal records folded in are
         redone through the handlers)."""
+        if self.content is not None:
+            self.content.replaying = True  # the stored contents are final: nothing is written again
+            try:
+                self._restore_state(state)
+            finally:
+                self.content.replaying = False
+        else:
+            self._restore_state(state)
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
         made: dict[int, MNode] = {}
         unb64 = base64.b64decode
         for kind, key, perm, nlink, uid, gid, rdev, size, at, mt, ct, bt, xattrs, extra in state["inodes"]:
             n: MNode
             if kind == "File":
                 n = File(self, perm, uid, gid, key)
-                n.data.chunks = {int(k): None if v is None else bytearray(unb64(v)) for k, v in extra.items()}
-                self.pool.used += len(n.data.chunks)
+                if isinstance(n.data, SparseData):
+                    if extra == "stored":
+                        raise ValueError("this state keeps contents in a store: MemFS(content=...) reads them")
+                    n.data.chunks = {int(k): None if v is None else bytearray(unb64(v)) for k, v in extra.items()}
+                    self.pool.used += len(n.data.chunks)
+                elif extra != "stored":
+                    raise ValueError("this state holds its contents in the snapshot: MemFS without content")
             elif kind == "Dir":
                 n = self.root if key == 1 else Dir(self, perm, uid, gid, None, key)  # type: ignore[assignment]
             else:
                 n = Symlink(self, unb64(extra), uid, gid, key) if kind == "Symlink" else \
                     Special(self, perm, uid, gid, key)
-            n.perm, n.nlink, n.rdev, n.size = perm, nlink, rdev, size
+            n.perm, n.nlink, n.rdev = perm, nlink, rdev
+            if size is not None:
+                n.size = size
             n.atime, n.mtime, n.ctime, n.btime = at, mt, ct, bt
             n.xattrs = {unb64(k): unb64(v) for k, v in xattrs.items()}
             made[key] = n
@@ -661,7 +732,7 @@ class MemFS(JournaledNodeFS):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Mount a fresh MemFS on the mount point given on the command line, until Ctrl-C or unmount."""
-    from afuse.examples._cli import add_failover_arguments, make_parser, run_example, run_failover
+    from afuse.examples._cli import Events, add_failover_arguments, make_parser, run_example, run_failover
 
     parser = make_parser("An in-memory POSIX filesystem: everything is gone at unmount "
                          "(unless --persist or --keeper).", prog="python -m afuse.examples.memfs")
@@ -672,7 +743,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_example(MemFS(persist=args.persist), args, argv=argv)
     if args.state_dir is None or args.persist is not None:
         parser.error("failover needs --state-dir (and takes no --persist: the state dir holds the journal)")
-    return run_failover(MemFS(), args, "memfs")
+    events = Events(args.events)
+    events("start")
+    fs = MemFS(content=os.path.join(args.state_dir, CONTENT_DIR))
+    try:
+        return run_failover(fs, args, "memfs", probe=events.probe if args.events else None,
+                            on_drain=lambda: events("drain"), on_serving=lambda: events("serving"),
+                            module="afuse.examples.memfs", argv=argv)
+    finally:
+        events("exit")
 
 
 if __name__ == "__main__":

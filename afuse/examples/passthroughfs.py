@@ -52,13 +52,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import random
 import struct
 import sys
-import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -231,25 +229,6 @@ class FailoverPassthroughFS(PassthroughFS):
         await self.maybe_slow()
 
 
-class _Events:
-    """JSON lines ``{"t", "pid", "event", ...}`` appended to a file (for measurements)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644) if path else -1
-        self.first = True
-
-    def __call__(self, event: str, **kw: Any) -> None:
-        if self.fd >= 0:
-            os.write(self.fd, json.dumps({"t": time.time(), "pid": os.getpid(), "event": event, **kw}).encode() + b"\n")
-
-    def probe(self, req: r.Request) -> None:
-        if self.first:
-            self.first = False
-            self("first_request", op=type(req).__name__)
-        if req.is_resend:
-            self("resent", op=type(req).__name__)
-
-
 def _slow_from_env() -> tuple[float, float] | None:
     spec = os.environ.get("AFUSE_FAILOVERFS_SLOW")
     if not spec:
@@ -280,17 +259,13 @@ def main(argv: Sequence[str] | None = None, *, failover: bool = False) -> int:
     parser.add_argument("--no-passthrough", action="store_true",
                         help="serve reads and writes in the daemon (no FUSE passthrough)")
     add_failover_arguments(parser, name)
-    parser.add_argument("--take-wait", type=float, default=None, metavar="SECONDS",
-                        help="failover: how long to wait for a serving daemon to go (a hot standby waits long)")
-    parser.add_argument("--readers", type=int, default=2, help="failover: descriptors reading requests")
-    parser.add_argument("--events", metavar="FILE", help="failover: append timing events (JSON lines) to FILE")
     args = parser.parse_args(argv)
     if failover and not args.state_dir:
         parser.error("the following arguments are required: --state-dir")
     if args.keeper and not args.state_dir:
         parser.error("--keeper needs --state-dir")
     if args.state_dir:
-        return _serve_failover(args, name, run_failover)
+        return _serve_failover(args, name, run_failover, argv)
     try:
         ops = PassthroughFS(args.source, timeout=args.timeout, cache_dir=args.cache_dir,
                             passthrough=not args.no_passthrough, keep_cache=args.keep_cache)
@@ -303,8 +278,10 @@ def main(argv: Sequence[str] | None = None, *, failover: bool = False) -> int:
         ops.close()
 
 
-def _serve_failover(args: argparse.Namespace, name: str, run_failover: Any) -> int:
-    events = _Events(args.events)
+def _serve_failover(args: argparse.Namespace, name: str, run_failover: Any, argv: Sequence[str] | None) -> int:
+    from afuse.examples._cli import Events
+
+    events = Events(args.events)
     events("start")
     try:
         ops = FailoverPassthroughFS(args.source, timeout=args.timeout, cache_dir=args.cache_dir,
@@ -315,7 +292,8 @@ def _serve_failover(args: argparse.Namespace, name: str, run_failover: Any) -> i
     try:
         code: int = run_failover(
             ops, args, name, probe=events.probe if args.events else None, on_drain=lambda: events("drain"),
-            on_serving=lambda: events("serving", restored_nodes=ops.restored_nodes, lost=ops.lost))
+            on_serving=lambda: events("serving", restored_nodes=ops.restored_nodes, lost=ops.lost),
+            module=f"afuse.examples.{name}", argv=argv)
         return code
     finally:
         events("exit")
