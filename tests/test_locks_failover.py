@@ -43,7 +43,9 @@ def test_locks_survive_failover(tmp_path: Path, fs: str, how: str) -> None:
 
     def memfs(*extra: str) -> subprocess.Popen[str]:
         where = [str(mnt)] if fs == "memfs" else [str(src), str(mnt)]
-        p = spawn("-m", f"afuse.examples.{fs}", *where, "--keeper", sock, "--state-dir", str(state), *extra,
+        # --no-standby: this test starts each successor itself (the warm standby would race it).
+        p = spawn("-m", f"afuse.examples.{fs}", *where, "--keeper", sock, "--state-dir", str(state),
+                  "--no-standby", *extra,
                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         return p
