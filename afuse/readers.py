@@ -214,6 +214,8 @@ class ReaderPool:
     async def _worker(self, fd: int, permanent: bool, owned: bool) -> None:
         buf = bytearray(self.bufsize)
         mv = memoryview(buf)
+        bufs = (buf,)
+        readv = os.readv
         lot = self._lot
         serve = self._serve
         assert serve is not None
@@ -241,11 +243,15 @@ class ReaderPool:
                             return
                         self._leader = leader = True
                     try:
-                        n = await self._read(fd, buf)
-                    except BaseException:
-                        self._leader = False
-                        lot.unpark()
-                        raise
+                        # A request is often waiting already: read it without a coroutine call.
+                        n: int | None = readv(fd, bufs)
+                    except OSError:
+                        try:
+                            n = await self._read(fd, buf)
+                        except BaseException:
+                            self._leader = False
+                            lot.unpark()
+                            raise
                     if n is None or n < 0:
                         self._leader = False
                         if n is None:
@@ -277,15 +283,24 @@ class ReaderPool:
                     wscope: trio.CancelScope, request: object = None) -> tuple[Any, bool]:
         """Run a handler coroutine in this task: (its result, whether it blocked).
 
-        A coroutine that finishes without blocking costs nothing more; one that blocks hands
-        the device to another reader and is registered for INTERRUPT, which cancels
-        ``wscope`` (the worker's scope) and makes the result an EINTR reply. ``request`` is what
-        :attr:`blocked` reports while it waits.
+        A coroutine that finishes without blocking costs nothing more; one that blocks goes on
+        in :meth:`resume`. The session's hot path makes the first step itself (the same as this,
+        one coroutine frame fewer).
         """
         try:
             msg = coro.send(None)
         except StopIteration as e:
             return e.value, False
+        return await self.resume(coro, msg, unique, wscope, request), True
+
+    async def resume(self, coro: Coroutine[Any, Any, Any], msg: Any, unique: int | None,
+                     wscope: trio.CancelScope, request: object = None) -> Any:
+        """Go on with a handler coroutine that blocked, yielding ``msg`` to trio: its result.
+
+        It first hands the device to another reader and is registered for INTERRUPT, which
+        cancels ``wscope`` (the worker's scope) and makes the result an EINTR reply. ``request``
+        is what :attr:`blocked` reports while it waits.
+        """
         self._handoff()
         if unique is not None:
             self.inflight[unique] = wscope
@@ -299,11 +314,11 @@ class ReaderPool:
                 else:
                     msg = coro.send(sent)
         except StopIteration as e:
-            return e.value, True
+            return e.value
         except trio.Cancelled:
             if unique is None or not wscope.cancel_called:
                 raise
-            return replies.error(unique, errno.EINTR), True  # interrupted
+            return replies.error(unique, errno.EINTR)  # interrupted
         finally:
             if unique is not None:
                 del self.inflight[unique]
