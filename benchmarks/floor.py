@@ -186,10 +186,10 @@ def _mounted(path: str) -> bool:
 class Daemon:
     """One filesystem process on a fresh mountpoint."""
 
-    def __init__(self, label: str, tree: str, args: list[str], cpu: int | None) -> None:
+    def __init__(self, label: str, tree: str, args: list[str], cpu: int | None, extra_env: dict[str, str]) -> None:
         self.label = label
         self.path = tempfile.mkdtemp(prefix="afuse-floor-")
-        env = dict(os.environ)
+        env = {**os.environ, **extra_env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, HERE, env.get("PYTHONPATH")) if p)
 
         def pin() -> None:
@@ -302,24 +302,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=0.2, help="length of one timed slice")
     p.add_argument("--unpinned", action="store_true", help="do not pin the daemons and the client to one CPU")
     p.add_argument("--no-nodes", action="store_true", help="skip the node-layer hello")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE",
+                   help="also serve this checkout with environment variable VAR=VALUE, as row NAME")
     p.add_argument("--trace", action="store_true", help="count the FUSE requests one stat costs (tracepoints)")
     args = p.parse_args(argv)
     cpus = os.sched_getaffinity(0)
     cpu = None if args.unpinned else (0 if 0 in cpus else min(cpus))
 
-    specs: list[tuple[str, str, list[str]]] = [("this", REPO, ["-m", "afuse.testing", "floor:Hello"])]
+    hello = ["-m", "afuse.testing", "floor:Hello"]
+    specs: list[tuple[str, str, list[str], dict[str, str]]] = [("this", REPO, hello, {})]
+    for variant in args.variant:
+        name, _, assignment = variant.partition(":")
+        var, _, value = assignment.partition("=")
+        specs.append((name, REPO, hello, {var: value}))
     if args.base:
-        specs.append(("base", os.path.abspath(args.base), ["-m", "afuse.testing", "floor:Hello"]))
+        specs.append(("base", os.path.abspath(args.base), hello, {}))
     if not args.no_nodes:
-        specs.append(("nodes", REPO, ["-m", "afuse.testing", "floor:NodeHello"]))
-    specs.append(("raw", REPO, [__file__, "raw"]))
+        specs.append(("nodes", REPO, ["-m", "afuse.testing", "floor:NodeHello"], {}))
+    specs.append(("raw", REPO, [__file__, "raw"], {}))
     daemons: dict[str, Daemon] = {}
     samples: dict[tuple[str, str], list[float]] = {}
     traced: dict[tuple[str, str], dict[str, float]] = {}
-    cpus_used: dict[tuple[str, str], tuple[int, int]] = {}  # (daemon CPU ns, calls)
+    cpus_used: dict[tuple[str, str], list[float]] = {}  # daemon CPU µs per call, per slice
     try:
-        for label, tree, cmd in specs:
-            daemons[label] = Daemon(label, tree, cmd, cpu)
+        for label, tree, cmd, env in specs:
+            daemons[label] = Daemon(label, tree, cmd, cpu, env)
         with pinned(cpu):
             for rnd in range(args.rounds):
                 order = list(daemons.items())
@@ -330,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         us, ns, calls = stat_us(os.path.join(d.path, name), args.seconds, d.proc.pid)
                         samples.setdefault((label, row), []).append(us)
-                        used = cpus_used.get((label, row), (0, 0))
-                        cpus_used[(label, row)] = (used[0] + ns, used[1] + calls)
+                        cpus_used.setdefault((label, row), []).append(ns / calls / 1e3)
             if args.trace:
                 for label, d in daemons.items():
                     for row, name in ROWS:
@@ -342,22 +348,22 @@ def main(argv: list[str] | None = None) -> int:
             d.stop()
 
     med = {k: statistics.median(v) for k, v in samples.items()}
-    dcpu = {k: ns / calls / 1e3 for k, (ns, calls) in cpus_used.items()}
+    dcpu = {k: statistics.median(v) for k, v in cpus_used.items()}
     print(f"os.stat round trips, µs, median of {args.rounds} x {args.seconds:g} s slices, "
           f"{f'pinned to cpu{cpu}' if cpu is not None else 'unpinned'}, load {os.getloadavg()[0]:.2f}")
-    head = (f"{'row':16} {'server':6} {'µs':>8} {'min':>8} {'÷ raw':>7}" + (f" {'÷ base':>7}" if args.base else "")
-            + f" {'daemon CPU µs':>13} {'÷ raw':>7}" + (f" {'÷ base':>7}" if args.base else ""))
+    head = (f"{'row':16} {'server':8} {'µs':>8} {'min':>8} {'÷ raw':>7}" + (f" {'÷ base':>7}" if args.base else "")
+            + f" {'daemon CPU µs':>13} {'min':>6} {'÷ raw':>7}" + (f" {'÷ base':>7}" if args.base else ""))
     print(head + ("  requests per stat" if args.trace else ""))
     for row, _name in ROWS:
         for label in daemons:
             if (label, row) not in med:
                 continue
             us = med[(label, row)]
-            line = f"{row:16} {label:6} {us:8.2f} {min(samples[(label, row)]):8.2f} {us / med[('raw', row)]:7.2f}"
+            line = f"{row:16} {label:8} {us:8.2f} {min(samples[(label, row)]):8.2f} {us / med[('raw', row)]:7.2f}"
             if args.base:
                 line += f" {us / med[('base', row)]:7.2f}"
             c = dcpu[(label, row)]
-            line += f" {c:13.2f} {c / dcpu[('raw', row)]:7.2f}"
+            line += f" {c:13.2f} {min(cpus_used[(label, row)]):6.2f} {c / dcpu[('raw', row)]:7.2f}"
             if args.base:
                 line += f" {c / dcpu[('base', row)]:7.2f}"
             if args.trace:
