@@ -257,8 +257,12 @@ def requests_per_stat(path: str, calls: int = 200) -> dict[str, float]:
     ev = f"{TRACING}/events/fuse/fuse_request_send"
     if not os.path.isdir(ev):
         return {}
+    dev = os.stat(os.path.dirname(path)).st_dev
+    conn = (os.major(dev) << 20) | os.minor(dev)  # the kernel's dev_t, as the tracepoint prints it
     with open(f"{TRACING}/trace", "w"):
         pass  # opening for writing clears the buffer
+    with open(f"{ev}/filter", "w") as f:
+        f.write(f"connection == {conn}")  # this mount's requests only
     with open(f"{ev}/enable", "w") as f:
         f.write("1")
     try:
@@ -266,6 +270,8 @@ def requests_per_stat(path: str, calls: int = 200) -> dict[str, float]:
             os.stat(path)
     finally:
         with open(f"{ev}/enable", "w") as f:
+            f.write("0")
+        with open(f"{ev}/filter", "w") as f:
             f.write("0")
     counts: dict[str, int] = {}
     with open(f"{TRACING}/trace") as f:
