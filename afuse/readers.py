@@ -261,15 +261,15 @@ class ReaderPool:
                             return
                         self._leader = leader = True
                     try:
-                        # A request is often waiting already: read it without a coroutine call.
-                        n: int | None = readv(fd, bufs)
-                    except OSError as e:
                         try:
+                            # A request is often waiting already: read it without a coroutine call.
+                            n: int | None = readv(fd, bufs)
+                        except OSError as e:
                             n = await self._read(fd, buf, e)
-                        except BaseException:
-                            self._leader = False
-                            lot.unpark()
-                            raise
+                    except BaseException:
+                        self._leader = False
+                        lot.unpark()
+                        raise
                     if n is None or n < 0:
                         self._leader = False
                         if n is None:
@@ -353,4 +353,3 @@ class _Yield:
 
     def __await__(self) -> Generator[Any, Any, Any]:
         return (yield self.msg)
-
