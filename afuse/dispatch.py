@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .context import current_request_or_none
 from .errors import FUSEError
 from .operations import Operations, overridden
+from .splice import FileRange, SplicedReply
 from .wire import replies
 from .wire import requests as r
 from .wire.connection import Connection
@@ -36,7 +37,9 @@ __all__ = ["MAX_KEPT_ERRORS", "Dispatcher", "HandlerResultError", "Reply", "chec
 
 log = logging.getLogger("afuse")
 
-Reply = bytes | None
+#: What a route returns: the reply bytes, a large READ reply as buffers for one writev
+#: (:func:`afuse.wire.replies.data_vector`), or None when no reply is due.
+Reply = bytes | replies.Vector | SplicedReply | None
 Route = Callable[[Any], Coroutine[Any, Any, Reply]]
 
 #: Handler errors the dispatcher reports with a traceback are kept for tests; this many at most.
@@ -178,11 +181,41 @@ class Dispatcher:
         name = spec.handler
         if spec.opcode == Opcode.RELEASE:
             return self._release_route(fn, encode, name)
+        if spec.opcode == Opcode.READ:
+            return self._read_route(fn, encode, name)
         failed = self._failed
 
         async def route(req: r.Request) -> Reply:
             try:
                 return encode(conn, req, await fn(req), name)
+            except Exception as e:
+                return failed(req, e)
+        return route
+
+    def _read_route(self, fn: Callable[[Any], Awaitable[Any]], encode: Encoder, name: str) -> Route:
+        """READ: a large result is answered as ``[header, data]`` (one writev, no copy); a
+        :class:`~afuse.splice.FileRange` is spliced from its file by the session."""
+        conn = self.connection
+        vector_min = replies.VECTOR_MIN
+        failed = self._failed
+
+        async def route(req: r.ReadRequest) -> Reply:
+            try:
+                buf = await fn(req)
+                cls = type(buf)
+                if cls is FileRange:
+                    if not 0 <= buf.size <= req.size or buf.offset < 0:
+                        raise HandlerResultError(f"{name} returned {buf!r} for a request of {req.size} bytes")
+                    return SplicedReply(req.unique, buf)
+                if cls is bytes or cls is bytearray:
+                    size = len(buf)
+                elif cls is memoryview and buf.c_contiguous:
+                    size = buf.nbytes
+                else:
+                    size = 0
+                if vector_min <= size <= req.size:
+                    return replies.data_vector(req.unique, buf, size)
+                return encode(conn, req, buf, name)  # checked (and a clear error for a bad result)
             except Exception as e:
                 return failed(req, e)
         return route

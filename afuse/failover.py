@@ -28,7 +28,16 @@ from typing import Any
 import trio
 
 from .device import MountOptions
-from .keeper import Handover, KeeperClient, canonical, fdstore_save, fdstore_take, listen_fds, sd_notify
+from .keeper import (
+    Handover,
+    KeeperClient,
+    KeptDescriptors,
+    canonical,
+    fdstore_save,
+    fdstore_take,
+    listen_fds,
+    sd_notify,
+)
 from .operations import Operations, overridden
 from .session import Session, Takeover, serve
 from .state import FileStateStore, Persistent
@@ -116,11 +125,14 @@ async def serve_failover(
         probe_requests(ops, probe)
     kw: dict[str, Any] = {"readers": readers, "max_requests": max_requests, "unmount": False,
                           "private_clones": False}
+    attach_keeper = getattr(ops, "attach_keeper", None)  # a filesystem keeping lock descriptors there
     try:
         async with trio.open_nursery() as nursery:
             if handover is not None:
                 if not store.load_into(ops):
                     log.error("taking over %s without saved state: the kernel's nodeids will be stale", mp)
+                if client is not None and attach_keeper is not None:
+                    attach_keeper(KeptDescriptors(client, mp, await client.kept(mp)))
                 store.attach(ops)
                 takeover = Takeover(handover.fds[0], handover.negotiated, handover.fds[1:], resend=handover.resend)
                 kw["readers"] = max(readers, len(handover.fds))
@@ -130,6 +142,8 @@ async def serve_failover(
                          "resent" if handover.resend else "drained")
             else:
                 store.clear()
+                if client is not None and attach_keeper is not None:
+                    attach_keeper(KeptDescriptors(client, mp))
                 store.attach(ops)
                 session = await nursery.start(functools.partial(
                     serve, ops, mp, options=options, config=config, **kw))
@@ -152,7 +166,7 @@ async def serve_failover(
         if client is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
-                    await client.drained(mp)
+                    await client.drained(mp, resend=bool(session.pool.left_unanswered))
                 except OSError:
                     pass
             client.close()

@@ -27,6 +27,11 @@ Keeper protocol: newline-delimited JSON messages on a SOCK_STREAM unix socket; a
 * ``{"op": "release", "mountpoint"}``: the owner gives the connection up without unmounting.
 * ``{"op": "unmount", "mountpoint"}`` -> ``{"ok": true}``: unmount (lazily if busy), close.
 * ``{"op": "list"}`` -> ``{"ok": true, "mounts": [{"mountpoint", "nfds", "owner_pid"}]}``.
+* ``{"op": "keep", "mountpoint", "tag", "nfds": 1}`` + fd (owner only, no reply): keep a
+  descriptor for the mount under ``tag`` (e.g. one holding a file lock, so that the lock outlives
+  the daemon); ``{"op": "unkeep", "mountpoint", "tag"}`` closes it; ``{"op": "kept",
+  "mountpoint"[, "start": i]}`` -> ``{"ok": true, "tags": [...], "nfds"}`` + fds (at most
+  MAX_FDS from the ``start``-th on; the keeper keeps its own copies).
 
 A daemon's death is seen as EOF on its control connection.
 """
@@ -153,6 +158,8 @@ class _Entry:
     owner_pid: int = 0
     released: trio.Event = attrs.field(factory=trio.Event)
     drained: bool = False
+    #: Descriptors kept for the daemon by tag (``keep``), e.g. ones holding file locks.
+    kept: dict[str, int] = attrs.field(factory=dict)
 
     def set_owner(self, chan: Channel, pid: int) -> None:
         self.owner, self.owner_pid = chan, pid
@@ -165,10 +172,16 @@ class _Entry:
         self.released.set()
 
     def close(self) -> None:
-        for fd in self.fds:
+        for fd in [*self.fds, *self.kept.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.fds = []
+        self.fds, self.kept = [], {}
+
+    def unkeep(self, tag: str) -> None:
+        fd = self.kept.pop(tag, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Keeper:
@@ -280,9 +293,26 @@ class Keeper:
             entry.set_owner(chan, pid)
             log.info("handing %s to pid %d (%s)", mp, pid, "resend" if resend else "drained")
             await chan.send({"ok": True, "negotiated": entry.negotiated, "resend": resend}, entry.fds)
+        elif op in ("keep", "unkeep"):
+            if entry is None or entry.owner is not chan:
+                for fd in fds:
+                    os.close(fd)
+                return
+            entry.unkeep(str(msg["tag"]))
+            if op == "keep" and fds:
+                entry.kept[str(msg["tag"])] = fds[0]
+                for fd in fds[1:]:
+                    os.close(fd)
+        elif op == "kept":
+            items = [] if entry is None else list(entry.kept.items())
+            start = int(msg.get("start", 0))
+            chunk = items[start:start + MAX_FDS]
+            await chan.send({"ok": True, "tags": [t for t, _ in chunk], "more": start + MAX_FDS < len(items)},
+                            [fd for _, fd in chunk])
         elif op in ("drained", "release"):
             if entry is not None and entry.owner is chan:
-                entry.release(drained=op == "drained")
+                # A drain that left requests unanswered (lock waits) needs them resent.
+                entry.release(drained=op == "drained" and not msg.get("resend"))
             if op == "release":
                 await chan.send({"ok": True})
         elif op == "unmount":
@@ -414,9 +444,27 @@ class KeeperClient:
         """Stop owning ``mountpoint`` (the keeper keeps the descriptors)."""
         await self._call({"op": "release", "mountpoint": canonical(mountpoint)})
 
-    async def drained(self, mountpoint: str) -> None:
-        """Tell the keeper this daemon has drained ``mountpoint`` (no reply)."""
-        await self.chan.send({"op": "drained", "mountpoint": canonical(mountpoint)})
+    async def keep(self, mountpoint: str, tag: str, fd: int) -> None:
+        """Have the keeper keep a copy of ``fd`` for ``mountpoint`` under ``tag`` (no reply)."""
+        await self.chan.send({"op": "keep", "mountpoint": canonical(mountpoint), "tag": tag}, [fd])
+
+    async def unkeep(self, mountpoint: str, tag: str) -> None:
+        """Have the keeper close the descriptor kept under ``tag`` (no reply)."""
+        await self.chan.send({"op": "unkeep", "mountpoint": canonical(mountpoint), "tag": tag})
+
+    async def kept(self, mountpoint: str) -> dict[str, int]:
+        """Copies of the descriptors kept for ``mountpoint``, by tag (call before serving)."""
+        got: dict[str, int] = {}
+        while True:
+            reply, fds = await self._call({"op": "kept", "mountpoint": canonical(mountpoint), "start": len(got)})
+            got.update(zip(reply.get("tags", []), fds, strict=True))
+            if not reply.get("more"):
+                return got
+
+    async def drained(self, mountpoint: str, resend: bool = False) -> None:
+        """Tell the keeper this daemon has drained ``mountpoint`` (no reply); ``resend``: it left
+        requests unanswered (lock waits), so the successor asks the kernel to resend them."""
+        await self.chan.send({"op": "drained", "mountpoint": canonical(mountpoint), "resend": resend})
 
     async def list(self) -> list[dict[str, Any]]:
         """The kept mountpoints."""
@@ -570,3 +618,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class KeptDescriptors:
+    """A daemon's side of ``keep``/``unkeep`` for one mountpoint: descriptors (holding file locks)
+    that the keeper keeps open while the daemon changes; :attr:`taken` holds the copies a
+    successor got back (by tag)."""
+
+    def __init__(self, client: KeeperClient, mountpoint: str, taken: dict[str, int] | None = None) -> None:
+        self.client, self.mountpoint = client, canonical(mountpoint)
+        self.taken: dict[str, int] = taken or {}
+        self._serial = 0
+
+    def tag(self, *parts: object) -> str:
+        """A new unique tag made of ``parts`` (space-separated) and a serial number."""
+        self._serial += 1
+        return " ".join(map(str, (*parts, os.getpid(), self._serial)))
+
+    async def keep(self, tag: str, fd: int) -> None:
+        """Keep ``fd`` under ``tag`` (done once this returns)."""
+        await self.client.keep(self.mountpoint, tag, fd)
+
+    def unkeep(self, tag: str) -> None:
+        """Drop what is kept under ``tag`` (sent soon, from a system task)."""
+        async def send() -> None:
+            with contextlib.suppress(OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+                await self.client.unkeep(self.mountpoint, tag)
+        with contextlib.suppress(RuntimeError):  # no trio run any more: the keeper keeps it until unmount
+            trio.lowlevel.spawn_system_task(send)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterable, Awaitable, Iterable
 from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 
 from .errors import FUSEError
+from .splice import FileRange
 from .wire import requests as r
 from .wire.types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx
 
@@ -101,8 +102,9 @@ class Operations:
         """Open a file. Not overriding it lets the kernel open without asking (fh 0)."""
         raise _enosys()
 
-    async def read(self, req: r.ReadRequest) -> bytes:
-        """Read at most ``req.size`` bytes; fewer means end of file."""
+    async def read(self, req: r.ReadRequest) -> bytes | FileRange:
+        """Read at most ``req.size`` bytes; fewer means end of file. A
+        :class:`~afuse.splice.FileRange` of an open file is spliced into the reply (no copy in Python)."""
         raise _enosys()
 
     async def write(self, req: r.WriteRequest) -> int:

@@ -79,6 +79,11 @@ class ReaderPool:
         self.inflight: dict[int, trio.CancelScope] = {}
         #: unique -> (when it blocked, on trio's clock; the request) for blocked handlers.
         self.blocked: dict[int, tuple[float, object]] = {}
+        #: Requests whose handlers a drain may leave unanswered, for the kernel to resend to the
+        #: successor (lock waits: see :func:`afuse.nodes.locks.leave_to_successor`).
+        self.resendable: set[int] = set()
+        #: Requests a drain left unanswered (the successor must ask the kernel to resend them).
+        self.left_unanswered: set[int] = set()
         #: Interrupts that arrived before their request (request id -> None), oldest first.
         self.early_interrupts: OrderedDict[int, None] = OrderedDict()
         self._fds: set[int] = set()  # descriptors this pool opened (and closes)
@@ -143,6 +148,9 @@ class ReaderPool:
     async def drain(self) -> None:
         """Stop reading; return once every request in flight has been answered."""
         self._draining = True
+        for unique in self.resendable & self.inflight.keys():
+            self.left_unanswered.add(unique)
+            self.inflight[unique].cancel()
         self._lot.unpark_all()
         self.notify_closing()
         await self._done.wait()
@@ -336,11 +344,14 @@ class ReaderPool:
         except trio.Cancelled:
             if unique is None or not wscope.cancel_called:
                 raise
+            if unique in self.left_unanswered:
+                return None  # left for the successor: the kernel resends it there
             return replies.error(unique, errno.EINTR)  # interrupted
         finally:
             if unique is not None:
                 del self.inflight[unique]
                 del self.blocked[unique]
+                self.resendable.discard(unique)
 
 
 class _Yield:

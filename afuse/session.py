@@ -22,15 +22,17 @@ from typing import Any
 import attrs
 import trio
 
-from . import device
+from . import device, uring
 from .context import _CURRENT as _REQUEST
 from .context import RequestContext, current_request_or_none
 from .device import Mount, MountOptions
-from .dispatch import Dispatcher, check_operations
+from .dispatch import Dispatcher, Reply, check_operations
 from .errors import MountError, NotNegotiated, SessionError
 from .operations import Mountable, Operations, as_operations
 from .passthrough import BackingFile, BackingTable
 from .readers import END_ERRNOS, ReaderPool, read_one
+from .splice import SplicedReply, SplicePipe
+from .uring import IoUring, Uring
 from .wire import replies
 from .wire import requests as r
 from .wire.connection import Connection
@@ -86,8 +88,13 @@ class Session:
         self._workers_scope = trio.CancelScope(shield=True)
         #: Requests served so far (for tests and statistics).
         self.served = 0
+        self._splice_pipe: SplicePipe | None = None
         #: Seconds a handler may stay blocked before a warning names its request (None: never).
         self.warn_after: float | None = 10.0
+        #: The io_uring transport hook (:mod:`afuse.uring`): set by :func:`serve` for
+        #: ``io_uring=True``/``"auto"``, None when requests come through /dev/fuse only.
+        self.uring: Uring | None = None
+        self.io_uring: IoUring = False
 
     # -- public ----------------------------------------------------------------------------
 
@@ -230,12 +237,35 @@ class Session:
                 await self._handshake()
         else:
             self.adopt(takeover.negotiated)
+        if self.uring is not None:
+            self._start_uring()
         self.pool.open(None if takeover is None else list(takeover.clones))
+
+    def _start_uring(self) -> None:
+        """The io_uring hook: register the ring's entries, or fall back to /dev/fuse."""
+        assert self.uring is not None and self.negotiated is not None
+        try:
+            if uring.negotiated_or_raise(self.negotiated, self.io_uring):
+                self.uring.register(self, self.negotiated)
+                return
+        except uring.UringUnavailable as e:
+            if self.io_uring is True:
+                raise
+            log.warning("io_uring=auto: %s; serving over /dev/fuse", e)
+        self.uring.close()
+        self.uring = None
+
+    @property
+    def transport(self) -> str:
+        """``"io_uring"`` if requests come through the ring, else ``"/dev/fuse"``."""
+        return "io_uring" if self.uring is not None else "/dev/fuse"
 
     async def _handshake(self) -> None:
         fd = self.mount.fd
         buf = bytearray(1 << 16)
         wanted = self.dispatcher.wanted_flags(self.config)
+        if self.uring is not None:
+            wanted |= InitFlag.OVER_IO_URING
         while True:
             n = await read_one(fd, buf)
             if n is None:
@@ -258,6 +288,19 @@ class Session:
                       "time_gran %d", neg.minor, flag_names(neg.flags), neg.max_write, neg.max_pages,
                       neg.max_readahead, neg.time_gran)
         self.adopt(neg)
+        self._raise_read_ahead(neg)
+
+    def _raise_read_ahead(self, neg: Negotiated) -> None:
+        """Widen the mount's readahead to ``InitConfig.max_readahead`` where INIT could only lower it."""
+        want = self.config.max_readahead
+        if neg.max_readahead >= want:
+            return
+        try:
+            now = device.raise_read_ahead(self.mount.connection_id(), want // 1024)
+        except (OSError, ValueError, MountError) as e:
+            log.debug("readahead stays at %d KiB: %s", neg.max_readahead // 1024, e)
+        else:
+            log.debug("readahead raised to %d KiB", now)
 
     def adopt(self, neg: Negotiated) -> None:
         """Serve with ``neg``: just negotiated, or taken over from an earlier daemon."""
@@ -272,6 +315,8 @@ class Session:
         async with trio.open_nursery() as nursery:
             if self.warn_after is not None:
                 nursery.start_soon(self._watch_slow_requests, self.warn_after)
+            if self.uring is not None:
+                nursery.start_soon(self.uring.run, self)
             task_status.started()
             await self.pool.run(self._serve, self._workers_scope)
             nursery.cancel_scope.cancel()
@@ -279,6 +324,8 @@ class Session:
     def stop_readers(self) -> None:
         """Cancel the readers (and the handlers they run)."""
         self._workers_scope.cancel()
+        if self.uring is not None:
+            self.uring.stop()
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Unmount (if still mounted) while the readers keep serving; wait up to ``grace``
@@ -306,8 +353,15 @@ class Session:
         """Release the connection's descriptors and backing files; serving has ended."""
         self.pool.notify_closing()
         self.pool.close()
+        if self.uring is not None:  # the ring before /dev/fuse: its commands hold the device
+            if self.uring.fd >= 0:
+                trio.lowlevel.notify_closing(self.uring.fd)
+            self.uring.close()
         if self.backing is not None:
             self.backing.end()
+        if self._splice_pipe is not None:
+            self._splice_pipe.close()
+            self._splice_pipe = None
         self.mount.close()
         self.pool.ended.set()
 
@@ -338,7 +392,7 @@ class Session:
         _set_request(ctx)
         pool = self.pool
         if pool.early_interrupts and pool.interrupted_early(unique):
-            reply: bytes | None = replies.error(unique, errno.EINTR)
+            reply: Reply = replies.error(unique, errno.EINTR)
             blocked = False
         else:
             coro = self._handle(req)
@@ -355,12 +409,16 @@ class Session:
         self.served += 1
         if reply is None:
             written = False
-        else:
+        elif type(reply) is bytes:  # the common case, written inline
             try:
                 _os_write(fd, reply)
                 written = True
             except OSError as e:
                 written = _write_failed(e, reply, unique)
+        elif isinstance(reply, SplicedReply):
+            written = self._write_spliced(fd, reply)
+        else:
+            written = _write(fd, reply, unique)
         if ctx.callbacks is not None:
             ctx.finish(written)
         if debug:
@@ -378,6 +436,28 @@ class Session:
         else:
             self._notify_reply(req)  # type: ignore[arg-type]
         return False
+
+    def _write_spliced(self, fd: int, reply: SplicedReply) -> bool:
+        """Write a READ reply spliced from its file (pread if no pipe can be had)."""
+        pipe = self._splice_pipe
+        if pipe is None:
+            try:
+                neg = self.connection.negotiated
+                pipe = self._splice_pipe = SplicePipe(neg.max_write if neg is not None else 1 << 20)
+            except OSError as e:
+                log.debug("no pipe for spliced replies (%s): reading them with pread", e)
+                try:
+                    message = reply.to_bytes()
+                except OSError as err:
+                    message = replies.error(reply.unique, err.errno or errno.EIO)
+                return _write(fd, message, reply.unique)
+        try:
+            pipe.write(fd, reply)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, *END_ERRNOS):
+                log.error("kernel rejected the spliced reply to unique %d: %s", reply.unique, e)
+            return False
 
     async def _watch_slow_requests(self, after: float) -> None:
         """Warn once about each request whose handler has been blocked longer than ``after`` seconds."""
@@ -415,23 +495,27 @@ _NOT_ANSWERED = frozenset({r.ForgetRequest, r.InterruptRequest, r.NotifyReplyReq
 _os_write = os.write
 
 
-def _write(fd: int, data: bytes, unique: int) -> bool:
-    """Write one reply; False if the kernel did not take it."""
+def _write(fd: int, data: bytes | replies.Vector, unique: int) -> bool:
+    """Write one reply (a list of buffers with one writev); False if the kernel did not take it."""
     try:
-        _os_write(fd, data)
+        if type(data) is list:
+            os.writev(fd, data)
+        else:
+            _os_write(fd, data)  # type: ignore[arg-type]
         return True
     except OSError as e:
         return _write_failed(e, data, unique)
 
 
-def _write_failed(e: OSError, data: bytes, unique: int) -> bool:
+def _write_failed(e: OSError, data: bytes | replies.Vector, unique: int) -> bool:
     """Log why the reply to ``unique`` was not taken; False."""
     if e.errno == errno.ENOENT:  # interrupted/aborted/resent meanwhile: nobody waits
         log.debug("reply to unique %d: nobody waits (ENOENT)", unique)
     elif e.errno in END_ERRNOS:
         log.debug("reply to unique %d after the connection ended", unique)
     else:
-        log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, len(data), e)
+        size = sum(memoryview(b).nbytes for b in data) if type(data) is list else len(data)
+        log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, size, e)
     return False
 
 
@@ -460,6 +544,8 @@ async def serve(
     private_clones: bool = True,
     shutdown_grace: float = 5.0,
     warn_after: float | None = 10.0,
+    io_uring: IoUring = False,
+    io_uring_depth: int = uring.DEFAULT_DEPTH,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``ops`` (an :class:`Operations`, or a root :class:`afuse.Node`) on ``mountpoint``
@@ -474,6 +560,9 @@ async def serve(
     When serving ends by cancellation, the filesystem is unmounted and requests in flight get
     ``shutdown_grace`` seconds to finish; a mount still busy then is detached lazily. A request
     unanswered for ``warn_after`` seconds is logged as a warning (None: never).
+    ``io_uring=True`` serves requests through FUSE over io_uring (``io_uring_depth`` entries per
+    CPU; see :mod:`afuse.uring`) and raises :class:`~afuse.uring.UringUnavailable` where the kernel
+    refuses; ``"auto"`` falls back to /dev/fuse there, with a log line.
     """
     if warn_after is not None and not warn_after > 0:
         raise ValueError(f"warn_after must be positive seconds or None, not {warn_after!r}")
@@ -488,12 +577,30 @@ async def serve(
         raise MountError(errno.EINVAL, "InitConfig(allow_idmap=True) needs the default_permissions "
                          "mount option (or posix_acl=True): the kernel does permission checks "
                          "on idmapped mounts")
+    ring: Uring | None = None
+    if io_uring not in (False, True, "auto"):
+        raise ValueError(f"io_uring must be True, False or 'auto', not {io_uring!r}")
+    if io_uring:
+        if takeover is not None:
+            raise ValueError("io_uring cannot be combined with takeover (failover serves /dev/fuse)")
+        try:
+            ring = Uring(io_uring_depth)  # before mounting: no io_uring, no flag asked at INIT
+        except uring.UringUnavailable as e:
+            if io_uring is True:
+                raise
+            log.info("io_uring=auto: %s; serving over /dev/fuse", e)
     if takeover is None:
-        mnt = await trio.to_thread.run_sync(device.mount, os.fspath(mountpoint), opts)
+        try:
+            mnt = await trio.to_thread.run_sync(device.mount, os.fspath(mountpoint), opts)
+        except BaseException:
+            if ring is not None:
+                ring.close()
+            raise
     else:
         mnt = Mount(takeover.fd, device.resolve_mountpoint(os.fspath(mountpoint)), opts, False)
     session = Session(ops, mnt, cfg, readers, max_requests, private_clones)
     session.warn_after = warn_after
+    session.uring, session.io_uring = ring, io_uring
     current = _CURRENT.set(session)
     try:
         await session.start(takeover)

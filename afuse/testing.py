@@ -45,6 +45,21 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: Environment variable: set to ``1`` to serve every mount made by these helpers (and so the
+#: ``fuse_mount*`` fixtures) over io_uring (``serve(io_uring=True)``), unless a test passes
+#: ``io_uring`` itself. For running a mount test suite over both transports (docs/uring.md).
+TRANSPORT_ENV = "AFUSE_TEST_IO_URING"
+
+
+def _transport(serve_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``serve_kwargs`` with ``io_uring=True`` added when :data:`TRANSPORT_ENV` asks for it."""
+    value = os.environ.get(TRANSPORT_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{TRANSPORT_ENV} must be 1 or 0, not {value!r}")
+    if value == "1" and "io_uring" not in serve_kwargs and serve_kwargs.get("takeover") is None:
+        return {**serve_kwargs, "io_uring": True}
+    return serve_kwargs
+
 
 class HandlerErrors(Exception):
     """Handlers raised unexpected exceptions while a test used the filesystem (see ``__cause__``)."""
@@ -119,7 +134,8 @@ def mounted(
     path, made = _make_mountpoint(mountpoint)
     try:
         with _serving_thread(
-            partial(serve, ops, path, options=options, config=config, **serve_kwargs), f"afuse {path}", timeout,
+            partial(serve, ops, path, options=options, config=config, **_transport(serve_kwargs)),
+            f"afuse {path}", timeout,
             lambda: MountError(0, f"mounting {path} did not finish within {timeout} s"),
             _abort_mount, raise_handler_errors,
         ) as (session, token):
@@ -227,7 +243,7 @@ async def trio_mount(
     path, made = _make_mountpoint(mountpoint)
     try:
         async with trio.open_nursery() as nursery:
-            session: Session = await nursery.start(partial(serve, ops, path, **serve_kwargs))
+            session: Session = await nursery.start(partial(serve, ops, path, **_transport(serve_kwargs)))
             try:
                 yield session
             finally:
@@ -264,7 +280,7 @@ def asyncio_mounted(
     async def main() -> None:
         stop = asyncio.Event()
         box["loop"], box["stop"] = asyncio.get_running_loop(), stop
-        async with afuse_asyncio.mount(ops, path, **serve_kwargs) as fs:
+        async with afuse_asyncio.mount(ops, path, **_transport(serve_kwargs)) as fs:
             box["session"] = fs.session
             started.set()
             waiting = [asyncio.ensure_future(fs.wait_closed()), asyncio.ensure_future(stop.wait())]
@@ -408,7 +424,8 @@ def _child_main(argv: Sequence[str]) -> int:
 
     async def main() -> None:
         nonlocal failed
-        async with mount(ops, path, options=options or None) as session, trio.open_nursery() as nursery:
+        async with mount(ops, path, options=options or None, **_transport({})) as session, \
+                trio.open_nursery() as nursery:
             await nursery.start(partial(serve_until_signalled, session, signals=(signal.SIGTERM, signal.SIGINT)))
             print("ready", flush=True)
         failed = bool(session.errors)

@@ -105,8 +105,12 @@ class Daemon:
     alive: ClassVar[list[Daemon]] = []
 
     def __init__(self, label: str, cmd_for: Callable[[str], list[str]], cpu: int | None = None,
-                 tree: str = REPO) -> None:
+                 tree: str = REPO, ready_line: bool = True, ok_codes: tuple[int, ...] = (0,)) -> None:
         self.label = label
+        #: Exit statuses after SIGTERM that are not failures (libfuse's examples exit 1).
+        self.ok_codes = ok_codes
+        #: The daemon prints "ready" once mounted (else: mounted once the mountpoint is a mount).
+        self.ready_line = ready_line
         self.cpu = cpu
         #: The checkout whose afuse the daemon imports.
         self.tree = tree
@@ -136,13 +140,14 @@ class Daemon:
             preexec_fn=pin if cpu is not None else None)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
-        line = b""
-        while time.monotonic() < deadline and self.proc.poll() is None:
+        line = b"" if self.ready_line else b"ready"
+        while self.ready_line and time.monotonic() < deadline and self.proc.poll() is None:
             r, _, _ = select.select([self.proc.stdout], [], [], 0.1)
             if r:
                 line = self.proc.stdout.readline()
                 break
-        while line.strip() == b"ready" and not mounted_here(self.path) and time.monotonic() < deadline:
+        while (line.strip() == b"ready" and not mounted_here(self.path) and time.monotonic() < deadline
+               and self.proc.poll() is None):
             time.sleep(0.01)
         if line.strip() != b"ready" or not mounted_here(self.path):
             self.stop()
@@ -153,6 +158,18 @@ class Daemon:
 
     def join(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the daemon's threads have used so far (schedstat: nanosecond resolution)."""
+        if self.proc is None:
+            return 0.0
+        total = 0
+        base = f"/proc/{self.proc.pid}/task"
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(base):
+                with contextlib.suppress(OSError), open(f"{base}/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        return total / 1e9
 
     def stderr(self) -> str:
         self.log.seek(0)
@@ -187,7 +204,7 @@ class Daemon:
     @property
     def failed(self) -> bool:
         """The daemon exited abnormally (afuse.testing exits 1 if a handler raised)."""
-        return self.returncode not in (0, -signal.SIGTERM, None)
+        return self.returncode not in (*self.ok_codes, -signal.SIGTERM, None)
 
 
 def afuse_daemon(label: str, factory: str, args: list[str], cpu: int | None = None, tree: str = REPO) -> Daemon:

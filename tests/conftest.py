@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from afuse import device, testing
+from afuse import device, testing, uring
 
 
 def _ours(basetemp: str) -> set[str]:
@@ -29,3 +29,14 @@ def no_mount_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     for mp in left:
         device.unmount(mp, lazy=True)
     assert not left, f"mounts left behind: {sorted(left)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def enable_uring_for_suite() -> Iterator[None]:
+    """With AFUSE_TEST_IO_URING=1 every mount is served over io_uring (afuse.testing): turn the
+    fuse module's enable_uring on for the run and restore it afterwards."""
+    if os.environ.get(testing.TRANSPORT_ENV) != "1":
+        yield
+        return
+    with uring.uring_parameter(True):
+        yield

@@ -17,6 +17,7 @@ import attrs
 
 from afuse.dispatch import Dispatcher
 from afuse.operations import Operations
+from afuse.splice import SplicedReply
 from afuse.wire import kernel
 from afuse.wire import requests as r
 from afuse.wire.init import InitConfig
@@ -74,6 +75,10 @@ class FakeKernel:
         out = await self.dispatcher.handle(decoded)
         if out is None:
             return None
+        if isinstance(out, list):  # a large READ reply, written with one writev
+            out = b"".join(out)
+        elif isinstance(out, SplicedReply):  # a READ reply spliced from a file
+            out = out.to_bytes()
         error, unique, body = kernel.split_reply(out)
         assert unique == req.unique, f"reply for unique {unique}, expected {req.unique}"
         return Reply(error, unique, body)

@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import afuse
+from afuse.dispatch import Reply
 from afuse.errors import FUSEError
 from afuse.iomap import IomapOperations, install
 from afuse.wire import iomap as w
@@ -163,7 +164,9 @@ class MapFS(afuse.Operations, IomapOperations):
 def _serve(d: afuse.Dispatcher, message: bytes) -> bytes | None:
     """What a session does with one message: decode, dispatch, return the reply."""
     req = d.connection.decode(message)
-    return trio.run(d.handle, req)
+    reply: Reply = trio.run(d.handle, req)
+    assert reply is None or isinstance(reply, bytes)
+    return reply
 
 
 def test_dispatch_round_trip() -> None:

@@ -35,6 +35,7 @@ from afuse import FOpen
 from afuse.examples.memfs import MemFS
 from afuse.operations import DirEntries
 from afuse.pytest_plugin import fuse_unavailable_reason
+from afuse.splice import FileRange
 from afuse.testing import MountFactory
 
 pytestmark = [
@@ -106,7 +107,7 @@ class FlagFS(MemFS):
         """Offsets of the logged ``op`` requests on ``name``."""
         return [off for o, n, off in self.log if o == op and n == name]
 
-    async def read(self, req: afuse.ReadRequest) -> bytes:
+    async def read(self, req: afuse.ReadRequest) -> bytes | FileRange:
         self._note("read", req.nodeid, req.offset)
         return await super().read(req)
 

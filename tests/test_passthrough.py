@@ -29,6 +29,7 @@ from afuse.examples.passthroughfs import PassthroughFS
 from afuse.nodes import LoopbackHandle
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.session import Session, current_session
+from afuse.splice import FileRange
 from afuse.testing import MountedFS, mounted
 from afuse.wire import requests as r
 from afuse.wire.constants import FUSE_DEV_IOC_BACKING_CLOSE, FOpen, InitFlag
@@ -50,7 +51,7 @@ class Counting(PassthroughFS):
         self.reads = 0
         self.writes = 0
 
-    async def read(self, req: r.ReadRequest) -> bytes:
+    async def read(self, req: r.ReadRequest) -> bytes | FileRange:
         self.reads += 1
         return await super().read(req)
 

@@ -46,6 +46,8 @@ from .options import (
     MS_RDONLY,
     MS_SYNCHRONOUS,
     MountOptions,
+    raise_read_ahead,
+    read_ahead_path,
 )
 
 __all__ = [
@@ -76,6 +78,8 @@ __all__ = [
     "find_mounts",
     "mount",
     "open_device",
+    "raise_read_ahead",
+    "read_ahead_path",
     "resolve_mountpoint",
     "set_nonblocking",
     "sync_init",

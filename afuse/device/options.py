@@ -115,6 +115,34 @@ _MS_FIELDS: Final[tuple[tuple[str, int], ...]] = (
 )
 
 
+#: Where the kernel lists backing device infos (a FUSE mount's is ``0:N``, N its connection).
+BDI_PATH: Final = "/sys/class/bdi"
+
+
+def read_ahead_path(connection: int) -> str:
+    """The ``read_ahead_kb`` file of FUSE connection ``connection``'s bdi (OSError if none)."""
+    for name in (f"0:{connection}", f"0:{connection}-fuseblk"):
+        path = os.path.join(BDI_PATH, name, "read_ahead_kb")
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(errno.ENOENT, "no bdi for FUSE connection", f"{BDI_PATH}/0:{connection}")
+
+
+def raise_read_ahead(connection: int, kib: int) -> int:
+    """Raise connection ``connection``'s readahead window to ``kib`` KiB if it is smaller; return
+    the window now in force (KiB). The kernel's INIT offers its default (128 KiB) and only lets a
+    reply lower it; writing the bdi's ``read_ahead_kb`` needs root (OSError otherwise)."""
+    path = read_ahead_path(connection)
+    with open(path) as f:
+        now = int(f.read())
+    if now < kib:
+        with open(path, "w") as f:
+            f.write(f"{kib}\n")
+        with open(path) as f:
+            now = int(f.read())
+    return now
+
+
 def _split_options(text: str) -> list[str]:
     """Split at commas not escaped by a backslash; drop empty items and backslash escapes."""
     items: list[str] = []

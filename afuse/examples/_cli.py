@@ -12,6 +12,7 @@ from ..device import MountOptions
 from ..errors import MountError
 from ..operations import Operations
 from ..running import run_until_signalled
+from ..uring import IoUring, UringUnavailable
 from ..wire.init import InitConfig
 from ..wire.requests import Request
 
@@ -25,7 +26,17 @@ def make_parser(description: str, source: bool = False, *, prog: str | None = No
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="mount options, comma-separated (e.g. allow_other,default_permissions)")
     p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("--io-uring", dest="io_uring", action="store_const", const="on", default=None,
+                   help="serve requests over FUSE-over-io_uring (needs the fuse module parameter enable_uring=Y)")
+    p.add_argument("--io-uring-auto", dest="io_uring", action="store_const", const="auto",
+                   help="like --io-uring, but serve over /dev/fuse where the kernel refuses io_uring")
     return p
+
+
+def io_uring_choice(args: argparse.Namespace) -> IoUring:
+    """The ``io_uring`` argument of :func:`afuse.serve` that ``--io-uring`` asks for."""
+    choice = getattr(args, "io_uring", None)
+    return "auto" if choice == "auto" else choice == "on"
 
 
 def run_example(
@@ -48,8 +59,9 @@ def run_example(
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        stopped_by = run_until_signalled(ops, args.mountpoint, options=options, config=config)
-    except MountError as e:
+        stopped_by = run_until_signalled(ops, args.mountpoint, options=options, config=config,
+                                         io_uring=io_uring_choice(args))
+    except (MountError, UringUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 128 + signal.SIGINT if stopped_by == signal.SIGINT else 0
@@ -82,6 +94,10 @@ def run_failover(
 
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+    if io_uring_choice(args):
+        print("error: --io-uring cannot be combined with failover (a taken-over connection is served "
+              "over /dev/fuse)", file=sys.stderr)
+        return 2
     try:
         options = MountOptions.parse(",".join(args.options))
     except ValueError as e:

@@ -19,11 +19,12 @@ import afuse.asyncio
 from afuse.device import MountOptions
 from afuse.errors import FUSEError, MountError
 from afuse.operations import Operations
+from afuse.uring import UringUnavailable
 from afuse.wire import requests as r
 from afuse.wire.constants import ROOT_ID
 from afuse.wire.types import Attr, DirEntry, Entry, Handle
 
-from ._cli import make_parser
+from ._cli import io_uring_choice, make_parser
 
 NAME = b"hello"
 DATA = b"Hello, world!\n"
@@ -97,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        stopped_by = afuse.asyncio.run(HelloAsyncioFS(), args.mountpoint, options=options)
-    except MountError as e:
+        stopped_by = afuse.asyncio.run(HelloAsyncioFS(), args.mountpoint, options=options,
+                                       io_uring=io_uring_choice(args))
+    except (MountError, UringUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 128 + signal.SIGINT if stopped_by == signal.SIGINT else 0

@@ -50,12 +50,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
-import trio
-
 from afuse.errors import FUSEError, SessionError
+from afuse.nodes.locks import OFDLockWaits, flock_wait
 from afuse.operations import DirEntries, Operations
 from afuse.passthrough import BackingFile, unavailable_reason
 from afuse.session import Session, current_session
+from afuse.splice import FileRange
 from afuse.wire import requests as r
 from afuse.wire.constants import ROOT_ID, FOpen, InitFlag
 from afuse.wire.init import Negotiated
@@ -317,6 +317,7 @@ class PassthroughFS(Operations):
         if switch_credentials is None:
             switch_credentials = os.geteuid() == 0
         self._creds = _Credentials(switch_credentials)
+        self._lock_waits = OFDLockWaits()
         _raise_fd_limit()
         fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
@@ -685,8 +686,9 @@ class PassthroughFS(Operations):
             raise
         return self._entry(node, st)
 
-    async def read(self, req: r.ReadRequest) -> bytes:
-        return os.pread(req.fh, req.size, req.offset)
+    async def read(self, req: r.ReadRequest) -> FileRange:
+        # Spliced from the file into the reply by the session: one copy, none through Python.
+        return FileRange(req.fh, req.offset, req.size)
 
     async def write(self, req: r.WriteRequest) -> int:
         return os.pwrite(req.fh, req.data, req.offset)
@@ -877,37 +879,19 @@ class PassthroughFS(Operations):
         node = self._node(req.nodeid)
         if req.lock.type == fcntl.F_UNLCK and (node.locks is None or req.owner not in node.locks):
             return
-        lf = self._lock_fd(node, req.owner, req.fh, req.lock.pid)
-        arg = _flock_bytes(req.lock)
-        delay = 0.001
-        while True:
-            try:
-                fcntl.fcntl(lf.fd, F_OFD_SETLK, arg)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if not req.sleep:
-                    raise FUSEError(errno.EAGAIN) from None
-            # SETLKW: poll, so that an INTERRUPT (cancellation) ends the wait cleanly.
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        self._lock_fd(node, req.owner, req.fh, req.lock.pid)
+        assert node.locks is not None
+        # SETLKW waits in the host kernel, in a worker thread an INTERRUPT stops; EDEADLK across owners.
+        await self._lock_waits.setlk(node.locks, req.owner, _flock_bytes(req.lock), req.sleep)
 
     async def flock(self, req: r.SetlkRequest) -> None:
         op = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX}.get(req.lock.type, fcntl.LOCK_UN)
         if op == fcntl.LOCK_UN:
             fcntl.flock(req.fh, op)
-            return
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(req.fh, op | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if not req.sleep:
-                    raise
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        elif req.sleep:
+            await flock_wait(req.fh, op)
+        else:
+            fcntl.flock(req.fh, op | fcntl.LOCK_NB)
 
 
 def _timespec(ns: int | None, now: bool) -> _Timespec:

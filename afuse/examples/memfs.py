@@ -15,7 +15,8 @@ caller's groups) and of each READDIRPLUS entry the kernel took, written before t
 redoes the journal through the same handlers, reproducing contents, nodeids, lookup counts and open
 files, so a successor can take the live connection over (``--keeper``/``--state-dir``, see
 docs/failover.md). ``persist=DIR`` keeps such a store in DIR. A resent request whose first attempt is
-journaled gets that attempt's result. Locks and read atimes are not kept.
+journaled gets that attempt's result. POSIX and flock locks are kept too (in the snapshot, and an
+``L`` record of the file's locks whenever they change); read atimes are not.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from afuse.errors import FUSEError
@@ -200,6 +201,7 @@ class File(MNode):
     def __init__(self, fs: MemFS, mode: int, uid: int, gid: int, serial: int = 0) -> None:
         self.data, self.locks = SparseData(fs.pool), FileLocks(fs.lock_waits)
         super().__init__(fs, mode, uid, gid, serial)
+        self.locks.tag = self
 
     @property
     def size(self) -> int:
@@ -466,6 +468,7 @@ class MemFS(JournaledNodeFS):
             except (ValueError, OSError):
                 capacity = 1 << 32
         self.pool, self.lock_waits, self._serial = ChunkPool(capacity), LockWaits(), 1
+        self.lock_waits.changed = self._locks_changed
         self._restored: dict[int, MNode] = {}
         root = Dir(self, stat.S_IFDIR | (mode & 0o7777), os.getuid() if uid is None else uid,
                    os.getgid() if gid is None else gid, None, serial=1)
@@ -574,9 +577,30 @@ class MemFS(JournaledNodeFS):
             self._store = None
             self.set_journal(None)
 
+    # -- locks are kept state: in the snapshot and journaled as they change -----------------------
+
+    def _fh_of(self, holder: object) -> int | None:
+        return next((fh for fh, (_n, h) in self._handles.items() if h is holder), None)
+
+    def _holder_of(self, fh: int) -> object | None:
+        got = self._handles.get(fh)
+        return None if got is None else got[1]
+
+    def _locks_changed(self, locks: FileLocks) -> None:
+        if self._sink is not None and isinstance(n := locks.tag, File):
+            self.journal_locks(n.key, locks.dump(self._fh_of))
+
+    def restore_locks(self, locks: Iterable[list[Any]]) -> None:
+        """The POSIX and flock locks of files (snapshot, or a journal record)."""
+        for key, state in locks:
+            n = self._restored.get(key) or self.node_by_key(key)
+            if isinstance(n, File):
+                n.locks.load(state, self._holder_of)
+
     def dump_state(self) -> dict[str, Any]:
-        """A JSON snapshot: every inode (data base64), the tree, the bridge's tables."""
+        """A JSON snapshot: every inode (data base64), the tree, the bridge's tables, the locks."""
         inodes, stack, seen = [], [self.root, *self.nodes.values()], set()
+        locks = []
         while stack:
             n = stack.pop()
             if id(n) in seen:
@@ -586,6 +610,8 @@ class MemFS(JournaledNodeFS):
             extra: Any = None
             if isinstance(n, File):
                 extra = {str(k): None if v is None else _b64(v) for k, v in n.data.chunks.items()}
+                if n.locks.posix or n.locks.flocks:
+                    locks.append([n.key, n.locks.dump(self._fh_of)])
             elif isinstance(n, Dir):
                 assert n.children is not None
                 extra = [n.parent.key, [[_b64(k), c.key] for k, c in n.children.items()]]
@@ -595,7 +621,7 @@ class MemFS(JournaledNodeFS):
             inodes.append([type(n).__name__, n.key, n.perm, n.nlink, n.uid, n.gid, n.rdev, n.size, n.atime,
                            n.mtime, n.ctime, n.btime, {_b64(k): _b64(v) for k, v in n.xattrs.items()}, extra])
         return {"inodes": inodes, "next_serial": self._serial, "capacity": self.pool.capacity * CHUNK,
-                **super().dump_state()}
+                "locks": locks, **super().dump_state()}
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Become the filesystem of ``state`` (from :meth:`dump_state`; journal records folded in are

@@ -1,6 +1,6 @@
 """passthroughfs: mirror a directory, node by node (like go-fuse's LoopbackNode, libfuse's passthrough_hp).
 
-``python -m afuse.examples.passthroughfs SOURCE MOUNTPOINT [-o OPTS] [--timeout S] [--cache-dir]
+``python -m afuse.examples.passthroughfs SOURCE MOUNTPOINT [-o OPTS] [--timeout S] [--cache-dir] [--keep-cache]
 [--keeper SOCKET --state-dir DIR [--upgrade] [--take-wait S] [--readers N] [--events FILE]]``
 
 The filesystem is :class:`afuse.nodes.LoopbackFS`: each :class:`afuse.nodes.LoopbackNode` holds
@@ -20,7 +20,12 @@ The mount is coherent with the source by default: the kernel caches no names, at
 listings (entry and attribute timeouts 0, no directory cache), so a change made directly in
 SOURCE shows in the mount at once. ``--timeout SECONDS`` and ``--cache-dir`` trade that
 coherence for speed: the kernel then keeps names and attributes that long, and listings until
-the directory's mtime changes, and may show stale results meanwhile.
+the directory's mtime changes, and may show stale results meanwhile. ``--keep-cache`` lets it
+keep a file's cached pages across opens (FOPEN_KEEP_CACHE) until it sees the file's mtime or size
+change (pyfuse3's default); a change made in SOURCE that keeps both may then go unseen.
+
+Reads the daemon serves (without passthrough) are spliced from the source file into the reply
+(:class:`afuse.splice.FileRange`): the kernel copies the data once, Python never holds it.
 
 Regular files are opened in FUSE passthrough mode where the kernel and privileges allow it
 (FUSE_PASSTHROUGH negotiated, as the command line asks unless ``--no-passthrough``, and
@@ -34,7 +39,9 @@ the bridge's journaled tables name every inode the kernel holds in a way a succe
 ``open_by_handle_at`` (needs CAP_DAC_READ_SEARCH), whatever its name is by then. The bridge
 reopens open files at their first use under the same fh, and answers replayed requests (the
 resend bit) as their first attempts were answered. Passthrough is off (backing ids die with the
-daemon). Not kept: locks, files unlinked while open, inodes on submounts of SOURCE.
+daemon). Locks are kept: the keeper keeps a copy of each descriptor holding locks
+(:meth:`afuse.nodes.LoopbackFS.attach_keeper`). Not kept: files unlinked while open, inodes on
+submounts of SOURCE.
 ``AFUSE_FAILOVERFS_SLOW="SECONDS,PROBABILITY"`` makes lookup, write, create, mkdir, rename and
 unlink sleep now and then before, inside (after taking effect) and after the bridge's work (to be
 killed with requests in flight, in tests).
@@ -266,6 +273,9 @@ def main(argv: Sequence[str] | None = None, *, failover: bool = False) -> int:
     parser.add_argument("--cache-dir", action="store_true",
                         help="let the kernel cache directory listings until a directory's mtime changes: "
                              "faster, but may hide changes made directly in SOURCE")
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="let the kernel keep a file's cached pages across opens (dropped when its mtime "
+                             "or size is seen to change): faster rereads of files served by the daemon")
     parser.add_argument("--no-cache-dir", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--no-passthrough", action="store_true",
                         help="serve reads and writes in the daemon (no FUSE passthrough)")
@@ -283,7 +293,7 @@ def main(argv: Sequence[str] | None = None, *, failover: bool = False) -> int:
         return _serve_failover(args, name, run_failover)
     try:
         ops = PassthroughFS(args.source, timeout=args.timeout, cache_dir=args.cache_dir,
-                            passthrough=not args.no_passthrough)
+                            passthrough=not args.no_passthrough, keep_cache=args.keep_cache)
     except OSError as e:
         print(f"error: cannot open {args.source}: {e.strerror}", file=sys.stderr)
         return 1

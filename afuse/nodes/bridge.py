@@ -32,6 +32,7 @@ from ..errors import FUSEError, NotNegotiated
 from ..operations import DirEntries, Operations
 from ..passthrough import PASSTHROUGH_COMPATIBLE, unavailable_reason
 from ..session import Session, current_session
+from ..splice import FileRange
 from ..wire import requests as r
 from ..wire.constants import ROOT_ID, FOpen, InitFlag
 from ..wire.init import Negotiated
@@ -796,12 +797,13 @@ class NodeFS(Operations):
         fn = getattr(handle, name, None) if handle is not None else None
         return fn if fn is not None else getattr(node, name, None)
 
-    async def read(self, req: r.ReadRequest) -> bytes:
-        """READ: the handle's or node's ``read(offset, size)``, else pread on its ``backing_fd``."""
+    async def read(self, req: r.ReadRequest) -> bytes | FileRange:
+        """READ: the handle's or node's ``read(offset, size)``, else its ``backing_fd``'s range
+        (spliced into the reply: :class:`afuse.splice.FileRange`)."""
         node, h = await self._open_file(req, req.fh)
         fn = getattr(h, "read", None)
         if fn is None and h is not None and h.backing_fd is not None:
-            return os.pread(h.backing_fd, req.size, req.offset)
+            return FileRange(h.backing_fd, req.offset, req.size)
         fn = fn or getattr(node, "read", None)
         if fn is None:
             raise FUSEError(errno.EINVAL)

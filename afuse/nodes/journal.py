@@ -22,7 +22,7 @@ import logging
 import pickle
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any
 
 from ..errors import FUSEError
@@ -122,12 +122,31 @@ class JournaledNodeFS(NodeFS):
         super().restore_state(state)
         for fh in list(self._pending):
             _run_now(self._reopen(fh))
-        for rec in state.get("pending", ()):
-            self._redo(rec)
+        self.restore_locks(state.get("locks", ()))
+        self._redoing = True
+        try:
+            for rec in state.get("pending", ()):
+                self._redo(rec)
+        finally:
+            self._redoing = False
+
+    #: True while :meth:`restore_state` redoes the journal (changes then are not journaled again).
+    _redoing = False
+
+    def restore_locks(self, locks: Iterable[list[Any]]) -> None:
+        """Take back the file locks of a snapshot or of an ``["L", key, locks]`` journal record:
+        ``[node key, locks]`` pairs (a subclass that keeps locks restores them; this one keeps none)."""
+
+    def journal_locks(self, key: Any, locks: Any) -> None:
+        """Journal that the locks of the file with node key ``key`` are now ``locks`` (JSON)."""
+        if self._sink is not None and not self._redoing:
+            self._sink(["L", key, locks])
 
     def _redo(self, rec: list[Any]) -> None:
         if rec[0] == "i" and (n := self.nodes.get(rec[1])) is not None:
             n._lookups += 1
+        if rec[0] == "L":
+            self.restore_locks([rec[1:]])
         if rec[0] != "r":
             return
         _, ts, name, blob, groups = rec

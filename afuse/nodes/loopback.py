@@ -12,7 +12,8 @@ identity (fsuid, fsgid and supplementary groups of the serving thread, switched 
 system call), so permission checks and new files' owners are the host filesystem's. Regular
 files open in FUSE passthrough mode when negotiated and permitted (:class:`LoopbackHandle`),
 else the daemon serves their reads and writes. POSIX locks are OFD locks on the host file,
-one descriptor per lock owner. ``afuse.examples.passthroughfs`` is its command line.
+one descriptor per lock owner; SETLKW and blocking flock wait in the host kernel, in a worker
+thread. ``afuse.examples.passthroughfs`` is its command line.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ import stat
 import struct
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
-import trio
 
 from ..errors import FUSEError, SessionError
 from ..passthrough import unavailable_reason
@@ -43,7 +43,11 @@ from ..wire.init import Negotiated
 from ..wire.types import Attr, FsStats, Lock, Statx, Timestamp
 from .bridge import NodeFS
 from .caller import current_caller
+from .locks import OFDLockWaits, flock_wait
 from .node import DirItem, FDHandle, FileHandle, Node
+
+if TYPE_CHECKING:
+    from ..keeper import KeptDescriptors
 
 __all__ = ["LoopbackFS", "LoopbackHandle", "LoopbackNode", "loopback"]
 
@@ -171,12 +175,19 @@ _AS_IS = contextlib.nullcontext()
 
 
 class _LockFd:
-    """The descriptor carrying one lock owner's POSIX locks on one inode (as OFD locks)."""
+    """The descriptor carrying one lock owner's POSIX locks on one inode (as OFD locks); ``kept``:
+    its tag in the failover keeper, which keeps a copy so that the locks outlive the daemon."""
 
-    __slots__ = ("fd", "pid")
+    __slots__ = ("fd", "kept", "pid")
 
-    def __init__(self, fd: int, pid: int) -> None:
-        self.fd, self.pid = fd, pid
+    def __init__(self, fd: int, pid: int, kept: str | None = None) -> None:
+        self.fd, self.pid, self.kept = fd, pid, kept
+
+    def close(self, keeper: KeptDescriptors | None) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        if self.kept is not None and keeper is not None:
+            keeper.unkeep(self.kept)
 
 
 class LoopbackNode(Node):
@@ -197,8 +208,7 @@ class LoopbackNode(Node):
     def forgotten(self) -> None:
         """Close the descriptors."""
         for lf in (self.locks or {}).values():
-            with contextlib.suppress(OSError):
-                os.close(lf.fd)
+            lf.close(self.fs.keeper)
         self.locks = None
         if self.fd >= 0:
             os.close(self.fd)
@@ -401,6 +411,15 @@ class LoopbackHandle(FDHandle):
     def __init__(self, node: LoopbackNode, fd: int) -> None:
         super().__init__(fd)
         self.node, self.fd = node, fd
+        #: Its tag in the failover keeper while it holds a flock lock (see LoopbackFS.attach_keeper).
+        self.kept: str | None = None
+
+    async def release(self) -> None:
+        """Close the descriptor (and the keeper's copy)."""
+        if self.kept is not None and self.node.fs.keeper is not None:
+            self.node.fs.keeper.unkeep(self.kept)
+            self.kept = None
+        await super().release()
 
     async def flush(self) -> None:
         """Close a duplicate, so the source sees a close (NFS-style close-to-open, errors)."""
@@ -463,35 +482,35 @@ class LoopbackHandle(FDHandle):
         return Lock(start, start + length - 1 if length else OFFSET_MAX, typ, pid)
 
     async def setlk(self, req: r.SetlkRequest) -> None:
-        """An OFD lock for the lock owner; SETLKW polls, so an INTERRUPT ends the wait."""
+        """An OFD lock for the lock owner; SETLKW waits for it in the host kernel (in a worker
+        thread, which an INTERRUPT stops)."""
         if req.lock.type == fcntl.F_UNLCK and req.owner not in (self.node.locks or {}):
             return
-        fd, arg = self._lock_fd(req.owner, req.lock.pid).fd, _flock_bytes(req.lock)
-        await _retry(lambda: fcntl.fcntl(fd, F_OFD_SETLK, arg), req.sleep)
+        lf = self._lock_fd(req.owner, req.lock.pid)
+        keeper = self.node.fs.keeper
+        if keeper is not None and lf.kept is None and req.lock.type != fcntl.F_UNLCK:
+            lf.kept = keeper.tag("p", self.node._nodeid, req.owner, lf.pid)
+            await keeper.keep(lf.kept, lf.fd)  # before the lock: it must outlive this daemon
+        assert self.node.locks is not None
+        await self.node.fs.lock_waits.setlk(self.node.locks, req.owner, _flock_bytes(req.lock), req.sleep)
 
     async def flock(self, req: r.SetlkRequest) -> None:
-        """flock(2) on the open file."""
+        """flock(2) on the open file; a blocking one waits in the host kernel as SETLKW does."""
         op = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX}.get(req.lock.type, fcntl.LOCK_UN)
+        keeper = self.node.fs.keeper
         if op == fcntl.LOCK_UN:
             fcntl.flock(self.fd, op)
-        else:
-            await _retry(lambda: fcntl.flock(self.fd, op | fcntl.LOCK_NB), req.sleep)
-
-
-async def _retry(attempt: Callable[[], object], sleep: bool) -> None:
-    """``attempt`` a non-blocking lock until it is granted (EAGAIN at once unless ``sleep``)."""
-    delay = 0.001
-    while True:
-        try:
-            attempt()
+            if self.kept is not None and keeper is not None:
+                keeper.unkeep(self.kept)
+                self.kept = None
             return
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            if not sleep:
-                raise FUSEError(errno.EAGAIN) from None
-        await trio.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        if keeper is not None and self.kept is None:
+            self.kept = keeper.tag("f", req.fh)
+            await keeper.keep(self.kept, self.fd)  # before the lock: it must outlive this daemon
+        if req.sleep:
+            await flock_wait(self.fd, op)
+        else:
+            fcntl.flock(self.fd, op | fcntl.LOCK_NB)
 
 
 class LoopbackFS(NodeFS):
@@ -499,8 +518,10 @@ class LoopbackFS(NodeFS):
 
     ``timeout`` is the entry and attribute cache time (seconds), ``negative_timeout`` how long
     the kernel may remember that a name does not exist, ``cache_dir`` lets it cache listings
-    (until the directory's mtime changes): the defaults (0, 0, False) keep the mount coherent
-    with changes made directly in the source; caching trades that for speed.
+    (until the directory's mtime changes), ``keep_cache`` lets it keep a file's cached pages
+    across opens (FOPEN_KEEP_CACHE; dropped when the file's mtime or size is seen to change):
+    the defaults (0, 0, False, False) keep the mount coherent with changes made directly in the
+    source; caching trades that for speed.
     ``switch_credentials`` (default: when running as root) performs each request with the
     caller's fsuid/fsgid/groups. ``passthrough`` (default True) opens regular files in FUSE
     passthrough mode when negotiated (``InitConfig(passthrough=True)``) and BACKING_OPEN is
@@ -513,8 +534,11 @@ class LoopbackFS(NodeFS):
     node_class: type[LoopbackNode] = LoopbackNode
 
     def __init__(self, source: str | os.PathLike[str], *, timeout: float = 0.0, negative_timeout: float = 0.0,
-                 cache_dir: bool = False, switch_credentials: bool | None = None, passthrough: bool = True) -> None:
+                 cache_dir: bool = False, switch_credentials: bool | None = None, passthrough: bool = True,
+                 keep_cache: bool = False) -> None:
         self.source = os.fspath(source)
+        #: FOPEN flags of every open regular file (KEEP_CACHE with ``keep_cache``).
+        self.file_fopen = int(FOpen.KEEP_CACHE) if keep_cache else 0
         self.passthrough = passthrough
         #: Why passthrough is not used (None while it is, or before INIT).
         self.passthrough_unavailable: str | None = None
@@ -522,6 +546,10 @@ class LoopbackFS(NodeFS):
         self.negative_timeout = float(negative_timeout)
         self.dir_fopen = int(FOpen.CACHE_DIR | FOpen.KEEP_CACHE) if cache_dir else 0
         self.creds = _Credentials(os.geteuid() == 0 if switch_credentials is None else switch_credentials)
+        #: Lock owners waiting in SETLKW (for EDEADLK).
+        self.lock_waits = OFDLockWaits()
+        #: Failover: where descriptors holding locks are kept (see :meth:`attach_keeper`).
+        self.keeper: KeptDescriptors | None = None
         self._thread = threading.local()  # ``private``: the thread's umask is its own (and 0)
         _raise_fd_limit()
         fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -562,6 +590,40 @@ class LoopbackFS(NodeFS):
         node._fresh = None
         return node
 
+    def attach_keeper(self, keeper: KeptDescriptors) -> None:
+        """Failover (called by ``serve_failover``): keep each descriptor holding locks (a lock
+        owner's OFD descriptor, an open file holding a flock lock) in the keeper too, so that the
+        locks outlive this daemon; take back those a predecessor kept (after the restore)."""
+        self.keeper = keeper
+        taken, keeper.taken = keeper.taken, {}
+        for tag, fd in taken.items():
+            if not self._take_back(tag, fd):
+                os.close(fd)
+                keeper.unkeep(tag)
+
+    def _take_back(self, tag: str, fd: int) -> bool:
+        kind, *rest = tag.split()
+        if kind == "p":  # a lock owner's OFD descriptor: "p NODEID OWNER PID ..."
+            nodeid, owner, pid = int(rest[0]), int(rest[1]), int(rest[2])
+            node = self.nodes.get(nodeid)
+            if not isinstance(node, LoopbackNode) or owner in (node.locks or {}):
+                return False
+            node.locks = node.locks or {}
+            node.locks[owner] = _LockFd(fd, pid, tag)
+            return True
+        if kind == "f":  # an open file holding a flock lock: "f FH ..."; it becomes that fh's handle
+            fh = int(rest[0])
+            pending = self._pending.get(fh)
+            node = None if pending is None else self.nodes.get(pending[0])
+            if pending is None or not isinstance(node, LoopbackNode):
+                return False
+            del self._pending[fh]
+            h = self.handle_of(fd, node)
+            h.kept = tag
+            self._handles[fh], self._fh_flags[fh] = (node, h), pending[1]
+            return True
+        return False
+
     def node_key(self, fd: int, st: os.stat_result) -> Hashable:
         """The identity of the object at ``fd``: ``(st_dev, st_ino)``; a failover-capable
         subclass returns one a successor can reopen (e.g. a file handle, see ``restore_node``)."""
@@ -578,7 +640,9 @@ class LoopbackFS(NodeFS):
 
     def handle_of(self, fd: int, node: LoopbackNode) -> LoopbackHandle:
         """The handle of ``node`` open at ``fd`` (passthrough when available)."""
-        return LoopbackHandle(node, fd)
+        h = LoopbackHandle(node, fd)
+        h.fopen = self.file_fopen
+        return h
 
     def creating(self) -> contextlib.AbstractContextManager[None]:
         """As the caller, with umask 0: the kernel has applied the caller's umask already."""
@@ -650,7 +714,7 @@ class LoopbackFS(NodeFS):
         if isinstance(node, LoopbackNode) and node.locks:
             lf = node.locks.pop(req.lock_owner, None)
             if lf is not None:
-                os.close(lf.fd)
+                lf.close(self.keeper)
         try:
             h: FileHandle | None = self.handle(req.fh)
         except FUSEError:

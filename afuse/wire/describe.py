@@ -82,14 +82,17 @@ def describe_request(req: Request) -> str:
     return " ".join(parts)
 
 
-def describe_reply(reply: bytes | None) -> str:
-    """``OK, 144 bytes`` or ``ENOENT``; ``no reply`` for None."""
+def describe_reply(reply: Any) -> str:
+    """``OK, 144 bytes`` or ``ENOENT``; ``no reply`` for None; a list is a header and its body,
+    an ``afuse.splice.SplicedReply`` data spliced from a file."""
     if reply is None:
         return "no reply"
-    _length, error, _unique = S.OUT_HEADER.unpack_from(reply)
+    if not isinstance(reply, (bytes, bytearray, memoryview, list)):  # spliced: afuse.splice
+        return f"OK, up to {reply.range.size} bytes spliced"
+    length, error, _unique = S.OUT_HEADER.unpack_from(reply[0] if isinstance(reply, list) else reply)
     if error:
         return _errno.errorcode.get(-error, str(-error))
-    return f"OK, {len(reply) - 16} bytes" if len(reply) > 16 else "OK"
+    return f"OK, {length - 16} bytes" if length > 16 else "OK"
 
 
 def describe_notification(message: bytes) -> str:

@@ -24,6 +24,8 @@ class InitConfig:
     """
 
     max_write: int = MAX_WRITE_LIMIT
+    #: The readahead window (bytes). INIT can only lower the kernel's offer (its default, 128
+    #: KiB); the session then raises the mount's bdi read_ahead_kb to this (as root).
     max_readahead: int = MAX_WRITE_LIMIT
     max_background: int = 64
     congestion_threshold: int = 48

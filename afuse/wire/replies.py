@@ -70,6 +70,19 @@ def data(unique: int, payload: bytes | bytearray | memoryview) -> bytes:
     return _HDR.pack(16 + len(payload), 0, unique) + payload
 
 
+#: READ replies carrying at least this many bytes are written as ``[header, data]`` with one
+#: writev(2) instead of being concatenated (a copy, and for large replies a fresh allocation).
+VECTOR_MIN = 16384
+
+#: A reply as buffers to write with one writev(2): the header, then the body.
+Vector = list[bytes | bytearray | memoryview]
+
+
+def data_vector(unique: int, payload: bytes | bytearray | memoryview, size: int) -> Vector:
+    """A data reply as ``[header, payload]``; ``size`` is ``len(payload)`` in bytes."""
+    return [_HDR.pack(16 + size, 0, unique), payload]
+
+
 def _attr_fields(a: Attr) -> tuple[int, ...]:
     asec, ans = divmod(a.atime_ns, _NS)
     msec, mns = divmod(a.mtime_ns, _NS)

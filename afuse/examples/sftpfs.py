@@ -1,0 +1,1295 @@
+"""sftpfs: a directory of an SSH server, mounted over SFTP (like sshfs), on afuse's node API.
+
+::
+
+    python -m afuse.examples.sftpfs [USER@]HOST:[DIR] MOUNTPOINT [-p PORT] [-i IDENTITY] [-o OPTIONS]
+        [--connections N] [--reconnect] [--timeout SECONDS] [--poll SECONDS]
+
+The worked example of a network filesystem on afuse (docs/sftpfs.md explains it):
+
+* **Hosting.** asyncssh is an asyncio library, so the program runs an asyncio loop and serves the
+  filesystem with :func:`afuse.asyncio.mount` (``trio_handlers=True``): trio runs as asyncio's
+  guest in the same thread, the node API (:class:`afuse.nodes.NodeFS`) answers requests in trio,
+  and every SFTP call is an asyncio task started with :func:`afuse.asyncio.run_asyncio` (an
+  INTERRUPT cancels it).
+* **Nodes** are dynamic, one per remote path (:class:`SftpNode`); the filesystem keeps a path ->
+  node map (renames move nodes and their subtrees). Attributes come from listings (READDIRPLUS
+  answers without a request per entry) and are cached for ``cache_stat_timeout`` seconds, the time
+  the kernel is told it may cache them too. Listings pipeline their READDIRs
+  (:func:`list_directory`); after three lookups miss a directory's listing, it is listed.
+* **Connections** (:class:`Pool`): ``--connections N`` SSH connections with one SFTP session each;
+  a request goes to the least busy one, an open file to the one it was opened on. Each request
+  has ``--timeout``; a lost or timed-out connection answers EIO, and with ``--reconnect`` the next
+  request connects again (open files are reopened by path on first use).
+* **Data** (:class:`RemoteFile`): reads of a sequential reader are served from read-ahead chunks
+  requested in parallel (the window grows to ``readahead``); writes are pipelined (answered once
+  sent, errors reported at the next write, flush, fsync or close).
+* **--poll SECONDS** re-stats what the kernel holds and sends invalidations for what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import contextvars
+import errno
+import getpass
+import hashlib
+import logging
+import os
+import re
+import signal
+import stat
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import asyncssh
+import attrs
+import sniffio
+import trio
+
+import afuse.asyncio
+from afuse.device import MountOptions
+from afuse.errors import FUSEError, MountError
+from afuse.nodes import DirItem, FileHandle, Node, NodeFS
+from afuse.wire.init import InitConfig
+from afuse.wire.requests import SetattrRequest
+from afuse.wire.types import Attr, FsStats
+
+__all__ = ["Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions", "list_directory", "main",
+           "parse_remote"]
+
+log = logging.getLogger("afuse.sftpfs")
+T = TypeVar("T")
+
+_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+#: Read-ahead chunk: one SFTP READ request (OpenSSH serves up to 256 KiB per request).
+CHUNK = 128 * 1024
+
+
+@attrs.define
+class SftpOptions:
+    """What to connect to and how to serve it (the command line's options)."""
+
+    host: str
+    port: int = 22
+    user: str | None = None
+    #: The remote directory to mount ("" = the login directory).
+    path: str = ""
+    identities: list[str] = attrs.Factory(list)
+    #: A known_hosts file; None: asyncssh's default (~/.ssh/known_hosts); "none": no host key check.
+    known_hosts: str | None = None
+    connections: int = 1
+    reconnect: bool = False
+    #: Seconds a request (or connecting) may take before it fails with EIO.
+    timeout: float = 15.0
+    #: Seconds between polls for remote changes (0: no polling).
+    poll: float = 0.0
+    #: Seconds attributes and names are cached (here and by the kernel), as sshfs's cache_stat_timeout.
+    stat_timeout: float = 20.0
+    #: Seconds a directory listing is cached, as sshfs's cache_dir_timeout.
+    dir_timeout: float = 20.0
+    #: Seconds a symlink's target is cached, as sshfs's cache_link_timeout.
+    link_timeout: float = 20.0
+    #: Largest read-ahead window of a sequential reader, bytes.
+    readahead: int = 8 << 20
+    #: Bytes of pipelined writes a handle may have in flight.
+    write_window: int = 16 << 20
+    #: SSH ciphers in order of preference: AES-GCM first (one call into OpenSSL per packet; asyncssh's
+    #: chacha20-poly1305, OpenSSH's first choice, costs several).
+    ciphers: list[str] = attrs.Factory(lambda: ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                                                "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"])
+
+
+class ConnectError(Exception):
+    """The first connection could not be made (bad host, key, path)."""
+
+
+def _errno_of(e: BaseException) -> int:
+    if isinstance(e, asyncssh.SFTPNoSuchFile | asyncssh.SFTPNoSuchPath):
+        return errno.ENOENT
+    if isinstance(e, asyncssh.SFTPPermissionDenied | asyncssh.SFTPWriteProtect):
+        return errno.EACCES
+    if isinstance(e, asyncssh.SFTPOpUnsupported):
+        return errno.EOPNOTSUPP
+    if isinstance(e, asyncssh.SFTPFileAlreadyExists):
+        return errno.EEXIST
+    if isinstance(e, asyncssh.SFTPDirNotEmpty):
+        return errno.ENOTEMPTY
+    if isinstance(e, asyncssh.SFTPNoSpaceOnFilesystem | asyncssh.SFTPQuotaExceeded):
+        return errno.ENOSPC
+    return errno.EIO  # SFTPFailure (v3 says no more), a lost connection, a timeout
+
+
+def _lost(e: BaseException) -> bool:
+    """Whether ``e`` means the connection is unusable (rather than an answer from the server)."""
+    return isinstance(e, asyncssh.SFTPConnectionLost | asyncssh.SFTPNoConnection | asyncssh.DisconnectError
+                      | asyncssh.ConnectionLost | ConnectionError | TimeoutError | OSError | EOFError)
+
+
+# -- connections ------------------------------------------------------------------------------------
+
+class Connection:
+    """One SSH connection with an SFTP session; ``generation`` counts (re)connects."""
+
+    def __init__(self, pool: Pool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.ssh: asyncssh.SSHClientConnection | None = None
+        self.sftp: asyncssh.SFTPClient | None = None
+        self.generation = 0
+        self.busy = 0
+        self._connecting = asyncio.Lock()
+
+    async def client(self) -> asyncssh.SFTPClient:
+        """The SFTP session, connecting first if there is none (and reconnecting is allowed)."""
+        if self.sftp is not None:
+            return self.sftp
+        if self.generation and not self.pool.options.reconnect:
+            raise FUSEError(errno.EIO, "the connection was lost (no --reconnect)")
+        async with self._connecting:
+            if self.sftp is None:
+                await self._connect()
+            assert self.sftp is not None
+            return self.sftp
+
+    async def _connect(self) -> None:
+        o = self.pool.options
+        kwargs: dict[str, Any] = {"port": o.port, "username": o.user or getpass.getuser(),
+                                  "keepalive_interval": max(1.0, o.timeout / 3), "keepalive_count_max": 3,
+                                  "encryption_algs": o.ciphers}
+        if o.identities:
+            kwargs["client_keys"] = o.identities
+        if o.known_hosts is not None:
+            kwargs["known_hosts"] = None if o.known_hosts == "none" else o.known_hosts
+        ssh = await asyncssh.connect(o.host, **kwargs)
+        try:
+            sftp = await ssh.start_sftp_client(path_encoding=None)
+        except BaseException:
+            ssh.abort()
+            raise
+        self.ssh, self.sftp = ssh, sftp
+        self.generation += 1
+        if self.generation > 1:
+            log.info("connection %d: reconnected to %s", self.index, o.host)
+        asyncio.get_running_loop().create_task(self._watch(ssh))
+
+    async def _watch(self, ssh: asyncssh.SSHClientConnection) -> None:
+        with contextlib.suppress(Exception):
+            await ssh.wait_closed()
+        if self.ssh is ssh:
+            log.warning("connection %d to %s lost", self.index, self.pool.options.host)
+            self.drop()
+
+    def drop(self) -> None:
+        """Forget the connection (aborting it): the next request fails, or reconnects with --reconnect."""
+        ssh, self.ssh, self.sftp = self.ssh, None, None
+        if ssh is not None:
+            ssh.abort()
+
+    async def close(self) -> None:
+        """Close the connection."""
+        ssh, self.ssh, self.sftp = self.ssh, None, None
+        if ssh is not None:
+            ssh.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ssh.wait_closed(), 2)
+
+
+class Pool:
+    """``options.connections`` connections; :meth:`run` runs one SFTP operation with the timeout."""
+
+    def __init__(self, options: SftpOptions) -> None:
+        self.options = options
+        self.conns = [Connection(self, i) for i in range(max(1, options.connections))]
+        #: SFTP requests answered EIO because of a lost connection or a timeout.
+        self.failures = 0
+        self.closing = False
+
+    async def start(self) -> None:
+        """Connect every connection now (errors are ConnectError with the reason)."""
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                await asyncio.gather(*(c.client() for c in self.conns))
+        except (OSError, asyncssh.Error, TimeoutError, FUSEError) as e:
+            await self.close()
+            raise ConnectError(f"cannot connect to {self.options.host}:{self.options.port}: "
+                               f"{e or type(e).__name__}") from e
+
+    def pick(self) -> Connection:
+        """The least busy connection."""
+        return min(self.conns, key=lambda c: (c.sftp is None, c.busy))
+
+    async def run(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], via: Connection | None = None) -> T:
+        """``await op(sftp)`` on ``via`` (or the least busy connection) within the timeout.
+
+        SFTP errors become FUSEError with the nearest errno; a timeout or a lost connection is EIO
+        (and drops the connection, so later requests fail at once or reconnect).
+        """
+        c = via or self.pick()
+        c.busy += 1
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                sftp = await c.client()
+                return await op(sftp)
+        except FUSEError:
+            raise
+        except (asyncssh.Error, OSError, TimeoutError, EOFError) as e:
+            if isinstance(e, asyncssh.SFTPError) and not _lost(e):
+                raise FUSEError(_errno_of(e), str(e)) from None
+            self.failures += 1
+            if not self.closing:
+                log.warning("connection %d: %s", c.index, e or type(e).__name__)
+            c.drop()
+            raise FUSEError(errno.EIO, str(e)) from None
+        finally:
+            c.busy -= 1
+
+    async def then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], path: bytes,
+                         via: Connection | None = None) -> tuple[T, asyncssh.SFTPAttrs | None]:
+        """``op`` and an LSTAT of ``path`` sent back to back on one connection, without waiting
+        in between: the server answers in order, so the LSTAT sees what ``op`` made (one round
+        trip for both). The LSTAT's answer is None if it failed."""
+        c = via or self.pick()
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(self.run(op, c))
+        second = loop.create_task(self.run(lambda s: s.lstat(path), c))
+        try:
+            result = await first
+        except BaseException:
+            second.cancel()
+            with contextlib.suppress(BaseException):
+                await second
+            raise
+        try:
+            return result, await second
+        except FUSEError:
+            return result, None
+
+    async def close(self) -> None:
+        """Close every connection."""
+        self.closing = True
+        await asyncio.gather(*(c.close() for c in self.conns))
+
+
+async def list_directory(sftp: asyncssh.SFTPClient, path: bytes) -> list[asyncssh.SFTPName]:
+    """The entries of directory ``path`` with their attributes, READDIR requests pipelined.
+
+    SFTP lists a directory in batches (OpenSSH: 100 names per READDIR). asyncssh's ``readdir``
+    asks for one batch at a time, a round trip each; here more READDIRs on the handle are sent
+    before the answers come (the server answers them in order, each with the next batch): two at
+    first, one more for each full batch, up to 16 in flight.
+    """
+    handler = sftp._handler  # asyncssh's request layer: OPENDIR, READDIR, CLOSE
+    handle = await handler.opendir(path)
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Task[tuple[Sequence[asyncssh.SFTPName], bool]]] = [
+        loop.create_task(handler.readdir(handle)) for _ in range(2)]
+    names: list[asyncssh.SFTPName] = []
+    try:
+        done = False
+        while pending:
+            task = pending.pop(0)
+            try:
+                batch, at_end = await task
+            except asyncssh.SFTPEOFError:
+                done = True
+                continue
+            names.extend(batch)
+            done = done or at_end
+            if not done:
+                for _ in range(2 if len(pending) < 15 else 1):
+                    pending.append(loop.create_task(handler.readdir(handle)))
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(asyncssh.Error, OSError):
+            await handler.close(handle)
+    return names
+
+
+# -- open files (asyncio side) ----------------------------------------------------------------------
+
+def _start(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Start an asyncio task now, also from trio code (trio runs inside the asyncio loop), in a
+    context where sniffio reports asyncio."""
+    ctx = contextvars.copy_context()
+    ctx.run(sniffio.current_async_library_cvar.set, None)
+    return asyncio.get_running_loop().create_task(coro, context=ctx)
+
+
+async def _shielded(task: asyncio.Task[T]) -> T:
+    return await asyncio.shield(task)  # a cancelled waiter leaves the task to the others
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _bytes(data: bytes | str) -> bytes:
+    return data if isinstance(data, bytes) else data.encode()  # always bytes: files are opened with encoding=None
+
+
+def _pflags(flags: int) -> int:
+    acc = flags & _ACCMODE
+    p = asyncssh.FXF_READ if acc == os.O_RDONLY else asyncssh.FXF_WRITE if acc == os.O_WRONLY \
+        else asyncssh.FXF_READ | asyncssh.FXF_WRITE
+    if flags & os.O_APPEND:
+        p |= asyncssh.FXF_APPEND
+    if flags & os.O_CREAT:
+        p |= asyncssh.FXF_CREAT
+    if flags & os.O_EXCL:
+        p |= asyncssh.FXF_EXCL
+    if flags & os.O_TRUNC:
+        p |= asyncssh.FXF_TRUNC
+    return p
+
+
+class RemoteFile:
+    """An open remote file (asyncio code): read-ahead for sequential readers, pipelined writes.
+
+    Tied to the connection it was opened on; after a reconnect it is reopened by path (without
+    O_CREAT, O_EXCL, O_TRUNC) at its next use.
+    """
+
+    def __init__(self, pool: Pool, path: bytes, flags: int, mode: int = 0o644) -> None:
+        self.pool = pool
+        self.path = path
+        self.flags = flags
+        self.mode = mode
+        self.conn = pool.pick()
+        self.file: asyncssh.SFTPClientFile | None = None
+        self.generation = 0
+        #: Read-ahead: chunk offset -> task reading CHUNK bytes there.
+        self.chunks: dict[int, asyncio.Task[bytes]] = {}
+        self.window = 0
+        self.next_offset = -1
+        #: Size known to the reader (read-ahead stops there); None: unknown.
+        self.size: int | None = None
+        self.writes: set[asyncio.Task[None]] = set()
+        self.write_bytes = 0
+        self.error: FUSEError | None = None
+        self.closed = False
+
+    async def _file(self, sftp: asyncssh.SFTPClient) -> asyncssh.SFTPClientFile:
+        if self.file is not None and self.generation == self.conn.generation:
+            return self.file
+        if self.closed:
+            raise FUSEError(errno.EBADF)
+        flags = self.flags if self.generation == 0 else self.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+        if self.generation:
+            log.info("reopening %r after a reconnect", self.path)
+        # block_size=0: one SFTP request per read or write call; sftpfs splits and pipelines itself.
+        f = await sftp.open(self.path, _pflags(flags), asyncssh.SFTPAttrs(permissions=self.mode & 0o7777),
+                            encoding=None, block_size=0)
+        self.file, self.generation = f, self.conn.generation
+        return f
+
+    async def run(self, op: Callable[[asyncssh.SFTPClientFile], Awaitable[T]]) -> T:
+        """``await op(file)`` on this file's connection, (re)opening it as needed."""
+        async def go(sftp: asyncssh.SFTPClient) -> T:
+            return await op(await self._file(sftp))
+        return await self.pool.run(go, self.conn)
+
+    async def open(self, prefetch: bool = False) -> None:
+        """Open the file on the server (EEXIST for O_EXCL on an existing name is the caller's to find).
+        ``prefetch``: start reading the first chunk at once (most files opened for reading are read
+        from the start: the first READ then finds its data on the way or in)."""
+        await self.run(lambda f: asyncio.sleep(0))
+        if prefetch:
+            self.next_offset, self.window = 0, CHUNK
+            self.chunks[0] = self._spawn_chunk(0)
+
+    # reads -----------------------------------------------------------------------------------------
+
+    def _spawn_chunk(self, offset: int) -> asyncio.Task[bytes]:
+        task = _start(self._chunk(offset))
+        task.add_done_callback(_consume)  # a chunk nobody reads any more may fail unseen
+        return task
+
+    async def _read_piece(self, offset: int, size: int) -> bytes:
+        return _bytes(await self.run(lambda f: f.read(size, offset)))
+
+    async def _chunk(self, offset: int) -> bytes:
+        return await self._read_piece(offset, CHUNK)
+
+    def _drop_chunks(self, keep: Callable[[int], bool] = lambda off: False, cancel: bool = True) -> None:
+        for off in [o for o in self.chunks if not keep(o)]:
+            task = self.chunks.pop(off)
+            if cancel:
+                task.cancel()
+
+    async def _part(self, off: int) -> bytes:
+        task = self.chunks.get(off)
+        if task is None:
+            task = self.chunks[off] = self._spawn_chunk(off)
+        try:
+            return await asyncio.shield(task)  # a cancelled read leaves the chunk to the next one
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise
+            return await self._chunk(off)  # the chunk was dropped (a write, a jump) meanwhile
+
+    def plan(self, offset: int, size: int) -> range | None:
+        """A READ's bookkeeping (no waiting): a sequential reader (the kernel sends its read-ahead
+        as several READs at once, in any order) gets read-ahead chunks started and the chunk offsets
+        it needs returned; after a jump, None: read just what was asked."""
+        if abs(offset - self.next_offset) > self.window + size:  # a jump: no read-ahead
+            self.window = 0
+            self._drop_chunks()
+        self.next_offset = max(self.next_offset, offset + size) if self.window else offset + size
+        if self.window == 0 and offset != 0:
+            self.window = CHUNK  # the first read after a jump: start small
+            return None
+        self.window = min(max(2 * self.window, 2 * CHUNK), self.pool.options.readahead)
+        first = offset - offset % CHUNK
+        end = offset + size + self.window
+        if self.size is not None:
+            end = min(end, max(self.size, offset + size))
+        for off in range(first, end, CHUNK):
+            if off not in self.chunks:
+                self.chunks[off] = self._spawn_chunk(off)
+        return range(first, offset + size, CHUNK)
+
+    def _assemble(self, offset: int, size: int, parts: list[tuple[int, bytes]]) -> bytes:
+        out: list[bytes] = []
+        for off, part in parts:
+            out.append(part[max(0, offset - off):offset + size - off])
+            if len(part) < CHUNK:  # end of file
+                break
+        # Chunks behind the reader are done with (others may still be awaiting them: no cancel).
+        self._drop_chunks(lambda off: off + CHUNK > self.next_offset - self.window, cancel=False)
+        return b"".join(out)
+
+    def ready(self, offset: int, size: int, chunks: range) -> bytes | None:
+        """The READ's data if the read-ahead chunks it needs are all in (no waiting), else None."""
+        parts: list[tuple[int, bytes]] = []
+        for off in chunks:
+            task = self.chunks.get(off)
+            if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+                return None
+            parts.append((off, task.result()))
+            if len(parts[-1][1]) < CHUNK:
+                break
+        return self._assemble(offset, size, parts)
+
+    async def finish(self, offset: int, size: int, chunks: range | None) -> bytes:
+        """The READ planned by :meth:`plan`: wait for its chunks, or read directly (``chunks`` None)."""
+        if chunks is None:  # CHUNK-sized requests at once (no read-ahead)
+            pieces = await asyncio.gather(*(self._read_piece(off, min(CHUNK, offset + size - off))
+                                            for off in range(offset, offset + size, CHUNK)))
+            out: list[bytes] = []
+            for (off, part) in zip(range(offset, offset + size, CHUNK), pieces, strict=True):
+                out.append(part)
+                if len(part) < min(CHUNK, offset + size - off):  # end of file
+                    break
+            return b"".join(out)
+        parts: list[tuple[int, bytes]] = []
+        for off in chunks:
+            parts.append((off, await self._part(off)))
+            if len(parts[-1][1]) < CHUNK:
+                break
+        return self._assemble(offset, size, parts)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``offset`` after this file's pipelined writes (:meth:`plan`)."""
+        await self.drain()
+        return await self.finish(offset, size, self.plan(offset, size))
+
+    # writes ----------------------------------------------------------------------------------------
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    async def _write(self, offset: int, data: bytes) -> None:
+        try:
+            # CHUNK-sized WRITEs, all sent at once (in order: the server answers them in order)
+            def piece(off: int) -> Callable[[asyncssh.SFTPClientFile], Awaitable[int]]:
+                return lambda f: f.write(data[off - offset:off - offset + CHUNK], off)
+
+            await asyncio.gather(*(self.run(piece(off)) for off in range(offset, offset + len(data), CHUNK)))
+        except FUSEError as e:
+            if self.error is None:
+                self.error = e
+        except asyncio.CancelledError:
+            if self.error is None:
+                self.error = FUSEError(errno.EIO, "write cancelled")
+            raise
+        finally:
+            self.write_bytes -= len(data)
+
+    def write_now(self, offset: int, data: bytes) -> int | None:
+        """Send a write without waiting (pipelined) and return its length; None if it must wait
+        (the window is full, or an earlier write failed: :meth:`write` then raises)."""
+        if self.error is not None or (self.writes and self.write_bytes + len(data) > self.pool.options.write_window):
+            return None
+        if self.chunks:
+            self._drop_chunks()
+        self.write_bytes += len(data)
+        task = _start(self._write(offset, bytes(data)))
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+        if self.size is not None and offset + len(data) > self.size:
+            self.size = offset + len(data)
+        return len(data)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        """:meth:`write_now`, waiting for room first; an earlier write's error is raised here."""
+        while True:
+            self._raise_error()
+            n = self.write_now(offset, data)
+            if n is not None:
+                return n
+            await asyncio.wait(self.writes, return_when=asyncio.FIRST_COMPLETED)
+
+    async def drain(self) -> None:
+        """Wait for the pipelined writes; raise the first error among them."""
+        while self.writes:
+            await asyncio.wait(list(self.writes))
+        self._raise_error()
+
+    async def fsync(self) -> None:
+        """Drain, then fsync@openssh.com (nothing more if the server lacks it)."""
+        await self.drain()
+        try:
+            await self.run(lambda f: f.fsync())
+        except FUSEError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+
+    async def close(self) -> None:
+        """Drain (errors raised after closing), stop read-ahead, close the remote handle."""
+        try:
+            await self.drain()
+        finally:
+            self._drop_chunks()
+            self.closed = True
+            f, self.file = self.file, None
+            if f is not None and self.generation == self.conn.generation and self.conn.sftp is not None:
+                with contextlib.suppress(FUSEError):
+                    await self.pool.run(lambda _sftp: f.close(), self.conn)
+
+
+# -- nodes (trio side) ------------------------------------------------------------------------------
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + name if parent.endswith(b"/") else parent + b"/" + name
+
+
+def _ino(path: bytes) -> int:
+    """A stable inode number for a remote path (SFTP v3 carries none)."""
+    return int.from_bytes(hashlib.blake2b(path, digest_size=8).digest(), "little") >> 1 or 1
+
+
+def _attr(a: asyncssh.SFTPAttrs) -> Attr:
+    mtime = (a.mtime or 0) * 1_000_000_000 + (a.mtime_ns or 0)
+    atime = (a.atime or 0) * 1_000_000_000 + (a.atime_ns or 0)
+    size = a.size or 0
+    return Attr(mode=a.permissions or 0, nlink=1, uid=a.uid or 0, gid=a.gid or 0, size=size,
+                blocks=(size + 511) // 512, atime_ns=atime, mtime_ns=mtime, ctime_ns=mtime, blksize=CHUNK)
+
+
+class SftpNode(Node):
+    """A remote file, directory or symlink, by path. Attributes come from listings or LSTAT and
+    are kept ``stat_timeout`` seconds."""
+
+    def __init__(self, fs: SftpFS, path: bytes, a: asyncssh.SFTPAttrs) -> None:
+        super().__init__(stat.S_IFMT(a.permissions or 0) or stat.S_IFREG, ino=_ino(path))
+        self.fs = fs
+        self.path = path
+        self.sattrs = a
+        self.fetched = time.monotonic()
+        #: When it last changed through the mount (attributes read before are out of date).
+        self.changed = 0.0
+        #: Directory listing cache: name -> attributes, and when it was read.
+        self.listing: dict[bytes, asyncssh.SFTPAttrs] | None = None
+        self.listed = 0.0
+        self.listing_version = 0
+        #: The listing on its way (shared by the readdir and lookups waiting for it), its version and start.
+        self.listing_task: asyncio.Task[list[asyncssh.SFTPName]] | None = None
+        self.listing_task_from = (0, 0.0)
+        #: Lookups that missed the listing since it was last read (3 in a row: read it instead).
+        self.misses = 0
+        self.target: bytes | None = None
+        self.target_at = 0.0
+        #: Open files (their writes are drained before this node's attributes are read).
+        self.files: set[RemoteFile] = set()
+
+    def forgotten(self) -> None:
+        """The kernel forgot the node: drop it from the path map."""
+        if self.fs.live.get(self.path) is self:
+            del self.fs.live[self.path]
+
+    # helpers -------------------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        for f in list(self.files):
+            if f.writes or f.error:
+                await afuse.asyncio.run_asyncio(f.drain())
+
+    def _set(self, a: asyncssh.SFTPAttrs, when: float | None = None) -> None:
+        """New attributes, read at ``when`` (now): older ones than those held are ignored."""
+        when = time.monotonic() if when is None else when
+        if when >= self.fetched and when >= self.changed:
+            self.sattrs, self.fetched = a, when
+
+    def _stale(self) -> None:
+        """Changed through the mount: ask the server next time, and re-list the parent."""
+        self.fetched = -1e9
+        self.changed = time.monotonic()
+        parent = self.fs.live.get(self.path.rpartition(b"/")[0] or b"/")
+        if parent is not None:
+            parent._drop_listing()
+
+    def _changed_listing(self) -> None:
+        self._drop_listing()
+        self.fetched = -1e9
+
+    def _drop_listing(self) -> None:
+        """Forget the listing (a listing on its way is not kept either)."""
+        self.listing = None
+        self.listing_version += 1
+
+    async def _lstat(self, path: bytes | None = None) -> asyncssh.SFTPAttrs | None:
+        try:
+            return await self.fs.call(lambda s: s.lstat(path or self.path))
+        except FUSEError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
+    async def _then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]],
+                          path: bytes) -> tuple[T, asyncssh.SFTPAttrs | None]:
+        return await afuse.asyncio.run_asyncio(self.fs.pool.then_lstat(op, path))
+
+    async def _child(self, name: bytes, a: asyncssh.SFTPAttrs | None = None) -> SftpNode:
+        path = _join(self.path, name)
+        if a is None:
+            a = await self._lstat(path)
+            if a is None:
+                raise FUSEError(errno.EIO, f"{path!r} vanished after it was made")
+        return self.fs.node_for(path, a)
+
+    # lookups and attributes ---------------------------------------------------------------------
+
+    def _fresh_listing(self) -> dict[bytes, asyncssh.SFTPAttrs] | None:
+        if self.listing is not None and time.monotonic() - self.listed < self.fs.options.dir_timeout:
+            return self.listing
+        return None
+
+    async def _fetch_listing(self) -> tuple[dict[bytes, asyncssh.SFTPAttrs], bool]:
+        """Read the listing, or wait for the one on its way; True if it is kept (the directory did
+        not change through the mount meanwhile)."""
+        task = self.listing_task
+        if task is None:
+            version, started = self.listing_version, time.monotonic()
+            task = self.listing_task = _start(self.fs.pool.run(lambda s: list_directory(s, self.path)))
+            self.listing_task_from = (version, started)
+            task.add_done_callback(self._listed)
+        version, started = self.listing_task_from
+        names = await afuse.asyncio.run_asyncio(_shielded(task))
+        if self.listing_version == version and self.listing is not None and self.listed == started:
+            return self.listing, True
+        return {n.filename: n.attrs for n in names if n.filename not in (b".", b"..")}, False  # type: ignore[misc]
+
+    def _listed(self, task: asyncio.Task[list[asyncssh.SFTPName]]) -> None:
+        """A listing arrived: keep it (once, for every waiter), and refresh the children's attributes."""
+        if self.listing_task is task:
+            self.listing_task = None
+        version, started = self.listing_task_from
+        if task.cancelled() or task.exception() is not None or self.listing_version != version:
+            return
+        self.listing = {n.filename: n.attrs for n in task.result()  # type: ignore[misc]
+                        if n.filename not in (b".", b"..")}
+        self.listed, self.misses = started, 0
+        for name, a in self.listing.items():  # fresher attributes for the nodes the kernel holds
+            child = self.fs.live.get(_join(self.path, name))
+            if child is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(child.mode):
+                child._set(a, started)
+
+    async def lookup(self, name: bytes) -> Node | None:
+        """A child: from a fresh listing, else LSTAT; after three misses in a row, the directory is
+        listed instead (later lookups of its names are then answered without asking the server)."""
+        path = _join(self.path, name)
+        listing = self._fresh_listing()
+        if listing is None and self.fs.options.dir_timeout > 0:
+            if self.listing_task is not None or self.misses >= 3:
+                try:
+                    listing, kept = await self._fetch_listing()
+                    if not kept:  # changed through the mount meanwhile: it may lack a new name
+                        listing = None
+                except FUSEError:  # e.g. a directory one may search but not read
+                    self.misses = -1000
+            else:
+                self.misses += 1
+        if listing is not None:
+            a = listing.get(name)
+            return None if a is None else self.fs.node_for(path, a, self.listed)
+        when = time.monotonic()
+        a = await self._lstat(path)
+        return None if a is None else self.fs.node_for(path, a, when)
+
+    async def getattr(self) -> Attr:
+        """Cached attributes, or LSTAT (after this node's pipelined writes are done)."""
+        await self._drain()
+        if time.monotonic() - self.fetched >= self.fs.options.stat_timeout or self.fs.options.stat_timeout == 0:
+            when = time.monotonic()
+            a = await self._lstat()
+            if a is None:
+                if not self.files:
+                    raise FUSEError(errno.ENOENT)
+                f = next(iter(self.files))  # unlinked but open: ask the open handle
+                a = await afuse.asyncio.run_asyncio(f.run(lambda h: h.stat()))
+            self.fetched = -1e9  # answer what was just read, even if it changed meanwhile
+            self._set(a, max(when, self.changed))
+        return _attr(self.sattrs)
+
+    async def setattr(self, changes: SetattrRequest) -> Attr:
+        """chmod, chown, truncate, utimens: SETSTAT (FSETSTAT on an open file)."""
+        await self._drain()
+        cur = self.sattrs
+        new = asyncssh.SFTPAttrs()
+        if changes.size is not None:
+            new.size = changes.size
+        if changes.mode is not None:
+            new.permissions = changes.mode & 0o7777
+        if changes.new_uid is not None or changes.new_gid is not None:
+            if changes.new_uid is None or changes.new_gid is None:
+                cur = await self._lstat() or cur
+            new.uid = changes.new_uid if changes.new_uid is not None else cur.uid
+            new.gid = changes.new_gid if changes.new_gid is not None else cur.gid
+        now = time.time_ns()
+        at = now if changes.atime_now else changes.atime_ns
+        mt = now if changes.mtime_now else changes.mtime_ns
+        if at is not None or mt is not None:
+            if at is None or mt is None:
+                cur = await self._lstat() or cur
+            at = at if at is not None else (cur.atime or 0) * 1_000_000_000
+            mt = mt if mt is not None else (cur.mtime or 0) * 1_000_000_000
+            new.atime, new.mtime = at // 1_000_000_000, mt // 1_000_000_000  # SFTP v3: seconds
+        handle = None
+        if changes.fh:
+            with contextlib.suppress(FUSEError):
+                handle = self.fs.handle(changes.fh)
+        if isinstance(handle, SftpHandle):
+            await handle.call(handle.rf.run(lambda f: f.setstat(new)))
+        else:
+            # lsetstat@openssh.com for a symlink's own times (it takes no size); plain SETSTAT otherwise
+            nofollow = stat.S_ISLNK(self.mode)
+            await self.fs.call(lambda s: s.setstat(self.path, new, follow_symlinks=not nofollow))
+        if changes.size is not None:
+            for f in self.files:
+                f._drop_chunks()
+                f.size = changes.size
+        self._stale()
+        return await self.getattr()
+
+    async def readlink(self) -> bytes:
+        """The symlink's target (cached ``link_timeout`` seconds)."""
+        if self.target is None or time.monotonic() - self.target_at >= self.fs.options.link_timeout:
+            t: bytes | str = await self.fs.call(lambda s: s.readlink(self.path))
+            self.target = t if isinstance(t, bytes) else os.fsencode(t)
+            self.target_at = time.monotonic()
+        return self.target
+
+    async def readdir(self) -> list[DirItem]:
+        """The listing (READDIRs pipelined; names, types and attributes, kept ``dir_timeout``)."""
+        listing = self._fresh_listing()
+        if listing is None:
+            listing, _kept = await self._fetch_listing()
+        return [DirItem(name, stat.S_IFMT(a.permissions or 0), _ino(_join(self.path, name)))
+                for name, a in listing.items()]
+
+    async def statfs(self) -> FsStats:
+        """statvfs@openssh.com (huge counts if the server lacks it, as sshfs)."""
+        try:
+            v = await self.fs.call(lambda s: s.statvfs(self.path))
+        except FUSEError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            return FsStats(blocks=1 << 30, bfree=1 << 30, bavail=1 << 30, files=1 << 20, ffree=1 << 20)
+        return FsStats(blocks=v.blocks, bfree=v.bfree, bavail=v.bavail, files=v.files, ffree=v.ffree,
+                       bsize=v.bsize, namelen=v.namemax, frsize=v.frsize)
+
+    # open files ------------------------------------------------------------------------------------
+
+    async def open(self, flags: int) -> FileHandle:
+        """OPEN (O_TRUNC included); the page cache is dropped at each open, as sshfs does."""
+        await self._drain()
+        rf = RemoteFile(self.fs.pool, self.path, flags & ~(os.O_CREAT | os.O_EXCL))
+        rf.size = 0 if flags & os.O_TRUNC else (self.sattrs.size or 0)
+        await afuse.asyncio.run_asyncio(rf.open(prefetch=flags & _ACCMODE == os.O_RDONLY and rf.size > 0))
+        if flags & os.O_TRUNC:
+            self._stale()
+        return SftpHandle(self, rf)
+
+    async def create(self, name: bytes, flags: int, mode: int) -> tuple[Node, FileHandle]:
+        """OPEN with FXF_CREAT (and EXCL, TRUNC); EEXIST when O_EXCL finds the name taken."""
+        path = _join(self.path, name)
+        rf = RemoteFile(self.fs.pool, path, flags | os.O_CREAT, mode)
+        try:
+            _, a = await afuse.asyncio.run_asyncio(self.fs.pool.then_lstat(lambda _s: rf.open(), path, rf.conn))
+        except FUSEError as e:
+            await self._explain(e, path, want=None)
+            raise
+        self._changed_listing()
+        rf.size = 0
+        if a is None or not stat.S_ISREG(a.permissions or 0):
+            try:
+                a = await afuse.asyncio.run_asyncio(rf.run(lambda f: f.stat()))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await afuse.asyncio.run_asyncio(rf.close())
+                raise
+        node = self.fs.node_for(path, a)
+        return node, SftpHandle(node, rf)
+
+    async def _explain(self, e: FUSEError, path: bytes, want: str | None) -> None:
+        """SFTP v3 answers most failures FX_FAILURE: find the errno a local filesystem would give."""
+        if e.errno != errno.EIO or "connection" in str(e).lower() or "timed out" in str(e).lower():
+            return
+        try:
+            a = await self._lstat(path)
+        except FUSEError:
+            return
+        if want is None:  # making a name: it exists
+            if a is not None:
+                raise FUSEError(errno.EEXIST) from None
+        elif want == "dir":  # removing a directory
+            if a is None:
+                raise FUSEError(errno.ENOENT) from None
+            if not stat.S_ISDIR(a.permissions or 0):
+                raise FUSEError(errno.ENOTDIR) from None
+            raise FUSEError(errno.ENOTEMPTY) from None
+        elif want == "file":  # removing a file
+            if a is None:
+                raise FUSEError(errno.ENOENT) from None
+            if stat.S_ISDIR(a.permissions or 0):
+                raise FUSEError(errno.EISDIR) from None
+
+    # names ---------------------------------------------------------------------------------------
+
+    async def mkdir(self, name: bytes, mode: int) -> Node:
+        """MKDIR (EEXIST if the name is taken)."""
+        path = _join(self.path, name)
+        try:
+            _, a = await self._then_lstat(lambda s: s.mkdir(path, asyncssh.SFTPAttrs(permissions=mode & 0o7777)),
+                                          path)
+        except FUSEError as e:
+            await self._explain(e, path, want=None)
+            raise
+        self._changed_listing()
+        return await self._child(name, a)
+
+    async def symlink(self, name: bytes, target: bytes) -> Node:
+        """SYMLINK."""
+        path = _join(self.path, name)
+        try:
+            _, a = await self._then_lstat(lambda s: s.symlink(target, path), path)
+        except FUSEError as e:
+            await self._explain(e, path, want=None)
+            raise
+        self._changed_listing()
+        return await self._child(name, a)
+
+    async def link(self, name: bytes, node: Node) -> Node:
+        """hardlink@openssh.com; the new name is a node of its own (SFTP has no inode identity)."""
+        if not isinstance(node, SftpNode):
+            raise FUSEError(errno.EXDEV)
+        path = _join(self.path, name)
+        try:
+            _, a = await self._then_lstat(lambda s: s.link(node.path, path), path)
+        except FUSEError as e:
+            await self._explain(e, path, want=None)
+            raise
+        self._changed_listing()
+        node._stale()
+        return await self._child(name, a)
+
+    async def unlink(self, name: bytes) -> None:
+        """REMOVE."""
+        path = _join(self.path, name)
+        try:
+            await self.fs.call(lambda s: s.remove(path))
+        except FUSEError as e:
+            await self._explain(e, path, want="file")
+            raise
+        self._changed_listing()
+
+    async def rmdir(self, name: bytes) -> None:
+        """RMDIR (ENOTEMPTY, ENOTDIR, ENOENT found out after an FX_FAILURE)."""
+        path = _join(self.path, name)
+        try:
+            await self.fs.call(lambda s: s.rmdir(path))
+        except FUSEError as e:
+            await self._explain(e, path, want="dir")
+            raise
+        self._changed_listing()
+        self.fs.moved(path, None)
+
+    async def rename(self, name: bytes, newparent: Node, newname: bytes, flags: int) -> None:
+        """posix-rename@openssh.com (replaces the target); RENAME_NOREPLACE: plain RENAME."""
+        if not isinstance(newparent, SftpNode) or flags & ~1:
+            raise FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT: SFTP has neither
+        old, new = _join(self.path, name), _join(newparent.path, newname)
+        try:
+            if flags & 1 or not self.fs.posix_rename:
+                await self.fs.call(lambda s: s.rename(old, new))
+            else:
+                await self.fs.call(lambda s: s.posix_rename(old, new))
+        except FUSEError as e:
+            if e.errno == errno.EIO and not flags & 1 and not self.fs.posix_rename:
+                # No posix-rename: replace the target by hand (not atomic), as sshfs's workaround.
+                target = await self._lstat(new)
+                if target is not None:
+                    remove = "rmdir" if stat.S_ISDIR(target.permissions or 0) else "remove"
+                    await self.fs.call(lambda s: getattr(s, remove)(new))
+                    await self.fs.call(lambda s: s.rename(old, new))
+                    e = None  # type: ignore[assignment]
+            if e is not None:
+                if flags & 1 and e.errno == errno.EIO and await self._lstat(new) is not None:
+                    raise FUSEError(errno.EEXIST) from None
+                raise
+        self._changed_listing()
+        newparent._changed_listing()
+        self.fs.moved(old, new)
+
+
+class SftpHandle(FileHandle):
+    """The trio side of an open :class:`RemoteFile`."""
+
+    def __init__(self, node: SftpNode, rf: RemoteFile) -> None:
+        self.node = node
+        self.rf = rf
+        node.files.add(rf)
+
+    async def call(self, coro: Awaitable[T]) -> T:
+        """Run the asyncio coroutine ``coro``."""
+        return await afuse.asyncio.run_asyncio(coro)  # type: ignore[arg-type]
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """READ: from read-ahead without leaving trio when it holds the data; after the file's
+        pipelined writes (through any handle)."""
+        rf = self.rf
+        if any(f.writes or f.error for f in self.node.files):
+            for f in list(self.node.files):
+                if f is not rf and f.writes:
+                    await self.call(f.drain())
+            return await self.call(rf.read(offset, size))
+        chunks = rf.plan(offset, size)
+        if chunks is not None:
+            data = rf.ready(offset, size, chunks)
+            if data is not None:
+                return data
+        return await self.call(rf.finish(offset, size, chunks))
+
+    async def write(self, offset: int, data: bytes) -> int:
+        """WRITE, pipelined: sent without waiting while the write window has room."""
+        self.node._stale()
+        for f in self.node.files:
+            if f is not self.rf:
+                f._drop_chunks()
+        n = self.rf.write_now(offset, data)
+        return n if n is not None else await self.call(self.rf.write(offset, data))
+
+    async def flush(self) -> None:
+        """FLUSH (close(2)): the pipelined writes are done, or their error is returned."""
+        if self.rf.writes or self.rf.error:
+            await self.call(self.rf.drain())
+
+    async def fsync(self, datasync: int) -> None:
+        """FSYNC: drain, then fsync@openssh.com."""
+        await self.call(self.rf.fsync())
+
+    async def release(self) -> None:
+        """RELEASE: close the remote handle (in the background when no writes are pending: the
+        application does not wait for RELEASE, and its errors could reach no one)."""
+        self.node.files.discard(self.rf)
+        if not self.rf.writes and self.rf.error is None:
+            _start(self.rf.close()).add_done_callback(_consume)
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.call(self.rf.close())
+            except FUSEError as e:
+                log.warning("closing %r: %s", self.rf.path, e)
+
+
+# -- the filesystem ---------------------------------------------------------------------------------
+
+class SftpFS(NodeFS):
+    """A remote directory over a :class:`Pool` of SFTP connections."""
+
+    def __init__(self, pool: Pool, root_path: bytes, root_attrs: asyncssh.SFTPAttrs) -> None:
+        self.pool = pool
+        self.options = pool.options
+        #: Path -> the live node for it (nodes the kernel holds, and the root).
+        self.live: dict[bytes, SftpNode] = {}
+        root = SftpNode(self, root_path, root_attrs)
+        self.live[root_path] = root
+        self.entry_timeout = self.attr_timeout = pool.options.stat_timeout
+        super().__init__(root, types=[SftpNode, SftpHandle])
+        sftp = pool.conns[0].sftp
+        self.posix_rename = bool(getattr(getattr(sftp, "_handler", None), "_supports_posix_rename", True))
+
+    async def call(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -> T:
+        """Run one SFTP operation (from trio) on the least busy connection."""
+        return await afuse.asyncio.run_asyncio(self.pool.run(op))
+
+    def node_for(self, path: bytes, a: asyncssh.SFTPAttrs, when: float | None = None) -> SftpNode:
+        """The live node for ``path`` with attributes ``a`` read at ``when`` (now), or a new one."""
+        n = self.live.get(path)
+        if n is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(n.mode):
+            n._set(a, when)
+            return n
+        n = SftpNode(self, path, a)
+        if when is not None:
+            n.fetched = when
+        self.live[path] = n
+        return n
+
+    def moved(self, old: bytes, new: bytes | None) -> None:
+        """``old`` (and everything under it) is now ``new`` (None: gone)."""
+        prefix = old + b"/"
+        for path in [p for p in self.live if p == old or p.startswith(prefix)]:
+            n = self.live.pop(path)
+            if new is not None:
+                n.path = new + path[len(old):]
+                for f in n.files:
+                    f.path = n.path
+                self.live[n.path] = n
+
+    async def poll_once(self) -> int:
+        """Re-stat what the kernel holds; invalidate what changed elsewhere. Returns the number changed."""
+        changed = 0
+        limit = trio.Semaphore(32)
+
+        async def check(n: SftpNode) -> None:
+            nonlocal changed
+            if any(f.writes for f in n.files):
+                return
+            async with limit:
+                try:
+                    a = await n._lstat()
+                except FUSEError:
+                    return
+            old = n.sattrs
+            if a is None or stat.S_IFMT(a.permissions or 0) != stat.S_IFMT(n.mode):
+                # gone, or replaced by another type: the kernel drops the name (looked up anew)
+                parent_path, _, name = n.path.rpartition(b"/")
+                parent = self.live.get(parent_path or b"/")
+                if parent is not None and name:
+                    parent._changed_listing()
+                    changed += 1
+                    if self.live.get(n.path) is n:
+                        del self.live[n.path]
+                    await parent.notify_delete(name, n)
+                return
+            if (a.size, a.mtime, a.permissions, a.uid, a.gid) == (old.size, old.mtime, old.permissions, old.uid,
+                                                                  old.gid):
+                return
+            changed += 1
+            n._set(a)
+            if n.is_dir:
+                # The kernel caches no absent names (negative_timeout 0) and vanished children are
+                # found by their own checks: dropping the listing and the attributes is enough.
+                n._drop_listing()
+                await n.notify_content()
+            else:
+                for f in n.files:
+                    f._drop_chunks()
+                    f.size = a.size
+                n.target = None
+                await n.notify_content()
+
+        async with trio.open_nursery() as nursery:
+            for n in list(self.nodes.values()):
+                if isinstance(n, SftpNode) and n.known:
+                    nursery.start_soon(check, n)
+        return changed
+
+    async def poll_forever(self) -> None:
+        """:meth:`poll_once` every ``options.poll`` seconds."""
+        while True:
+            await trio.sleep(self.options.poll)
+            try:
+                await self.poll_once()
+            except Exception:  # one bad round never stops polling
+                log.exception("poll failed")
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+_REMOTE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/@\[\]]+):(?P<path>.*)$")
+
+
+def parse_remote(spec: str) -> tuple[str | None, str, str]:
+    """``[USER@]HOST:[DIR]`` -> (user, host, dir); ValueError if it is not that."""
+    m = _REMOTE.match(spec)
+    if m is None:
+        raise ValueError(f"remote {spec!r} is not [USER@]HOST:[DIR]")
+    return m["user"], m["host"].strip("[]"), m["path"]
+
+
+_OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
+                "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
+                "reconnect", "StrictHostKeyChecking", "Ciphers"}
+
+
+def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
+    user, host, path = parse_remote(args.remote)
+    o = SftpOptions(host=host, user=user, path=path, port=args.port, identities=list(args.identity),
+                    connections=args.connections, reconnect=args.reconnect, timeout=args.timeout, poll=args.poll)
+    if o.connections < 1 or o.timeout <= 0 or o.poll < 0:
+        raise ValueError("--connections must be >= 1, --timeout > 0, --poll >= 0")
+    mount: list[str] = []
+    for opt in ",".join(args.options).split(","):
+        if not opt:
+            continue
+        key, eq, value = opt.partition("=")
+        if key not in _OWN_OPTIONS:
+            mount.append(opt)
+            continue
+        if key in ("cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout"):
+            t = float(value)
+            if t < 0:
+                raise ValueError(f"{key} must be >= 0")
+            if key in ("cache_timeout", "cache_stat_timeout"):
+                o.stat_timeout = t
+            if key in ("cache_timeout", "cache_dir_timeout"):
+                o.dir_timeout = t
+            if key in ("cache_timeout", "cache_link_timeout"):
+                o.link_timeout = t
+        elif key == "cache":
+            if value not in ("yes", "no"):
+                raise ValueError("cache must be yes or no")
+            if value == "no":
+                o.stat_timeout = o.dir_timeout = o.link_timeout = 0.0
+        elif key in ("known_hosts", "UserKnownHostsFile"):
+            o.known_hosts = value
+        elif key == "StrictHostKeyChecking":
+            if value == "no":
+                o.known_hosts = "none"
+        elif key == "IdentityFile":
+            o.identities.append(value)
+        elif key == "Port":
+            o.port = int(value)
+        elif key in ("readahead", "write_window"):
+            n = int(value)
+            if n < CHUNK:
+                raise ValueError(f"{key} must be at least {CHUNK}")
+            setattr(o, key, n)
+        elif key == "reconnect":
+            o.reconnect = True
+        elif key == "Ciphers":
+            o.ciphers = value.split(":")
+        if not eq and key not in ("reconnect",):
+            raise ValueError(f"option {key} needs a value")
+    return o, MountOptions.parse(",".join(mount))
+
+
+async def connect(options: SftpOptions) -> SftpFS:
+    """Connect the pool and find the remote directory; ConnectError says why not."""
+    pool = Pool(options)
+    await pool.start()
+    sftp = pool.conns[0].sftp
+    assert sftp is not None
+    try:
+        async with asyncio.timeout(options.timeout):
+            root = await sftp.realpath((options.path or ".").encode())
+            a = await sftp.stat(root)
+    except (asyncssh.Error, OSError, TimeoutError) as e:
+        await pool.close()
+        raise ConnectError(f"{options.path or '~'}: {e}") from e
+    if not stat.S_ISDIR(a.permissions or 0):
+        await pool.close()
+        raise ConnectError(f"{root!r} is not a directory")
+    return SftpFS(pool, root, a)
+
+
+async def serve(options: SftpOptions, mountpoint: str, mount_options: MountOptions,
+                ready: Callable[[], None] = lambda: None) -> int | None:
+    """Connect, mount, serve until unmounted or SIGINT/SIGTERM/SIGHUP; returns the signal, if any."""
+    fs = await connect(options)
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[int] = loop.create_future()
+
+    def on_signal(signum: int) -> None:
+        if not got.done():
+            got.set_result(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+    config = InitConfig(max_background=128, congestion_threshold=96)
+    try:
+        async with afuse.asyncio.mount(fs, mountpoint, trio_handlers=True, options=mount_options, config=config,
+                                       max_requests=256) as session:
+            poller = None
+            if options.poll > 0:
+                poller = loop.create_task(session.call_trio(fs.poll_forever))
+            ready()
+            closed = loop.create_task(session.wait_closed())
+            waiting: list[asyncio.Future[Any]] = [got, closed]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await poller
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await fs.pool.close()
+    return got.result() if got.done() else None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="python -m afuse.examples.sftpfs",
+                                description="Mount a directory of an SSH server over SFTP (like sshfs).")
+    p.add_argument("remote", help="[USER@]HOST:[DIR] (DIR empty: the login directory)")
+    p.add_argument("mountpoint", help="empty directory to mount on")
+    p.add_argument("-p", "--port", type=int, default=22, help="SSH port (default 22)")
+    p.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
+                        "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
+                        "Port=N, Ciphers=A:B, readahead=BYTES, write_window=BYTES, reconnect; others are mount options")
+    p.add_argument("--connections", type=int, default=1, help="SSH connections to spread requests over")
+    p.add_argument("--reconnect", action="store_true", help="reconnect when the connection is lost")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds before a request fails with EIO")
+    p.add_argument("--poll", type=float, default=0.0, help="seconds between checks for remote changes (0: off)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: 0 after an unmount, SIGTERM or SIGHUP; 130 after Ctrl-C; 1 if it cannot connect or
+    mount; 2 for bad arguments. Prints ``ready`` once mounted."""
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s sftpfs %(levelname)s %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        options, mount_options = _options(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        stopped_by = asyncio.run(serve(options, args.mountpoint, mount_options, lambda: print("ready", flush=True)))
+    except (ConnectError, MountError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 128 + signal.SIGINT if stopped_by == signal.SIGINT else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
