@@ -14,8 +14,7 @@ from __future__ import annotations
 import errno
 import inspect
 import logging
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .context import current_request_or_none
@@ -41,7 +40,7 @@ log = logging.getLogger("afuse")
 #: What a route returns: the reply bytes, a large READ reply as buffers for one writev
 #: (:func:`afuse.wire.replies.data_vector`), or None when no reply is due.
 Reply = bytes | replies.Vector | SplicedReply | None
-Route = Callable[[Any], Awaitable[Reply]]
+Route = Callable[[Any], Coroutine[Any, Any, Reply]]
 
 #: Handler errors the dispatcher reports with a traceback are kept for tests; this many at most.
 MAX_KEPT_ERRORS = 100
@@ -103,7 +102,14 @@ class Dispatcher:
         For protocol parts outside the :class:`Operations` API, such as the experimental
         :mod:`afuse.iomap`. Exceptions ``fn`` raises are answered as a handler's would be.
         """
-        self._routes[cls] = fn
+        failed = self._failed
+
+        async def route(req: r.Request) -> Reply:
+            try:
+                return await fn(req)
+            except Exception as e:
+                return failed(req, e)
+        self._routes[cls] = route
 
     # -- negotiation ---------------------------------------------------------------------------
 
@@ -121,22 +127,24 @@ class Dispatcher:
 
     async def handle(self, req: r.Request) -> Reply:
         """Run the handler for ``req``; return the reply bytes (None: no reply is due)."""
-        try:
-            return await self._routes[type(req)](req)
-        except FUSEError as e:
-            return replies.error(req.unique, e.errno)
-        except OSError as e:
-            return replies.error(req.unique, e.errno if e.errno and 0 < e.errno < 512 else errno.EIO)
-        except KeyError:
-            if type(req) not in self._routes:
-                return replies.error(req.unique, errno.ENOSYS)
-            return self._unexpected(req)
-        except Exception:
-            return self._unexpected(req)
+        return await self.call(req)
 
-    def _unexpected(self, req: r.Request) -> bytes:
-        exc = sys.exc_info()[1]
-        assert exc is not None
+    def call(self, req: r.Request) -> Coroutine[Any, Any, Reply]:
+        """The coroutine :meth:`handle` awaits, for a caller that drives it itself (one frame fewer)."""
+        route = self._routes.get(type(req))
+        if route is None:
+            return _enosys(req)
+        return route(req)
+
+    def _failed(self, req: r.Request, exc: Exception) -> bytes:
+        """The reply to ``req`` whose handler raised ``exc`` (every route's ``except``)."""
+        if isinstance(exc, FUSEError):
+            return replies.error(req.unique, exc.errno)
+        if isinstance(exc, OSError):
+            return replies.error(req.unique, exc.errno if exc.errno and 0 < exc.errno < 512 else errno.EIO)
+        return self._unexpected(req, exc)
+
+    def _unexpected(self, req: r.Request, exc: BaseException) -> bytes:
         log.error("handler for %s (unique %d, nodeid %d) failed; answering EIO",
                   type(req).opcode.name, req.unique, req.nodeid, exc_info=exc)
         self.keep(exc)
@@ -175,9 +183,13 @@ class Dispatcher:
             return self._release_route(fn, encode, name)
         if spec.opcode == Opcode.READ:
             return self._read_route(fn, encode, name)
+        failed = self._failed
 
         async def route(req: r.Request) -> Reply:
-            return encode(conn, req, await fn(req), name)
+            try:
+                return encode(conn, req, await fn(req), name)
+            except Exception as e:
+                return failed(req, e)
         return route
 
     def _read_route(self, fn: Callable[[Any], Awaitable[Any]], encode: Encoder, name: str) -> Route:
@@ -185,23 +197,27 @@ class Dispatcher:
         :class:`~afuse.splice.FileRange` is spliced from its file by the session."""
         conn = self.connection
         vector_min = replies.VECTOR_MIN
+        failed = self._failed
 
         async def route(req: r.ReadRequest) -> Reply:
-            buf = await fn(req)
-            cls = type(buf)
-            if cls is FileRange:
-                if not 0 <= buf.size <= req.size or buf.offset < 0:
-                    raise HandlerResultError(f"{name} returned {buf!r} for a request of {req.size} bytes")
-                return SplicedReply(req.unique, buf)
-            if cls is bytes or cls is bytearray:
-                size = len(buf)
-            elif cls is memoryview and buf.c_contiguous:
-                size = buf.nbytes
-            else:
-                size = 0
-            if vector_min <= size <= req.size:
-                return replies.data_vector(req.unique, buf, size)
-            return encode(conn, req, buf, name)  # checked (and a clear error for a bad result)
+            try:
+                buf = await fn(req)
+                cls = type(buf)
+                if cls is FileRange:
+                    if not 0 <= buf.size <= req.size or buf.offset < 0:
+                        raise HandlerResultError(f"{name} returned {buf!r} for a request of {req.size} bytes")
+                    return SplicedReply(req.unique, buf)
+                if cls is bytes or cls is bytearray:
+                    size = len(buf)
+                elif cls is memoryview and buf.c_contiguous:
+                    size = buf.nbytes
+                else:
+                    size = 0
+                if vector_min <= size <= req.size:
+                    return replies.data_vector(req.unique, buf, size)
+                return encode(conn, req, buf, name)  # checked (and a clear error for a bad result)
+            except Exception as e:
+                return failed(req, e)
         return route
 
     def _lock_route(self, spec: OpSpec) -> Route:
@@ -209,11 +225,16 @@ class Dispatcher:
         posix = getattr(self.ops, spec.handler or "") if self.implements(spec.handler) else None
         bsd = getattr(self.ops, spec.alt_handler or "") if self.implements(spec.alt_handler) else None
 
+        failed = self._failed
+
         async def route(req: r.SetlkRequest) -> Reply:
             fn = bsd if req.is_flock else posix
             if fn is None:
                 return replies.error(req.unique, errno.ENOSYS)
-            await fn(req)
+            try:
+                await fn(req)
+            except Exception as e:
+                return failed(req, e)
             return replies.empty(req.unique)
         return route
 
@@ -223,35 +244,50 @@ class Dispatcher:
         conn = self.connection
         name = spec.handler or spec.name
         create = spec.reply is Shape.CREATE
+        failed = self._failed
 
         async def route(req: r.Request) -> Reply:
-            res = await fn(req)
-            reply = encode(conn, req, res, name)
-            h = res[1] if create else res
-            if int(h.flags) & _PASSTHROUGH:  # checked against the negotiation by encode()
-                ctx = current_request_or_none()
-                if self.backing is None or ctx is None:
-                    raise HandlerResultError(f"{name} returned FOpen.PASSTHROUGH outside a serving session")
-                # Last: nothing may fail after the claim.
-                ctx.after_reply(self.backing.claim(res[0].nodeid if create else req.nodeid, h, name))
+            try:
+                res = await fn(req)
+                reply = encode(conn, req, res, name)
+                h = res[1] if create else res
+                if int(h.flags) & _PASSTHROUGH:  # checked against the negotiation by encode()
+                    ctx = current_request_or_none()
+                    if self.backing is None or ctx is None:
+                        raise HandlerResultError(f"{name} returned FOpen.PASSTHROUGH outside a serving session")
+                    # Last: nothing may fail after the claim.
+                    ctx.after_reply(self.backing.claim(res[0].nodeid if create else req.nodeid, h, name))
+            except Exception as e:
+                return failed(req, e)
             return reply
         return route
 
     def _release_route(self, fn: Callable[[Any], Awaitable[Any]], encode: Encoder, name: str) -> Route:
         """RELEASE: a passthrough file's own backing reference goes with it."""
         conn = self.connection
+        failed = self._failed
 
         async def route(req: r.ReleaseRequest) -> Reply:
-            backing = self.backing
-            if backing is not None and backing.held:
-                backing.released(req.nodeid, req.fh)
-            return encode(conn, req, await fn(req), name)
+            try:
+                backing = self.backing
+                if backing is not None and backing.held:
+                    backing.released(req.nodeid, req.fh)
+                return encode(conn, req, await fn(req), name)
+            except Exception as e:
+                return failed(req, e)
         return route
 
     def _readdir_route(self, fn: Callable[[Any], Any], name: str) -> Route:
         conn = self.connection
+        failed = self._failed
 
         async def route(req: r.ReaddirRequest) -> Reply:
+            try:
+                return await listing(req)
+            except Exception as e:
+                return failed(req, e)
+
+        async def listing(req: r.ReaddirRequest) -> Reply:
             call = fn(req)
             # ``async def readdir(...): yield ...`` is an async generator function: nothing to await.
             result = call if hasattr(call, "__aiter__") else await call

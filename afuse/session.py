@@ -83,7 +83,7 @@ class Session:
         self.dispatcher = Dispatcher(ops, self.connection)
         self.pool = ReaderPool(mnt.fd if mnt is not None else -1, readers, max_requests, private_clones)
         self._decode = self.connection.decoder.decode  # the hot path's bound methods
-        self._handle = self.dispatcher.handle
+        self._handle = self.dispatcher.call
         self._retrieve_waiters: dict[int, trio.MemorySendChannel[r.NotifyReplyRequest]] = {}
         self._workers_scope = trio.CancelScope(shield=True)
         #: Requests served so far (for tests and statistics).
@@ -380,18 +380,12 @@ class Session:
             if e.unique and e.opcode not in NO_REPLY:
                 _write(fd, replies.error(e.unique, errno.EIO), e.unique)
             return False
-        debug = log.isEnabledFor(logging.DEBUG)
+        debug = _debugging(_DEBUG)
         if debug:
             log.debug("-> %s", describe_request(req))
         cls = type(req)
-        if cls is r.ForgetRequest:
-            return (await self.pool.drive(self.dispatcher.forget(req), None, wscope))[1]  # type: ignore[arg-type]
-        if cls is r.InterruptRequest:
-            self.pool.interrupt(req.target)  # type: ignore[attr-defined]
-            return False
-        if cls is r.NotifyReplyRequest:
-            self._notify_reply(req)  # type: ignore[arg-type]
-            return False
+        if cls in _NOT_ANSWERED:
+            return await self._unanswered(req, wscope)
         unique = req.unique
         t0 = time.perf_counter() if debug else 0.0
         ctx = RequestContext(self.connection, req, fd, wscope)  # handling, until the handler is done
@@ -401,21 +395,47 @@ class Session:
             reply: Reply = replies.error(unique, errno.EINTR)
             blocked = False
         else:
+            coro = self._handle(req)
             try:
-                reply, blocked = await pool.drive(self._handle(req), unique, wscope, req)
+                # pool.drive(coro, ...) without its frame: a handler that does not block ends here.
+                try:
+                    msg = coro.send(None)
+                except StopIteration as e:
+                    reply, blocked = e.value, False
+                else:
+                    reply, blocked = await pool.resume(coro, msg, unique, wscope, req), True
             finally:
                 ctx.handling = False
         self.served += 1
-        if isinstance(reply, SplicedReply):
+        if reply is None:
+            written = False
+        elif type(reply) is bytes:  # the common case, written inline
+            try:
+                _os_write(fd, reply)
+                written = True
+            except OSError as e:
+                written = _write_failed(e, reply, unique)
+        elif isinstance(reply, SplicedReply):
             written = self._write_spliced(fd, reply)
         else:
-            written = reply is not None and _write(fd, reply, unique)
+            written = _write(fd, reply, unique)
         if ctx.callbacks is not None:
             ctx.finish(written)
         if debug:
             log.debug("<- %s unique=%d: %s in %.1f us%s", cls.opcode.name, unique, describe_reply(reply),
                       (time.perf_counter() - t0) * 1e6, "" if written or reply is None else " (not delivered)")
         return blocked
+
+    async def _unanswered(self, req: r.Request, wscope: trio.CancelScope) -> bool:
+        """FORGET, INTERRUPT, NOTIFY_REPLY: served here, never answered; True if a forget blocked."""
+        cls = type(req)
+        if cls is r.ForgetRequest:
+            return (await self.pool.drive(self.dispatcher.forget(req), None, wscope))[1]  # type: ignore[arg-type]
+        if cls is r.InterruptRequest:
+            self.pool.interrupt(req.target)  # type: ignore[attr-defined]
+        else:
+            self._notify_reply(req)  # type: ignore[arg-type]
+        return False
 
     def _write_spliced(self, fd: int, reply: SplicedReply) -> bool:
         """Write a READ reply spliced from its file (pread if no pipe can be had)."""
@@ -466,6 +486,13 @@ class Session:
 
 
 _set_request = _REQUEST.set
+_debugging = log.isEnabledFor
+_DEBUG = logging.DEBUG
+#: Requests the session serves itself, without a reply (see :meth:`Session._unanswered`).
+_NOT_ANSWERED = frozenset({r.ForgetRequest, r.InterruptRequest, r.NotifyReplyRequest})
+
+
+_os_write = os.write
 
 
 def _write(fd: int, data: bytes | replies.Vector, unique: int) -> bool:
@@ -474,17 +501,22 @@ def _write(fd: int, data: bytes | replies.Vector, unique: int) -> bool:
         if type(data) is list:
             os.writev(fd, data)
         else:
-            os.write(fd, data)  # type: ignore[arg-type]
+            _os_write(fd, data)  # type: ignore[arg-type]
         return True
     except OSError as e:
-        if e.errno == errno.ENOENT:  # interrupted/aborted/resent meanwhile: nobody waits
-            log.debug("reply to unique %d: nobody waits (ENOENT)", unique)
-        elif e.errno in END_ERRNOS:
-            log.debug("reply to unique %d after the connection ended", unique)
-        else:
-            size = sum(memoryview(b).nbytes for b in data) if type(data) is list else len(data)
-            log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, size, e)
-        return False
+        return _write_failed(e, data, unique)
+
+
+def _write_failed(e: OSError, data: bytes | replies.Vector, unique: int) -> bool:
+    """Log why the reply to ``unique`` was not taken; False."""
+    if e.errno == errno.ENOENT:  # interrupted/aborted/resent meanwhile: nobody waits
+        log.debug("reply to unique %d: nobody waits (ENOENT)", unique)
+    elif e.errno in END_ERRNOS:
+        log.debug("reply to unique %d after the connection ended", unique)
+    else:
+        size = sum(memoryview(b).nbytes for b in data) if type(data) is list else len(data)
+        log.error("kernel rejected the reply to unique %d (%d bytes): %s", unique, size, e)
+    return False
 
 
 @attrs.define

@@ -2,7 +2,9 @@
 
 * :class:`ZeroTimeoutHello` — a one-file filesystem on the low-level ``afuse.Operations`` API
   with ``attr_timeout = 0``, so every ``stat`` of ``hello`` is one GETATTR round trip (the name
-  stays cached: ``entry_timeout = 3600``). Served by
+  stays cached: ``entry_timeout = 3600``). Its second name, ``fresh``, is answered with
+  ``entry_timeout = 0``: every ``stat`` of it is one LOOKUP (the kernel revalidates the name)
+  and one GETATTR (the attributes are never cached). Served by
   ``python -m afuse.testing benchmarks._latencyfs:ZeroTimeoutHello MOUNTPOINT -o ''``.
 * :class:`ZeroTimeoutNodeHello` — the same on nodes (``afuse.examples.hello``, the NodeFS bridge).
 * ``python benchmarks/_latencyfs.py raw MOUNTPOINT`` — the same filesystem served by a bare
@@ -28,6 +30,8 @@ from afuse.wire import requests as r
 from afuse.wire.constants import ROOT_ID
 
 FILE_ID = 2
+FRESH = b"fresh"  # a name looked up again on every stat (entry_timeout 0)
+FRESH_ID = 3
 
 
 class ZeroTimeoutHello(Operations):
@@ -41,18 +45,24 @@ class ZeroTimeoutHello(Operations):
         self._root = Attr(ino=ROOT_ID, mode=stat.S_IFDIR | 0o755, nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now)
         self._file = Attr(ino=FILE_ID, mode=stat.S_IFREG | 0o444, nlink=1, size=len(DATA),
                           atime_ns=now, mtime_ns=now, ctime_ns=now)
+        self._fresh = Attr(ino=FRESH_ID, mode=stat.S_IFREG | 0o444, nlink=1, size=len(DATA),
+                           atime_ns=now, mtime_ns=now, ctime_ns=now)
 
     async def getattr(self, req: r.GetattrRequest) -> Attr:
         if req.nodeid == ROOT_ID:
             return self._root
         if req.nodeid == FILE_ID:
             return self._file
+        if req.nodeid == FRESH_ID:
+            return self._fresh
         raise FUSEError(errno.ENOENT)
 
     async def lookup(self, req: r.LookupRequest) -> Entry:
-        if req.nodeid != ROOT_ID or req.name != NAME:
-            raise FUSEError(errno.ENOENT)
-        return Entry(FILE_ID, self._file)
+        if req.nodeid == ROOT_ID and req.name == NAME:
+            return Entry(FILE_ID, self._file)
+        if req.nodeid == ROOT_ID and req.name == FRESH:
+            return Entry(FRESH_ID, self._fresh, entry_timeout=0.0)
+        raise FUSEError(errno.ENOENT)
 
     async def readdir(self, req: r.ReaddirRequest) -> Iterator[DirEntry]:
         entries = [DirEntry(b".", 1, self._root), DirEntry(b"..", 2, self._root), DirEntry(NAME, 3, self._file)]
@@ -129,10 +139,16 @@ def _raw_main(mountpoint: str) -> int:
             req = decoder.decode(mv[:n])
             kind = type(req)
             if kind is r.GetattrRequest:
-                out = replies.attr(req.unique, fs._root if req.nodeid == ROOT_ID else fs._file, attr_timeout)
+                a = {ROOT_ID: fs._root, file_id: fs._file, FRESH_ID: fs._fresh}.get(req.nodeid)
+                if a is None:
+                    out = replies.error(req.unique, errno.ENOENT)
+                else:
+                    out = replies.attr(req.unique, a, attr_timeout)
             elif isinstance(req, r.LookupRequest):
                 if req.nodeid == ROOT_ID and req.name == b"hello":
                     out = replies.entry(req.unique, Entry(file_id, fs._file), entry_timeout, attr_timeout)
+                elif req.nodeid == ROOT_ID and req.name == FRESH:
+                    out = replies.entry(req.unique, Entry(FRESH_ID, fs._fresh), 0.0, attr_timeout)
                 else:
                     out = replies.error(req.unique, errno.ENOENT)
             elif kind in (r.ForgetRequest, r.InterruptRequest):

@@ -611,29 +611,34 @@ def run_latency(cfg: Config, results: dict[str, Any], problems: list[str], tmp: 
     pipe_pinned = pipe_roundtrip_us(cpu, secs / 2)
     pipe_unpinned = pipe_roundtrip_us(None, secs / 2)
 
-    def measure(make: Callable[[int | None], Daemon]) -> tuple[float, float]:
+    lookups: dict[str, list[float]] = {}  # FAST's LOOKUP+GETATTR row: label -> [pinned, unpinned]
+
+    def measure(make: Callable[[int | None], Daemon], row: str | None = None) -> tuple[float, float]:
         out = []
         for pin in (cpu, None):
             with serving(make(pin), problems) as fs:
                 with pinned(pin):
                     out.append(stat_loop_us(fs.join("hello"), secs))
+                    if row is not None and os.path.exists(fs.join("fresh")):  # older trees lack it
+                        lookups.setdefault(row, []).append(stat_loop_us(fs.join("fresh"), secs))
         return out[0], out[1]
 
     log("  GETATTR latency, afuse HelloFS (attr_timeout=0) ...")
     af_pinned, af_unpinned = measure(lambda pin: afuse_daemon(
-        f"latency hello (cpu {pin})", LATENCY_FS, [], cpu=pin))
+        f"latency hello (cpu {pin})", LATENCY_FS, [], cpu=pin), "afuse")
     log("  GETATTR latency, the same file on nodes (NodeFS bridge) ...")
     nodes_pinned, nodes_unpinned = measure(lambda pin: afuse_daemon(
         f"nodes hello (cpu {pin})", LATENCY_NODES_FS, [], cpu=pin))
     if cfg.compare_tree:
         log(f"  GETATTR latency, afuse HelloFS from {cfg.compare_tree} ...")
         cmp_pinned, cmp_unpinned = measure(lambda pin: afuse_daemon(
-            f"compare hello (cpu {pin})", LATENCY_FS, [], cpu=pin, tree=cfg.compare_tree or REPO))
+            f"compare hello (cpu {pin})", LATENCY_FS, [], cpu=pin, tree=cfg.compare_tree or REPO), "compare")
         # Measure this tree once more after it, so drift during the run shows.
         again_pinned, again_unpinned = measure(lambda pin: afuse_daemon(
             f"latency hello (cpu {pin})", LATENCY_FS, [], cpu=pin))
     log("  GETATTR latency, bare blocking-loop hello (afuse wire codecs only) ...")
-    raw_pinned, raw_unpinned = measure(lambda pin: script_daemon("raw", f"bare-loop hello (cpu {pin})", pin))
+    raw_pinned, raw_unpinned = measure(lambda pin: script_daemon("raw", f"bare-loop hello (cpu {pin})", pin),
+                                       "bare_loop")
     results["latency"] = {
         "title": f"GETATTR round trip (os.stat, attr_timeout=0), {secs:g} s",
         "pinned_to": f"cpu{cpu}",
@@ -646,6 +651,9 @@ def run_latency(cfg: Config, results: dict[str, Any], problems: list[str], tmp: 
         "bare_loop": {"unit": "us", "pinned": raw_pinned, "unpinned": raw_unpinned},
         "nodes": {"unit": "us", "pinned": nodes_pinned, "unpinned": nodes_unpinned},
     }
+    if lookups:
+        # Beside "latency", not in it: the table reads every dict there with "afuse" as a figure.
+        results["lookup_getattr"] = {"unit": "us", **{k: v for k, v in lookups.items() if len(v) == 2}}
     if cfg.compare_tree:
         results["latency"]["compare"] = {
             "unit": "us", "tree": cfg.compare_tree, "pinned": cmp_pinned, "unpinned": cmp_unpinned,
@@ -762,6 +770,16 @@ def report(results: dict[str, Any]) -> str:
                          f"   -> this/that (mean of both runs) "
                          f"{(af_p + again['pinned']) / 2 / other['pinned']:.2f} / "
                          f"{(af_u + again['unpinned']) / 2 / other['unpinned']:.2f}")
+        lk = results.get("lookup_getattr")
+        if lk:
+            lines.append("LOOKUP+GETATTR references (stat of a name answered with entry_timeout=0: one LOOKUP and "
+                         "one GETATTR per call), us pinned / unpinned:")
+            tree = (other or {}).get("tree", "?")
+            for key, what in (("bare_loop", "bare blocking-loop daemon"),
+                              ("afuse", "afuse (session, trio, dispatcher)"), ("compare", f"afuse from {tree}")):
+                if key in lk:
+                    p_, u_ = lk[key]
+                    lines.append(f"  {what:<51} {p_:6.1f} / {u_:.1f}")
     py = results.get("pyfuse3")
     lines.append("")
     if py is None:

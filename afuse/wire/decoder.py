@@ -5,13 +5,14 @@ from __future__ import annotations
 import struct
 
 from . import structs as S
-from .constants import Opcode
+from .constants import GETATTR_FH, Opcode
 from .opcodes import BY_OPCODE, OpSpec
-from .requests import ProtocolError, Request, UnknownOpcode
+from .requests import GetattrRequest, LookupRequest, ProtocolError, Request, UnknownOpcode, _d_getattr, _d_lookup
 
 __all__ = ["Decoder"]
 
 _HEADER = S.IN_HEADER.unpack_from
+_GETATTR_IN = S.GETATTR_IN.unpack_from
 
 
 class Decoder:
@@ -51,6 +52,17 @@ class Decoder:
         decode = self._decoders.get(opcode)
         if decode is None:
             raise UnknownOpcode(f"unknown opcode {opcode}", unique, opcode)
+        if not extlen:
+            # The hottest requests, decoded here without slicing or the table's call: the same
+            # result as their decoders (which a connection's own registration still replaces).
+            if decode is _d_getattr and size == 56:
+                flags, _, fh = _GETATTR_IN(mv, 40)
+                return GetattrRequest(unique, nodeid, uid, gid, pid, fh if flags & GETATTR_FH else None)
+            if decode is _d_lookup:
+                name = mv[40:].tobytes()
+                end = name.find(b"\0")
+                if end >= 0:
+                    return LookupRequest(unique, nodeid, uid, gid, pid, name[:end])
         try:
             if extlen:
                 end = length - extlen * 8

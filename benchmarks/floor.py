@@ -1,0 +1,384 @@
+"""Request round-trip latency: afuse against an older checkout and the bare Python floor.
+
+One command, one table::
+
+    python benchmarks/floor.py [--base DIR] [--rounds 15] [--seconds 0.2] [--unpinned]
+
+It mounts, at once, a one-file filesystem served
+
+* ``this``  — by afuse from this checkout (low-level ``Operations``, ``afuse.testing``'s serve);
+* ``base``  — by afuse from checkout ``DIR`` (e.g. ``git worktree add --detach ../base main``), the
+  same filesystem code (this file) importing that checkout's ``afuse``;
+* ``nodes`` — by afuse from this checkout through the node layer (``afuse.examples.hello``);
+* ``raw``   — by a bare blocking ``os.readv``/``os.write`` loop using afuse's wire codecs only
+  (no session, no trio, no dispatcher): the least a Python daemon can do per request,
+
+each daemon pinned to one CPU together with this (client) process unless ``--unpinned``. It then
+times ``os.stat`` in short slices, rotating through the mounts each round, and prints the median
+per mount (so load from other processes hits every row alike) and the ratios, and the CPU time
+the daemon spent per call (``/proc/PID/task/*/schedstat``: its own work, in user space and the
+kernel, which the machine's load disturbs far less than the wall-clock figure).
+
+Rows, and the requests one ``os.stat`` costs (the kernel's fuse tracepoints confirm them:
+``--trace`` counts ``fuse_request_send`` events per call):
+
+* ``getattr``: ``stat hello`` — the name is cached (entry_timeout 3600), attr_timeout 0: one GETATTR.
+* ``lookup+getattr``: ``stat fresh`` — entry_timeout 0 and attr_timeout 0: the kernel revalidates
+  the name (one LOOKUP) and then asks for the attributes (one GETATTR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import re
+import select
+import signal
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+ROOT_ID = 1
+HELLO_ID = 2
+FRESH_ID = 3
+DATA = b"Hello, world!\n"
+
+
+def _hello_ops() -> object:
+    """The low-level filesystem, built from whichever afuse is on the path (this or ``--base``)."""
+    from afuse import Attr, Entry, FUSEError, Operations
+
+    now = time.time_ns()
+    root = Attr(ino=ROOT_ID, mode=stat.S_IFDIR | 0o755, nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now)
+    hello = Attr(ino=HELLO_ID, mode=stat.S_IFREG | 0o444, nlink=1, size=len(DATA),
+                 atime_ns=now, mtime_ns=now, ctime_ns=now)
+    fresh = Attr(ino=FRESH_ID, mode=stat.S_IFREG | 0o444, nlink=1, size=len(DATA),
+                 atime_ns=now, mtime_ns=now, ctime_ns=now)
+    by_id = {ROOT_ID: root, HELLO_ID: hello, FRESH_ID: fresh}
+    entries = {b"hello": Entry(HELLO_ID, hello, entry_timeout=3600.0),
+               b"fresh": Entry(FRESH_ID, fresh, entry_timeout=0.0)}
+
+    class Floor(Operations):
+        attr_timeout = 0.0
+        entry_timeout = 3600.0
+
+        async def getattr(self, req):  # type: ignore[no-untyped-def]
+            try:
+                return by_id[req.nodeid]
+            except KeyError:
+                raise FUSEError(errno.ENOENT) from None
+
+        async def lookup(self, req):  # type: ignore[no-untyped-def]
+            e = entries.get(req.name) if req.nodeid == ROOT_ID else None
+            if e is None:
+                raise FUSEError(errno.ENOENT)
+            return e
+
+    return Floor()
+
+
+def Hello() -> object:
+    """``python -m afuse.testing floor:Hello MOUNTPOINT -o ''`` (with benchmarks/ on PYTHONPATH)."""
+    return _hello_ops()
+
+
+def NodeHello() -> object:
+    """The hello example on nodes, with attr_timeout 0 (``stat hello`` is one GETATTR)."""
+    from afuse.examples.hello import HelloFS
+
+    class Zero(HelloFS):
+        attr_timeout = 0.0
+        entry_timeout = 3600.0
+
+    return Zero()
+
+
+def raw_main(mountpoint: str) -> int:
+    """The same filesystem as one thread in a blocking read/decode/encode/write loop."""
+    from afuse import Attr, Entry, device
+    from afuse.device import MountOptions
+    from afuse.wire import replies
+    from afuse.wire import requests as r
+    from afuse.wire.constants import InitFlag
+    from afuse.wire.decoder import Decoder
+    from afuse.wire.init import InitConfig, encode_init_reply, negotiate
+
+    now = time.time_ns()
+    root = Attr(ino=ROOT_ID, mode=stat.S_IFDIR | 0o755, nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now)
+    hello = Attr(ino=HELLO_ID, mode=stat.S_IFREG | 0o444, nlink=1, size=len(DATA), atime_ns=now, mtime_ns=now,
+                 ctime_ns=now)
+    fresh = Attr(ino=FRESH_ID, mode=stat.S_IFREG | 0o444, nlink=1, size=len(DATA), atime_ns=now, mtime_ns=now,
+                 ctime_ns=now)
+    by_id = {ROOT_ID: root, HELLO_ID: hello, FRESH_ID: fresh}
+    entries = {b"hello": Entry(HELLO_ID, hello, entry_timeout=3600.0),
+               b"fresh": Entry(FRESH_ID, fresh, entry_timeout=0.0)}
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    mnt = device.mount(mountpoint, MountOptions(fsname="afuse-floor-raw"))
+    fd = mnt.fd
+    decoder = Decoder()
+    try:
+        buf = bytearray((1 << 20) + 4096)
+        n = os.readv(fd, (buf,))
+        init = decoder.decode(memoryview(buf)[:n])
+        assert isinstance(init, r.InitRequest)
+        unwanted = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO | InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS
+        neg = negotiate(init, InitConfig(), InitConfig().wanted_flags() & ~unwanted)
+        os.write(fd, encode_init_reply(init.unique, neg))
+        buf = bytearray(neg.read_buffer_size)
+        mv = memoryview(buf)
+        print("ready", flush=True)
+        while True:
+            try:
+                n = os.readv(fd, (buf,))
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue
+                if e.errno in (errno.ENODEV, errno.ECONNABORTED):
+                    break
+                raise
+            req = decoder.decode(mv[:n])
+            kind = type(req)
+            if kind is r.GetattrRequest:
+                a = by_id.get(req.nodeid)
+                out = replies.error(req.unique, errno.ENOENT) if a is None else replies.attr(req.unique, a, 0.0)
+            elif kind is r.LookupRequest:
+                e = entries.get(req.name) if req.nodeid == ROOT_ID else None  # type: ignore[attr-defined]
+                out = replies.error(req.unique, errno.ENOENT) if e is None else replies.entry(req.unique, e, 0.0, 0.0)
+            elif kind in (r.ForgetRequest, r.InterruptRequest):
+                continue
+            else:
+                out = replies.error(req.unique, errno.ENOSYS)
+            try:
+                os.write(fd, out)
+            except FileNotFoundError:
+                pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            mnt.unmount()
+        finally:
+            mnt.close()
+    return 0
+
+
+# -- the client side ------------------------------------------------------------------------------
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+class Daemon:
+    """One filesystem process on a fresh mountpoint."""
+
+    def __init__(self, label: str, tree: str, args: list[str], cpu: int | None, extra_env: dict[str, str]) -> None:
+        self.label = label
+        self.path = tempfile.mkdtemp(prefix="afuse-floor-")
+        env = {**os.environ, **extra_env}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, HERE, env.get("PYTHONPATH")) if p)
+
+        def pin() -> None:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, *args, self.path, *([] if args[0] == __file__ else ["-o", ""])],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.err, env=env,
+                                     cwd=tree, start_new_session=True, preexec_fn=pin)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline() if ready else b""
+        deadline = time.monotonic() + 10
+        while line.strip() == b"ready" and not _mounted(self.path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not _mounted(self.path):
+            self.stop()
+            self.err.seek(0)
+            raise RuntimeError(f"{label}: did not mount: {self.err.read().decode(errors='replace')[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if _mounted(self.path):
+            subprocess.run(["umount", "-l", self.path], check=False, stderr=subprocess.DEVNULL)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.path)
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds process ``pid`` (all its threads) has run on a CPU (``/proc/PID/task/*/schedstat``)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def stat_us(path: str, seconds: float, pid: int) -> tuple[float, float, int]:
+    """Time ``os.stat(path)`` for about ``seconds``: (µs per call, the daemon's CPU ns in all, calls)."""
+    st = os.stat
+    st(path)
+    count = 0
+    clock = time.perf_counter
+    c0 = cpu_ns(pid)
+    t0 = clock()
+    while (elapsed := clock() - t0) < seconds:
+        for _ in range(100):
+            st(path)
+        count += 100
+    return elapsed / count * 1e6, cpu_ns(pid) - c0, count
+
+
+TRACING = "/sys/kernel/tracing"
+
+
+def requests_per_stat(path: str, calls: int = 200) -> dict[str, float]:
+    """Count the fuse_request_send tracepoint's opcodes over ``calls`` stats of ``path``."""
+    ev = f"{TRACING}/events/fuse/fuse_request_send"
+    if not os.path.isdir(ev):
+        return {}
+    dev = os.stat(os.path.dirname(path)).st_dev
+    conn = (os.major(dev) << 20) | os.minor(dev)  # the kernel's dev_t, as the tracepoint prints it
+    with open(f"{TRACING}/trace", "w"):
+        pass  # opening for writing clears the buffer
+    with open(f"{ev}/filter", "w") as f:
+        f.write(f"connection == {conn}")  # this mount's requests only
+    with open(f"{ev}/enable", "w") as f:
+        f.write("1")
+    try:
+        for _ in range(calls):
+            os.stat(path)
+    finally:
+        with open(f"{ev}/enable", "w") as f:
+            f.write("0")
+        with open(f"{ev}/filter", "w") as f:
+            f.write("0")
+    counts: dict[str, int] = {}
+    with open(f"{TRACING}/trace") as f:
+        for line in f:
+            if "fuse_request_send" not in line:
+                continue
+            m = re.search(r"opcode \d+ \((\w+)\)", line)
+            if m:
+                op = m.group(1).removeprefix("FUSE_")
+                counts[op] = counts.get(op, 0) + 1
+    return {op: n / calls for op, n in sorted(counts.items())}
+
+
+@contextlib.contextmanager
+def pinned(cpu: int | None) -> Iterator[None]:
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+ROWS = (("getattr", "hello"), ("lookup+getattr", "fresh"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", metavar="DIR", help="also serve from this afuse checkout (the 'before')")
+    p.add_argument("--rounds", type=int, default=15, help="rounds; each times every mount once (median reported)")
+    p.add_argument("--seconds", type=float, default=0.2, help="length of one timed slice")
+    p.add_argument("--unpinned", action="store_true", help="do not pin the daemons and the client to one CPU")
+    p.add_argument("--no-nodes", action="store_true", help="skip the node-layer hello")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE",
+                   help="also serve this checkout with environment variable VAR=VALUE, as row NAME")
+    p.add_argument("--trace", action="store_true", help="count the FUSE requests one stat costs (tracepoints)")
+    args = p.parse_args(argv)
+    cpus = os.sched_getaffinity(0)
+    cpu = None if args.unpinned else (0 if 0 in cpus else min(cpus))
+
+    hello = ["-m", "afuse.testing", "floor:Hello"]
+    specs: list[tuple[str, str, list[str], dict[str, str]]] = [("this", REPO, hello, {})]
+    for variant in args.variant:
+        name, _, assignment = variant.partition(":")
+        var, _, value = assignment.partition("=")
+        specs.append((name, REPO, hello, {var: value}))
+    if args.base:
+        specs.append(("base", os.path.abspath(args.base), hello, {}))
+    if not args.no_nodes:
+        specs.append(("nodes", REPO, ["-m", "afuse.testing", "floor:NodeHello"], {}))
+    specs.append(("raw", REPO, [__file__, "raw"], {}))
+    daemons: dict[str, Daemon] = {}
+    samples: dict[tuple[str, str], list[float]] = {}
+    traced: dict[tuple[str, str], dict[str, float]] = {}
+    cpus_used: dict[tuple[str, str], list[float]] = {}  # daemon CPU µs per call, per slice
+    try:
+        for label, tree, cmd, env in specs:
+            daemons[label] = Daemon(label, tree, cmd, cpu, env)
+        with pinned(cpu):
+            for rnd in range(args.rounds):
+                order = list(daemons.items())
+                k = rnd % len(order)
+                for label, d in order[k:] + order[:k]:  # rotate, so no mount always goes first
+                    for row, name in ROWS:
+                        if label == "nodes" and row != "getattr":
+                            continue
+                        us, ns, calls = stat_us(os.path.join(d.path, name), args.seconds, d.proc.pid)
+                        samples.setdefault((label, row), []).append(us)
+                        cpus_used.setdefault((label, row), []).append(ns / calls / 1e3)
+            if args.trace:
+                for label, d in daemons.items():
+                    for row, name in ROWS:
+                        if label != "nodes" or row == "getattr":
+                            traced[(label, row)] = requests_per_stat(os.path.join(d.path, name))
+    finally:
+        for d in daemons.values():
+            d.stop()
+
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    dcpu = {k: statistics.median(v) for k, v in cpus_used.items()}
+    print(f"os.stat round trips, µs, median of {args.rounds} x {args.seconds:g} s slices, "
+          f"{f'pinned to cpu{cpu}' if cpu is not None else 'unpinned'}, load {os.getloadavg()[0]:.2f}")
+    head = (f"{'row':16} {'server':8} {'µs':>8} {'min':>8} {'÷ raw':>7}" + (f" {'÷ base':>7}" if args.base else "")
+            + f" {'daemon CPU µs':>13} {'min':>6} {'÷ raw':>7}" + (f" {'÷ base':>7}" if args.base else ""))
+    print(head + ("  requests per stat" if args.trace else ""))
+    for row, _name in ROWS:
+        for label in daemons:
+            if (label, row) not in med:
+                continue
+            us = med[(label, row)]
+            line = f"{row:16} {label:8} {us:8.2f} {min(samples[(label, row)]):8.2f} {us / med[('raw', row)]:7.2f}"
+            if args.base:
+                line += f" {us / med[('base', row)]:7.2f}"
+            c = dcpu[(label, row)]
+            line += f" {c:13.2f} {min(cpus_used[(label, row)]):6.2f} {c / dcpu[('raw', row)]:7.2f}"
+            if args.base:
+                line += f" {c / dcpu[('base', row)]:7.2f}"
+            if args.trace:
+                line += "  " + " ".join(f"{op}={n:g}" for op, n in traced.get((label, row), {}).items())
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "raw":
+        sys.exit(raw_main(sys.argv[2]))
+    sys.exit(main())
