@@ -145,7 +145,7 @@ def sshfs_argv(sshd: Any, port: int, known_hosts: str, remote: str, mnt: str, cf
             "-p", str(port),
             "-o", f"IdentityFile={sshd.identity},IdentitiesOnly=yes,UserKnownHostsFile={known_hosts}",
             "-o", "StrictHostKeyChecking=yes,BatchMode=yes",
-            "-o", "entry_timeout=1,attr_timeout=1,negative_timeout=0,cache=yes,cache_timeout=20",
+            "-o", "entry_timeout=1,attr_timeout=1,negative_timeout=0,dir_cache=yes,dcache_timeout=20",
             "-o", f"max_conns={cfg.connections}",
             "-o", "fsname=sftpbench-sshfs"]  # fmt: skip
 
