@@ -44,7 +44,7 @@ from .operations import Operations
 from .session import Session, serve
 from .wire.opcodes import HANDLERS
 
-__all__ = ["AsyncioSession", "bridge", "mount", "run", "serve_until_stopped"]
+__all__ = ["AsyncioSession", "bridge", "mount", "run", "run_asyncio", "serve_until_stopped"]
 
 T = TypeVar("T")
 
@@ -106,6 +106,12 @@ async def _run_in_asyncio(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, 
         # Cancelled from the asyncio side (e.g. the loop shutting down): not the handler's answer.
         raise FUSEError(errno.EINTR, "the asyncio task running the handler was cancelled")
     return task.result()
+
+
+async def run_asyncio(coro: Coroutine[Any, Any, T]) -> T:
+    """From trio code running as a guest of asyncio (handlers mounted with ``trio_handlers=True``),
+    run asyncio coroutine ``coro`` as a task and return its result; cancelling the caller cancels it."""
+    return await _run_in_asyncio(asyncio.get_running_loop(), coro)
 
 
 class _AsyncIterBridge:
@@ -448,16 +454,18 @@ async def _release_host(host: _TrioHost) -> None:
 
 @contextlib.asynccontextmanager
 async def mount(
-    ops: Operations, mountpoint: str | os.PathLike[str], **serve_kwargs: Any,
+    ops: Operations, mountpoint: str | os.PathLike[str], *, trio_handlers: bool = False, **serve_kwargs: Any,
 ) -> AsyncIterator[AsyncioSession]:
     """Serve ``ops`` on ``mountpoint`` for the duration of the ``async with`` block (asyncio).
 
     Keyword arguments are those of :func:`afuse.serve` (``options``, ``config``, ...). Handlers
-    are asyncio coroutines. Leaving the block by any way (including cancellation) unmounts
-    and waits until serving has ended; a failure to mount is raised here as a plain exception.
+    are asyncio coroutines; with ``trio_handlers=True`` they are trio code served as they are (a
+    :class:`afuse.nodes.NodeFS`), reaching asyncio with :func:`run_asyncio`. Leaving the block by
+    any way (including cancellation) unmounts and waits until serving has ended; a failure to
+    mount is raised here as a plain exception.
     """
     loop = asyncio.get_running_loop()
-    bridged = bridge(ops, loop)
+    bridged = ops if trio_handlers else bridge(ops, loop)
     host = await _acquire_host(loop)
     try:
         async with _serve_on(host, bridged, mountpoint, serve_kwargs) as session:

@@ -1,0 +1,1045 @@
+"""sftpfs: a directory of an SSH server, mounted over SFTP (like sshfs), on afuse's node API.
+
+::
+
+    python -m afuse.examples.sftpfs [USER@]HOST:[DIR] MOUNTPOINT [-p PORT] [-i IDENTITY] [-o OPTIONS]
+        [--connections N] [--reconnect] [--timeout SECONDS] [--poll SECONDS]
+
+The worked example of a network filesystem on afuse (docs/sftpfs.md explains it):
+
+* **Hosting.** asyncssh is an asyncio library, so the program runs an asyncio loop and serves the
+  filesystem with :func:`afuse.asyncio.mount` (``trio_handlers=True``): trio runs as asyncio's
+  guest in the same thread, the node API (:class:`afuse.nodes.NodeFS`) answers requests in trio,
+  and every SFTP call is an asyncio task started with :func:`afuse.asyncio.run_asyncio` (an
+  INTERRUPT cancels it).
+* **Nodes** are dynamic, one per remote path (:class:`SftpNode`); the filesystem keeps a path ->
+  node map (renames move nodes and their subtrees). Attributes come from listings (READDIRPLUS
+  answers without a request per entry) and are cached for ``cache_stat_timeout`` seconds, the time
+  the kernel is told it may cache them too.
+* **Connections** (:class:`Pool`): ``--connections N`` SSH connections with one SFTP session each;
+  a request goes to the least busy one, an open file to the one it was opened on. Each request
+  has ``--timeout``; a lost or timed-out connection answers EIO, and with ``--reconnect`` the next
+  request connects again (open files are reopened by path on first use).
+* **Data** (:class:`RemoteFile`): reads of a sequential reader are served from read-ahead chunks
+  requested in parallel (the window grows to ``readahead``); writes are pipelined (answered once
+  sent, errors reported at the next write, flush, fsync or close).
+* **--poll SECONDS** re-stats what the kernel holds and sends invalidations for what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import getpass
+import hashlib
+import logging
+import os
+import re
+import signal
+import stat
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncssh
+import attrs
+import trio
+
+import afuse.asyncio
+from afuse.device import MountOptions
+from afuse.errors import FUSEError, MountError
+from afuse.nodes import DirItem, FileHandle, Node, NodeFS
+from afuse.wire.init import InitConfig
+from afuse.wire.requests import SetattrRequest
+from afuse.wire.types import Attr, FsStats
+
+__all__ = ["Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions", "main", "parse_remote"]
+
+log = logging.getLogger("afuse.sftpfs")
+T = TypeVar("T")
+
+_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+#: Read-ahead chunk: one SFTP READ request (OpenSSH serves up to 256 KiB per request).
+CHUNK = 128 * 1024
+
+
+@attrs.define
+class SftpOptions:
+    """What to connect to and how to serve it (the command line's options)."""
+
+    host: str
+    port: int = 22
+    user: str | None = None
+    #: The remote directory to mount ("" = the login directory).
+    path: str = ""
+    identities: list[str] = attrs.Factory(list)
+    #: A known_hosts file; None: asyncssh's default (~/.ssh/known_hosts); "none": no host key check.
+    known_hosts: str | None = None
+    connections: int = 1
+    reconnect: bool = False
+    #: Seconds a request (or connecting) may take before it fails with EIO.
+    timeout: float = 15.0
+    #: Seconds between polls for remote changes (0: no polling).
+    poll: float = 0.0
+    #: Seconds attributes and names are cached (here and by the kernel), as sshfs's cache_stat_timeout.
+    stat_timeout: float = 20.0
+    #: Seconds a directory listing is cached, as sshfs's cache_dir_timeout.
+    dir_timeout: float = 20.0
+    #: Seconds a symlink's target is cached, as sshfs's cache_link_timeout.
+    link_timeout: float = 20.0
+    #: Largest read-ahead window of a sequential reader, bytes.
+    readahead: int = 8 << 20
+    #: Bytes of pipelined writes a handle may have in flight.
+    write_window: int = 16 << 20
+
+
+class ConnectError(Exception):
+    """The first connection could not be made (bad host, key, path)."""
+
+
+def _errno_of(e: BaseException) -> int:
+    if isinstance(e, asyncssh.SFTPNoSuchFile | asyncssh.SFTPNoSuchPath):
+        return errno.ENOENT
+    if isinstance(e, asyncssh.SFTPPermissionDenied | asyncssh.SFTPWriteProtect):
+        return errno.EACCES
+    if isinstance(e, asyncssh.SFTPOpUnsupported):
+        return errno.EOPNOTSUPP
+    if isinstance(e, asyncssh.SFTPFileAlreadyExists):
+        return errno.EEXIST
+    if isinstance(e, asyncssh.SFTPDirNotEmpty):
+        return errno.ENOTEMPTY
+    if isinstance(e, asyncssh.SFTPNoSpaceOnFilesystem | asyncssh.SFTPQuotaExceeded):
+        return errno.ENOSPC
+    return errno.EIO  # SFTPFailure (v3 says no more), a lost connection, a timeout
+
+
+def _lost(e: BaseException) -> bool:
+    """Whether ``e`` means the connection is unusable (rather than an answer from the server)."""
+    return isinstance(e, asyncssh.SFTPConnectionLost | asyncssh.SFTPNoConnection | asyncssh.DisconnectError
+                      | asyncssh.ConnectionLost | ConnectionError | TimeoutError | OSError | EOFError)
+
+
+# -- connections ------------------------------------------------------------------------------------
+
+class Connection:
+    """One SSH connection with an SFTP session; ``generation`` counts (re)connects."""
+
+    def __init__(self, pool: Pool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.ssh: asyncssh.SSHClientConnection | None = None
+        self.sftp: asyncssh.SFTPClient | None = None
+        self.generation = 0
+        self.busy = 0
+        self._connecting = asyncio.Lock()
+
+    async def client(self) -> asyncssh.SFTPClient:
+        """The SFTP session, connecting first if there is none (and reconnecting is allowed)."""
+        if self.sftp is not None:
+            return self.sftp
+        if self.generation and not self.pool.options.reconnect:
+            raise FUSEError(errno.EIO, "the connection was lost (no --reconnect)")
+        async with self._connecting:
+            if self.sftp is None:
+                await self._connect()
+            assert self.sftp is not None
+            return self.sftp
+
+    async def _connect(self) -> None:
+        o = self.pool.options
+        kwargs: dict[str, Any] = {"port": o.port, "username": o.user or getpass.getuser(),
+                                  "keepalive_interval": max(1.0, o.timeout / 3), "keepalive_count_max": 3}
+        if o.identities:
+            kwargs["client_keys"] = o.identities
+        if o.known_hosts is not None:
+            kwargs["known_hosts"] = None if o.known_hosts == "none" else o.known_hosts
+        ssh = await asyncssh.connect(o.host, **kwargs)
+        try:
+            sftp = await ssh.start_sftp_client(path_encoding=None)
+        except BaseException:
+            ssh.abort()
+            raise
+        self.ssh, self.sftp = ssh, sftp
+        self.generation += 1
+        if self.generation > 1:
+            log.info("connection %d: reconnected to %s", self.index, o.host)
+        asyncio.get_running_loop().create_task(self._watch(ssh))
+
+    async def _watch(self, ssh: asyncssh.SSHClientConnection) -> None:
+        with contextlib.suppress(Exception):
+            await ssh.wait_closed()
+        if self.ssh is ssh:
+            log.warning("connection %d to %s lost", self.index, self.pool.options.host)
+            self.drop()
+
+    def drop(self) -> None:
+        """Forget the connection (aborting it): the next request fails, or reconnects with --reconnect."""
+        ssh, self.ssh, self.sftp = self.ssh, None, None
+        if ssh is not None:
+            ssh.abort()
+
+    async def close(self) -> None:
+        """Close the connection."""
+        ssh, self.ssh, self.sftp = self.ssh, None, None
+        if ssh is not None:
+            ssh.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ssh.wait_closed(), 2)
+
+
+class Pool:
+    """``options.connections`` connections; :meth:`run` runs one SFTP operation with the timeout."""
+
+    def __init__(self, options: SftpOptions) -> None:
+        self.options = options
+        self.conns = [Connection(self, i) for i in range(max(1, options.connections))]
+        #: SFTP requests answered EIO because of a lost connection or a timeout.
+        self.failures = 0
+
+    async def start(self) -> None:
+        """Connect every connection now (errors are ConnectError with the reason)."""
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                await asyncio.gather(*(c.client() for c in self.conns))
+        except (OSError, asyncssh.Error, TimeoutError, FUSEError) as e:
+            await self.close()
+            raise ConnectError(f"cannot connect to {self.options.host}:{self.options.port}: "
+                               f"{e or type(e).__name__}") from e
+
+    def pick(self) -> Connection:
+        """The least busy connection."""
+        return min(self.conns, key=lambda c: (c.sftp is None, c.busy))
+
+    async def run(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], via: Connection | None = None) -> T:
+        """``await op(sftp)`` on ``via`` (or the least busy connection) within the timeout.
+
+        SFTP errors become FUSEError with the nearest errno; a timeout or a lost connection is EIO
+        (and drops the connection, so later requests fail at once or reconnect).
+        """
+        c = via or self.pick()
+        c.busy += 1
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                sftp = await c.client()
+                return await op(sftp)
+        except FUSEError:
+            raise
+        except (asyncssh.Error, OSError, TimeoutError, EOFError) as e:
+            if isinstance(e, asyncssh.SFTPError) and not _lost(e):
+                raise FUSEError(_errno_of(e), str(e)) from None
+            self.failures += 1
+            log.warning("connection %d: %s", c.index, e or type(e).__name__)
+            c.drop()
+            raise FUSEError(errno.EIO, str(e)) from None
+        finally:
+            c.busy -= 1
+
+    async def close(self) -> None:
+        """Close every connection."""
+        await asyncio.gather(*(c.close() for c in self.conns))
+
+
+# -- open files (asyncio side) ----------------------------------------------------------------------
+
+def _pflags(flags: int) -> int:
+    acc = flags & _ACCMODE
+    p = asyncssh.FXF_READ if acc == os.O_RDONLY else asyncssh.FXF_WRITE if acc == os.O_WRONLY \
+        else asyncssh.FXF_READ | asyncssh.FXF_WRITE
+    if flags & os.O_APPEND:
+        p |= asyncssh.FXF_APPEND
+    if flags & os.O_CREAT:
+        p |= asyncssh.FXF_CREAT
+    if flags & os.O_EXCL:
+        p |= asyncssh.FXF_EXCL
+    if flags & os.O_TRUNC:
+        p |= asyncssh.FXF_TRUNC
+    return p
+
+
+class RemoteFile:
+    """An open remote file (asyncio code): read-ahead for sequential readers, pipelined writes.
+
+    Tied to the connection it was opened on; after a reconnect it is reopened by path (without
+    O_CREAT, O_EXCL, O_TRUNC) at its next use.
+    """
+
+    def __init__(self, pool: Pool, path: bytes, flags: int, mode: int = 0o644) -> None:
+        self.pool = pool
+        self.path = path
+        self.flags = flags
+        self.mode = mode
+        self.conn = pool.pick()
+        self.file: asyncssh.SFTPClientFile | None = None
+        self.generation = 0
+        #: Read-ahead: chunk offset -> task reading CHUNK bytes there.
+        self.chunks: dict[int, asyncio.Task[bytes]] = {}
+        self.window = 0
+        self.next_offset = -1
+        #: Size known to the reader (read-ahead stops there); None: unknown.
+        self.size: int | None = None
+        self.writes: set[asyncio.Task[None]] = set()
+        self.write_bytes = 0
+        self.error: FUSEError | None = None
+        self.closed = False
+
+    async def _file(self, sftp: asyncssh.SFTPClient) -> asyncssh.SFTPClientFile:
+        if self.file is not None and self.generation == self.conn.generation:
+            return self.file
+        if self.closed:
+            raise FUSEError(errno.EBADF)
+        flags = self.flags if self.generation == 0 else self.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+        if self.generation:
+            log.info("reopening %r after a reconnect", self.path)
+        f = await sftp.open(self.path, _pflags(flags), asyncssh.SFTPAttrs(permissions=self.mode & 0o7777),
+                            encoding=None)
+        self.file, self.generation = f, self.conn.generation
+        return f
+
+    async def run(self, op: Callable[[asyncssh.SFTPClientFile], Awaitable[T]]) -> T:
+        """``await op(file)`` on this file's connection, (re)opening it as needed."""
+        async def go(sftp: asyncssh.SFTPClient) -> T:
+            return await op(await self._file(sftp))
+        return await self.pool.run(go, self.conn)
+
+    async def open(self) -> None:
+        """Open the file on the server (EEXIST for O_EXCL on an existing name is the caller's to find)."""
+        await self.run(lambda f: asyncio.sleep(0))
+
+    # reads -----------------------------------------------------------------------------------------
+
+    async def _chunk(self, offset: int) -> bytes:
+        return await self.run(lambda f: f.read(CHUNK, offset))
+
+    def _drop_chunks(self, keep: Callable[[int], bool] = lambda off: False) -> None:
+        for off in [o for o in self.chunks if not keep(o)]:
+            self.chunks.pop(off).cancel()
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``offset``: sequential readers get read-ahead, others plain reads."""
+        await self.drain()
+        if offset != self.next_offset:  # not sequential: no read-ahead, drop what was read ahead
+            self.window = 0
+            self._drop_chunks()
+        self.next_offset = offset + size
+        if self.window == 0 and offset != 0:
+            self.window = CHUNK  # the first read of a run: start small
+            data = await self.run(lambda f: f.read(size, offset))
+            return data
+        self.window = min(max(2 * self.window, 2 * CHUNK), self.pool.options.readahead)
+        first = offset - offset % CHUNK
+        end = offset + size + self.window
+        if self.size is not None:
+            end = min(end, max(self.size, offset + size))
+        loop = asyncio.get_running_loop()
+        for off in range(first, end, CHUNK):
+            if off not in self.chunks:
+                self.chunks[off] = loop.create_task(self._chunk(off))
+        parts: list[bytes] = []
+        for off in range(first, offset + size, CHUNK):
+            task = self.chunks.get(off)
+            if task is None:
+                task = self.chunks[off] = loop.create_task(self._chunk(off))
+            part = await asyncio.shield(task)  # a cancelled read leaves the chunk for the next one
+            lo = max(0, offset - off)
+            parts.append(part[lo:offset + size - off])
+            if len(part) < CHUNK:  # end of file
+                break
+        self._drop_chunks(lambda off: off + CHUNK > offset + size)
+        return b"".join(parts)
+
+    # writes ----------------------------------------------------------------------------------------
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    async def _write(self, offset: int, data: bytes) -> None:
+        try:
+            await self.run(lambda f: f.write(data, offset))
+        except FUSEError as e:
+            if self.error is None:
+                self.error = e
+        except asyncio.CancelledError:
+            if self.error is None:
+                self.error = FUSEError(errno.EIO, "write cancelled")
+            raise
+        finally:
+            self.write_bytes -= len(data)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        """Send a write and answer at once (pipelined); an earlier write's error is raised here."""
+        self._raise_error()
+        if self.chunks:
+            self._drop_chunks()
+        while self.writes and self.write_bytes + len(data) > self.pool.options.write_window:
+            await asyncio.wait(self.writes, return_when=asyncio.FIRST_COMPLETED)
+            self._raise_error()
+        self.write_bytes += len(data)
+        task = asyncio.get_running_loop().create_task(self._write(offset, bytes(data)))
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+        if self.size is not None and offset + len(data) > self.size:
+            self.size = offset + len(data)
+        return len(data)
+
+    async def drain(self) -> None:
+        """Wait for the pipelined writes; raise the first error among them."""
+        while self.writes:
+            await asyncio.wait(list(self.writes))
+        self._raise_error()
+
+    async def fsync(self) -> None:
+        """Drain, then fsync@openssh.com (nothing more if the server lacks it)."""
+        await self.drain()
+        try:
+            await self.run(lambda f: f.fsync())
+        except FUSEError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+
+    async def close(self) -> None:
+        """Drain (errors raised after closing), stop read-ahead, close the remote handle."""
+        try:
+            await self.drain()
+        finally:
+            self._drop_chunks()
+            self.closed = True
+            f, self.file = self.file, None
+            if f is not None and self.generation == self.conn.generation and self.conn.sftp is not None:
+                with contextlib.suppress(FUSEError):
+                    await self.pool.run(lambda _sftp: f.close(), self.conn)
+
+
+# -- nodes (trio side) ------------------------------------------------------------------------------
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + name if parent.endswith(b"/") else parent + b"/" + name
+
+
+def _ino(path: bytes) -> int:
+    """A stable inode number for a remote path (SFTP v3 carries none)."""
+    return int.from_bytes(hashlib.blake2b(path, digest_size=8).digest(), "little") >> 1 or 1
+
+
+def _attr(a: asyncssh.SFTPAttrs) -> Attr:
+    mtime = (a.mtime or 0) * 1_000_000_000 + (a.mtime_ns or 0)
+    atime = (a.atime or 0) * 1_000_000_000 + (a.atime_ns or 0)
+    size = a.size or 0
+    return Attr(mode=a.permissions or 0, nlink=1, uid=a.uid or 0, gid=a.gid or 0, size=size,
+                blocks=(size + 511) // 512, atime_ns=atime, mtime_ns=mtime, ctime_ns=mtime, blksize=CHUNK)
+
+
+class SftpNode(Node):
+    """A remote file, directory or symlink, by path. Attributes come from listings or LSTAT and
+    are kept ``stat_timeout`` seconds."""
+
+    def __init__(self, fs: SftpFS, path: bytes, a: asyncssh.SFTPAttrs) -> None:
+        super().__init__(stat.S_IFMT(a.permissions or 0) or stat.S_IFREG, ino=_ino(path))
+        self.fs = fs
+        self.path = path
+        self.sattrs = a
+        self.fetched = time.monotonic()
+        #: Directory listing cache: name -> attributes, and when it was read.
+        self.listing: dict[bytes, asyncssh.SFTPAttrs] | None = None
+        self.listed = 0.0
+        self.target: bytes | None = None
+        self.target_at = 0.0
+        #: Open files (their writes are drained before this node's attributes are read).
+        self.files: set[RemoteFile] = set()
+
+    def forgotten(self) -> None:
+        """The kernel forgot the node: drop it from the path map."""
+        if self.fs.live.get(self.path) is self:
+            del self.fs.live[self.path]
+
+    # helpers -------------------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        for f in list(self.files):
+            if f.writes or f.error:
+                await afuse.asyncio.run_asyncio(f.drain())
+
+    def _set(self, a: asyncssh.SFTPAttrs) -> None:
+        self.sattrs, self.fetched = a, time.monotonic()
+
+    def _stale(self) -> None:
+        self.fetched = -1e9
+
+    def _changed_listing(self) -> None:
+        self.listing = None
+        self._stale()
+
+    async def _lstat(self, path: bytes | None = None) -> asyncssh.SFTPAttrs | None:
+        try:
+            return await self.fs.call(lambda s: s.lstat(path or self.path))
+        except FUSEError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
+    async def _child(self, name: bytes, a: asyncssh.SFTPAttrs | None = None) -> SftpNode:
+        path = _join(self.path, name)
+        if a is None:
+            a = await self._lstat(path)
+            if a is None:
+                raise FUSEError(errno.EIO, f"{path!r} vanished after it was made")
+        return self.fs.node_for(path, a)
+
+    # lookups and attributes ---------------------------------------------------------------------
+
+    async def lookup(self, name: bytes) -> Node | None:
+        """A child: from a fresh listing, else LSTAT."""
+        a = None
+        if self.listing is not None and time.monotonic() - self.listed < self.fs.options.dir_timeout:
+            a = self.listing.get(name)
+            if a is None:
+                return None
+        if a is None:
+            a = await self._lstat(_join(self.path, name))
+            if a is None:
+                return None
+        return self.fs.node_for(_join(self.path, name), a)
+
+    async def getattr(self) -> Attr:
+        """Cached attributes, or LSTAT (after this node's pipelined writes are done)."""
+        await self._drain()
+        if time.monotonic() - self.fetched >= self.fs.options.stat_timeout or self.fs.options.stat_timeout == 0:
+            a = await self._lstat()
+            if a is None:
+                if not self.files:
+                    raise FUSEError(errno.ENOENT)
+                f = next(iter(self.files))  # unlinked but open: ask the open handle
+                a = await afuse.asyncio.run_asyncio(f.run(lambda h: h.stat()))
+            self._set(a)
+        return _attr(self.sattrs)
+
+    async def setattr(self, changes: SetattrRequest) -> Attr:
+        """chmod, chown, truncate, utimens: SETSTAT (FSETSTAT on an open file)."""
+        await self._drain()
+        cur = self.sattrs
+        new = asyncssh.SFTPAttrs()
+        if changes.size is not None:
+            new.size = changes.size
+        if changes.mode is not None:
+            new.permissions = changes.mode & 0o7777
+        if changes.new_uid is not None or changes.new_gid is not None:
+            if changes.new_uid is None or changes.new_gid is None:
+                cur = await self._lstat() or cur
+            new.uid = changes.new_uid if changes.new_uid is not None else cur.uid
+            new.gid = changes.new_gid if changes.new_gid is not None else cur.gid
+        now = time.time_ns()
+        at = now if changes.atime_now else changes.atime_ns
+        mt = now if changes.mtime_now else changes.mtime_ns
+        if at is not None or mt is not None:
+            if at is None or mt is None:
+                cur = await self._lstat() or cur
+            at = at if at is not None else (cur.atime or 0) * 1_000_000_000
+            mt = mt if mt is not None else (cur.mtime or 0) * 1_000_000_000
+            new.atime, new.mtime = at // 1_000_000_000, mt // 1_000_000_000  # SFTP v3: seconds
+        handle = None
+        if changes.fh:
+            with contextlib.suppress(FUSEError):
+                handle = self.fs.handle(changes.fh)
+        if isinstance(handle, SftpHandle):
+            await handle.call(handle.rf.run(lambda f: f.setstat(new)))
+        else:
+            await self.fs.call(lambda s: s.setstat(self.path, new, follow_symlinks=False))
+        if changes.size is not None:
+            for f in self.files:
+                f._drop_chunks()
+                f.size = changes.size
+        self._stale()
+        return await self.getattr()
+
+    async def readlink(self) -> bytes:
+        """The symlink's target (cached ``link_timeout`` seconds)."""
+        if self.target is None or time.monotonic() - self.target_at >= self.fs.options.link_timeout:
+            t: bytes | str = await self.fs.call(lambda s: s.readlink(self.path))
+            self.target = t if isinstance(t, bytes) else os.fsencode(t)
+            self.target_at = time.monotonic()
+        return self.target
+
+    async def readdir(self) -> list[DirItem]:
+        """The listing (one READDIR exchange; names, types and attributes, kept ``dir_timeout``)."""
+        now = time.monotonic()
+        if self.listing is None or now - self.listed >= self.fs.options.dir_timeout:
+            names = await self.fs.call(lambda s: s.readdir(self.path))
+            self.listing = {n.filename: n.attrs for n in names  # type: ignore[misc]
+                            if n.filename not in (b".", b"..")}
+            self.listed = now
+            for name, a in self.listing.items():  # fresher attributes for the nodes the kernel holds
+                child = self.fs.live.get(_join(self.path, name))
+                if child is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(child.mode):
+                    child._set(a)
+        return [DirItem(name, stat.S_IFMT(a.permissions or 0), _ino(_join(self.path, name)))
+                for name, a in self.listing.items()]
+
+    async def statfs(self) -> FsStats:
+        """statvfs@openssh.com (huge counts if the server lacks it, as sshfs)."""
+        try:
+            v = await self.fs.call(lambda s: s.statvfs(self.path))
+        except FUSEError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            return FsStats(blocks=1 << 30, bfree=1 << 30, bavail=1 << 30, files=1 << 20, ffree=1 << 20)
+        return FsStats(blocks=v.blocks, bfree=v.bfree, bavail=v.bavail, files=v.files, ffree=v.ffree,
+                       bsize=v.bsize, namelen=v.namemax, frsize=v.frsize)
+
+    # open files ------------------------------------------------------------------------------------
+
+    async def open(self, flags: int) -> FileHandle:
+        """OPEN (O_TRUNC included); the page cache is dropped at each open, as sshfs does."""
+        await self._drain()
+        rf = RemoteFile(self.fs.pool, self.path, flags & ~(os.O_CREAT | os.O_EXCL))
+        await afuse.asyncio.run_asyncio(rf.open())
+        rf.size = 0 if flags & os.O_TRUNC else (self.sattrs.size or 0)
+        if flags & os.O_TRUNC:
+            self._stale()
+        return SftpHandle(self, rf)
+
+    async def create(self, name: bytes, flags: int, mode: int) -> tuple[Node, FileHandle]:
+        """OPEN with FXF_CREAT (and EXCL, TRUNC); EEXIST when O_EXCL finds the name taken."""
+        path = _join(self.path, name)
+        rf = RemoteFile(self.fs.pool, path, flags | os.O_CREAT, mode)
+        try:
+            await afuse.asyncio.run_asyncio(rf.open())
+        except FUSEError as e:
+            await self._explain(e, path, want=None)
+            raise
+        self._changed_listing()
+        rf.size = 0
+        try:
+            a = await afuse.asyncio.run_asyncio(rf.run(lambda f: f.stat()))
+        except BaseException:
+            await afuse.asyncio.run_asyncio(rf.close())
+            raise
+        node = self.fs.node_for(path, a)
+        return node, SftpHandle(node, rf)
+
+    async def _explain(self, e: FUSEError, path: bytes, want: str | None) -> None:
+        """SFTP v3 answers most failures FX_FAILURE: find the errno a local filesystem would give."""
+        if e.errno != errno.EIO or "connection" in str(e).lower() or "timed out" in str(e).lower():
+            return
+        try:
+            a = await self._lstat(path)
+        except FUSEError:
+            return
+        if want is None:  # making a name: it exists
+            if a is not None:
+                raise FUSEError(errno.EEXIST) from None
+        elif want == "dir":  # removing a directory
+            if a is None:
+                raise FUSEError(errno.ENOENT) from None
+            if not stat.S_ISDIR(a.permissions or 0):
+                raise FUSEError(errno.ENOTDIR) from None
+            raise FUSEError(errno.ENOTEMPTY) from None
+        elif want == "file":  # removing a file
+            if a is None:
+                raise FUSEError(errno.ENOENT) from None
+            if stat.S_ISDIR(a.permissions or 0):
+                raise FUSEError(errno.EISDIR) from None
+
+    # names ---------------------------------------------------------------------------------------
+
+    async def mkdir(self, name: bytes, mode: int) -> Node:
+        """MKDIR (EEXIST if the name is taken)."""
+        path = _join(self.path, name)
+        try:
+            await self.fs.call(lambda s: s.mkdir(path, asyncssh.SFTPAttrs(permissions=mode & 0o7777)))
+        except FUSEError as e:
+            await self._explain(e, path, want=None)
+            raise
+        self._changed_listing()
+        return await self._child(name)
+
+    async def symlink(self, name: bytes, target: bytes) -> Node:
+        """SYMLINK."""
+        path = _join(self.path, name)
+        try:
+            await self.fs.call(lambda s: s.symlink(target, path))
+        except FUSEError as e:
+            await self._explain(e, path, want=None)
+            raise
+        self._changed_listing()
+        return await self._child(name)
+
+    async def link(self, name: bytes, node: Node) -> Node:
+        """hardlink@openssh.com; the new name is a node of its own (SFTP has no inode identity)."""
+        if not isinstance(node, SftpNode):
+            raise FUSEError(errno.EXDEV)
+        path = _join(self.path, name)
+        try:
+            await self.fs.call(lambda s: s.link(node.path, path))
+        except FUSEError as e:
+            await self._explain(e, path, want=None)
+            raise
+        self._changed_listing()
+        node._stale()
+        return await self._child(name)
+
+    async def unlink(self, name: bytes) -> None:
+        """REMOVE."""
+        path = _join(self.path, name)
+        try:
+            await self.fs.call(lambda s: s.remove(path))
+        except FUSEError as e:
+            await self._explain(e, path, want="file")
+            raise
+        self._changed_listing()
+
+    async def rmdir(self, name: bytes) -> None:
+        """RMDIR (ENOTEMPTY, ENOTDIR, ENOENT found out after an FX_FAILURE)."""
+        path = _join(self.path, name)
+        try:
+            await self.fs.call(lambda s: s.rmdir(path))
+        except FUSEError as e:
+            await self._explain(e, path, want="dir")
+            raise
+        self._changed_listing()
+        self.fs.moved(path, None)
+
+    async def rename(self, name: bytes, newparent: Node, newname: bytes, flags: int) -> None:
+        """posix-rename@openssh.com (replaces the target); RENAME_NOREPLACE: plain RENAME."""
+        if not isinstance(newparent, SftpNode) or flags & ~1:
+            raise FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT: SFTP has neither
+        old, new = _join(self.path, name), _join(newparent.path, newname)
+        try:
+            if flags & 1 or not self.fs.posix_rename:
+                await self.fs.call(lambda s: s.rename(old, new))
+            else:
+                await self.fs.call(lambda s: s.posix_rename(old, new))
+        except FUSEError as e:
+            if e.errno == errno.EIO and not flags & 1 and not self.fs.posix_rename:
+                # No posix-rename: replace the target by hand (not atomic), as sshfs's workaround.
+                target = await self._lstat(new)
+                if target is not None:
+                    remove = "rmdir" if stat.S_ISDIR(target.permissions or 0) else "remove"
+                    await self.fs.call(lambda s: getattr(s, remove)(new))
+                    await self.fs.call(lambda s: s.rename(old, new))
+                    e = None  # type: ignore[assignment]
+            if e is not None:
+                if flags & 1 and e.errno == errno.EIO and await self._lstat(new) is not None:
+                    raise FUSEError(errno.EEXIST) from None
+                raise
+        self._changed_listing()
+        newparent._changed_listing()
+        self.fs.moved(old, new)
+
+
+class SftpHandle(FileHandle):
+    """The trio side of an open :class:`RemoteFile`."""
+
+    def __init__(self, node: SftpNode, rf: RemoteFile) -> None:
+        self.node = node
+        self.rf = rf
+        node.files.add(rf)
+
+    async def call(self, coro: Awaitable[T]) -> T:
+        """Run the asyncio coroutine ``coro``."""
+        return await afuse.asyncio.run_asyncio(coro)  # type: ignore[arg-type]
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """READ (other handles' pipelined writes to the file first)."""
+        for f in list(self.node.files):
+            if f is not self.rf and f.writes:
+                await self.call(f.drain())
+        return await self.call(self.rf.read(offset, size))
+
+    async def write(self, offset: int, data: bytes) -> int:
+        """WRITE, pipelined."""
+        self.node._stale()
+        for f in self.node.files:
+            if f is not self.rf:
+                f._drop_chunks()
+        return await self.call(self.rf.write(offset, data))
+
+    async def flush(self) -> None:
+        """FLUSH (close(2)): the pipelined writes are done, or their error is returned."""
+        await self.call(self.rf.drain())
+
+    async def fsync(self, datasync: int) -> None:
+        """FSYNC: drain, then fsync@openssh.com."""
+        await self.call(self.rf.fsync())
+
+    async def release(self) -> None:
+        """RELEASE: close the remote handle."""
+        self.node.files.discard(self.rf)
+        with trio.CancelScope(shield=True):
+            try:
+                await self.call(self.rf.close())
+            except FUSEError as e:
+                log.warning("closing %r: %s", self.rf.path, e)
+
+
+# -- the filesystem ---------------------------------------------------------------------------------
+
+class SftpFS(NodeFS):
+    """A remote directory over a :class:`Pool` of SFTP connections."""
+
+    def __init__(self, pool: Pool, root_path: bytes, root_attrs: asyncssh.SFTPAttrs) -> None:
+        self.pool = pool
+        self.options = pool.options
+        #: Path -> the live node for it (nodes the kernel holds, and the root).
+        self.live: dict[bytes, SftpNode] = {}
+        root = SftpNode(self, root_path, root_attrs)
+        self.live[root_path] = root
+        self.entry_timeout = self.attr_timeout = pool.options.stat_timeout
+        super().__init__(root, types=[SftpNode, SftpHandle])
+        sftp = pool.conns[0].sftp
+        self.posix_rename = bool(getattr(getattr(sftp, "_handler", None), "_supports_posix_rename", True))
+
+    async def call(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -> T:
+        """Run one SFTP operation (from trio) on the least busy connection."""
+        return await afuse.asyncio.run_asyncio(self.pool.run(op))
+
+    def node_for(self, path: bytes, a: asyncssh.SFTPAttrs) -> SftpNode:
+        """The live node for ``path`` with fresh attributes ``a``, or a new one."""
+        n = self.live.get(path)
+        if n is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(n.mode):
+            n._set(a)
+            return n
+        n = SftpNode(self, path, a)
+        self.live[path] = n
+        return n
+
+    def moved(self, old: bytes, new: bytes | None) -> None:
+        """``old`` (and everything under it) is now ``new`` (None: gone)."""
+        prefix = old + b"/"
+        for path in [p for p in self.live if p == old or p.startswith(prefix)]:
+            n = self.live.pop(path)
+            if new is not None:
+                n.path = new + path[len(old):]
+                for f in n.files:
+                    f.path = n.path
+                self.live[n.path] = n
+
+    async def poll_once(self) -> int:
+        """Re-stat what the kernel holds; invalidate what changed elsewhere. Returns the number changed."""
+        changed = 0
+        limit = trio.Semaphore(32)
+
+        async def check(n: SftpNode) -> None:
+            nonlocal changed
+            if any(f.writes for f in n.files):
+                return
+            async with limit:
+                try:
+                    a = await n._lstat()
+                except FUSEError:
+                    return
+            old = n.sattrs
+            if a is None:
+                parent_path, _, name = n.path.rpartition(b"/")
+                parent = self.live.get(parent_path or b"/")
+                if parent is not None and name:
+                    parent._changed_listing()
+                    changed += 1
+                    await parent.notify_delete(name, n)
+                return
+            if (a.size, a.mtime, a.permissions, a.uid, a.gid) == (old.size, old.mtime, old.permissions, old.uid,
+                                                                  old.gid):
+                return
+            changed += 1
+            n._set(a)
+            if n.is_dir:
+                n.listing = None
+                await n.notify_content()
+                async with limit:
+                    try:
+                        names = await self.call(lambda s: s.listdir(n.path))
+                    except FUSEError:
+                        return
+                for name in set(names) - {b".", b".."}:  # names that may be cached as absent
+                    await n.notify_entry(name)
+            else:
+                for f in n.files:
+                    f._drop_chunks()
+                    f.size = a.size
+                n.target = None
+                await n.notify_content()
+
+        async with trio.open_nursery() as nursery:
+            for n in list(self.nodes.values()):
+                if isinstance(n, SftpNode) and n.known:
+                    nursery.start_soon(check, n)
+        return changed
+
+    async def poll_forever(self) -> None:
+        """:meth:`poll_once` every ``options.poll`` seconds."""
+        while True:
+            await trio.sleep(self.options.poll)
+            try:
+                await self.poll_once()
+            except Exception:  # one bad round never stops polling
+                log.exception("poll failed")
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+_REMOTE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/@\[\]]+):(?P<path>.*)$")
+
+
+def parse_remote(spec: str) -> tuple[str | None, str, str]:
+    """``[USER@]HOST:[DIR]`` -> (user, host, dir); ValueError if it is not that."""
+    m = _REMOTE.match(spec)
+    if m is None:
+        raise ValueError(f"remote {spec!r} is not [USER@]HOST:[DIR]")
+    return m["user"], m["host"].strip("[]"), m["path"]
+
+
+_OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
+                "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
+                "reconnect", "StrictHostKeyChecking"}
+
+
+def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
+    user, host, path = parse_remote(args.remote)
+    o = SftpOptions(host=host, user=user, path=path, port=args.port, identities=list(args.identity),
+                    connections=args.connections, reconnect=args.reconnect, timeout=args.timeout, poll=args.poll)
+    if o.connections < 1 or o.timeout <= 0 or o.poll < 0:
+        raise ValueError("--connections must be >= 1, --timeout > 0, --poll >= 0")
+    mount: list[str] = []
+    for opt in ",".join(args.options).split(","):
+        if not opt:
+            continue
+        key, eq, value = opt.partition("=")
+        if key not in _OWN_OPTIONS:
+            mount.append(opt)
+            continue
+        if key in ("cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout"):
+            t = float(value)
+            if t < 0:
+                raise ValueError(f"{key} must be >= 0")
+            if key in ("cache_timeout", "cache_stat_timeout"):
+                o.stat_timeout = t
+            if key in ("cache_timeout", "cache_dir_timeout"):
+                o.dir_timeout = t
+            if key in ("cache_timeout", "cache_link_timeout"):
+                o.link_timeout = t
+        elif key == "cache":
+            if value not in ("yes", "no"):
+                raise ValueError("cache must be yes or no")
+            if value == "no":
+                o.stat_timeout = o.dir_timeout = o.link_timeout = 0.0
+        elif key in ("known_hosts", "UserKnownHostsFile"):
+            o.known_hosts = value
+        elif key == "StrictHostKeyChecking":
+            if value == "no":
+                o.known_hosts = "none"
+        elif key == "IdentityFile":
+            o.identities.append(value)
+        elif key == "Port":
+            o.port = int(value)
+        elif key in ("readahead", "write_window"):
+            n = int(value)
+            if n < CHUNK:
+                raise ValueError(f"{key} must be at least {CHUNK}")
+            setattr(o, key, n)
+        elif key == "reconnect":
+            o.reconnect = True
+        if not eq and key not in ("reconnect",):
+            raise ValueError(f"option {key} needs a value")
+    return o, MountOptions.parse(",".join(mount))
+
+
+async def connect(options: SftpOptions) -> SftpFS:
+    """Connect the pool and find the remote directory; ConnectError says why not."""
+    pool = Pool(options)
+    await pool.start()
+    sftp = pool.conns[0].sftp
+    assert sftp is not None
+    try:
+        async with asyncio.timeout(options.timeout):
+            root = await sftp.realpath((options.path or ".").encode())
+            a = await sftp.stat(root)
+    except (asyncssh.Error, OSError, TimeoutError) as e:
+        await pool.close()
+        raise ConnectError(f"{options.path or '~'}: {e}") from e
+    if not stat.S_ISDIR(a.permissions or 0):
+        await pool.close()
+        raise ConnectError(f"{root!r} is not a directory")
+    return SftpFS(pool, root, a)
+
+
+async def serve(options: SftpOptions, mountpoint: str, mount_options: MountOptions,
+                ready: Callable[[], None] = lambda: None) -> int | None:
+    """Connect, mount, serve until unmounted or SIGINT/SIGTERM/SIGHUP; returns the signal, if any."""
+    fs = await connect(options)
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[int] = loop.create_future()
+
+    def on_signal(signum: int) -> None:
+        if not got.done():
+            got.set_result(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+    config = InitConfig(max_background=128, congestion_threshold=96)
+    try:
+        async with afuse.asyncio.mount(fs, mountpoint, trio_handlers=True, options=mount_options, config=config,
+                                       max_requests=256) as session:
+            poller = None
+            if options.poll > 0:
+                poller = loop.create_task(session.call_trio(fs.poll_forever))
+            ready()
+            closed = loop.create_task(session.wait_closed())
+            waiting: list[asyncio.Future[Any]] = [got, closed]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await poller
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await fs.pool.close()
+    return got.result() if got.done() else None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="python -m afuse.examples.sftpfs",
+                                description="Mount a directory of an SSH server over SFTP (like sshfs).")
+    p.add_argument("remote", help="[USER@]HOST:[DIR] (DIR empty: the login directory)")
+    p.add_argument("mountpoint", help="empty directory to mount on")
+    p.add_argument("-p", "--port", type=int, default=22, help="SSH port (default 22)")
+    p.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
+                        "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
+                        "Port=N, readahead=BYTES, write_window=BYTES, reconnect; others are mount options")
+    p.add_argument("--connections", type=int, default=1, help="SSH connections to spread requests over")
+    p.add_argument("--reconnect", action="store_true", help="reconnect when the connection is lost")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds before a request fails with EIO")
+    p.add_argument("--poll", type=float, default=0.0, help="seconds between checks for remote changes (0: off)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: 0 after an unmount, SIGTERM or SIGHUP; 130 after Ctrl-C; 1 if it cannot connect or
+    mount; 2 for bad arguments. Prints ``ready`` once mounted."""
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s sftpfs %(levelname)s %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        options, mount_options = _options(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        stopped_by = asyncio.run(serve(options, args.mountpoint, mount_options, lambda: print("ready", flush=True)))
+    except (ConnectError, MountError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 128 + signal.SIGINT if stopped_by == signal.SIGINT else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
