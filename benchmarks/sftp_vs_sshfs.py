@@ -37,6 +37,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -61,6 +62,7 @@ sys.modules["afuse_tools_sshd"] = sshd_tool
 _spec.loader.exec_module(sshd_tool)
 
 SIDES = ("sshfs", "sftpfs")
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"  # Debian's; --count-requests runs it (internal-sftp cannot log)
 # workload -> (label, unit, target ratio sftpfs/sshfs or None)
 WORKLOADS: dict[str, tuple[str, str, float | None]] = {
     "seq_write": ("seq write", "MiB/s", 0.7),
@@ -375,13 +377,48 @@ class Results:
     # phase -> workload -> side -> [rate per repeat]
     rates: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # --count-requests: phase -> workload -> side -> SFTP request type -> count (and read/write sizes)
+    requests: dict[str, dict[str, dict[str, dict[str, int]]]] = field(default_factory=dict)
 
     def median(self, phase: str, wl: str, side: str) -> float | None:
         runs = self.rates.get(phase, {}).get(wl, {}).get(side)
         return statistics.median(runs) if runs else None
 
 
-def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], res: Results) -> None:
+_REQUEST = re.compile(r"request \d+: ([a-z][\w@.-]*)(?: .* off (\d+) len (\d+))?")
+
+
+def count_requests(log_text: str) -> dict[str, int]:
+    """SFTP requests by type in sftp-server's ``-l DEBUG3`` log; ``read bytes``/``write bytes`` too."""
+    counts: dict[str, int] = {}
+    for m in _REQUEST.finditer(log_text):
+        op = m.group(1)
+        if op == "sent":
+            continue
+        counts[op] = counts.get(op, 0) + 1
+        if m.group(3) is not None:
+            counts[f"{op} bytes"] = counts.get(f"{op} bytes", 0) + int(m.group(3))
+    return counts
+
+
+class RequestLog:
+    """Reads what sftp-server logged since the last call (one workload on one side)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.offset = 0
+
+    def since(self) -> str:
+        time.sleep(0.3)  # a RELEASE the kernel sends after close() returns lands in this run
+        with open(self.path, errors="replace") as f:
+            f.seek(self.offset)
+            text = f.read()
+            self.offset = f.tell()
+        return text
+
+
+def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], res: Results,
+              request_log: RequestLog | None = None) -> None:
     phase = f"{rtt_ms} ms"
     res.rates[phase] = {}
     with contextlib.ExitStack() as stack:
@@ -422,9 +459,14 @@ def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], 
                     os.mkdir(server_dir)
                     wl.prepare(server_dir, cfg)
                     mount_dir = os.path.join(mounts[side].mountpoint, run_id)
+                    if request_log is not None:
+                        request_log.since()
                     t = clock()
                     amount = wl.run(mount_dir, cfg)
                     elapsed = clock() - t
+                    if request_log is not None:
+                        res.requests.setdefault(phase, {}).setdefault(wl.name, {})[side] = count_requests(
+                            request_log.since())
                     wl.check(server_dir, cfg)
                     shutil.rmtree(server_dir)
                     res.rates[phase].setdefault(wl.name, {}).setdefault(side, []).append(amount / elapsed)
@@ -462,6 +504,24 @@ def table(res: Results, sides: list[str]) -> str:
     return "\n".join(out)
 
 
+def request_table(res: Results, sides: list[str]) -> str:
+    """SFTP requests per workload and side, by type (``read``/``write``: count and mean size)."""
+    out = ["SFTP requests per workload (from sftp-server's log)"]
+    for phase, by_wl in res.requests.items():
+        for wl, by_side in by_wl.items():
+            for side in sides:
+                c = by_side.get(side, {})
+                parts = []
+                for op, n in sorted(c.items(), key=lambda kv: -kv[1]):
+                    if op.endswith(" bytes"):
+                        continue
+                    size = c.get(f"{op} bytes")
+                    parts.append(f"{op} {n}" + (f" (mean {size / n / 1024:.0f} KiB)" if size and n else ""))
+                total = sum(n for op, n in c.items() if not op.endswith(" bytes"))
+                out.append(f"  {phase:>5} {WORKLOADS[wl][0]:<17} {side:<7} {total:6d}: " + ", ".join(parts))
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -475,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", default=",".join(SIDES), help="which filesystems (default sshfs,sftpfs)")
     p.add_argument("--tmpdir", default=None, help="where the served directory and mountpoints go")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--count-requests", action="store_true",
+                   help="profile: sftp-server logs every request, and each workload's SFTP requests are counted "
+                        "by type per side (the logging slows the server: timings of such a run are not the figures)")
     args = p.parse_args(argv)
     cfg = Config(mib=8, files=30, entries=100, repeat=1) if args.quick else Config()
     for name in ("repeat", "mib", "files", "entries"):
@@ -503,9 +566,17 @@ def main(argv: list[str] | None = None) -> int:
         res.notes.append("load average at start: " + " ".join(f.read().split()[:3]))
     base = tempfile.mkdtemp(prefix="sftpbench-", dir=args.tmpdir)
     try:
-        with sshd_tool.running_sshd(directory=None) as sshd:
+        request_log = None
+        sftp_server = "internal-sftp"
+        if args.count_requests:
+            res.notes.append("--count-requests: sftp-server logged every request; these timings are not the figures")
+            request_log = RequestLog(os.path.join(base, "sftp-server.log"))
+            open(request_log.path, "w").close()
+            # sshd runs a subsystem's command through the user's shell: the redirection is the shell's.
+            sftp_server = f"{SFTP_SERVER} -e -l DEBUG3 2>>{request_log.path}"
+        with sshd_tool.running_sshd(sftp_server=sftp_server) as sshd:
             for ms in cfg.phases:
-                run_phase(ms, sshd, base, cfg, sides, res)
+                run_phase(ms, sshd, base, cfg, sides, res, request_log)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -525,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{side}: {' '.join(argv_)}")
     print()
     print(table(res, sides))
+    if res.requests:
+        print()
+        print(request_table(res, sides))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(asdict(res), f, indent=1)
