@@ -88,6 +88,7 @@ class Config:
     repeat: int = 2
     connections: int = 1
     phases: tuple[int, ...] = (0, 20)  # added round trip, ms
+    workloads: tuple[str, ...] = tuple(WORKLOADS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,7 +452,7 @@ def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], 
             probes[f"SFTP round trip via {side} (lstat of a missing name)"] = sftp_rtt(mounts[side].mountpoint) * 1000
         res.rtt_ms[phase] = probes
         for r in range(cfg.repeat):
-            for w_index, wl in enumerate(WORKLOAD_LIST):
+            for w_index, wl in enumerate(w for w in WORKLOAD_LIST if w.name in cfg.workloads):
                 order = sides if (r + w_index) % 2 == 0 else sides[::-1]
                 for side in order:
                     run_id = f"{wl.name}-{r}-{uuid.uuid4().hex[:8]}"
@@ -483,6 +484,8 @@ def table(res: Results, sides: list[str]) -> str:
     out += [head, sub]
     misses = []
     for wl, (label, unit, target) in WORKLOADS.items():
+        if not any(wl in by_wl for by_wl in res.rates.values()):
+            continue
         row = f"{label:<18}{unit:<10}"
         for phase in res.rates:
             vals = [res.median(phase, wl, s) for s in sides]
@@ -533,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=1, help="SSH connections per mount (sshfs max_conns)")
     p.add_argument("--phases", default="0,20", help="added round trips in ms, comma-separated (default 0,20)")
     p.add_argument("--sides", default=",".join(SIDES), help="which filesystems (default sshfs,sftpfs)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help="which workloads, comma-separated (default all: " + ",".join(WORKLOADS) + ")")
     p.add_argument("--tmpdir", default=None, help="where the served directory and mountpoints go")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--count-requests", action="store_true",
@@ -545,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg, name, getattr(args, name))
     cfg.connections = args.connections
     cfg.phases = tuple(int(x) for x in args.phases.split(","))
+    workloads = [w for w in args.workloads.split(",") if w]
+    if not workloads or any(w not in WORKLOADS for w in workloads):
+        p.error(f"--workloads: a comma-separated choice of {', '.join(WORKLOADS)}")
+    cfg.workloads = tuple(workloads)
     sides = [s for s in args.sides.split(",") if s]
     if not sides or any(s not in SIDES for s in sides):
         p.error(f"--sides: a comma-separated choice of {', '.join(SIDES)}")
