@@ -30,6 +30,7 @@ import trio
 
 import afuse
 import afuse.asyncio
+import afuse.nodes
 import afuse.notify
 from afuse import device, testing
 from afuse.examples.hello_asyncio import DATA, HelloAsyncioFS, serve_until_unmounted
@@ -834,3 +835,59 @@ def test_example_reports_bad_input(tmp_path: Path, args: list[str], status: int,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == status
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+class _SlowNode(afuse.nodes.Node):
+    """A file whose read awaits asyncio code through run_asyncio (trio handlers, asyncio I/O)."""
+
+    def __init__(self) -> None:
+        super().__init__(stat.S_IFREG | 0o444)
+        self.started = trio.Event()
+        self.cancelled: list[str] = []
+        self.slow = True
+        self.fopen = afuse.FOpen.DIRECT_IO  # reads not through the page cache: a signal interrupts them
+
+    async def getattr(self) -> afuse.Attr:
+        return afuse.Attr(mode=self.mode, size=5)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        assert sniffio.current_async_library() == "trio"
+
+        async def fetch() -> bytes:
+            assert sniffio.current_async_library() == "asyncio" and asyncio.current_task() is not None
+            self.started.set()  # trio's Event.set is synchronous: fine from asyncio in the same thread
+            try:
+                await asyncio.sleep(3600 if self.slow else 0)
+            except asyncio.CancelledError:
+                self.cancelled.append("fetch")
+                raise
+            return b"hello"[offset:offset + size]
+
+        return await afuse.asyncio.run_asyncio(fetch())
+
+
+@pytest.mark.asyncio
+async def test_trio_handlers_reach_asyncio_with_run_asyncio(mnt: str) -> None:
+    node = _SlowNode()
+    fs = afuse.nodes.NodeFS(afuse.nodes.Dir({"f": node}))
+    async with afuse.asyncio.mount(fs, mnt, trio_handlers=True) as session:
+        assert session.ops is fs and session.session.ops is fs  # served as it is, not bridged
+        reader = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; open(sys.argv[1], 'rb').read()", os.path.join(mnt, "f"))
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while not node.started.is_set():
+                    await asyncio.sleep(0.01)
+                reader.send_signal(signal.SIGINT)  # INTERRUPT: the trio handler and its asyncio task end
+                assert await reader.wait() == -signal.SIGINT
+                while not node.cancelled:
+                    await asyncio.sleep(0.01)
+        finally:
+            if reader.returncode is None:
+                reader.kill()
+                await reader.wait()
+        node.slow = False
+        status, out = await run_process("cat", os.path.join(mnt, "f"))
+        assert (status, out) == (0, "hello")
+        assert node.cancelled == ["fetch"] and session.errors == []
+    assert not mounted(mnt)

@@ -56,7 +56,8 @@ from afuse.wire.init import InitConfig
 from afuse.wire.requests import SetattrRequest
 from afuse.wire.types import Attr, FsStats
 
-__all__ = ["Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions", "main", "parse_remote"]
+__all__ = ["Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions", "list_directory", "main",
+           "parse_remote"]
 
 log = logging.getLogger("afuse.sftpfs")
 T = TypeVar("T")
@@ -94,6 +95,10 @@ class SftpOptions:
     readahead: int = 8 << 20
     #: Bytes of pipelined writes a handle may have in flight.
     write_window: int = 16 << 20
+    #: SSH ciphers in order of preference: AES-GCM first (one call into OpenSSL per packet; asyncssh's
+    #: chacha20-poly1305, OpenSSH's first choice, costs several).
+    ciphers: list[str] = attrs.Factory(lambda: ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                                                "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"])
 
 
 class ConnectError(Exception):
@@ -151,7 +156,8 @@ class Connection:
     async def _connect(self) -> None:
         o = self.pool.options
         kwargs: dict[str, Any] = {"port": o.port, "username": o.user or getpass.getuser(),
-                                  "keepalive_interval": max(1.0, o.timeout / 3), "keepalive_count_max": 3}
+                                  "keepalive_interval": max(1.0, o.timeout / 3), "keepalive_count_max": 3,
+                                  "encryption_algs": o.ciphers}
         if o.identities:
             kwargs["client_keys"] = o.identities
         if o.known_hosts is not None:
@@ -198,6 +204,7 @@ class Pool:
         self.conns = [Connection(self, i) for i in range(max(1, options.connections))]
         #: SFTP requests answered EIO because of a lost connection or a timeout.
         self.failures = 0
+        self.closing = False
 
     async def start(self) -> None:
         """Connect every connection now (errors are ConnectError with the reason)."""
@@ -231,18 +238,87 @@ class Pool:
             if isinstance(e, asyncssh.SFTPError) and not _lost(e):
                 raise FUSEError(_errno_of(e), str(e)) from None
             self.failures += 1
-            log.warning("connection %d: %s", c.index, e or type(e).__name__)
+            if not self.closing:
+                log.warning("connection %d: %s", c.index, e or type(e).__name__)
             c.drop()
             raise FUSEError(errno.EIO, str(e)) from None
         finally:
             c.busy -= 1
 
+    async def then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], path: bytes,
+                         via: Connection | None = None) -> tuple[T, asyncssh.SFTPAttrs | None]:
+        """``op`` and an LSTAT of ``path`` sent back to back on one connection, without waiting
+        in between: the server answers in order, so the LSTAT sees what ``op`` made (one round
+        trip for both). The LSTAT's answer is None if it failed."""
+        c = via or self.pick()
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(self.run(op, c))
+        second = loop.create_task(self.run(lambda s: s.lstat(path), c))
+        try:
+            result = await first
+        except BaseException:
+            second.cancel()
+            with contextlib.suppress(BaseException):
+                await second
+            raise
+        try:
+            return result, await second
+        except FUSEError:
+            return result, None
+
     async def close(self) -> None:
         """Close every connection."""
+        self.closing = True
         await asyncio.gather(*(c.close() for c in self.conns))
 
 
+async def list_directory(sftp: asyncssh.SFTPClient, path: bytes) -> list[asyncssh.SFTPName]:
+    """The entries of directory ``path`` with their attributes, READDIR requests pipelined.
+
+    SFTP lists a directory in batches (OpenSSH: 100 names per READDIR). asyncssh's ``readdir``
+    asks for one batch at a time, a round trip each; here more READDIRs on the handle are sent
+    before the answers come (the server answers them in order, each with the next batch): two at
+    first, one more for each full batch, up to 16 in flight.
+    """
+    handler = sftp._handler  # asyncssh's request layer: OPENDIR, READDIR, CLOSE
+    handle = await handler.opendir(path)
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Task[tuple[Sequence[asyncssh.SFTPName], bool]]] = [
+        loop.create_task(handler.readdir(handle)) for _ in range(2)]
+    names: list[asyncssh.SFTPName] = []
+    try:
+        done = False
+        while pending:
+            task = pending.pop(0)
+            try:
+                batch, at_end = await task
+            except asyncssh.SFTPEOFError:
+                done = True
+                continue
+            names.extend(batch)
+            done = done or at_end
+            if not done:
+                for _ in range(2 if len(pending) < 15 else 1):
+                    pending.append(loop.create_task(handler.readdir(handle)))
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(asyncssh.Error, OSError):
+            await handler.close(handle)
+    return names
+
+
 # -- open files (asyncio side) ----------------------------------------------------------------------
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _bytes(data: bytes | str) -> bytes:
+    return data if isinstance(data, bytes) else data.encode()  # always bytes: files are opened with encoding=None
+
 
 def _pflags(flags: int) -> int:
     acc = flags & _ACCMODE
@@ -310,44 +386,60 @@ class RemoteFile:
 
     # reads -----------------------------------------------------------------------------------------
 
-    async def _chunk(self, offset: int) -> bytes:
-        return await self.run(lambda f: f.read(CHUNK, offset))
+    def _spawn_chunk(self, offset: int) -> asyncio.Task[bytes]:
+        task = asyncio.get_running_loop().create_task(self._chunk(offset))
+        task.add_done_callback(_consume)  # a chunk nobody reads any more may fail unseen
+        return task
 
-    def _drop_chunks(self, keep: Callable[[int], bool] = lambda off: False) -> None:
+    async def _chunk(self, offset: int) -> bytes:
+        return _bytes(await self.run(lambda f: f.read(CHUNK, offset)))
+
+    def _drop_chunks(self, keep: Callable[[int], bool] = lambda off: False, cancel: bool = True) -> None:
         for off in [o for o in self.chunks if not keep(o)]:
-            self.chunks.pop(off).cancel()
+            task = self.chunks.pop(off)
+            if cancel:
+                task.cancel()
+
+    async def _part(self, off: int) -> bytes:
+        task = self.chunks.get(off)
+        if task is None:
+            task = self.chunks[off] = self._spawn_chunk(off)
+        try:
+            return await asyncio.shield(task)  # a cancelled read leaves the chunk to the next one
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise
+            return await self._chunk(off)  # the chunk was dropped (a write, a jump) meanwhile
 
     async def read(self, offset: int, size: int) -> bytes:
-        """Read ``size`` bytes at ``offset``: sequential readers get read-ahead, others plain reads."""
+        """Read ``size`` bytes at ``offset``: a sequential reader (the kernel sends its read-ahead
+        as several READs at once, in any order) gets read-ahead chunks, others plain reads."""
         await self.drain()
-        if offset != self.next_offset:  # not sequential: no read-ahead, drop what was read ahead
+        if abs(offset - self.next_offset) > self.window + size:  # a jump: no read-ahead
             self.window = 0
             self._drop_chunks()
-        self.next_offset = offset + size
+        self.next_offset = max(self.next_offset, offset + size) if self.window else offset + size
         if self.window == 0 and offset != 0:
-            self.window = CHUNK  # the first read of a run: start small
-            data = await self.run(lambda f: f.read(size, offset))
-            return data
+            self.window = CHUNK  # the first read after a jump: read just that, start small
+            return _bytes(await self.run(lambda f: f.read(size, offset)))
         self.window = min(max(2 * self.window, 2 * CHUNK), self.pool.options.readahead)
         first = offset - offset % CHUNK
         end = offset + size + self.window
         if self.size is not None:
             end = min(end, max(self.size, offset + size))
-        loop = asyncio.get_running_loop()
         for off in range(first, end, CHUNK):
             if off not in self.chunks:
-                self.chunks[off] = loop.create_task(self._chunk(off))
+                self.chunks[off] = self._spawn_chunk(off)
         parts: list[bytes] = []
         for off in range(first, offset + size, CHUNK):
-            task = self.chunks.get(off)
-            if task is None:
-                task = self.chunks[off] = loop.create_task(self._chunk(off))
-            part = await asyncio.shield(task)  # a cancelled read leaves the chunk for the next one
+            part = await self._part(off)
             lo = max(0, offset - off)
             parts.append(part[lo:offset + size - off])
             if len(part) < CHUNK:  # end of file
                 break
-        self._drop_chunks(lambda off: off + CHUNK > offset + size)
+        # Chunks behind the reader are done with (others may still be awaiting them: no cancel).
+        self._drop_chunks(lambda off: off + CHUNK > self.next_offset - self.window, cancel=False)
         return b"".join(parts)
 
     # writes ----------------------------------------------------------------------------------------
@@ -443,6 +535,8 @@ class SftpNode(Node):
         self.path = path
         self.sattrs = a
         self.fetched = time.monotonic()
+        #: When it last changed through the mount (attributes read before are out of date).
+        self.changed = 0.0
         #: Directory listing cache: name -> attributes, and when it was read.
         self.listing: dict[bytes, asyncssh.SFTPAttrs] | None = None
         self.listed = 0.0
@@ -463,15 +557,23 @@ class SftpNode(Node):
             if f.writes or f.error:
                 await afuse.asyncio.run_asyncio(f.drain())
 
-    def _set(self, a: asyncssh.SFTPAttrs) -> None:
-        self.sattrs, self.fetched = a, time.monotonic()
+    def _set(self, a: asyncssh.SFTPAttrs, when: float | None = None) -> None:
+        """New attributes, read at ``when`` (now): older ones than those held are ignored."""
+        when = time.monotonic() if when is None else when
+        if when >= self.fetched and when >= self.changed:
+            self.sattrs, self.fetched = a, when
 
     def _stale(self) -> None:
+        """Changed through the mount: ask the server next time, and re-list the parent."""
         self.fetched = -1e9
+        self.changed = time.monotonic()
+        parent = self.fs.live.get(self.path.rpartition(b"/")[0] or b"/")
+        if parent is not None:
+            parent.listing = None
 
     def _changed_listing(self) -> None:
         self.listing = None
-        self._stale()
+        self.fetched = -1e9
 
     async def _lstat(self, path: bytes | None = None) -> asyncssh.SFTPAttrs | None:
         try:
@@ -480,6 +582,10 @@ class SftpNode(Node):
             if e.errno == errno.ENOENT:
                 return None
             raise
+
+    async def _then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]],
+                          path: bytes) -> tuple[T, asyncssh.SFTPAttrs | None]:
+        return await afuse.asyncio.run_asyncio(self.fs.pool.then_lstat(op, path))
 
     async def _child(self, name: bytes, a: asyncssh.SFTPAttrs | None = None) -> SftpNode:
         path = _join(self.path, name)
@@ -494,27 +600,31 @@ class SftpNode(Node):
     async def lookup(self, name: bytes) -> Node | None:
         """A child: from a fresh listing, else LSTAT."""
         a = None
+        when = self.listed
         if self.listing is not None and time.monotonic() - self.listed < self.fs.options.dir_timeout:
             a = self.listing.get(name)
             if a is None:
                 return None
         if a is None:
+            when = time.monotonic()
             a = await self._lstat(_join(self.path, name))
             if a is None:
                 return None
-        return self.fs.node_for(_join(self.path, name), a)
+        return self.fs.node_for(_join(self.path, name), a, when)
 
     async def getattr(self) -> Attr:
         """Cached attributes, or LSTAT (after this node's pipelined writes are done)."""
         await self._drain()
         if time.monotonic() - self.fetched >= self.fs.options.stat_timeout or self.fs.options.stat_timeout == 0:
+            when = time.monotonic()
             a = await self._lstat()
             if a is None:
                 if not self.files:
                     raise FUSEError(errno.ENOENT)
                 f = next(iter(self.files))  # unlinked but open: ask the open handle
                 a = await afuse.asyncio.run_asyncio(f.run(lambda h: h.stat()))
-            self._set(a)
+            self.fetched = -1e9  # answer what was just read, even if it changed meanwhile
+            self._set(a, max(when, self.changed))
         return _attr(self.sattrs)
 
     async def setattr(self, changes: SetattrRequest) -> Attr:
@@ -547,7 +657,9 @@ class SftpNode(Node):
         if isinstance(handle, SftpHandle):
             await handle.call(handle.rf.run(lambda f: f.setstat(new)))
         else:
-            await self.fs.call(lambda s: s.setstat(self.path, new, follow_symlinks=False))
+            # lsetstat@openssh.com for a symlink's own times (it takes no size); plain SETSTAT otherwise
+            nofollow = stat.S_ISLNK(self.mode)
+            await self.fs.call(lambda s: s.setstat(self.path, new, follow_symlinks=not nofollow))
         if changes.size is not None:
             for f in self.files:
                 f._drop_chunks()
@@ -567,14 +679,14 @@ class SftpNode(Node):
         """The listing (one READDIR exchange; names, types and attributes, kept ``dir_timeout``)."""
         now = time.monotonic()
         if self.listing is None or now - self.listed >= self.fs.options.dir_timeout:
-            names = await self.fs.call(lambda s: s.readdir(self.path))
+            names = await self.fs.call(lambda s: list_directory(s, self.path))
             self.listing = {n.filename: n.attrs for n in names  # type: ignore[misc]
                             if n.filename not in (b".", b"..")}
             self.listed = now
             for name, a in self.listing.items():  # fresher attributes for the nodes the kernel holds
                 child = self.fs.live.get(_join(self.path, name))
                 if child is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(child.mode):
-                    child._set(a)
+                    child._set(a, now)
         return [DirItem(name, stat.S_IFMT(a.permissions or 0), _ino(_join(self.path, name)))
                 for name, a in self.listing.items()]
 
@@ -606,17 +718,19 @@ class SftpNode(Node):
         path = _join(self.path, name)
         rf = RemoteFile(self.fs.pool, path, flags | os.O_CREAT, mode)
         try:
-            await afuse.asyncio.run_asyncio(rf.open())
+            _, a = await afuse.asyncio.run_asyncio(self.fs.pool.then_lstat(lambda _s: rf.open(), path, rf.conn))
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
         self._changed_listing()
         rf.size = 0
-        try:
-            a = await afuse.asyncio.run_asyncio(rf.run(lambda f: f.stat()))
-        except BaseException:
-            await afuse.asyncio.run_asyncio(rf.close())
-            raise
+        if a is None or not stat.S_ISREG(a.permissions or 0):
+            try:
+                a = await afuse.asyncio.run_asyncio(rf.run(lambda f: f.stat()))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await afuse.asyncio.run_asyncio(rf.close())
+                raise
         node = self.fs.node_for(path, a)
         return node, SftpHandle(node, rf)
 
@@ -649,23 +763,24 @@ class SftpNode(Node):
         """MKDIR (EEXIST if the name is taken)."""
         path = _join(self.path, name)
         try:
-            await self.fs.call(lambda s: s.mkdir(path, asyncssh.SFTPAttrs(permissions=mode & 0o7777)))
+            _, a = await self._then_lstat(lambda s: s.mkdir(path, asyncssh.SFTPAttrs(permissions=mode & 0o7777)),
+                                          path)
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
         self._changed_listing()
-        return await self._child(name)
+        return await self._child(name, a)
 
     async def symlink(self, name: bytes, target: bytes) -> Node:
         """SYMLINK."""
         path = _join(self.path, name)
         try:
-            await self.fs.call(lambda s: s.symlink(target, path))
+            _, a = await self._then_lstat(lambda s: s.symlink(target, path), path)
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
         self._changed_listing()
-        return await self._child(name)
+        return await self._child(name, a)
 
     async def link(self, name: bytes, node: Node) -> Node:
         """hardlink@openssh.com; the new name is a node of its own (SFTP has no inode identity)."""
@@ -673,13 +788,13 @@ class SftpNode(Node):
             raise FUSEError(errno.EXDEV)
         path = _join(self.path, name)
         try:
-            await self.fs.call(lambda s: s.link(node.path, path))
+            _, a = await self._then_lstat(lambda s: s.link(node.path, path), path)
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
         self._changed_listing()
         node._stale()
-        return await self._child(name)
+        return await self._child(name, a)
 
     async def unlink(self, name: bytes) -> None:
         """REMOVE."""
@@ -796,13 +911,15 @@ class SftpFS(NodeFS):
         """Run one SFTP operation (from trio) on the least busy connection."""
         return await afuse.asyncio.run_asyncio(self.pool.run(op))
 
-    def node_for(self, path: bytes, a: asyncssh.SFTPAttrs) -> SftpNode:
-        """The live node for ``path`` with fresh attributes ``a``, or a new one."""
+    def node_for(self, path: bytes, a: asyncssh.SFTPAttrs, when: float | None = None) -> SftpNode:
+        """The live node for ``path`` with attributes ``a`` read at ``when`` (now), or a new one."""
         n = self.live.get(path)
         if n is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(n.mode):
-            n._set(a)
+            n._set(a, when)
             return n
         n = SftpNode(self, path, a)
+        if when is not None:
+            n.fetched = when
         self.live[path] = n
         return n
 
@@ -893,7 +1010,7 @@ def parse_remote(spec: str) -> tuple[str | None, str, str]:
 
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
-                "reconnect", "StrictHostKeyChecking"}
+                "reconnect", "StrictHostKeyChecking", "Ciphers"}
 
 
 def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
@@ -941,6 +1058,8 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             setattr(o, key, n)
         elif key == "reconnect":
             o.reconnect = True
+        elif key == "Ciphers":
+            o.ciphers = value.split(":")
         if not eq and key not in ("reconnect",):
             raise ValueError(f"option {key} needs a value")
     return o, MountOptions.parse(",".join(mount))
@@ -1012,7 +1131,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
-                        "Port=N, readahead=BYTES, write_window=BYTES, reconnect; others are mount options")
+                        "Port=N, Ciphers=A:B, readahead=BYTES, write_window=BYTES, reconnect; others are mount options")
     p.add_argument("--connections", type=int, default=1, help="SSH connections to spread requests over")
     p.add_argument("--reconnect", action="store_true", help="reconnect when the connection is lost")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds before a request fails with EIO")

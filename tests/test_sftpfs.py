@@ -1,0 +1,401 @@
+"""sftpfs against a real OpenSSH server (tools/sshd.py), mounted by its command line, driven by real
+tools and system calls: everyday tools match a native directory, open flags, renames, statfs, links,
+a killed server (EIO, then --reconnect), an interrupted reader, --poll."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_sshd() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("afuse_tools_sshd", ROOT / "tools" / "sshd.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look the module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sshd_tool = _load_sshd()
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[Any]:
+    """One throw-away sshd for the module (tests that kill it start their own)."""
+    with sshd_tool.running_sshd() as s:
+        yield s
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+@contextlib.contextmanager
+def sftpfs(server: Any, remote: Path, *args: str, timeout: float = 30.0) -> Iterator[str]:
+    """Mount ``remote`` (a directory the server sees) with ``python -m afuse.examples.sftpfs``; unmount
+    (SIGTERM, else a lazy unmount and SIGKILL) however the test ends."""
+    mnt = tempfile.mkdtemp(prefix="afuse-sftpfs-")
+    cmd = [sys.executable, "-m", "afuse.examples.sftpfs", server.target(str(remote)), mnt,
+           "-p", str(server.port), "-i", str(server.identity), "-o", f"known_hosts={server.known_hosts}", *args]
+    errlog = tempfile.TemporaryFile()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errlog, env=env)
+    try:
+        assert proc.stdout is not None
+        line = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 0.1)[0]:
+                line = proc.stdout.readline()
+                break
+        if line.strip() != b"ready":
+            errlog.seek(0)
+            raise AssertionError(f"sftpfs did not mount: {errlog.read().decode(errors='replace')}")
+        yield mnt
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                subprocess.run(["umount", "-l", mnt], check=False, timeout=15)
+                proc.kill()
+                proc.wait(15)
+        if _mounted(mnt):
+            subprocess.run(["umount", "-l", mnt], check=False, timeout=15)
+        with contextlib.suppress(OSError):
+            os.rmdir(mnt)
+        errlog.seek(0)
+        log = errlog.read().decode(errors="replace")
+        errlog.close()
+        if "Traceback" in log or "handler error" in log.lower():
+            raise AssertionError(f"sftpfs logged an error:\n{log}")
+
+
+# -- everyday tools ---------------------------------------------------------------------------------
+
+SCRIPT = r"""
+set -e
+cp -a "$SAMPLE" tree
+tar -cf archive.tar tree
+mkdir extracted && tar -xf archive.tar -C extracted
+diff -r tree extracted/tree
+git init -q repo
+cp -a tree/. repo/
+cd repo
+git add -A
+git -c user.name=t -c user.email=t@example.com commit -qm first
+echo change >> README.md
+git -c user.name=t -c user.email=t@example.com commit -qam second
+git log --format=%s | cat
+git status --porcelain | cat
+git fsck --no-progress 2>&1 | cat
+cd ..
+mv tree/README.md tree/moved.md
+mv extracted/tree extracted/renamed
+ln -s moved.md tree/link
+readlink tree/link
+chmod 600 tree/moved.md
+chmod 750 extracted/renamed
+find tree extracted repo -not -path '*/.git/*' \( -type d -printf '%y %m %P\n' -o -printf '%y %m %s %P\n' \) | sort
+find tree -type f -printf '%s\n' | awk '{s += $1} END {print s}'
+rm -rf tree extracted repo archive.tar
+ls -A
+"""
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A snapshot of afuse's own source (without caches) and its README."""
+    if shutil.which("git") is None:
+        pytest.fail("git is required (apt-get install git)")
+    root = tmp_path_factory.mktemp("sftp-sample")
+    shutil.copytree(ROOT / "afuse", root / "afuse", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "README.md", root / "README.md")
+    os.symlink("afuse/__init__.py", root / "init-link")
+    os.chmod(root / "README.md", 0o640)
+    return str(root)
+
+
+def _run_script(where: str, sample: str) -> str:
+    res = subprocess.run(["bash", "-c", SCRIPT], cwd=where, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SAMPLE": sample, "GIT_CONFIG_NOSYSTEM": "1", "HOME": where})
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_everyday_tools_match_native(sshd: Any, sample: str, tmp_path: Path) -> None:
+    native = tmp_path / "native"
+    native.mkdir()
+    expected = _run_script(str(native), sample)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    with sftpfs(sshd, remote) as mnt:
+        assert _run_script(mnt, sample) == expected
+        assert os.listdir(mnt) == [] == os.listdir(remote)
+
+
+# -- single operations ---------------------------------------------------------------------------------
+
+def test_open_flags_rename_links_statfs(sshd: Any, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "a").write_text("first file\n")
+    (remote / "b").write_text("second\n")
+    (remote / "full").mkdir()
+    (remote / "full" / "x").write_text("x")
+    with sftpfs(sshd, remote) as mnt:
+        m = Path(mnt)
+        # O_EXCL on an existing name; O_CREAT|O_EXCL on a new one
+        with pytest.raises(FileExistsError):
+            os.open(m / "a", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(m / "new", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+        os.write(fd, b"made")
+        os.fsync(fd)  # fsync@openssh.com
+        os.close(fd)
+        assert (remote / "new").read_bytes() == b"made"
+        assert (remote / "new").stat().st_mode & 0o777 == 0o640
+        # O_TRUNC
+        fd = os.open(m / "b", os.O_WRONLY | os.O_TRUNC)
+        os.close(fd)
+        assert (remote / "b").stat().st_size == 0 == (m / "b").stat().st_size
+        # rename over an existing file (posix-rename@openssh.com), and a directory rename
+        os.rename(m / "a", m / "b")
+        assert (remote / "b").read_text() == "first file\n" == (m / "b").read_text()
+        assert not (remote / "a").exists() and not (m / "a").exists()
+        os.mkdir(m / "d")
+        (m / "d" / "inner").write_text("inside")
+        os.rename(m / "d", m / "e")
+        assert (m / "e" / "inner").read_text() == "inside" == (remote / "e" / "inner").read_text()
+        with pytest.raises(OSError) as exc:
+            os.rmdir(m / "full")
+        assert exc.value.errno == errno.ENOTEMPTY
+        with pytest.raises(FileExistsError):
+            os.mkdir(m / "full")
+        # symlink, hard link (hardlink@openssh.com), chmod, chown, truncate, utimens
+        os.symlink("b", m / "sym")
+        assert os.readlink(m / "sym") == "b" == os.readlink(remote / "sym")
+        os.link(m / "b", m / "hard")
+        assert (remote / "hard").stat().st_ino == (remote / "b").stat().st_ino
+        assert (m / "hard").read_text() == "first file\n"
+        os.chmod(m / "b", 0o604)
+        assert (remote / "b").stat().st_mode & 0o777 == 0o604 == (m / "b").stat().st_mode & 0o777
+        os.chown(m / "b", 1234, 5678)
+        st = (remote / "b").stat()
+        assert (st.st_uid, st.st_gid) == (1234, 5678) == ((m / "b").stat().st_uid, (m / "b").stat().st_gid)
+        os.truncate(m / "b", 5)
+        assert (remote / "b").read_text() == "first" == (m / "b").read_text()
+        os.utime(m / "b", (1_000_000_000, 1_200_000_000))
+        assert (remote / "b").stat().st_mtime == 1_200_000_000 == (m / "b").stat().st_mtime
+        # statfs: statvfs@openssh.com
+        here, there = os.statvfs(mnt), os.statvfs(remote)
+        assert (here.f_blocks, here.f_bsize, here.f_files) == (there.f_blocks, there.f_bsize, there.f_files)
+        # unlink and errors a local filesystem gives
+        os.unlink(m / "hard")
+        assert not (remote / "hard").exists()
+        with pytest.raises(FileNotFoundError):
+            os.stat(m / "missing")
+        with pytest.raises(IsADirectoryError):
+            os.unlink(m / "full")
+        # a larger file written and read back (pipelined writes, read-ahead)
+        data = os.urandom(3 << 20)
+        (m / "big").write_bytes(data)
+        assert (remote / "big").read_bytes() == data
+        assert (m / "big").read_bytes() == data
+        with open(m / "big", "rb") as f:  # random access
+            f.seek(1 << 20)
+            assert f.read(1000) == data[1 << 20:(1 << 20) + 1000]
+            f.seek(17)
+            assert f.read(5) == data[17:22]
+
+
+def test_parallel_readers_over_connections(sshd: Any, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    blobs = {f"f{i}": os.urandom((1 << 20) + i * 4099) for i in range(8)}
+    for name, data in blobs.items():
+        (remote / name).write_bytes(data)
+    with sftpfs(sshd, remote, "--connections", "3") as mnt:
+        got: dict[str, bytes] = {}
+
+        def read(name: str) -> None:
+            got[name] = (Path(mnt) / name).read_bytes()
+
+        threads = [threading.Thread(target=read, args=(n,)) for n in blobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == blobs
+
+
+# -- failures ---------------------------------------------------------------------------------------
+
+def test_killed_sshd_gives_eio_then_reconnect(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    with open(remote / "big", "wb") as f:
+        f.truncate(1 << 30)
+    (remote / "small").write_text("abc")
+    with sshd_tool.running_sshd() as server, sftpfs(server, remote, "--reconnect", "--timeout", "3") as mnt:
+        big = os.open(os.path.join(mnt, "big"), os.O_RDONLY)
+        try:
+            assert os.pread(big, 4, 0) == b"\0" * 4
+            reader = subprocess.Popen(["dd", f"if={mnt}/big", "of=/dev/null", "bs=1M"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(0.5)
+            assert reader.poll() is None, "the reader finished before the server was killed"
+            server.kill()
+            _out, err = reader.communicate(timeout=30)
+            assert reader.returncode != 0
+            assert "Input/output error" in err
+            # while the server is down: EIO (reconnecting is refused)
+            res = subprocess.run(["cat", f"{mnt}/small"], capture_output=True, text=True, timeout=30)
+            assert res.returncode != 0 and "Input/output error" in res.stderr
+            assert _mounted(mnt)
+            server.restart()
+            deadline = time.monotonic() + 20
+            while True:
+                res = subprocess.run(["cat", f"{mnt}/small"], capture_output=True, text=True, timeout=30)
+                if res.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert res.stdout == "abc", res.stderr
+            # the file opened before the crash is reopened on the new connection
+            assert os.pread(big, 8, (1 << 30) - 8192) == b"\0" * 8
+        finally:
+            os.close(big)
+
+
+def test_unresponsive_server_gives_eio(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "data").write_text("payload")
+    with sshd_tool.running_sshd() as server, sftpfs(server, remote, "--timeout", "2", "-o", "cache=no") as mnt:
+        assert Path(mnt, "data").read_text() == "payload"
+        frozen = sshd_tool._children(server.pid)  # the session processes: the connection stays open
+        assert frozen
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            res = subprocess.run(["cat", f"{mnt}/data"], capture_output=True, text=True, timeout=30)
+            assert res.returncode != 0 and "Input/output error" in res.stderr
+            assert _mounted(mnt)
+            # the timed-out connection was dropped; without --reconnect every request now fails at once
+            res = subprocess.run(["stat", f"{mnt}/data"], capture_output=True, text=True, timeout=30)
+            assert res.returncode != 0 and "Input/output error" in res.stderr
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+
+def _server_reads(server: Any) -> int:
+    """Bytes the server's session processes have read (files and sockets)."""
+    total = 0
+    for pid in sshd_tool._children(server.pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("rchar:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def test_interrupted_cat_stops_reads(sshd: Any, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    size = 4 << 30
+    with open(remote / "huge", "wb") as f:
+        f.truncate(size)
+    with sftpfs(sshd, remote) as mnt:
+        before = _server_reads(sshd)
+        cat = subprocess.Popen(["cat", f"{mnt}/huge"], stdout=subprocess.DEVNULL)
+        time.sleep(1.0)
+        assert cat.poll() is None
+        cat.kill()
+        cat.wait(30)
+        deadline = time.monotonic() + 20
+        last = _server_reads(sshd)
+        while time.monotonic() < deadline:  # reads in flight finish; then nothing more is read
+            time.sleep(0.5)
+            now = _server_reads(sshd)
+            if now - last < CHUNK_MIN:
+                break
+            last = now
+        settled = _server_reads(sshd)
+        time.sleep(1.0)
+        after = _server_reads(sshd)
+        assert settled - before > 0, "nothing was read"
+        assert after - settled < CHUNK_MIN, f"the server still reads: {after - settled} bytes in 1 s"
+        assert after - before < size // 2
+
+
+CHUNK_MIN = 64 * 1024  # less than one read request: only keepalives and the like
+
+
+def test_poll_sees_remote_change(sshd: Any, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "f").write_text("one")
+    (remote / "gone").write_text("soon deleted")
+    with sftpfs(sshd, remote, "--poll", "0.3", "-o", "cache_timeout=600") as mnt:
+        m = Path(mnt)
+        assert (m / "f").read_text() == "one"
+        assert (m / "gone").exists()
+        assert not (m / "later").exists()
+        sorted(os.listdir(m))
+        (remote / "f").write_text("two two")
+        os.utime(remote / "f", (2_000_000_000, 2_000_000_000))
+        (remote / "gone").unlink()
+        (remote / "later").write_text("new")
+        os.utime(remote, (2_000_000_000, 2_000_000_000))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if ((m / "f").read_text() == "two two" and not (m / "gone").exists() and (m / "later").exists()
+                    and sorted(os.listdir(m)) == ["f", "later"]):
+                break
+            time.sleep(0.2)
+        assert (m / "f").read_text() == "two two"
+        assert not (m / "gone").exists()
+        assert (m / "later").read_text() == "new"
+        assert sorted(os.listdir(m)) == ["f", "later"]
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+def test_command_line_errors(sshd: Any, tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "afuse.examples.sftpfs", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    res = run("no-colon-here", str(tmp_path))
+    assert res.returncode == 2 and "[USER@]HOST:[DIR]" in res.stderr
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "cache_timeout=-1")
+    assert res.returncode == 2 and "cache_timeout" in res.stderr
+    port = sshd_tool.free_port()
+    res = run(f"root@127.0.0.1:{tmp_path}", str(tmp_path), "-p", str(port), "--timeout", "5",
+              "-i", str(sshd.identity), "-o", f"known_hosts={sshd.known_hosts}")
+    assert res.returncode == 1 and "cannot connect" in res.stderr
+    res = run(sshd.target(str(tmp_path / "missing")), str(tmp_path), "-p", str(sshd.port), "-i", str(sshd.identity),
+              "-o", f"known_hosts={sshd.known_hosts}")
+    assert res.returncode == 1 and "missing" in res.stderr
