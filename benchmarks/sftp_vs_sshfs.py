@@ -89,6 +89,7 @@ class Config:
     connections: int = 1
     phases: tuple[int, ...] = (0, 20)  # added round trip, ms
     workloads: tuple[str, ...] = tuple(WORKLOADS)
+    cipher: str = "aes128-gcm@openssh.com"  # both sides; "" leaves each its own default
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,14 +153,14 @@ def sshfs_argv(sshd: Any, port: int, known_hosts: str, remote: str, mnt: str, cf
             "-o", "StrictHostKeyChecking=yes,BatchMode=yes",
             "-o", "entry_timeout=20,attr_timeout=20,negative_timeout=0,dir_cache=yes,dcache_timeout=20",
             "-o", f"max_conns={cfg.connections}",
-            "-o", "fsname=sftpbench-sshfs"]  # fmt: skip
+            "-o", "fsname=sftpbench-sshfs"] + (["-o", f"Ciphers={cfg.cipher}"] if cfg.cipher else [])  # fmt: skip
 
 
 def sftpfs_argv(sshd: Any, port: int, known_hosts: str, remote: str, mnt: str, cfg: Config) -> list[str]:
     """afuse's sftpfs with the same caches as sshfs where comparable."""
     return [sys.executable, "-m", "afuse.examples.sftpfs", sshd.target(remote), mnt,
             "-p", str(port), "-i", str(sshd.identity),
-            "-o", f"known_hosts={known_hosts},cache_timeout=20",
+            "-o", f"known_hosts={known_hosts},cache_timeout=20" + (f",Ciphers={cfg.cipher}" if cfg.cipher else ""),
             "--connections", str(cfg.connections)]  # fmt: skip
 
 
@@ -534,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, help="small files (default 1000)")
     p.add_argument("--entries", type=int, help="directory entries for list and stat (default 2000)")
     p.add_argument("--connections", type=int, default=1, help="SSH connections per mount (sshfs max_conns)")
+    p.add_argument("--cipher", default=Config.cipher,
+                   help="SSH cipher both sides use (default %(default)s; '' leaves each its own default: "
+                        "OpenSSH's chacha20-poly1305 for sshfs, AES-GCM first for sftpfs)")
     p.add_argument("--phases", default="0,20", help="added round trips in ms, comma-separated (default 0,20)")
     p.add_argument("--sides", default=",".join(SIDES), help="which filesystems (default sshfs,sftpfs)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
@@ -549,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.connections = args.connections
+    cfg.cipher = args.cipher
     cfg.phases = tuple(int(x) for x in args.phases.split(","))
     workloads = [w for w in args.workloads.split(",") if w]
     if not workloads or any(w not in WORKLOADS for w in workloads):
@@ -592,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"sftpfs vs sshfs: same sshd (OpenSSH, internal-sftp) on 127.0.0.1, {cfg.repeat} run(s) per figure "
           f"(median), sides alternating; seq {cfg.mib} MiB, {cfg.files} small files of {cfg.small_size} B, "
-          f"{cfg.entries} entries, {cfg.parallel} parallel readers")
+          f"{cfg.entries} entries, {cfg.parallel} parallel readers; cipher {cfg.cipher or 'each side its default'}; "
+          f"{cfg.connections} SSH connection(s) per mount")
     for note in res.notes:
         print("note:", note)
     for phase, probes in res.rtt_ms.items():
