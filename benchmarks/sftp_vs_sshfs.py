@@ -130,8 +130,12 @@ class Mount:
     def stop(self) -> None:
         """Unmount (lazily if busy) and wait for the daemon; kill it if it lingers."""
         if _mounted(self.mountpoint):
-            r = subprocess.run(["umount", self.mountpoint], capture_output=True)
-            if r.returncode != 0 and _mounted(self.mountpoint):
+            try:
+                r = subprocess.run(["umount", self.mountpoint], capture_output=True, timeout=15)
+                busy = r.returncode != 0
+            except subprocess.TimeoutExpired:  # a daemon that does not answer
+                busy = True
+            if busy and _mounted(self.mountpoint):
                 subprocess.run(["umount", "-l", self.mountpoint], capture_output=True)
         if self.proc is not None and self.proc.poll() is None:
             try:
@@ -574,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         print("afuse.examples.sftpfs not found (or pass --sides sshfs)", file=sys.stderr)
         return 2
 
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does: unmount, stop sshd, remove files
+
+    signal.signal(signal.SIGTERM, terminated)
     res = Results(config=asdict(cfg))
     res.notes.append(NOT_NETEM)
     with open("/proc/loadavg") as f:
@@ -621,4 +629,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted (mounts, sshd and files removed)", file=sys.stderr)
+        sys.exit(130)

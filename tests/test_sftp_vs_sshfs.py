@@ -19,17 +19,35 @@ SIDES = {"sshfs", "sftpfs"}
 WORKLOADS = {"seq_write", "seq_read", "create_small", "read_small", "list", "list_l", "stat", "parallel_read"}
 
 
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path) + "/")]
+
+
 def test_sftp_vs_sshfs_quick(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(BENCH), "--quick", "--json", str(out), "--tmpdir", str(work)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    with open("/proc/self/mountinfo") as f:
-        assert not [line for line in f if str(work) in line]
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the benchmark unmounts, stops sshd and removes its files on SIGTERM
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        raise AssertionError(f"the quick benchmark took over 240 s\nstdout:\n{stdout}\nstderr:\n{stderr}") from None
+    finally:
+        left = _mounts_under(work)
+        for mnt in left:
+            subprocess.run(["umount", "-l", mnt], check=False)
+    assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    assert not left, f"left mounted: {left}"
     assert list(work.iterdir()) == []
 
     data = json.loads(out.read_text())
@@ -43,13 +61,13 @@ def test_sftp_vs_sshfs_quick(tmp_path: Path) -> None:
 
     # Both command lines are printed, and both clients reach the server through the delay line at
     # 20 ms: a round trip cannot be shorter than the delay it crosses (and is far shorter without it).
-    assert "\nsshfs: sshfs -f " in proc.stdout
-    assert "\nsftpfs: " in proc.stdout and "afuse.examples.sftpfs" in proc.stdout
-    assert "no netem" in proc.stdout
+    assert "\nsshfs: sshfs -f " in stdout
+    assert "\nsftpfs: " in stdout and "afuse.examples.sftpfs" in stdout
+    assert "no netem" in stdout
     rtt = data["rtt_ms"]["20 ms"]
     assert rtt["echo through the delay line"] >= 19.0
     for side in SIDES:
         assert rtt[f"SFTP round trip via {side} (lstat of a missing name)"] >= 19.0, rtt
         assert rtt[f"SFTP round trip via {side} (lstat of a missing name)"] > \
             data["rtt_ms"]["0 ms"][f"SFTP round trip via {side} (lstat of a missing name)"]
-    assert "ratio" in proc.stdout and "misses:" in proc.stdout
+    assert "ratio" in stdout and "misses:" in stdout
