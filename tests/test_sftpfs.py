@@ -229,6 +229,22 @@ def test_open_flags_rename_links_statfs(sshd: Any, tmp_path: Path) -> None:
             assert f.read(5) == data[17:22]
 
 
+def test_lookups_in_an_unlisted_directory(sshd: Any, tmp_path: Path) -> None:
+    """After a few lookups miss, sftpfs lists the directory and answers the rest from the listing."""
+    remote = tmp_path / "remote"
+    (remote / "d").mkdir(parents=True)
+    for i in range(20):
+        (remote / "d" / f"f{i}").write_bytes(b"x" * i)
+    with sftpfs(sshd, remote) as mnt:
+        d = Path(mnt, "d")
+        assert [(d / f"f{i}").stat().st_size for i in range(20)] == list(range(20))
+        with pytest.raises(FileNotFoundError):
+            (d / "nothing").stat()
+        (d / "new").write_text("made here")  # a change through the mount is seen at once
+        assert (d / "new").read_text() == "made here"
+        assert sorted(os.listdir(d)) == sorted([f"f{i}" for i in range(20)] + ["new"])
+
+
 def test_parallel_readers_over_connections(sshd: Any, tmp_path: Path) -> None:
     remote = tmp_path / "remote"
     remote.mkdir()

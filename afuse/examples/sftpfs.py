@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import errno
 import getpass
 import hashlib
@@ -41,11 +42,12 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import asyncssh
 import attrs
+import sniffio
 import trio
 
 import afuse.asyncio
@@ -311,6 +313,18 @@ async def list_directory(sftp: asyncssh.SFTPClient, path: bytes) -> list[asyncss
 
 # -- open files (asyncio side) ----------------------------------------------------------------------
 
+def _start(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Start an asyncio task now, also from trio code (trio runs inside the asyncio loop), in a
+    context where sniffio reports asyncio."""
+    ctx = contextvars.copy_context()
+    ctx.run(sniffio.current_async_library_cvar.set, None)
+    return asyncio.get_running_loop().create_task(coro, context=ctx)
+
+
+async def _shielded(task: asyncio.Task[T]) -> T:
+    return await asyncio.shield(task)  # a cancelled waiter leaves the task to the others
+
+
 def _consume(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -369,8 +383,9 @@ class RemoteFile:
         flags = self.flags if self.generation == 0 else self.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
         if self.generation:
             log.info("reopening %r after a reconnect", self.path)
+        # block_size=0: one SFTP request per read or write call; sftpfs splits and pipelines itself.
         f = await sftp.open(self.path, _pflags(flags), asyncssh.SFTPAttrs(permissions=self.mode & 0o7777),
-                            encoding=None)
+                            encoding=None, block_size=0)
         self.file, self.generation = f, self.conn.generation
         return f
 
@@ -380,19 +395,27 @@ class RemoteFile:
             return await op(await self._file(sftp))
         return await self.pool.run(go, self.conn)
 
-    async def open(self) -> None:
-        """Open the file on the server (EEXIST for O_EXCL on an existing name is the caller's to find)."""
+    async def open(self, prefetch: bool = False) -> None:
+        """Open the file on the server (EEXIST for O_EXCL on an existing name is the caller's to find).
+        ``prefetch``: start reading the first chunk at once (most files opened for reading are read
+        from the start: the first READ then finds its data on the way or in)."""
         await self.run(lambda f: asyncio.sleep(0))
+        if prefetch:
+            self.next_offset, self.window = 0, CHUNK
+            self.chunks[0] = self._spawn_chunk(0)
 
     # reads -----------------------------------------------------------------------------------------
 
     def _spawn_chunk(self, offset: int) -> asyncio.Task[bytes]:
-        task = asyncio.get_running_loop().create_task(self._chunk(offset))
+        task = _start(self._chunk(offset))
         task.add_done_callback(_consume)  # a chunk nobody reads any more may fail unseen
         return task
 
+    async def _read_piece(self, offset: int, size: int) -> bytes:
+        return _bytes(await self.run(lambda f: f.read(size, offset)))
+
     async def _chunk(self, offset: int) -> bytes:
-        return _bytes(await self.run(lambda f: f.read(CHUNK, offset)))
+        return await self._read_piece(offset, CHUNK)
 
     def _drop_chunks(self, keep: Callable[[int], bool] = lambda off: False, cancel: bool = True) -> None:
         for off in [o for o in self.chunks if not keep(o)]:
@@ -412,17 +435,17 @@ class RemoteFile:
                 raise
             return await self._chunk(off)  # the chunk was dropped (a write, a jump) meanwhile
 
-    async def read(self, offset: int, size: int) -> bytes:
-        """Read ``size`` bytes at ``offset``: a sequential reader (the kernel sends its read-ahead
-        as several READs at once, in any order) gets read-ahead chunks, others plain reads."""
-        await self.drain()
+    def plan(self, offset: int, size: int) -> range | None:
+        """A READ's bookkeeping (no waiting): a sequential reader (the kernel sends its read-ahead
+        as several READs at once, in any order) gets read-ahead chunks started and the chunk offsets
+        it needs returned; after a jump, None: read just what was asked."""
         if abs(offset - self.next_offset) > self.window + size:  # a jump: no read-ahead
             self.window = 0
             self._drop_chunks()
         self.next_offset = max(self.next_offset, offset + size) if self.window else offset + size
         if self.window == 0 and offset != 0:
-            self.window = CHUNK  # the first read after a jump: read just that, start small
-            return _bytes(await self.run(lambda f: f.read(size, offset)))
+            self.window = CHUNK  # the first read after a jump: start small
+            return None
         self.window = min(max(2 * self.window, 2 * CHUNK), self.pool.options.readahead)
         first = offset - offset % CHUNK
         end = offset + size + self.window
@@ -431,16 +454,52 @@ class RemoteFile:
         for off in range(first, end, CHUNK):
             if off not in self.chunks:
                 self.chunks[off] = self._spawn_chunk(off)
-        parts: list[bytes] = []
-        for off in range(first, offset + size, CHUNK):
-            part = await self._part(off)
-            lo = max(0, offset - off)
-            parts.append(part[lo:offset + size - off])
+        return range(first, offset + size, CHUNK)
+
+    def _assemble(self, offset: int, size: int, parts: list[tuple[int, bytes]]) -> bytes:
+        out: list[bytes] = []
+        for off, part in parts:
+            out.append(part[max(0, offset - off):offset + size - off])
             if len(part) < CHUNK:  # end of file
                 break
         # Chunks behind the reader are done with (others may still be awaiting them: no cancel).
         self._drop_chunks(lambda off: off + CHUNK > self.next_offset - self.window, cancel=False)
-        return b"".join(parts)
+        return b"".join(out)
+
+    def ready(self, offset: int, size: int, chunks: range) -> bytes | None:
+        """The READ's data if the read-ahead chunks it needs are all in (no waiting), else None."""
+        parts: list[tuple[int, bytes]] = []
+        for off in chunks:
+            task = self.chunks.get(off)
+            if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+                return None
+            parts.append((off, task.result()))
+            if len(parts[-1][1]) < CHUNK:
+                break
+        return self._assemble(offset, size, parts)
+
+    async def finish(self, offset: int, size: int, chunks: range | None) -> bytes:
+        """The READ planned by :meth:`plan`: wait for its chunks, or read directly (``chunks`` None)."""
+        if chunks is None:  # CHUNK-sized requests at once (no read-ahead)
+            pieces = await asyncio.gather(*(self._read_piece(off, min(CHUNK, offset + size - off))
+                                            for off in range(offset, offset + size, CHUNK)))
+            out: list[bytes] = []
+            for (off, part) in zip(range(offset, offset + size, CHUNK), pieces, strict=True):
+                out.append(part)
+                if len(part) < min(CHUNK, offset + size - off):  # end of file
+                    break
+            return b"".join(out)
+        parts: list[tuple[int, bytes]] = []
+        for off in chunks:
+            parts.append((off, await self._part(off)))
+            if len(parts[-1][1]) < CHUNK:
+                break
+        return self._assemble(offset, size, parts)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``offset`` after this file's pipelined writes (:meth:`plan`)."""
+        await self.drain()
+        return await self.finish(offset, size, self.plan(offset, size))
 
     # writes ----------------------------------------------------------------------------------------
 
@@ -451,7 +510,11 @@ class RemoteFile:
 
     async def _write(self, offset: int, data: bytes) -> None:
         try:
-            await self.run(lambda f: f.write(data, offset))
+            # CHUNK-sized WRITEs, all sent at once (in order: the server answers them in order)
+            def piece(off: int) -> Callable[[asyncssh.SFTPClientFile], Awaitable[int]]:
+                return lambda f: f.write(data[off - offset:off - offset + CHUNK], off)
+
+            await asyncio.gather(*(self.run(piece(off)) for off in range(offset, offset + len(data), CHUNK)))
         except FUSEError as e:
             if self.error is None:
                 self.error = e
@@ -462,21 +525,29 @@ class RemoteFile:
         finally:
             self.write_bytes -= len(data)
 
-    async def write(self, offset: int, data: bytes) -> int:
-        """Send a write and answer at once (pipelined); an earlier write's error is raised here."""
-        self._raise_error()
+    def write_now(self, offset: int, data: bytes) -> int | None:
+        """Send a write without waiting (pipelined) and return its length; None if it must wait
+        (the window is full, or an earlier write failed: :meth:`write` then raises)."""
+        if self.error is not None or (self.writes and self.write_bytes + len(data) > self.pool.options.write_window):
+            return None
         if self.chunks:
             self._drop_chunks()
-        while self.writes and self.write_bytes + len(data) > self.pool.options.write_window:
-            await asyncio.wait(self.writes, return_when=asyncio.FIRST_COMPLETED)
-            self._raise_error()
         self.write_bytes += len(data)
-        task = asyncio.get_running_loop().create_task(self._write(offset, bytes(data)))
+        task = _start(self._write(offset, bytes(data)))
         self.writes.add(task)
         task.add_done_callback(self.writes.discard)
         if self.size is not None and offset + len(data) > self.size:
             self.size = offset + len(data)
         return len(data)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        """:meth:`write_now`, waiting for room first; an earlier write's error is raised here."""
+        while True:
+            self._raise_error()
+            n = self.write_now(offset, data)
+            if n is not None:
+                return n
+            await asyncio.wait(self.writes, return_when=asyncio.FIRST_COMPLETED)
 
     async def drain(self) -> None:
         """Wait for the pipelined writes; raise the first error among them."""
@@ -540,6 +611,12 @@ class SftpNode(Node):
         #: Directory listing cache: name -> attributes, and when it was read.
         self.listing: dict[bytes, asyncssh.SFTPAttrs] | None = None
         self.listed = 0.0
+        self.listing_version = 0
+        #: The listing on its way (shared by the readdir and lookups waiting for it), its version and start.
+        self.listing_task: asyncio.Task[list[asyncssh.SFTPName]] | None = None
+        self.listing_task_from = (0, 0.0)
+        #: Lookups that missed the listing since it was last read (3 in a row: read it instead).
+        self.misses = 0
         self.target: bytes | None = None
         self.target_at = 0.0
         #: Open files (their writes are drained before this node's attributes are read).
@@ -569,11 +646,16 @@ class SftpNode(Node):
         self.changed = time.monotonic()
         parent = self.fs.live.get(self.path.rpartition(b"/")[0] or b"/")
         if parent is not None:
-            parent.listing = None
+            parent._drop_listing()
 
     def _changed_listing(self) -> None:
-        self.listing = None
+        self._drop_listing()
         self.fetched = -1e9
+
+    def _drop_listing(self) -> None:
+        """Forget the listing (a listing on its way is not kept either)."""
+        self.listing = None
+        self.listing_version += 1
 
     async def _lstat(self, path: bytes | None = None) -> asyncssh.SFTPAttrs | None:
         try:
@@ -597,20 +679,62 @@ class SftpNode(Node):
 
     # lookups and attributes ---------------------------------------------------------------------
 
-    async def lookup(self, name: bytes) -> Node | None:
-        """A child: from a fresh listing, else LSTAT."""
-        a = None
-        when = self.listed
+    def _fresh_listing(self) -> dict[bytes, asyncssh.SFTPAttrs] | None:
         if self.listing is not None and time.monotonic() - self.listed < self.fs.options.dir_timeout:
-            a = self.listing.get(name)
-            if a is None:
-                return None
-        if a is None:
-            when = time.monotonic()
-            a = await self._lstat(_join(self.path, name))
-            if a is None:
-                return None
-        return self.fs.node_for(_join(self.path, name), a, when)
+            return self.listing
+        return None
+
+    async def _fetch_listing(self) -> tuple[dict[bytes, asyncssh.SFTPAttrs], bool]:
+        """Read the listing, or wait for the one on its way; True if it is kept (the directory did
+        not change through the mount meanwhile)."""
+        task = self.listing_task
+        if task is None:
+            version, started = self.listing_version, time.monotonic()
+            task = self.listing_task = _start(self.fs.pool.run(lambda s: list_directory(s, self.path)))
+            self.listing_task_from = (version, started)
+            task.add_done_callback(self._listed)
+        version, started = self.listing_task_from
+        names = await afuse.asyncio.run_asyncio(_shielded(task))
+        if self.listing_version == version and self.listing is not None and self.listed == started:
+            return self.listing, True
+        return {n.filename: n.attrs for n in names if n.filename not in (b".", b"..")}, False  # type: ignore[misc]
+
+    def _listed(self, task: asyncio.Task[list[asyncssh.SFTPName]]) -> None:
+        """A listing arrived: keep it (once, for every waiter), and refresh the children's attributes."""
+        if self.listing_task is task:
+            self.listing_task = None
+        version, started = self.listing_task_from
+        if task.cancelled() or task.exception() is not None or self.listing_version != version:
+            return
+        self.listing = {n.filename: n.attrs for n in task.result()  # type: ignore[misc]
+                        if n.filename not in (b".", b"..")}
+        self.listed, self.misses = started, 0
+        for name, a in self.listing.items():  # fresher attributes for the nodes the kernel holds
+            child = self.fs.live.get(_join(self.path, name))
+            if child is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(child.mode):
+                child._set(a, started)
+
+    async def lookup(self, name: bytes) -> Node | None:
+        """A child: from a fresh listing, else LSTAT; after three misses in a row, the directory is
+        listed instead (later lookups of its names are then answered without asking the server)."""
+        path = _join(self.path, name)
+        listing = self._fresh_listing()
+        if listing is None and self.fs.options.dir_timeout > 0:
+            if self.listing_task is not None or self.misses >= 3:
+                try:
+                    listing, kept = await self._fetch_listing()
+                    if not kept:  # changed through the mount meanwhile: it may lack a new name
+                        listing = None
+                except FUSEError:  # e.g. a directory one may search but not read
+                    self.misses = -1000
+            else:
+                self.misses += 1
+        if listing is not None:
+            a = listing.get(name)
+            return None if a is None else self.fs.node_for(path, a, self.listed)
+        when = time.monotonic()
+        a = await self._lstat(path)
+        return None if a is None else self.fs.node_for(path, a, when)
 
     async def getattr(self) -> Attr:
         """Cached attributes, or LSTAT (after this node's pipelined writes are done)."""
@@ -676,19 +800,12 @@ class SftpNode(Node):
         return self.target
 
     async def readdir(self) -> list[DirItem]:
-        """The listing (one READDIR exchange; names, types and attributes, kept ``dir_timeout``)."""
-        now = time.monotonic()
-        if self.listing is None or now - self.listed >= self.fs.options.dir_timeout:
-            names = await self.fs.call(lambda s: list_directory(s, self.path))
-            self.listing = {n.filename: n.attrs for n in names  # type: ignore[misc]
-                            if n.filename not in (b".", b"..")}
-            self.listed = now
-            for name, a in self.listing.items():  # fresher attributes for the nodes the kernel holds
-                child = self.fs.live.get(_join(self.path, name))
-                if child is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(child.mode):
-                    child._set(a, now)
+        """The listing (READDIRs pipelined; names, types and attributes, kept ``dir_timeout``)."""
+        listing = self._fresh_listing()
+        if listing is None:
+            listing, _kept = await self._fetch_listing()
         return [DirItem(name, stat.S_IFMT(a.permissions or 0), _ino(_join(self.path, name)))
-                for name, a in self.listing.items()]
+                for name, a in listing.items()]
 
     async def statfs(self) -> FsStats:
         """statvfs@openssh.com (huge counts if the server lacks it, as sshfs)."""
@@ -707,8 +824,8 @@ class SftpNode(Node):
         """OPEN (O_TRUNC included); the page cache is dropped at each open, as sshfs does."""
         await self._drain()
         rf = RemoteFile(self.fs.pool, self.path, flags & ~(os.O_CREAT | os.O_EXCL))
-        await afuse.asyncio.run_asyncio(rf.open())
         rf.size = 0 if flags & os.O_TRUNC else (self.sattrs.size or 0)
+        await afuse.asyncio.run_asyncio(rf.open(prefetch=flags & _ACCMODE == os.O_RDONLY and rf.size > 0))
         if flags & os.O_TRUNC:
             self._stale()
         return SftpHandle(self, rf)
@@ -858,23 +975,34 @@ class SftpHandle(FileHandle):
         return await afuse.asyncio.run_asyncio(coro)  # type: ignore[arg-type]
 
     async def read(self, offset: int, size: int) -> bytes:
-        """READ (other handles' pipelined writes to the file first)."""
-        for f in list(self.node.files):
-            if f is not self.rf and f.writes:
-                await self.call(f.drain())
-        return await self.call(self.rf.read(offset, size))
+        """READ: from read-ahead without leaving trio when it holds the data; after the file's
+        pipelined writes (through any handle)."""
+        rf = self.rf
+        if any(f.writes or f.error for f in self.node.files):
+            for f in list(self.node.files):
+                if f is not rf and f.writes:
+                    await self.call(f.drain())
+            return await self.call(rf.read(offset, size))
+        chunks = rf.plan(offset, size)
+        if chunks is not None:
+            data = rf.ready(offset, size, chunks)
+            if data is not None:
+                return data
+        return await self.call(rf.finish(offset, size, chunks))
 
     async def write(self, offset: int, data: bytes) -> int:
-        """WRITE, pipelined."""
+        """WRITE, pipelined: sent without waiting while the write window has room."""
         self.node._stale()
         for f in self.node.files:
             if f is not self.rf:
                 f._drop_chunks()
-        return await self.call(self.rf.write(offset, data))
+        n = self.rf.write_now(offset, data)
+        return n if n is not None else await self.call(self.rf.write(offset, data))
 
     async def flush(self) -> None:
         """FLUSH (close(2)): the pipelined writes are done, or their error is returned."""
-        await self.call(self.rf.drain())
+        if self.rf.writes or self.rf.error:
+            await self.call(self.rf.drain())
 
     async def fsync(self, datasync: int) -> None:
         """FSYNC: drain, then fsync@openssh.com."""
@@ -949,12 +1077,15 @@ class SftpFS(NodeFS):
                 except FUSEError:
                     return
             old = n.sattrs
-            if a is None:
+            if a is None or stat.S_IFMT(a.permissions or 0) != stat.S_IFMT(n.mode):
+                # gone, or replaced by another type: the kernel drops the name (looked up anew)
                 parent_path, _, name = n.path.rpartition(b"/")
                 parent = self.live.get(parent_path or b"/")
                 if parent is not None and name:
                     parent._changed_listing()
                     changed += 1
+                    if self.live.get(n.path) is n:
+                        del self.live[n.path]
                     await parent.notify_delete(name, n)
                 return
             if (a.size, a.mtime, a.permissions, a.uid, a.gid) == (old.size, old.mtime, old.permissions, old.uid,
@@ -963,15 +1094,10 @@ class SftpFS(NodeFS):
             changed += 1
             n._set(a)
             if n.is_dir:
-                n.listing = None
+                # The kernel caches no absent names (negative_timeout 0) and vanished children are
+                # found by their own checks: dropping the listing and the attributes is enough.
+                n._drop_listing()
                 await n.notify_content()
-                async with limit:
-                    try:
-                        names = await self.call(lambda s: s.listdir(n.path))
-                    except FUSEError:
-                        return
-                for name in set(names) - {b".", b".."}:  # names that may be cached as absent
-                    await n.notify_entry(name)
             else:
                 for f in n.files:
                     f._drop_chunks()
