@@ -462,9 +462,12 @@ def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], 
                 for side in order:
                     run_id = f"{wl.name}-{r}-{uuid.uuid4().hex[:8]}"
                     server_dir = os.path.join(base, "remote", side, run_id)
-                    os.mkdir(server_dir)
-                    wl.prepare(server_dir, cfg)
                     mount_dir = os.path.join(mounts[side].mountpoint, run_id)
+                    # The run's directory is made through the mount (a directory made behind a
+                    # filesystem's back may stay unseen while it caches its parent's listing), what
+                    # it holds on the server, before the clock starts.
+                    os.mkdir(mount_dir)
+                    wl.prepare(server_dir, cfg)
                     if request_log is not None:
                         request_log.since()
                     t = clock()
@@ -483,9 +486,9 @@ def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], 
 def table(res: Results, sides: list[str]) -> str:
     out = []
     both = sides == list(SIDES)
-    head = f"{'workload':<18}{'unit':<10}" + "".join(f"{p:>22}" for p in res.rates)
+    head = f"{'workload':<18}{'unit':<10}" + "".join(f"{p:>26}" for p in res.rates)
     sub = f"{'':<28}" + "".join(
-        (f"{'sshfs':>8}{'sftpfs':>8}{'ratio':>6}" if both else f"{sides[0]:>22}") for _ in res.rates)
+        (f"{'sshfs':>9}{'sftpfs':>9}{'ratio':>7} " if both else f"{sides[0]:>26}") for _ in res.rates)
     out += [head, sub]
     misses = []
     for wl, (label, unit, target) in WORKLOADS.items():
@@ -501,9 +504,9 @@ def table(res: Results, sides: list[str]) -> str:
                 if ratio is not None and target is not None and ratio < target:
                     mark = "!"
                     misses.append(f"{label} at {phase}: {ratio:.2f} < {target}")
-                row += f"{a or 0:8.1f}{b or 0:8.1f}" + (f"{ratio:5.2f}{mark or ' '}" if ratio else f"{'-':>6}")
+                row += f"{a or 0:9.1f}{b or 0:9.1f}" + (f"{ratio:7.2f}{mark or ' '}" if ratio else f"{'-':>7} ")
             else:
-                row += f"{vals[0] or 0:22.1f}"
+                row += f"{vals[0] or 0:26.1f}"
         out.append(row)
     if both:
         out.append("ratio = sftpfs / sshfs (higher is better for sftpfs). Targets: >= 1.0 on list, list -l, stat and "
