@@ -24,7 +24,7 @@ Phase "20 ms" puts a delay line (``benchmarks/_delayline.py``: 10 ms each way, o
 bandwidth cap) between both clients and the same sshd, because this kernel has no netem
 (CONFIG_NET_SCH_NETEM unset: ``tc qdisc ... netem`` fails). The round trip it adds is measured
 and printed: an echo through the same delay line, and one SFTP round trip through each mount
-(lstat of a name that does not exist: one LOOKUP, one SSH_FXP_LSTAT).
+(the first lstat of a file in a new directory: one LOOKUP, one SSH_FXP_LSTAT).
 
 Figures are rates (higher is better); the ratio is sftpfs / sshfs. Nothing is asserted about
 speed. Mounts, processes and temporary directories are removed on exit, failure and Ctrl-C.
@@ -212,19 +212,21 @@ def echo_rtt(port: int, n: int = 20) -> float:
     return statistics.median(times)
 
 
-def sftp_rtt(mnt: str, n: int = 20) -> float:
-    """Median seconds of lstat() of a name that does not exist: one LOOKUP, one SSH_FXP_LSTAT."""
+def sftp_rtt(mnt: str, remote: str, n: int = 10) -> float:
+    """Median seconds of the first lstat() of a file in a new directory: one LOOKUP, one SSH_FXP_LSTAT.
+
+    The directory is made through the mount and the file on the server, untimed: neither
+    filesystem has listed the directory, so neither can answer without asking the server.
+    """
     times = []
     for _ in range(n):
-        path = os.path.join(mnt, "missing-" + uuid.uuid4().hex)
+        name = "rtt-" + uuid.uuid4().hex
+        os.mkdir(os.path.join(mnt, name))
+        open(os.path.join(remote, name, "f"), "wb").close()
         t = clock()
-        try:
-            os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            raise RuntimeError(f"{path} exists")
+        os.lstat(os.path.join(mnt, name, "f"))
         times.append(clock() - t)
+        shutil.rmtree(os.path.join(remote, name))
     return statistics.median(times)
 
 
@@ -454,7 +456,8 @@ def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], 
             m.start()
             mounts[side] = m
         for side in sides:
-            probes[f"SFTP round trip via {side} (lstat of a missing name)"] = sftp_rtt(mounts[side].mountpoint) * 1000
+            probes[f"SFTP round trip via {side}"] = sftp_rtt(
+                mounts[side].mountpoint, os.path.join(base, "remote", side)) * 1000
         res.rtt_ms[phase] = probes
         for r in range(cfg.repeat):
             for w_index, wl in enumerate(w for w in WORKLOAD_LIST if w.name in cfg.workloads):
