@@ -15,7 +15,8 @@ The worked example of a network filesystem on afuse (docs/sftpfs.md explains it)
 * **Nodes** are dynamic, one per remote path (:class:`SftpNode`); the filesystem keeps a path ->
   node map (renames move nodes and their subtrees). Attributes come from listings (READDIRPLUS
   answers without a request per entry) and are cached for ``cache_stat_timeout`` seconds, the time
-  the kernel is told it may cache them too.
+  the kernel is told it may cache them too. Listings pipeline their READDIRs
+  (:func:`list_directory`); after three lookups miss a directory's listing, it is listed.
 * **Connections** (:class:`Pool`): ``--connections N`` SSH connections with one SFTP session each;
   a request goes to the least busy one, an open file to the one it was opened on. Each request
   has ``--timeout``; a lost or timed-out connection answers EIO, and with ``--reconnect`` the next
@@ -1009,8 +1010,12 @@ class SftpHandle(FileHandle):
         await self.call(self.rf.fsync())
 
     async def release(self) -> None:
-        """RELEASE: close the remote handle."""
+        """RELEASE: close the remote handle (in the background when no writes are pending: the
+        application does not wait for RELEASE, and its errors could reach no one)."""
         self.node.files.discard(self.rf)
+        if not self.rf.writes and self.rf.error is None:
+            _start(self.rf.close()).add_done_callback(_consume)
+            return
         with trio.CancelScope(shield=True):
             try:
                 await self.call(self.rf.close())
