@@ -245,6 +245,54 @@ def test_lookups_in_an_unlisted_directory(sshd: Any, tmp_path: Path) -> None:
         assert sorted(os.listdir(d)) == sorted([f"f{i}" for i in range(20)] + ["new"])
 
 
+def test_listing_follows_changes_through_the_mount(sshd: Any, tmp_path: Path) -> None:
+    """A cached listing is updated in place by changes made through the mount (every name made,
+    removed or renamed shows at once, with its current size), and is kept: a name made on the
+    server by someone else stays unseen until the listing's timeout, as with sshfs."""
+    remote = tmp_path / "remote"
+    (remote / "d").mkdir(parents=True)
+    (remote / "other").mkdir()
+    for name in ("a", "b", "gone"):
+        (remote / "d" / name).write_text(name)
+    (remote / "d" / "sub").mkdir()
+    with sftpfs(sshd, remote, "-o", "cache_timeout=3") as mnt:
+        d = Path(mnt, "d")
+        listed = time.monotonic()
+        assert sorted(os.listdir(d)) == ["a", "b", "gone", "sub"]
+
+        def same() -> None:
+            names = sorted(os.listdir(remote / "d"))
+            assert sorted(os.listdir(d)) == [n for n in names if n != "elsewhere"]
+            for n in names:
+                if n != "elsewhere":
+                    assert os.lstat(d / n).st_size == os.lstat(remote / "d" / n).st_size, n
+
+        (remote / "d" / "elsewhere").write_text("made on the server")  # after the listing
+        for i in range(10):  # a directory being filled: each name misses a lookup, then is made
+            (d / f"new{i}").write_bytes(b"y" * (i + 1))
+        same()
+        (d / "a").write_text("longer than before")  # written after the listing
+        same()
+        os.mkdir(d / "made")
+        os.symlink("a", d / "sym")
+        os.link(d / "b", d / "hard")
+        os.unlink(d / "gone")
+        os.rmdir(d / "sub")
+        os.rename(d / "b", d / "b2")
+        os.rename(d / "a", d / "new0")  # over an existing name
+        os.rename(d / "new1", Path(mnt, "other", "moved"))
+        os.rename(Path(mnt, "other", "moved"), d / "back")
+        same()
+        assert (d / "new0").read_text() == "longer than before"
+        with pytest.raises(FileNotFoundError):
+            os.stat(d / "elsewhere")  # the listing was kept (and updated in place), not read again
+        if time.monotonic() - listed < 2.5:  # well within cache_timeout=3: never flaky, just checked less
+            assert "elsewhere" not in os.listdir(d)
+        time.sleep(max(0.0, listed + 3.2 - time.monotonic()))
+        assert (d / "elsewhere").read_text() == "made on the server"  # after the timeout it shows
+        assert sorted(os.listdir(d)) == sorted(os.listdir(remote / "d"))
+
+
 def test_parallel_readers_over_connections(sshd: Any, tmp_path: Path) -> None:
     remote = tmp_path / "remote"
     remote.mkdir()
