@@ -230,11 +230,14 @@ class Keeper:
         if self.state_dir:
             os.makedirs(self.state_dir, exist_ok=True)
         _remove_stale_socket(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = trio.socket.from_stdlib_socket(raw)
         try:
-            old_umask = os.umask(0o177)  # created 0600, never wider for a moment (peers: SO_PEERCRED too)
+            # Created 0600, never wider for a moment (peers: SO_PEERCRED too). The umask is the
+            # process's: bound without an await in between, so no other task runs under it.
+            old_umask = os.umask(0o177)
             try:
-                await sock.bind(path)
+                raw.bind(path)
             finally:
                 os.umask(old_umask)
             os.chmod(path, 0o600)

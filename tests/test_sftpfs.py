@@ -175,6 +175,15 @@ def test_open_flags_rename_links_statfs(sshd: Any, tmp_path: Path) -> None:
         os.close(fd)
         assert (remote / "new").read_bytes() == b"made"
         assert (remote / "new").stat().st_mode & 0o777 == 0o640
+        # a new name gets the mode the caller's umask leaves, not what sshd's own umask (022) leaves
+        old_umask = os.umask(0)
+        try:
+            os.mkdir(m / "open", 0o777)
+            os.close(os.open(m / "shared", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        finally:
+            os.umask(old_umask)
+        assert (m / "open").stat().st_mode & 0o777 == 0o777 == (remote / "open").stat().st_mode & 0o777
+        assert (m / "shared").stat().st_mode & 0o777 == 0o666 == (remote / "shared").stat().st_mode & 0o777
         # O_TRUNC
         fd = os.open(m / "b", os.O_WRONLY | os.O_TRUNC)
         os.close(fd)

@@ -909,9 +909,21 @@ class SftpNode(Node):
                 with trio.CancelScope(shield=True):
                     await afuse.asyncio.run_asyncio(rf.close())
                 raise
+        a = await self._exact_mode(path, a, mode)
         self._made(name, a)
         node = self.fs.node_for(path, a)
         return node, SftpHandle(node, rf)
+
+    async def _exact_mode(self, path: bytes, a: asyncssh.SFTPAttrs, mode: int) -> asyncssh.SFTPAttrs:
+        """The server applies its own umask (sshd's, often 022) to a new name's mode: set the mode
+        the caller asked for (the kernel already applied the caller's umask) if it differs, as a
+        local filesystem would have made it."""
+        want = mode & 0o7777
+        if a.permissions is None or a.permissions & 0o7777 == want:
+            return a
+        await self.fs.call(lambda s: s.setstat(path, asyncssh.SFTPAttrs(permissions=want)))
+        a.permissions = (a.permissions & ~0o7777) | want
+        return a
 
     async def _explain(self, e: FUSEError, path: bytes, want: str | None) -> None:
         """SFTP v3 answers most failures FX_FAILURE: find the errno a local filesystem would give."""
@@ -947,6 +959,8 @@ class SftpNode(Node):
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
+        if a is not None:
+            a = await self._exact_mode(path, a, mode)
         self._made(name, a)
         return await self._child(name, a)
 
