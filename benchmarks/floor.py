@@ -10,7 +10,7 @@ It mounts, at once, a one-file filesystem served
 * ``base``  — by afuse from checkout ``DIR`` (e.g. ``git worktree add --detach ../base main``), the
   same filesystem code (this file) importing that checkout's ``afuse``;
 * ``nodes`` — by afuse from this checkout through the node layer (``afuse.examples.hello``);
-* ``raw``   — by a bare blocking ``os.readv``/``os.write`` loop using afuse's wire codecs only
+* ``raw``   — by ``_latencyfs.py raw``, a bare blocking ``os.readv``/``os.write`` loop using afuse's wire codecs only
   (no session, no trio, no dispatcher): the least a Python daemon can do per request,
 
 each daemon pinned to one CPU together with this (client) process unless ``--unpinned``. It then
@@ -99,83 +99,6 @@ def NodeHello() -> object:
         entry_timeout = 3600.0
 
     return Zero()
-
-
-def raw_main(mountpoint: str) -> int:
-    """The same filesystem as one thread in a blocking read/decode/encode/write loop."""
-    from afuse import Attr, Entry, device
-    from afuse.device import MountOptions
-    from afuse.wire import replies
-    from afuse.wire import requests as r
-    from afuse.wire.constants import InitFlag
-    from afuse.wire.decoder import Decoder
-    from afuse.wire.init import InitConfig, encode_init_reply, negotiate
-
-    now = time.time_ns()
-    root = Attr(ino=ROOT_ID, mode=stat.S_IFDIR | 0o755, nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now)
-    hello = Attr(ino=HELLO_ID, mode=stat.S_IFREG | 0o444, nlink=1, size=len(DATA), atime_ns=now, mtime_ns=now,
-                 ctime_ns=now)
-    fresh = Attr(ino=FRESH_ID, mode=stat.S_IFREG | 0o444, nlink=1, size=len(DATA), atime_ns=now, mtime_ns=now,
-                 ctime_ns=now)
-    by_id = {ROOT_ID: root, HELLO_ID: hello, FRESH_ID: fresh}
-    entries = {b"hello": Entry(HELLO_ID, hello, entry_timeout=3600.0),
-               b"fresh": Entry(FRESH_ID, fresh, entry_timeout=0.0)}
-
-    def stop(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    mnt = device.mount(mountpoint, MountOptions(fsname="afuse-floor-raw"))
-    fd = mnt.fd
-    decoder = Decoder()
-    try:
-        buf = bytearray((1 << 20) + 4096)
-        n = os.readv(fd, (buf,))
-        init = decoder.decode(memoryview(buf)[:n])
-        assert isinstance(init, r.InitRequest)
-        unwanted = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO | InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS
-        neg = negotiate(init, InitConfig(), InitConfig().wanted_flags() & ~unwanted)
-        os.write(fd, encode_init_reply(init.unique, neg))
-        buf = bytearray(neg.read_buffer_size)
-        mv = memoryview(buf)
-        print("ready", flush=True)
-        while True:
-            try:
-                n = os.readv(fd, (buf,))
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    continue
-                if e.errno in (errno.ENODEV, errno.ECONNABORTED):
-                    break
-                raise
-            req = decoder.decode(mv[:n])
-            kind = type(req)
-            if kind is r.GetattrRequest:
-                a = by_id.get(req.nodeid)
-                out = replies.error(req.unique, errno.ENOENT) if a is None else replies.attr(req.unique, a, 0.0)
-            elif kind is r.LookupRequest:
-                e = entries.get(req.name) if req.nodeid == ROOT_ID else None  # type: ignore[attr-defined]
-                out = replies.error(req.unique, errno.ENOENT) if e is None else replies.entry(req.unique, e, 0.0, 0.0)
-            elif kind in (r.ForgetRequest, r.InterruptRequest):
-                continue
-            else:
-                out = replies.error(req.unique, errno.ENOSYS)
-            try:
-                os.write(fd, out)
-            except FileNotFoundError:
-                pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        try:
-            mnt.unmount()
-        finally:
-            mnt.close()
-    return 0
-
-
-# -- the client side ------------------------------------------------------------------------------
 
 
 def _mounted(path: str) -> bool:
@@ -325,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         specs.append(("base", os.path.abspath(args.base), hello, {}))
     if not args.no_nodes:
         specs.append(("nodes", REPO, ["-m", "afuse.testing", "floor:NodeHello"], {}))
-    specs.append(("raw", REPO, [__file__, "raw"], {}))
+    specs.append(("raw", REPO, [os.path.join(HERE, "_latencyfs.py"), "raw"], {}))  # the bare loop
     daemons: dict[str, Daemon] = {}
     samples: dict[tuple[str, str], list[float]] = {}
     traced: dict[tuple[str, str], dict[str, float]] = {}
@@ -379,6 +302,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "raw":
-        sys.exit(raw_main(sys.argv[2]))
     sys.exit(main())
