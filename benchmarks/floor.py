@@ -120,7 +120,8 @@ class Daemon:
                 os.sched_setaffinity(0, {cpu})
 
         self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, *args, self.path, *([] if args[0] == __file__ else ["-o", ""])],
+        options = [] if args[0].endswith(".py") else ["-o", ""]  # a script, or afuse.testing's command line
+        self.proc = subprocess.Popen([sys.executable, *args, self.path, *options],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.err, env=env,
                                      cwd=tree, start_new_session=True, preexec_fn=pin)
         assert self.proc.stdout is not None
