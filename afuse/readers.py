@@ -320,14 +320,16 @@ class ReaderPool:
         return await self.resume(coro, msg, unique, wscope, request), True
 
     async def resume(self, coro: Coroutine[Any, Any, Any], msg: Any, unique: int | None,
-                     wscope: trio.CancelScope, request: object = None) -> Any:
+                     wscope: trio.CancelScope, request: object = None,
+                     handoff: Callable[[], None] | None = None) -> Any:
         """Go on with a handler coroutine that blocked, yielding ``msg`` to trio: its result.
 
-        It first hands the device to another reader and is registered for INTERRUPT, which
-        cancels ``wscope`` (the worker's scope) and makes the result an EINTR reply. ``request``
-        is what :attr:`blocked` reports while it waits.
+        It first hands the device to another reader (or calls ``handoff``: the io_uring
+        transport hands its ring over instead) and is registered for INTERRUPT, which cancels
+        ``wscope`` (the worker's scope) and makes the result an EINTR reply. ``request`` is what
+        :attr:`blocked` reports while it waits.
         """
-        self._handoff()
+        (handoff or self._handoff)()
         if unique is not None:
             self.inflight[unique] = wscope
             self.blocked[unique] = (trio.current_time(), request)

@@ -516,29 +516,8 @@ class Uring:
             msg = coro.send(None)
         except StopIteration as e:
             return e.value, False
-        self._handoff()
-        pool = self._session.pool if self._session is not None else None
-        if unique is not None and pool is not None:
-            pool.inflight[unique] = wscope
-            pool.blocked[unique] = (trio.current_time(), request)
-        try:
-            while True:
-                try:
-                    sent = await _Yield(msg)
-                except BaseException as exc:
-                    msg = coro.throw(exc)
-                else:
-                    msg = coro.send(sent)
-        except StopIteration as e:
-            return e.value, True
-        except trio.Cancelled:
-            if unique is None or not wscope.cancel_called:
-                raise
-            return replies.error(unique, errno.EINTR), True
-        finally:
-            if unique is not None and pool is not None:
-                pool.inflight.pop(unique, None)
-                pool.blocked.pop(unique, None)
+        assert self._session is not None
+        return await self._session.pool.resume(coro, msg, unique, wscope, request, handoff=self._handoff), True
 
     # -- teardown --------------------------------------------------------------------------------
 
