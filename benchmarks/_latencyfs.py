@@ -186,6 +186,7 @@ def _pyfuse3_main(mountpoint: str) -> int:  # pragma: no cover - needs pyfuse3
     data = b"Hello, world!\n"
     root = pyfuse3.ROOT_INODE
     file_ino = root + 1
+    fresh_ino = root + 2  # FRESH: looked up again on every stat (entry_timeout 0)
     now = time.time_ns()
 
     def attr(inode: int) -> pyfuse3.EntryAttributes:
@@ -194,7 +195,7 @@ def _pyfuse3_main(mountpoint: str) -> int:  # pragma: no cover - needs pyfuse3
             e.st_mode = stat.S_IFDIR | 0o755
             e.st_nlink = 2
             e.st_size = 0
-        elif inode == file_ino:
+        elif inode in (file_ino, fresh_ino):
             e.st_mode = stat.S_IFREG | 0o444
             e.st_nlink = 1
             e.st_size = len(data)
@@ -205,7 +206,7 @@ def _pyfuse3_main(mountpoint: str) -> int:  # pragma: no cover - needs pyfuse3
         e.st_gid = os.getgid()
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = now
         e.attr_timeout = 0
-        e.entry_timeout = 3600
+        e.entry_timeout = 0 if inode == fresh_ino else 3600
         return e
 
     class Hello(pyfuse3.Operations):  # type: ignore[misc]
@@ -213,9 +214,11 @@ def _pyfuse3_main(mountpoint: str) -> int:  # pragma: no cover - needs pyfuse3
             return attr(inode)
 
         async def lookup(self, parent_inode, lookup_name, ctx=None):  # type: ignore[no-untyped-def]
-            if parent_inode != root or lookup_name != name:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return attr(file_ino)
+            if parent_inode == root and lookup_name == name:
+                return attr(file_ino)
+            if parent_inode == root and lookup_name == FRESH:
+                return attr(fresh_ino)
+            raise pyfuse3.FUSEError(errno.ENOENT)
 
         async def opendir(self, inode, ctx):  # type: ignore[no-untyped-def]
             if inode != root:

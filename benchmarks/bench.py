@@ -94,6 +94,15 @@ class Config:
 # mounts and daemons
 
 
+def tracefs_root(root: str = "/sys/kernel/tracing") -> str:
+    """The tracefs root, mounting tracefs there first if it is not (a fresh machine): raises OSError."""
+    if not os.path.isdir(os.path.join(root, "events")):
+        res = subprocess.run(["mount", "-t", "tracefs", "nodev", root], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise OSError(f"cannot mount tracefs on {root}: {res.stderr.strip() or res.returncode}")
+    return root
+
+
 def mounted_here(path: str) -> bool:
     """True if ``path`` is a mountpoint (never stats it: a dead FUSE mount root would hang)."""
     return device.resolve_mountpoint(path) in {mp for mp, _t, _s in device.find_mounts("")}

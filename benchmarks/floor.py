@@ -11,7 +11,9 @@ It mounts, at once, a one-file filesystem served
   same filesystem code (this file) importing that checkout's ``afuse``;
 * ``nodes`` — by afuse from this checkout through the node layer (``afuse.examples.hello``);
 * ``raw``   — by ``_latencyfs.py raw``, a bare blocking ``os.readv``/``os.write`` loop using afuse's wire codecs only
-  (no session, no trio, no dispatcher): the least a Python daemon can do per request,
+  (no session, no trio, no dispatcher): the least a Python daemon can do per request;
+* ``pyfuse3`` — with ``--pyfuse3 PYTHON``, by ``_latencyfs.py pyfuse3`` (the same filesystem on
+  pyfuse3, libfuse's C decoding under pyfuse3's trio loop), run by that interpreter,
 
 each daemon pinned to one CPU together with this (client) process unless ``--unpinned``. It then
 times ``os.stat`` in short slices, rotating through the mounts each round, and prints the median
@@ -109,7 +111,8 @@ def _mounted(path: str) -> bool:
 class Daemon:
     """One filesystem process on a fresh mountpoint."""
 
-    def __init__(self, label: str, tree: str, args: list[str], cpu: int | None, extra_env: dict[str, str]) -> None:
+    def __init__(self, label: str, tree: str, args: list[str], cpu: int | None, extra_env: dict[str, str],
+                 python: str = sys.executable) -> None:
         self.label = label
         self.path = tempfile.mkdtemp(prefix="afuse-floor-")
         env = {**os.environ, **extra_env}
@@ -121,7 +124,7 @@ class Daemon:
 
         self.err = tempfile.TemporaryFile()
         options = [] if args[0].endswith(".py") else ["-o", ""]  # a script, or afuse.testing's command line
-        self.proc = subprocess.Popen([sys.executable, *args, self.path, *options],
+        self.proc = subprocess.Popen([python, *args, self.path, *options],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.err, env=env,
                                      cwd=tree, start_new_session=True, preexec_fn=pin)
         assert self.proc.stdout is not None
@@ -179,6 +182,8 @@ TRACING = "/sys/kernel/tracing"
 def requests_per_stat(path: str, calls: int = 200) -> dict[str, float]:
     """Count the fuse_request_send tracepoint's opcodes over ``calls`` stats of ``path``."""
     ev = f"{TRACING}/events/fuse/fuse_request_send"
+    if not os.path.isdir(f"{TRACING}/events"):
+        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACING], capture_output=True, check=False)
     if not os.path.isdir(ev):
         return {}
     dev = os.stat(os.path.dirname(path)).st_dev
@@ -234,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-nodes", action="store_true", help="skip the node-layer hello")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE",
                    help="also serve this checkout with environment variable VAR=VALUE, as row NAME")
+    p.add_argument("--pyfuse3", metavar="PYTHON",
+                   help="also serve the same filesystem on pyfuse3, run by this interpreter (one that has pyfuse3, "
+                        "e.g. the venv benchmarks/vs_pyfuse3.py sets up in ~/.cache/afuse-bench/pyfuse3-venv)")
     p.add_argument("--trace", action="store_true", help="count the FUSE requests one stat costs (tracepoints)")
     args = p.parse_args(argv)
     cpus = os.sched_getaffinity(0)
@@ -241,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hello = ["-m", "afuse.testing", "floor:Hello"]
     specs: list[tuple[str, str, list[str], dict[str, str]]] = [("this", REPO, hello, {})]
+    pythons = {"pyfuse3": args.pyfuse3} if args.pyfuse3 else {}
     for variant in args.variant:
         name, _, assignment = variant.partition(":")
         var, _, value = assignment.partition("=")
@@ -250,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_nodes:
         specs.append(("nodes", REPO, ["-m", "afuse.testing", "floor:NodeHello"], {}))
     specs.append(("raw", REPO, [os.path.join(HERE, "_latencyfs.py"), "raw"], {}))  # the bare loop
+    if args.pyfuse3:
+        specs.append(("pyfuse3", REPO, [os.path.join(HERE, "_latencyfs.py"), "pyfuse3"], {}))
     daemons: dict[str, Daemon] = {}
     samples: dict[tuple[str, str], list[float]] = {}
     traced: dict[tuple[str, str], dict[str, float]] = {}
     cpus_used: dict[tuple[str, str], list[float]] = {}  # daemon CPU µs per call, per slice
     try:
         for label, tree, cmd, env in specs:
-            daemons[label] = Daemon(label, tree, cmd, cpu, env)
+            daemons[label] = Daemon(label, tree, cmd, cpu, env, pythons.get(label, sys.executable))
         with pinned(cpu):
             for rnd in range(args.rounds):
                 order = list(daemons.items())

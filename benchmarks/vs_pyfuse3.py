@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """afuse's passthroughfs against pyfuse3's and libfuse's passthrough examples, like for like, one run.
 
-    python benchmarks/vs_pyfuse3.py [--quick] [--rounds N] [--no-ext4] [--base DIR] [--json FILE]
+    python benchmarks/vs_pyfuse3.py [--quick] [--rounds N] [--no-ext4] [--base DIR] [--pin CPU] [--json FILE]
 
 Sets itself up on first use, in a cache directory outside the repository (``--cache``, default
 ``~/.cache/afuse-bench``): apt-get installs Debian's libfuse3-dev (and gcc, pkg-config,
@@ -223,6 +223,7 @@ class Tracer:
         self.ok = False
         self.conn = -1
         try:
+            bench.tracefs_root(self.ROOT)
             os.mkdir(self.path)
             self._w("buffer_size_kb", "16384")
             self._w("events/fuse/fuse_request_send/enable", "1")
@@ -653,7 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", metavar="DIR", help="also run the passthroughfs of the afuse checkout DIR (e.g. "
                    "`git archive` of an older commit) in pyfuse3's configuration: before/after in one run")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    p.add_argument("--pin", type=int, metavar="CPU", help="run this process and every daemon on CPU only (a "
+                   "separate, labelled configuration: per-request work counts, cross-CPU wake-ups do not)")
     args = p.parse_args(argv)
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})  # daemons and workload children inherit it
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -690,7 +695,9 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:
                     traceback.print_exc()
                     problems.append(f"{side.name}: {type(e).__name__}: {e}")
-        if not args.no_ext4:
+        if not args.no_ext4 and args.pin is not None:
+            problems.append("the FUSE passthrough on ext4 section is measured unpinned: run it without --pin")
+        elif not args.no_ext4:
             log("FUSE passthrough on ext4")
             size, runs = (64 * MiB, 2) if args.quick else (512 * MiB, 5)
             try:
@@ -707,9 +714,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     rev = subprocess.run(["git", "-C", bench.REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
+    pinning = "unpinned" if args.pin is None else f"PINNED: client and every daemon on cpu{args.pin}"
     print(f"afuse vs pyfuse3 {PYFUSE3_VERSION} vs libfuse passthrough_ll — git {rev}, Linux {os.uname().release}, "
           f"{os.cpu_count()} CPUs, source on {args.tmpdir}, {cfg.files} files, {cfg.seq_bytes // MiB} MiB "
-          f"sequential, median of {cfg.rounds} round(s); load {load0:.2f} -> {os.getloadavg()[0]:.2f}, "
+          f"sequential, median of {cfg.rounds} round(s), "
+          f"{pinning}; load {load0:.2f} -> {os.getloadavg()[0]:.2f}, "
           f"{clock() - t0:.0f} s")
     for s in all_sides:
         print(f"  {s.name:<14} {s.describe}")
