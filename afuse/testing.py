@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -356,6 +357,24 @@ class ProcessMountFactory(Protocol):
     ) -> MountedProcess: ...
 
 
+def wait_for_line(proc: subprocess.Popen[bytes], want: bytes = b"ready", timeout: float = 20.0) -> bool:
+    """Read ``proc``'s stdout (a pipe) until a line equal to ``want`` (stripped): True, or False
+    once ``proc`` exits, its stdout ends, or ``timeout`` seconds pass first."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        ready, _, _ = select.select([proc.stdout], [], [], 0.05)
+        if ready:
+            line = proc.stdout.readline()
+            if line.strip() == want:
+                return True
+            if not line:
+                return False
+    return False
+
+
 @contextlib.contextmanager
 def mounted_process(
     factory: str,
@@ -379,20 +398,7 @@ def mounted_process(
     errlog = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errlog, env=env)
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = b""
-        # The child prints "ready" once mounted.
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            import select
-
-            r, _, _ = select.select([proc.stdout], [], [], 0.1)
-            if r:
-                line = proc.stdout.readline()
-                break
-        if line.strip() != b"ready":
+        if not wait_for_line(proc, b"ready", timeout):  # the child prints "ready" once mounted
             proc.kill()
             proc.wait(timeout)
             errlog.seek(0)

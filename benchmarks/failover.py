@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import random
-import select
 import shutil
 import signal
 import socket
@@ -53,6 +52,10 @@ from collections.abc import Iterator
 from typing import Any
 
 REPO = os.path.dirname(os.path.abspath(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from afuse.testing import wait_for_line  # noqa: E402  (after the path, so a plain checkout works)
+
 MIB = 1 << 20
 
 
@@ -297,22 +300,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _wait_line(proc: subprocess.Popen[bytes], want: bytes, timeout: float) -> bool:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        r, _, _ = select.select([proc.stdout], [], [], 0.05)
-        if r:
-            line = proc.stdout.readline()
-            if line.strip() == want:
-                return True
-            if not line:
-                return False
-    return False
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -347,7 +334,7 @@ class Harness:
 
     def start_keeper(self) -> None:
         self.keeper = self._spawn(["-m", "afuse.keeper", "--socket", self.sock])
-        if not _wait_line(self.keeper, b"ready", 20):
+        if not wait_for_line(self.keeper, b"ready", 20):
             raise RuntimeError("the keeper did not start")
 
     def spawn_daemon(self, *extra: str) -> subprocess.Popen[bytes]:
@@ -358,7 +345,7 @@ class Harness:
         return self._spawn(["-m", "afuse.examples.failoverfs", self.src, self.mnt, "--timeout", "1", *common])
 
     def ready(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-        if not _wait_line(proc, b"ready", timeout):
+        if not wait_for_line(proc, b"ready", timeout):
             raise RuntimeError(f"daemon {proc.pid} did not start (see {self.log.name})")
 
     def role(self, name: str, duration: float, seed: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -512,7 +499,7 @@ def run(kind: str, count: int, duration: float, seed: int, slow: str, standby: b
         clients = [h.role("app", duration, seed * 100 + i) for i in range(apps)]
         if extras:
             locker = h.role("locker", duration + 5, seed)
-            if not _wait_line(locker[0], b"locked", 30):
+            if not wait_for_line(locker[0], b"locked", 30):
                 raise RuntimeError("the lock holder did not get its locks")
             clients += [h.role("prober", duration, seed), h.role("lockprobe", duration, seed),
                         h.role("bigwriter", duration, seed)]

@@ -44,9 +44,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench import pinned  # noqa: E402  (this folder's bench.py)
+
 REPO = os.path.dirname(HERE)
 ROOT_ID = 1
 HELLO_ID = 2
@@ -212,19 +215,6 @@ def requests_per_stat(path: str, calls: int = 200) -> dict[str, float]:
                 op = m.group(1).removeprefix("FUSE_")
                 counts[op] = counts.get(op, 0) + 1
     return {op: n / calls for op, n in sorted(counts.items())}
-
-
-@contextlib.contextmanager
-def pinned(cpu: int | None) -> Iterator[None]:
-    if cpu is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 ROWS = (("getattr", "hello"), ("lookup+getattr", "fresh"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import select
 import stat
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import afuse
 from afuse import device
 from afuse.nodes import MemDir, Node, NodeFS
 from afuse.nodes.tables import decode_key, encode_key, fold, new_state
+from afuse.testing import wait_for_line
 from afuse.wire import requests as r
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,22 +322,6 @@ with open(out, "w") as f:
 """
 
 
-def _wait_line(proc: subprocess.Popen[bytes], want: bytes, timeout: float) -> bool:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        ready, _, _ = select.select([proc.stdout], [], [], 0.05)
-        if ready:
-            line = proc.stdout.readline()
-            if line.strip() == want:
-                return True
-            if not line:
-                return False
-    return False
-
-
 @needs_root
 @pytest.mark.timeout(150)
 def test_daemon_on_nodes_survives_sigkill_during_creates(tmp_path: Path) -> None:
@@ -361,7 +345,7 @@ def test_daemon_on_nodes_survives_sigkill_during_creates(tmp_path: Path) -> None
     def daemon() -> subprocess.Popen[bytes]:
         p = spawn(str(REPO / "tests" / "nodes_failover_daemon.py"), str(src), str(mnt), sock, str(state), events,
                   "0.3", stdout=subprocess.PIPE)
-        assert _wait_line(p, b"ready", 30), (tmp_path / "daemons.log").read_text()
+        assert wait_for_line(p, b"ready", 30), (tmp_path / "daemons.log").read_text()
         return p
 
     try:
