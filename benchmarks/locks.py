@@ -61,9 +61,11 @@ def mounted(kind: str, base: str) -> Iterator[str]:
             subprocess.run(["umount", "-l", mnt], check=False)
 
 
-def stress(where: str, stressor: str, seconds: float, workers: int) -> float:
-    """stress-ng bogo ops/s (real time) of ``stressor`` run in ``where``."""
-    out = subprocess.run(["stress-ng", f"--{stressor}", str(workers), "--timeout", f"{seconds:g}",
+def stress(where: str, stressor: str, seconds: float, workers: int, ops: int | None = None) -> float:
+    """stress-ng bogo ops/s (real time) of ``stressor`` run in ``where`` for ``seconds``, or until
+    ``ops`` bogo ops are done (then ``seconds`` is only a time limit)."""
+    stop = [] if ops is None else [f"--{stressor}-ops", str(ops)]
+    out = subprocess.run(["stress-ng", f"--{stressor}", str(workers), "--timeout", f"{seconds:g}", *stop,
                           "--metrics-brief", "--temp-path", where], capture_output=True, text=True,
                          timeout=seconds * 10 + 60)
     m = re.search(rf"{stressor}\s+(\d+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)", out.stderr + out.stdout)
