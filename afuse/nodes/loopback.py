@@ -507,10 +507,12 @@ class LoopbackHandle(FDHandle):
         if keeper is not None and self.kept is None:
             self.kept = keeper.tag("f", req.fh)
             await keeper.keep(self.kept, self.fd)  # before the lock: it must outlive this daemon
-        if req.sleep:
-            await flock_wait(self.fd, op)
-        else:
+        try:
             fcntl.flock(self.fd, op | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not req.sleep:
+                raise
+            await flock_wait(self.fd, op)  # tries once more, then waits in a worker thread
 
 
 class LoopbackFS(NodeFS):
