@@ -7,9 +7,10 @@ Needs root, /dev/fuse and stress-ng (``apt-get install stress-ng``). Prints bogo
 stressor and filesystem (the median of the rounds, which alternate the filesystems so that
 background load hits all alike) and each one's ratio to native and to memfs. ``xattr`` bogo ops are not
 comparable across filesystems: one op sets, reads and removes as many xattrs as the file takes
-(up to 4096; ext4 refuses after about 70, memfs and tmpfs take all 4096), so its row also shows
-xattr system calls per second, which are. Fairness: three processes take and release one POSIX
-lock in a loop through passthroughfs for the given time; the table shows each one's count.
+(up to 4096; ext4 refuses after about 100, memfs and tmpfs take all 4096), so its row also shows
+xattr system calls per second, which are (``benchmarks/xattr.py`` compares xattrs in detail).
+Fairness: three processes take and release one POSIX lock in a loop on each filesystem for the
+given time; the table shows each one's count.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def mounted(kind: str, base: str) -> Iterator[str]:
             subprocess.run(["umount", "-l", mnt], check=False)
 
 
-def stress(where: str, stressor: str, seconds: float, workers: int) -> float:
-    """stress-ng bogo ops/s (real time) of ``stressor`` run in ``where``."""
-    out = subprocess.run(["stress-ng", f"--{stressor}", str(workers), "--timeout", f"{seconds:g}",
+def stress(where: str, stressor: str, seconds: float, workers: int, ops: int | None = None) -> float:
+    """stress-ng bogo ops/s (real time) of ``stressor`` run in ``where`` for ``seconds``, or until
+    ``ops`` bogo ops are done (then ``seconds`` is only a time limit)."""
+    stop = [] if ops is None else [f"--{stressor}-ops", str(ops)]
+    out = subprocess.run(["stress-ng", f"--{stressor}", str(workers), "--timeout", f"{seconds:g}", *stop,
                           "--metrics-brief", "--temp-path", where], capture_output=True, text=True,
                          timeout=seconds * 10 + 60)
     m = re.search(rf"{stressor}\s+(\d+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)", out.stderr + out.stdout)

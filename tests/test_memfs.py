@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from afuse.errors import FUSEError
-from afuse.examples.memfs import CHUNK, File, MemFS
+from afuse.examples.memfs import CHUNK, XATTR_SPACE, File, MemFS
 from afuse.nodes.sparse import SparseData
 from afuse.pytest_plugin import fuse_unavailable_reason
 from afuse.testing import MountedFS, mounted, mounted_process
@@ -538,6 +538,83 @@ def test_xattrs(m: MountedFS) -> None:
     os.mkdir(m.join("d"))
     os.setxattr(m.join("d"), "user.d", b"dir")
     assert os.getxattr(m.join("d"), "user.d") == b"dir"
+
+
+def _fill_xattrs(path: str, value: bytes) -> int:
+    """Set user.n00000, user.n00001, ... (12 bytes each, with the NUL) to ``value`` until ENOSPC;
+    how many were set."""
+    n = 0
+    while True:
+        try:
+            os.setxattr(path, b"user.n%05d" % n, value, os.XATTR_CREATE)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+            return n
+        n += 1
+
+
+@needs_fuse
+def test_xattr_space(m: MountedFS) -> None:
+    """One inode's xattrs (names + 1, values) fit in XATTR_SPACE bytes; more is ENOSPC, as on ext4."""
+    p, q = m.join("f"), m.join("g")
+    for f in (p, q):
+        with open(f, "w"):
+            pass
+    value = b"v" * 16
+    n = _fill_xattrs(p, value)
+    assert n == XATTR_SPACE // (12 + 16)
+    free = XATTR_SPACE - n * (12 + 16)
+    with raises_errno(errno.ENODATA):
+        os.getxattr(p, b"user.n%05d" % n)  # the refused one is not there
+    assert len(os.listxattr(p)) == n
+    assert os.getxattr(p, b"user.n00000") == value
+    os.setxattr(p, b"user.n00000", b"w" * 16, os.XATTR_REPLACE)  # same size: fits
+    os.setxattr(p, b"user.n00000", b"w" * (16 + free))  # takes the last free bytes
+    with raises_errno(errno.ENOSPC):
+        os.setxattr(p, b"user.n00000", b"w" * (17 + free))
+    assert os.getxattr(p, b"user.n00000") == b"w" * (16 + free)
+    with raises_errno(errno.ENOSPC):
+        os.setxattr(p, b"user.new", b"")  # 9 bytes, none free
+    os.removexattr(p, b"user.n00001")  # frees 28
+    os.setxattr(p, b"user.new", b"x" * 19)  # 9 + 19
+    with raises_errno(errno.ENOSPC):
+        os.setxattr(p, b"user.n00001", value)
+    os.setxattr(p, b"user.new", b"x")  # smaller values always fit
+    # Each inode has its own space; the kernel's own limits come first.
+    os.setxattr(q, b"user.big", b"v" * (1 << 16))
+    with raises_errno(errno.E2BIG):
+        os.setxattr(q, b"user.bigger", b"v" * ((1 << 16) + 1))
+    with raises_errno(errno.ERANGE):
+        os.setxattr(q, b"user." + b"n" * 251, b"")
+    assert memfs(m).node(os.stat(q).st_ino).xattr_used == len(b"user.big") + 1 + (1 << 16)  # type: ignore[attr-defined]
+
+
+@needs_fuse
+def test_xattr_space_ext4_like() -> None:
+    """xattr_space=4096 takes about what ext4 takes in one inode (ext4 on / here: 104 of stress-ng's
+    xattrs; memfs: 4096 // (len("user.var_N") + 1 + len("orig-value-N")))."""
+    with mounted(MemFS(xattr_space=4096)) as m:
+        p = m.join("f")
+        with open(p, "w"):
+            pass
+        used = i = 0
+        while True:
+            name, value = b"user.var_%d" % i, b"orig-value-%d" % i
+            try:
+                os.setxattr(p, name, value, os.XATTR_CREATE)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                break
+            used, i = used + len(name) + 1 + len(value), i + 1
+        assert used <= 4096 < used + len(name) + 1 + len(value)
+        assert 100 <= i <= 200
+        with raises_errno(errno.ENOSPC):
+            os.setxattr(m.join("."), b"user.big", b"v" * 60000)  # ext4 without ea_inode refuses it too
+
+
+def test_xattr_space_bad() -> None:
+    with pytest.raises(ValueError, match="xattr_space"):
+        MemFS(xattr_space=-1)
 
 
 @needs_fuse

@@ -191,7 +191,7 @@ def _same(a: MemFS, b: MemFS) -> None:
         m = b.node(nodeid)
         assert type(m) is type(n)
         for attr in ("perm", "nlink", "uid", "gid", "rdev", "size", "lookups", "opens", "atime", "mtime", "ctime",
-                     "btime", "xattrs", "key"):
+                     "btime", "xattrs", "xattr_used", "key"):
             assert getattr(m, attr) == getattr(n, attr), (nodeid, attr)
         if isinstance(n, File):
             assert content(a, nodeid) == content(b, nodeid)

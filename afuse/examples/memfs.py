@@ -1,11 +1,12 @@
 """An in-memory POSIX filesystem on nodes: ``python -m afuse.examples.memfs MOUNTPOINT [-o OPTS] [--debug]
-[--persist DIR] [--keeper SOCKET --state-dir DIR [--upgrade]]``.
+[--xattr-space BYTES] [--persist DIR] [--keeper SOCKET --state-dir DIR [--upgrade]]``.
 
 Each inode is a node (:mod:`afuse.nodes`: the bridge keeps nodeids, lookup counts, handles, the tree).
 Files hold data sparsely in 64 KiB chunks (holes are real for SEEK_DATA/SEEK_HOLE; fallocate punches
 them); there are directories, symlinks, hard links, devices, fifos, sockets, rename with NOREPLACE /
-EXCHANGE / WHITEOUT, xattrs, owners, modes, nanosecond times, POSIX and flock(2) locks (waiting,
-interruptible, with deadlock detection), O_TMPFILE, copy_file_range and statx with a birth time.
+EXCHANGE / WHITEOUT, xattrs (128 KiB per inode by default: see :class:`MemFS`), owners, modes,
+nanosecond times, POSIX and flock(2) locks (waiting, interruptible, with deadlock detection),
+O_TMPFILE, copy_file_range and statx with a birth time.
 Permissions are checked here too, against the caller's uid, gid and supplementary groups
 (:func:`afuse.nodes.current_caller`), so it behaves alike with or without ``-o default_permissions``.
 
@@ -44,9 +45,12 @@ from afuse.wire import requests as r
 from afuse.wire.constants import FOpen
 from afuse.wire.types import Attr, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
-__all__ = ["CHUNK", "Dir", "File", "MNode", "MemFS", "Special", "Symlink", "main"]
+__all__ = ["CHUNK", "XATTR_SPACE", "Dir", "File", "MNode", "MemFS", "Special", "Symlink", "main"]
 
-NAME_MAX, PATH_MAX, XATTR_SIZE_MAX = 255, 4096, 1 << 16
+NAME_MAX, PATH_MAX, XATTR_SIZE_MAX, XATTR_LIST_MAX = 255, 4096, 1 << 16, 1 << 16
+#: The default xattr space of one inode (bytes; see :class:`MemFS`): a full listxattr(2)'s worth
+#: of names (XATTR_LIST_MAX) plus one value of the largest size the kernel passes (XATTR_SIZE_MAX).
+XATTR_SPACE = XATTR_LIST_MAX + XATTR_SIZE_MAX
 _DIRENT, _BLK, _NO_IDS = 20, 4096, 0xFFFFFFFF  # dir size per entry (as tmpfs), block size, "no caller ids"
 _R, _W, _X = 4, 2, 1
 log = logging.getLogger("afuse.examples.memfs")
@@ -85,6 +89,8 @@ class MNode(Node):
             fs, mode, uid, gid, 0, 0, 1, 0)
         self.atime = self.mtime = self.ctime = self.btime = _now()
         self.xattrs: dict[bytes, bytes] = {}
+        #: The xattr space in use: each name with its NUL, plus its value (see :class:`MemFS`).
+        self.xattr_used = 0
 
     @property
     def blocks(self) -> int:
@@ -159,9 +165,13 @@ class MNode(Node):
         self._xattr(name, _W)
         if len(value) > XATTR_SIZE_MAX:
             raise _err(errno.E2BIG)
-        if (flags & 1 and name in self.xattrs) or (flags & 2 and name not in self.xattrs):
+        old = self.xattrs.get(name)
+        if (flags & 1 and old is not None) or (flags & 2 and old is None):
             raise _err(errno.EEXIST if flags & 1 else errno.ENODATA)
-        self.xattrs[name], self.ctime = value, _now()
+        used = self.xattr_used + len(value) + (len(name) + 1 if old is None else -len(old))
+        if used > self.fs.xattr_space and used > self.xattr_used:
+            raise _err(errno.ENOSPC)  # as ext4 and tmpfs answer when an inode's xattrs are full
+        self.xattrs[name], self.ctime, self.xattr_used = value, _now(), used
 
     async def getxattr(self, name: bytes) -> bytes:
         """The value of ``name``."""
@@ -178,9 +188,9 @@ class MNode(Node):
     async def removexattr(self, name: bytes) -> None:
         """Remove ``name``."""
         self._xattr(name, _W)
-        if self.xattrs.pop(name, None) is None:
+        if (old := self.xattrs.pop(name, None)) is None:
             raise _err(errno.ENODATA)
-        self.ctime = _now()
+        self.ctime, self.xattr_used = _now(), self.xattr_used - len(name) - 1 - len(old)
 
 
 class Special(MNode):
@@ -494,13 +504,24 @@ class MemFS(JournaledNodeFS):
     (bytes; default: the machine's memory) bounds fallocate and statfs, ``persist`` keeps a state
     store (:class:`afuse.state.FileStateStore`) in that directory: restored at start, then journaled;
     ``content`` (default with ``persist``: its ``data`` subdirectory) keeps file contents on disk,
-    one sparse file per inode, written through and opened lazily (:mod:`afuse.nodes.filestore`)."""
+    one sparse file per inode, written through and opened lazily (:mod:`afuse.nodes.filestore`).
+
+    ``xattr_space`` (bytes; default :data:`XATTR_SPACE`, 128 KiB) bounds the xattrs of one inode:
+    each name counts its length plus one (its NUL in a listing) plus its value's length, and a
+    setxattr that would go past the bound fails with ENOSPC, as ext4 (whose xattrs must fit in the
+    inode and one block: ``xattr_space=4096`` is close to it) and tmpfs (bounded by its inode
+    space) answer. A value longer than 64 KiB fails with E2BIG and a name longer than 255 bytes
+    with ERANGE, as everywhere on Linux."""
 
     entry_timeout = attr_timeout = negative_timeout = 1.0
 
     def __init__(self, uid: int | None = None, gid: int | None = None, mode: int = 0o755,
                  capacity: int | None = None, persist: str | os.PathLike[str] | None = None,
-                 content: str | os.PathLike[str] | None = None) -> None:
+                 content: str | os.PathLike[str] | None = None, xattr_space: int = XATTR_SPACE) -> None:
+        if xattr_space < 0:
+            raise ValueError(f"xattr_space must be at least 0, not {xattr_space}")
+        #: The xattr space of one inode (bytes).
+        self.xattr_space = xattr_space
         if capacity is None:
             try:
                 capacity = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -715,6 +736,7 @@ class MemFS(JournaledNodeFS):
                 n.size = size
             n.atime, n.mtime, n.ctime, n.btime = at, mt, ct, bt
             n.xattrs = {unb64(k): unb64(v) for k, v in xattrs.items()}
+            n.xattr_used = sum(len(k) + 1 + len(v) for k, v in n.xattrs.items())
             made[key] = n
         for _kind, key, *_, extra in state["inodes"]:
             if isinstance(d := made[key], Dir):
@@ -737,15 +759,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser("An in-memory POSIX filesystem: everything is gone at unmount "
                          "(unless --persist or --keeper).", prog="python -m afuse.examples.memfs")
     parser.add_argument("--persist", metavar="DIR", help="journal every change in DIR; restore what DIR holds")
+    parser.add_argument("--xattr-space", metavar="BYTES", type=int, default=XATTR_SPACE,
+                        help="the xattr space of one inode: names (each +1) and values; more is ENOSPC "
+                        f"(default {XATTR_SPACE}; 4096 is close to ext4)")
     add_failover_arguments(parser, "memfs")
     args = parser.parse_args(argv)
+    if args.xattr_space < 0:
+        parser.error("--xattr-space must be at least 0")
     if args.keeper is None and args.state_dir is None:
-        return run_example(MemFS(persist=args.persist), args, argv=argv)
+        return run_example(MemFS(persist=args.persist, xattr_space=args.xattr_space), args, argv=argv)
     if args.state_dir is None or args.persist is not None:
         parser.error("failover needs --state-dir (and takes no --persist: the state dir holds the journal)")
     events = Events(args.events)
     events("start")
-    fs = MemFS(content=os.path.join(args.state_dir, CONTENT_DIR))
+    fs = MemFS(content=os.path.join(args.state_dir, CONTENT_DIR), xattr_space=args.xattr_space)
     try:
         return run_failover(fs, args, "memfs", probe=events.probe if args.events else None,
                             on_drain=lambda: events("drain"), on_serving=lambda: events("serving"),

@@ -63,6 +63,7 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Open flags never passed on to the source: creation is explicit, O_DIRECT needs aligned buffers.
 _STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT | os.O_PATH
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on 64-bit Linux
+_FLOCK_OP = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX}  # a lock's type -> flock(2) op
 _STATX = struct.Struct("=IIQIIIHxxQQQQ" + "qIxxxx" * 4 + "IIII")
 
 
@@ -495,7 +496,7 @@ class LoopbackHandle(FDHandle):
 
     async def flock(self, req: r.SetlkRequest) -> None:
         """flock(2) on the open file; a blocking one waits in the host kernel as SETLKW does."""
-        op = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX}.get(req.lock.type, fcntl.LOCK_UN)
+        op = _FLOCK_OP.get(req.lock.type, fcntl.LOCK_UN)
         keeper = self.node.fs.keeper
         if op == fcntl.LOCK_UN:
             fcntl.flock(self.fd, op)
@@ -506,10 +507,12 @@ class LoopbackHandle(FDHandle):
         if keeper is not None and self.kept is None:
             self.kept = keeper.tag("f", req.fh)
             await keeper.keep(self.kept, self.fd)  # before the lock: it must outlive this daemon
-        if req.sleep:
-            await flock_wait(self.fd, op)
-        else:
+        try:
             fcntl.flock(self.fd, op | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not req.sleep:
+                raise
+            await flock_wait(self.fd, op)  # tries once more, then waits in a worker thread
 
 
 class LoopbackFS(NodeFS):
