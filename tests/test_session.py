@@ -279,6 +279,32 @@ def test_interrupt_of_a_handler_waiting_inside_its_own_scope(fuse_mount: MountFa
         assert os.stat(m.join("hello")).st_size == len(DATA)
 
 
+class NurseryWaits(ScopedWaits):
+    """Looking up "block" waits in a nursery of its own: cancelled, it raises a group of Cancelled."""
+
+    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
+        if req.name != b"block":
+            return await super().lookup(req)
+        self.entered.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep, 3600)
+                await trio.sleep(3600)
+        except BaseException:
+            self.cancelled = True
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_interrupt_of_a_handler_waiting_in_a_nursery(fuse_mount: MountFactory) -> None:
+    ops = NurseryWaits()
+    m = fuse_mount(ops)
+    assert interrupt_blocked_lookup(m, ops) == (-1, errno.EINTR)  # answered, not lost with its worker
+    assert ops.cancelled
+    for _ in range(50):  # and the worker was replaced
+        assert os.stat(m.join("hello")).st_size == len(DATA)
+
+
 def interrupt_blocked_lookup(m: testing.MountedFS, ops: Blocking | ScopedWaits) -> tuple[int, int]:
     """A child looks up "block" (which blocks), gets SIGUSR1; returns its access() result and errno."""
     child = subprocess.Popen([sys.executable, "-c", _READ_CHILD, m.join("block")],
