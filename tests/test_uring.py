@@ -7,6 +7,7 @@ ends. The rest of the mount suite runs over io_uring with ``AFUSE_TEST_IO_URING=
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -288,6 +289,43 @@ def test_interrupt_storm_loses_no_request(request: pytest.FixtureRequest, fuse_m
     assert ops.interrupted > 0  # INTERRUPTs really reached handlers waiting in their nurseries
     for _ in range(20):
         assert os.stat(m.join("hello")).st_size == len(DATA)
+
+
+class SlowMissing(HelloFS):
+    """Looking up "slow..." takes 0.3 s (then: no such file); counts the interrupted ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = 0
+
+    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
+        if req.name.startswith(b"slow"):
+            try:
+                await trio.sleep(0.3)
+            except trio.Cancelled:
+                self.interrupted += 1
+                raise
+        return await super().lookup(req)
+
+
+def test_thread_that_served_a_ring_gets_no_spurious_interrupt(enable_uring: None, fuse_mount: MountFactory) -> None:
+    """Freeing a ring, the kernel interrupts every thread that used it (TWA_SIGNAL task work): a
+    FUSE call this thread makes right after serving a ring in its own trio loop must not be
+    answered EINTR by that (serve waits until the kernel has freed the ring)."""
+    ops = SlowMissing()
+    m = fuse_mount(ops, io_uring=False)  # served in another thread; any transport would do
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    async def serve_a_ring_here() -> None:
+        async with testing.trio_mount(HelloFS(), io_uring=True) as session:
+            assert session.transport == "io_uring"
+            assert await trio.to_thread.run_sync(os.listdir, session.mountpoint) == ["hello"]
+
+    for i in range(3):
+        trio.run(serve_a_ring_here)
+        assert libc.access(m.join(f"slow{i}").encode(), os.F_OK) == -1  # no retry, as a C caller
+        assert ctypes.get_errno() == errno.ENOENT
+    assert ops.interrupted == 0
 
 
 def test_true_raises_a_clear_error_when_the_kernel_refuses(disable_uring: None) -> None:
