@@ -20,7 +20,11 @@ import trio
 
 from .session import Session
 
-_retrieve_ids = itertools.count(1)
+#: RETRIEVE's notify_unique comes back as the NOTIFY_REPLY request's unique. Over io_uring that
+#: reply is committed by its unique (the kernel finds the request to end by it in the ring queue),
+#: so it must be even (odd uniques are interrupt replies to the kernel) and never one of the
+#: kernel's own request ids (2, 4, 6, ...): from 2**62, stepping by 2.
+_retrieve_ids = itertools.count(1 << 62, 2)
 
 
 async def inval_inode(session: Session, nodeid: int, offset: int = -1, length: int = 0) -> None:

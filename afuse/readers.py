@@ -28,7 +28,7 @@ from .wire.constants import UNIQUE_RESEND
 
 log = logging.getLogger("afuse")
 
-__all__ = ["END_ERRNOS", "MAX_EARLY_INTERRUPTS", "ReaderPool", "read_one"]
+__all__ = ["END_ERRNOS", "MAX_EARLY_INTERRUPTS", "ReaderPool", "only_cancelled", "read_one"]
 
 #: Interrupts whose request has not been read yet are remembered; this many at most.
 MAX_EARLY_INTERRUPTS = 1024
@@ -343,8 +343,10 @@ class ReaderPool:
                     msg = coro.send(sent)
         except StopIteration as e:
             return e.value
-        except trio.Cancelled:
-            if unique is None or not wscope.cancel_called:
+        except BaseException as exc:
+            # Cancelled, or a group of nothing but Cancelled: what a handler waiting in a nursery
+            # of its own raises when the worker's scope is cancelled (strict exception groups).
+            if unique is None or not wscope.cancel_called or not only_cancelled(exc):
                 raise
             if unique in self.left_unanswered:
                 return None  # left for the successor: the kernel resends it there
@@ -354,6 +356,13 @@ class ReaderPool:
                 del self.inflight[unique]
                 del self.blocked[unique]
                 self.resendable.discard(unique)
+
+
+def only_cancelled(exc: BaseException) -> bool:
+    """True if ``exc`` is :class:`trio.Cancelled` or an exception group holding nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 class _Yield:

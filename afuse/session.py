@@ -595,6 +595,8 @@ async def serve(
         except BaseException:
             if ring is not None:
                 ring.close()
+                with trio.CancelScope(shield=True):
+                    await ring.released()
             raise
     else:
         mnt = Mount(takeover.fd, device.resolve_mountpoint(os.fspath(mountpoint)), opts, False)
@@ -628,6 +630,9 @@ async def serve(
     finally:
         session.close()
         _CURRENT.reset(current)
+        if ring is not None:  # the kernel's goodbye to this thread lands here (Uring.released)
+            with trio.CancelScope(shield=True):
+                await ring.released()
 
 
 @asynccontextmanager

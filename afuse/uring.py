@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from .wire.init import Negotiated
 
 __all__ = [
-    "DEFAULT_DEPTH", "ENABLE_URING_PATH", "IoUring", "Uring", "UringUnavailable", "negotiated_or_raise",
-    "possible_cpus", "uring_enabled", "uring_parameter",
+    "DEFAULT_DEPTH", "ENABLE_URING_PATH", "RELEASE_TIMEOUT", "IoUring", "Uring", "UringUnavailable",
+    "negotiated_or_raise", "possible_cpus", "uring_enabled", "uring_parameter",
 ]
 
 log = logging.getLogger("afuse")
@@ -74,7 +74,8 @@ ENABLE_URING_PATH = "/sys/module/fuse/parameters/enable_uring"
 _POSSIBLE_PATH = "/sys/devices/system/cpu/possible"
 
 # io_uring ABI (include/uapi/linux/io_uring.h)
-_SYS_SETUP, _SYS_ENTER = 425, 426
+_SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427
+_REGISTER_FILES = 2
 _SETUP_SQE128 = 1 << 10
 _ENTER_GETEVENTS = 1
 _OFF_SQ_RING, _OFF_SQES = 0, 0x10000000
@@ -111,6 +112,9 @@ _L = ctypes.c_long
 _BATCH = 4
 
 _END_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV, errno.ECANCELED)
+
+#: Seconds :meth:`Uring.released` waits for the kernel to free a closed ring at most.
+RELEASE_TIMEOUT = 2.0
 
 
 class UringUnavailable(SessionError):
@@ -196,6 +200,7 @@ class Uring:
         #: Requests served through the ring.
         self.served = 0
         self.fd = -1
+        self._witness = -1            # read end of a pipe whose write end only the ring holds
         self._maps: list[mmap.mmap] = []
         self._views: list[memoryview] = []
         self._entries: list[_Entry] = []
@@ -226,9 +231,26 @@ class Uring:
         self.fd = res
         try:
             self._map(params)
+            self._register_witness()
         except BaseException:
             self.close()
             raise
+
+    def _register_witness(self) -> None:
+        """Give the ring the only reference to a pipe's write end (a registered file): the read
+        end sees EOF once the kernel has freed the ring, which it does only after it has run its
+        teardown task work on every thread that used the ring (see :meth:`released`)."""
+        r_fd, w_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fds = (ctypes.c_int32 * 1)(w_fd)
+            if _syscall(_L(_SYS_REGISTER), _L(self.fd), _L(_REGISTER_FILES), fds, _L(1)) < 0:
+                e = ctypes.get_errno()
+                log.debug("io_uring: no registered file to witness the ring's release (%s)", os.strerror(e))
+                os.close(r_fd)
+                return
+        finally:
+            os.close(w_fd)
+        self._witness = r_fd
 
     def _map(self, params: ctypes.Array[ctypes.c_char]) -> None:
         sq_entries, cq_entries, _flags, _cpu, _idle, features = struct.unpack_from("<6I", params, 0)
@@ -521,8 +543,35 @@ class Uring:
 
     # -- teardown --------------------------------------------------------------------------------
 
+    async def released(self, timeout: float = RELEASE_TIMEOUT) -> bool:
+        """After :meth:`close`: wait until the kernel has freed the ring (False if that takes
+        longer than ``timeout`` seconds, e.g. while a forked child still holds its descriptor).
+
+        Freeing a ring, the kernel interrupts every thread that ever used it (task work sent
+        with TWA_SIGNAL, which counts as a pending signal). Landing on a FUSE request that
+        thread makes later — a C caller in the thread that ran a trio loop serving this ring —
+        it makes the kernel send INTERRUPT and the caller gets EINTR with no signal sent. Waiting
+        here, in the thread that served the ring, lets it land on this wait instead.
+        """
+        fd, self._witness = self._witness, -1
+        if fd < 0:
+            return True
+        try:
+            with trio.move_on_after(timeout):
+                while True:
+                    try:
+                        if not os.read(fd, 1):
+                            return True  # EOF: the ring and its registered files are gone
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(fd)
+            log.debug("io_uring: the closed ring was not freed within %.1f s", timeout)
+            return False
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
-        """Unmap and close the ring (before /dev/fuse is closed). Idempotent."""
+        """Unmap and close the ring (before /dev/fuse is closed); :meth:`released` then waits
+        until the kernel has freed it. Idempotent."""
         for v in self._views:
             v.release()
         self._views.clear()

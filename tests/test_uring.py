@@ -7,6 +7,7 @@ ends. The rest of the mount suite runs over io_uring with ``AFUSE_TEST_IO_URING=
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -158,10 +159,12 @@ def test_eight_parallel_clients_with_blocking_handlers(enable_uring: None, fuse_
 
 
 class Blocking(HelloFS):
-    """Looking up "block" waits until cancelled."""
+    """Looking up "block" waits until cancelled (``in_nursery``: in a nursery of its own, whose
+    cancellation raises a group of Cancelled, not Cancelled)."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_nursery: bool = False) -> None:
         super().__init__()
+        self.in_nursery = in_nursery
         self.entered = threading.Event()
         self.cancelled = False
 
@@ -170,8 +173,13 @@ class Blocking(HelloFS):
             return await super().lookup(req)
         self.entered.set()
         try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
+            if self.in_nursery:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.sleep_forever)
+                    await trio.sleep_forever()
+            else:
+                await trio.sleep_forever()
+        except BaseException:
             self.cancelled = True
             raise
         raise AssertionError("unreachable")
@@ -189,8 +197,10 @@ _ACCESS_CHILD = textwrap.dedent(
 )
 
 
-def test_interrupt_reaches_a_handler_served_from_the_ring(enable_uring: None, fuse_mount: MountFactory) -> None:
-    ops = Blocking()
+@pytest.mark.parametrize("in_nursery", [False, True], ids=["plain", "in-nursery"])
+def test_interrupt_reaches_a_handler_served_from_the_ring(enable_uring: None, fuse_mount: MountFactory,
+                                                         in_nursery: bool) -> None:
+    ops = Blocking(in_nursery)
     m = fuse_mount(ops, io_uring=True)
     child = subprocess.Popen([sys.executable, "-c", _ACCESS_CHILD, m.join("block")], stdout=subprocess.PIPE,
                              text=True)
@@ -207,6 +217,115 @@ def test_interrupt_reaches_a_handler_served_from_the_ring(enable_uring: None, fu
     assert ops.cancelled
     for _ in range(20):  # the interrupted ring task was replaced: serving goes on
         assert os.stat(m.join("hello")).st_size == len(DATA)
+
+
+class NurseryAttrs(HelloFS):
+    """GETATTR waits in a nursery of its own (where an INTERRUPT finds it: a group of Cancelled
+    comes out); counts the interrupted ones."""
+
+    attr_timeout = 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = 0
+
+    async def getattr(self, req: afuse.GetattrRequest) -> afuse.Attr:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep, 0.004)
+                await trio.sleep(0.002)
+        except BaseException:
+            self.interrupted += 1
+            raise
+        return await super().getattr(req)
+
+
+_STAT_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    print("ready", flush=True)
+    for _ in range(int(sys.argv[2])):
+        while True:
+            try:
+                assert os.stat(sys.argv[1]).st_size > 0
+                break
+            except InterruptedError:  # an interrupted GETATTR: try again, as a C caller does
+                pass
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # signals still on their way kill no one
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("transport", ["/dev/fuse", "io_uring"])
+def test_interrupt_storm_loses_no_request(request: pytest.FixtureRequest, fuse_mount: MountFactory,
+                                         transport: str) -> None:
+    """Four processes stat a file whose GETATTR waits in a nursery while they are showered with
+    signals (so with INTERRUPTs): every request is answered, none left waiting, and serving goes on."""
+    if transport == "io_uring":
+        request.getfixturevalue("enable_uring")
+    ops = NurseryAttrs()
+    m = fuse_mount(ops, io_uring=transport == "io_uring")
+    assert m.session.transport == transport
+    children = [subprocess.Popen([sys.executable, "-c", _STAT_CHILD, m.join("hello"), "150"],
+                                 stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        while any(c.poll() is None for c in children) and time.monotonic() < deadline:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGUSR1)
+            time.sleep(0.02)  # a GETATTR takes ~5 ms: about one in four is interrupted
+        outs = [child.communicate(timeout=10)[0] for child in children]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert [c.returncode for c in children] == [0] * 4
+    assert [out.split() for out in outs] == [["done"]] * 4
+    assert ops.interrupted > 0  # INTERRUPTs really reached handlers waiting in their nurseries
+    for _ in range(20):
+        assert os.stat(m.join("hello")).st_size == len(DATA)
+
+
+class SlowMissing(HelloFS):
+    """Looking up "slow..." takes 0.3 s (then: no such file); counts the interrupted ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = 0
+
+    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
+        if req.name.startswith(b"slow"):
+            try:
+                await trio.sleep(0.3)
+            except trio.Cancelled:
+                self.interrupted += 1
+                raise
+        return await super().lookup(req)
+
+
+def test_thread_that_served_a_ring_gets_no_spurious_interrupt(enable_uring: None, fuse_mount: MountFactory) -> None:
+    """Freeing a ring, the kernel interrupts every thread that used it (TWA_SIGNAL task work): a
+    FUSE call this thread makes right after serving a ring in its own trio loop must not be
+    answered EINTR by that (serve waits until the kernel has freed the ring)."""
+    ops = SlowMissing()
+    m = fuse_mount(ops, io_uring=False)  # served in another thread; any transport would do
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    async def serve_a_ring_here() -> None:
+        async with testing.trio_mount(HelloFS(), io_uring=True) as session:
+            assert session.transport == "io_uring"
+            assert await trio.to_thread.run_sync(os.listdir, session.mountpoint) == ["hello"]
+
+    for i in range(3):
+        trio.run(serve_a_ring_here)
+        assert libc.access(m.join(f"slow{i}").encode(), os.F_OK) == -1  # no retry, as a C caller
+        assert ctypes.get_errno() == errno.ENOENT
+    assert ops.interrupted == 0
 
 
 def test_true_raises_a_clear_error_when_the_kernel_refuses(disable_uring: None) -> None:

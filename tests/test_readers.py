@@ -1,0 +1,99 @@
+"""The reader pool's handler driver without a mount: INTERRUPT of a blocked handler.
+
+``ReaderPool.resume`` drives a handler that blocked, for /dev/fuse readers and ring tasks alike;
+an INTERRUPT cancels the worker's scope and the request must then be answered EINTR, whatever
+shape the cancellation takes when it leaves the handler.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from afuse.readers import ReaderPool, only_cancelled
+from afuse.wire import replies
+
+
+async def waits_plainly() -> str:
+    await trio.sleep_forever()
+    return "unreachable"
+
+
+async def waits_in_a_nursery() -> str:
+    async with trio.open_nursery() as nursery:  # cancelled, it raises a group of Cancelled
+        nursery.start_soon(trio.sleep_forever)
+        await trio.sleep_forever()
+    return "unreachable"
+
+
+async def waits_in_nested_nurseries() -> str:
+    async with trio.open_nursery() as outer:
+        outer.start_soon(waits_in_a_nursery)
+        await trio.sleep_forever()
+    return "unreachable"
+
+
+async def drive_and_interrupt(handler: Callable[[], Coroutine[Any, Any, Any]], unique: int = 42) -> tuple[
+        ReaderPool, list[object]]:
+    """Drive ``handler()`` as a worker does until it blocks, then INTERRUPT it; what resume returned."""
+    pool = ReaderPool(-1, 1, 1)
+    results: list[object] = []
+
+    async def worker() -> None:
+        with trio.CancelScope() as wscope:
+            coro = handler()
+            msg = coro.send(None)  # it blocks: resume takes over, as in a reader or a ring task
+            results.append(await pool.resume(coro, msg, unique, wscope, handoff=lambda: None))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert unique in pool.inflight and unique in pool.blocked
+        pool.interrupt(unique)
+    return pool, results
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("handler", [waits_plainly, waits_in_a_nursery, waits_in_nested_nurseries])
+async def test_interrupted_handler_is_answered_eintr(handler: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    pool, results = await drive_and_interrupt(handler)
+    assert results == [replies.error(42, errno.EINTR)]
+    assert not pool.inflight and not pool.blocked and not pool.early_interrupts
+
+
+async def fails_while_cancelled() -> str:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep_forever)
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise ValueError("a handler bug while being interrupted")
+    return "unreachable"
+
+
+@pytest.mark.trio
+async def test_a_real_error_next_to_the_cancellation_is_not_swallowed() -> None:
+    with pytest.RaisesGroup(ValueError, flatten_subgroups=True):
+        await drive_and_interrupt(fails_while_cancelled)
+
+
+@pytest.mark.trio
+async def test_only_cancelled() -> None:
+    caught: list[trio.Cancelled] = []
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as e:
+            caught.append(e)
+            raise
+    cancelled = caught[0]
+    assert only_cancelled(cancelled)
+    assert only_cancelled(BaseExceptionGroup("g", [cancelled, BaseExceptionGroup("h", [cancelled])]))
+    assert not only_cancelled(BaseExceptionGroup("g", [cancelled, ValueError()]))
+    assert not only_cancelled(ValueError())
