@@ -13,7 +13,10 @@ It mounts, at once, a one-file filesystem served
 * ``raw``   — by ``_latencyfs.py raw``, a bare blocking ``os.readv``/``os.write`` loop using afuse's wire codecs only
   (no session, no trio, no dispatcher): the least a Python daemon can do per request;
 * ``pyfuse3`` — with ``--pyfuse3 PYTHON``, by ``_latencyfs.py pyfuse3`` (the same filesystem on
-  pyfuse3, libfuse's C decoding under pyfuse3's trio loop), run by that interpreter,
+  pyfuse3, libfuse's C decoding under pyfuse3's trio loop), run by that interpreter;
+* ``libfuse`` — with ``--libfuse``, by libfuse's C ``hello_ll`` example (Debian's libfuse3-dev,
+  compiled with attr_timeout 0, run single-threaded) for the getattr row, and by the same compiled
+  with entry_timeout 0 (``libfuse-e0``) for the lookup+getattr row,
 
 each daemon pinned to one CPU together with this (client) process unless ``--unpinned``. It then
 times ``os.stat`` in short slices, rotating through the mounts each round, and prints the median
@@ -37,6 +40,7 @@ import errno
 import os
 import re
 import select
+import shutil
 import signal
 import stat
 import statistics
@@ -115,7 +119,7 @@ class Daemon:
     """One filesystem process on a fresh mountpoint."""
 
     def __init__(self, label: str, tree: str, args: list[str], cpu: int | None, extra_env: dict[str, str],
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, binary: str | None = None) -> None:
         self.label = label
         self.path = tempfile.mkdtemp(prefix="afuse-floor-")
         env = {**os.environ, **extra_env}
@@ -126,13 +130,20 @@ class Daemon:
                 os.sched_setaffinity(0, {cpu})
 
         self.err = tempfile.TemporaryFile()
-        options = [] if args[0].endswith(".py") else ["-o", ""]  # a script, or afuse.testing's command line
-        self.proc = subprocess.Popen([python, *args, self.path, *options],
+        if binary is not None:  # libfuse's hello_ll: foreground, single-threaded; it prints nothing
+            cmd = [binary, "-f", "-s", self.path]
+        else:
+            options = [] if args[0].endswith(".py") else ["-o", ""]  # a script, or afuse.testing's command line
+            cmd = [python, *args, self.path, *options]
+        self.proc = subprocess.Popen(cmd,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.err, env=env,
                                      cwd=tree, start_new_session=True, preexec_fn=pin)
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline() if ready else b""
+        if binary is None:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+            line = self.proc.stdout.readline() if ready else b""
+        else:
+            line = b"ready"
         deadline = time.monotonic() + 10
         while line.strip() == b"ready" and not _mounted(self.path) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -218,6 +229,43 @@ def requests_per_stat(path: str, calls: int = 200) -> dict[str, float]:
 
 
 ROWS = (("getattr", "hello"), ("lookup+getattr", "fresh"))
+#: Servers with no ``fresh`` name: the getattr row only.
+ONLY_GETATTR = ("nodes", "libfuse")
+#: A server for the lookup+getattr row only, where its ``hello`` behaves as ``fresh``.
+ONLY_FRESH = {"libfuse-e0": "hello"}
+
+
+LIBFUSE_HELLO = "/usr/share/doc/libfuse3-dev/examples/hello_ll.c"
+
+
+def build_libfuse_hello(cache: str, entry_timeout: int) -> str:
+    """libfuse's ``hello_ll`` example from Debian's libfuse3-dev, compiled with attr_timeout 0 and
+    ``entry_timeout``: its path. With 3600, one ``stat hello`` is one GETATTR; with 0, one LOOKUP and
+    one GETATTR (the rows' two cases). Installs libfuse3-dev, gcc and pkg-config with apt-get when
+    missing; nothing of it is in the repository."""
+    exe = os.path.join(cache, f"hello_ll_attr0_entry{entry_timeout}")
+    if os.path.exists(exe):
+        return exe
+    if not os.path.exists(LIBFUSE_HELLO) or not shutil.which("gcc") or not shutil.which("pkg-config"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "libfuse3-dev", "gcc", "pkg-config"], check=True,
+                       stdout=subprocess.DEVNULL)
+    with open(LIBFUSE_HELLO) as f:
+        src = f.read()
+    edits = (("fuse_reply_attr(req, &stbuf, 1.0)", "fuse_reply_attr(req, &stbuf, 0.0)"),
+             ("e.attr_timeout = 1.0;", "e.attr_timeout = 0.0;"),
+             ("e.entry_timeout = 1.0;", f"e.entry_timeout = {entry_timeout}.0;"))
+    for old, new in edits:
+        if old not in src:
+            raise RuntimeError(f"{LIBFUSE_HELLO} has changed: no {old!r}")
+        src = src.replace(old, new)
+    os.makedirs(cache, exist_ok=True)
+    c = exe + ".c"
+    with open(c, "w") as f:
+        f.write(src)
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    subprocess.run(["gcc", "-O2", c, *flags, "-o", exe], check=True)
+    return exe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pyfuse3", metavar="PYTHON",
                    help="also serve the same filesystem on pyfuse3, run by this interpreter (one that has pyfuse3, "
                         "e.g. the venv benchmarks/vs_pyfuse3.py sets up in ~/.cache/afuse-bench/pyfuse3-venv)")
+    p.add_argument("--libfuse", action="store_true",
+                   help="also serve hello on libfuse's C hello_ll example (attr_timeout 0, single-threaded), "
+                        "getattr row only; built in --cache")
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "afuse-bench"),
+                   help="where --libfuse's build goes (default ~/.cache/afuse-bench)")
     p.add_argument("--trace", action="store_true", help="count the FUSE requests one stat costs (tracepoints)")
     args = p.parse_args(argv)
+    binaries = {"libfuse": build_libfuse_hello(args.cache, 3600),
+                "libfuse-e0": build_libfuse_hello(args.cache, 0)} if args.libfuse else {}
     cpus = os.sched_getaffinity(0)
     cpu = None if args.unpinned else (0 if 0 in cpus else min(cpus))
 
@@ -251,29 +306,34 @@ def main(argv: list[str] | None = None) -> int:
     specs.append(("raw", REPO, [os.path.join(HERE, "_latencyfs.py"), "raw"], {}))  # the bare loop
     if args.pyfuse3:
         specs.append(("pyfuse3", REPO, [os.path.join(HERE, "_latencyfs.py"), "pyfuse3"], {}))
+    if args.libfuse:
+        specs += [("libfuse", REPO, [], {}), ("libfuse-e0", REPO, [], {})]
     daemons: dict[str, Daemon] = {}
     samples: dict[tuple[str, str], list[float]] = {}
     traced: dict[tuple[str, str], dict[str, float]] = {}
     cpus_used: dict[tuple[str, str], list[float]] = {}  # daemon CPU µs per call, per slice
     try:
         for label, tree, cmd, env in specs:
-            daemons[label] = Daemon(label, tree, cmd, cpu, env, pythons.get(label, sys.executable))
+            daemons[label] = Daemon(label, tree, cmd, cpu, env, pythons.get(label, sys.executable),
+                                    binaries.get(label))
         with pinned(cpu):
             for rnd in range(args.rounds):
                 order = list(daemons.items())
                 k = rnd % len(order)
                 for label, d in order[k:] + order[:k]:  # rotate, so no mount always goes first
                     for row, name in ROWS:
-                        if label == "nodes" and row != "getattr":
+                        if (label in ONLY_GETATTR and row != "getattr") or (label in ONLY_FRESH and row == "getattr"):
                             continue
-                        us, ns, calls = stat_us(os.path.join(d.path, name), args.seconds, d.proc.pid)
+                        target = ONLY_FRESH.get(label, name)
+                        us, ns, calls = stat_us(os.path.join(d.path, target), args.seconds, d.proc.pid)
                         samples.setdefault((label, row), []).append(us)
                         cpus_used.setdefault((label, row), []).append(ns / calls / 1e3)
             if args.trace:
                 for label, d in daemons.items():
                     for row, name in ROWS:
-                        if label != "nodes" or row == "getattr":
-                            traced[(label, row)] = requests_per_stat(os.path.join(d.path, name))
+                        if (label not in ONLY_GETATTR or row == "getattr") and (label not in ONLY_FRESH
+                                                                                 or row != "getattr"):
+                            traced[(label, row)] = requests_per_stat(os.path.join(d.path, ONLY_FRESH.get(label, name)))
     finally:
         for d in daemons.values():
             d.stop()
@@ -282,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     dcpu = {k: statistics.median(v) for k, v in cpus_used.items()}
     print(f"os.stat round trips, µs, median of {args.rounds} x {args.seconds:g} s slices, "
           f"{f'pinned to cpu{cpu}' if cpu is not None else 'unpinned'}, load {os.getloadavg()[0]:.2f}")
-    head = (f"{'row':16} {'server':8} {'µs':>8} {'min':>8} {'÷ raw':>7}" + (f" {'÷ base':>7}" if args.base else "")
+    head = (f"{'row':16} {'server':10} {'µs':>8} {'min':>8} {'÷ raw':>7}" + (f" {'÷ base':>7}" if args.base else "")
             + f" {'daemon CPU µs':>13} {'min':>6} {'÷ raw':>7}" + (f" {'÷ base':>7}" if args.base else ""))
     print(head + ("  requests per stat" if args.trace else ""))
     for row, _name in ROWS:
@@ -290,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             if (label, row) not in med:
                 continue
             us = med[(label, row)]
-            line = f"{row:16} {label:8} {us:8.2f} {min(samples[(label, row)]):8.2f} {us / med[('raw', row)]:7.2f}"
+            line = f"{row:16} {label:10} {us:8.2f} {min(samples[(label, row)]):8.2f} {us / med[('raw', row)]:7.2f}"
             if args.base:
                 line += f" {us / med[('base', row)]:7.2f}"
             c = dcpu[(label, row)]
