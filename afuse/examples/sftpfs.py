@@ -799,6 +799,10 @@ def _attr(a: FileAttrs, ino: int) -> Attr:
 _DIR_BLKSIZE = 4096
 
 
+_NONE: set[bytes] = set()  # never added to (only directories add names)
+_NO_FILES: set[RemoteFile] = set()  # never added to (SftpHandle gives a directory a set of its own)
+
+
 class SftpNode(Node):
     """A remote file, directory or symlink, by path. Attributes come from listings or LSTAT and
     are kept ``stat_timeout`` seconds."""
@@ -821,13 +825,15 @@ class SftpNode(Node):
         #: Lookups that missed the listing since it was last read (3 in a row: read it instead), and
         #: the names they missed (a miss followed by making that name does not count).
         self.misses = 0
-        self.missed: set[bytes] = set()
         #: Names of the listing whose attributes changed through the mount since (looked up anew).
-        self.stale: set[bytes] = set()
+        #: (Directories only: other nodes share one empty set, as directories share one for ``files``:
+        #: a listing makes thousands of nodes, and each container is more for the garbage collector.)
+        self.missed: set[bytes] = set() if self.is_dir else _NONE
+        self.stale: set[bytes] = set() if self.is_dir else _NONE
         self.target: bytes | None = None
         self.target_at = 0.0
         #: Open files (their writes are drained before this node's attributes are read).
-        self.files: set[RemoteFile] = set()
+        self.files: set[RemoteFile] = _NO_FILES if self.is_dir else set()
 
     def forgotten(self) -> None:
         """The kernel forgot the node: drop it from the path map."""
@@ -1236,6 +1242,8 @@ class SftpHandle(FileHandle):
     def __init__(self, node: SftpNode, rf: RemoteFile) -> None:
         self.node = node
         self.rf = rf
+        if node.files is _NO_FILES:
+            node.files = set()
         node.files.add(rf)
 
     async def call(self, coro: Awaitable[T]) -> T:
