@@ -15,8 +15,9 @@ The worked example of a network filesystem on afuse (docs/sftpfs.md explains it)
 * **Nodes** are dynamic, one per remote path (:class:`SftpNode`); the filesystem keeps a path ->
   node map (renames move nodes and their subtrees). Attributes come from listings (READDIRPLUS
   answers without a request per entry) and are cached for ``cache_stat_timeout`` seconds, the time
-  the kernel is told it may cache them too. Listings pipeline their READDIRs
-  (:func:`list_directory`); after three lookups miss a directory's listing, it is listed.
+  the kernel is told it may cache them too. Listings send their READDIRs in waves and decode
+  the replies with :func:`parse_names` (:func:`list_directory`); after three lookups miss a
+  directory's listing, it is listed.
 * **Connections** (:class:`Pool`): ``--connections N`` SSH connections with one SFTP session each;
   a request goes to the least busy one, an open file to the one it was opened on. Each request
   has ``--timeout``; a lost or timed-out connection answers EIO, and with ``--reconnect`` the next
