@@ -254,6 +254,37 @@ def test_lookups_in_an_unlisted_directory(sshd: Any, tmp_path: Path) -> None:
         assert sorted(os.listdir(d)) == sorted([f"f{i}" for i in range(20)] + ["new"])
 
 
+def test_large_listing_matches_server(sshd: Any, tmp_path: Path) -> None:
+    """A directory of 1,500 entries (READDIRs in several waves) lists with every name, type, mode,
+    size and mtime the server has, from os.scandir and from lstat of each name."""
+    remote = tmp_path / "remote"
+    (remote / "big").mkdir(parents=True)
+    for i in range(1500):
+        (remote / "big" / f"f{i:04d}").write_bytes(b"z" * (i % 7))
+    os.chmod(remote / "big" / "f0003", 0o600)
+    os.utime(remote / "big" / "f0004", (1_000_000, 2_000_000))
+    (remote / "big" / "sub").mkdir()
+    os.symlink("f0001", remote / "big" / "link")
+    names = sorted(os.listdir(remote / "big"))
+
+    def server(n: str) -> tuple[int, int, int]:
+        st = os.lstat(remote / "big" / n)
+        return st.st_mode, st.st_size, int(st.st_mtime)
+
+    with sftpfs(sshd, remote) as mnt:
+        big = Path(mnt, "big")
+        assert sorted(os.listdir(big)) == names
+        with os.scandir(big) as it:
+            seen = {e.name: (e.is_dir(follow_symlinks=False), e.is_symlink(), e.inode()) for e in it}
+        assert sorted(seen) == names
+        assert seen["sub"][0] and seen["link"][1] and not seen["f0001"][0]
+        for n in names:
+            st = os.lstat(big / n)
+            assert (st.st_mode, st.st_size, int(st.st_mtime)) == server(n), n
+            assert st.st_ino == seen[n][2], n  # d_ino from the listing is the inode number stat reports
+        assert os.stat(big).st_blksize == 4096 and os.stat(big / "f0001").st_blksize == 128 * 1024
+
+
 def test_listing_follows_changes_through_the_mount(sshd: Any, tmp_path: Path) -> None:
     """A cached listing is updated in place by changes made through the mount (every name made,
     removed or renamed shows at once, with its current size), and is kept: a name made on the
@@ -501,3 +532,38 @@ def test_command_line_errors(sshd: Any, tmp_path: Path) -> None:
     res = run(sshd.target(str(tmp_path / "missing")), str(tmp_path), "-p", str(sshd.port), "-i", str(sshd.identity),
               "-o", f"known_hosts={sshd.known_hosts}")
     assert res.returncode == 1 and "missing" in res.stderr
+
+
+# -- decoding SSH_FXP_NAME ----------------------------------------------------------------------------
+
+def _string(b: bytes) -> bytes:
+    return len(b).to_bytes(4, "big") + b
+
+
+def test_parse_names_all_attribute_forms() -> None:
+    """parse_names reads OpenSSH's usual attributes (flags 0xF), any subset of them, and extended
+    pairs; it refuses a truncated reply."""
+    import struct
+
+    from afuse.examples.sftpfs import FileAttrs, parse_names
+
+    entries = [
+        _string(b"full") + _string(b"-rw-r--r-- 1 u g 5 full") + struct.pack(">IQIIIII", 0xF, 5, 1, 2, 0o100644, 7, 8),
+        _string(b"none") + _string(b"") + struct.pack(">I", 0),
+        _string(b"mode+times") + _string(b"x") + struct.pack(">IIII", 0x4 | 0x8, 0o40755, 9, 10),
+        _string(b"ext") + _string(b"y") + struct.pack(">IQ", 0x1 | 0x80000000, 3) + struct.pack(">I", 2)
+        + _string(b"a@x") + _string(b"1") + _string(b"b@x") + _string(b""),
+        _string("é".encode()) + _string(b"z") + struct.pack(">III", 0x2, 1000, 1001),
+    ]
+    payload = len(entries).to_bytes(4, "big") + b"".join(entries)
+    assert parse_names(payload) == [
+        (b"full", FileAttrs(5, 1, 2, 0o100644, 7, 8)),
+        (b"none", FileAttrs()),
+        (b"mode+times", FileAttrs(permissions=0o40755, atime=9, mtime=10)),
+        (b"ext", FileAttrs(size=3)),
+        ("é".encode(), FileAttrs(uid=1000, gid=1001)),
+    ]
+    assert parse_names((0).to_bytes(4, "big")) == []
+    for cut in (3, 10, len(payload) - 1):
+        with pytest.raises(ValueError):
+            parse_names(payload[:cut])

@@ -15,8 +15,9 @@ The worked example of a network filesystem on afuse (docs/sftpfs.md explains it)
 * **Nodes** are dynamic, one per remote path (:class:`SftpNode`); the filesystem keeps a path ->
   node map (renames move nodes and their subtrees). Attributes come from listings (READDIRPLUS
   answers without a request per entry) and are cached for ``cache_stat_timeout`` seconds, the time
-  the kernel is told it may cache them too. Listings pipeline their READDIRs
-  (:func:`list_directory`); after three lookups miss a directory's listing, it is listed.
+  the kernel is told it may cache them too. Listings send their READDIRs in waves and decode
+  the replies with :func:`parse_names` (:func:`list_directory`); after three lookups miss a
+  directory's listing, it is listed.
 * **Connections** (:class:`Pool`): ``--connections N`` SSH connections with one SFTP session each;
   a request goes to the least busy one, an open file to the one it was opened on. Each request
   has ``--timeout``; a lost or timed-out connection answers EIO, and with ``--reconnect`` the next
@@ -42,10 +43,11 @@ import os
 import re
 import signal
 import stat
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import asyncssh
 import attrs
@@ -60,8 +62,8 @@ from afuse.wire.init import InitConfig
 from afuse.wire.requests import SetattrRequest
 from afuse.wire.types import Attr, FsStats
 
-__all__ = ["Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions", "list_directory", "main",
-           "parse_remote"]
+__all__ = ["FileAttrs", "Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions", "list_directory",
+           "main", "parse_names", "parse_remote"]
 
 log = logging.getLogger("afuse.sftpfs")
 T = TypeVar("T")
@@ -253,7 +255,7 @@ class Pool:
             c.busy -= 1
 
     async def then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], path: bytes,
-                         via: Connection | None = None) -> tuple[T, asyncssh.SFTPAttrs | None]:
+                         via: Connection | None = None) -> tuple[T, FileAttrs | None]:
         """``op`` and an LSTAT of ``path`` sent back to back on one connection, without waiting
         in between: the server answers in order, so the LSTAT sees what ``op`` made (one round
         trip for both). The LSTAT's answer is None if it failed."""
@@ -269,7 +271,7 @@ class Pool:
                 await second
             raise
         try:
-            return result, await second
+            return result, FileAttrs.of(await second)
         except FUSEError:
             return result, None
 
@@ -279,21 +281,200 @@ class Pool:
         await asyncio.gather(*(c.close() for c in self.conns))
 
 
-async def list_directory(sftp: asyncssh.SFTPClient, path: bytes) -> list[asyncssh.SFTPName]:
-    """The entries of directory ``path`` with their attributes, READDIR requests pipelined.
+class FileAttrs(NamedTuple):
+    """A file's attributes as SFTP v3 carries them, in wire order (None: the server sent none).
 
-    SFTP lists a directory in batches (OpenSSH: 100 names per READDIR). asyncssh's ``readdir``
-    asks for one batch at a time, a round trip each; here more READDIRs on the handle are sent
-    before the answers come (the server answers them in order, each with the next batch): eight at
-    first, two more for each full batch, up to 64 in flight. The handle's CLOSE is sent in the
-    background (nobody waits for its answer).
+    sftpfs keeps these (small tuples) rather than asyncssh's ``SFTPAttrs`` records, which cost
+    several times as much to build: a listing makes one per entry."""
+
+    size: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    #: The whole ``st_mode`` (type and permission bits), as SFTP v3 sends it.
+    permissions: int | None = None
+    atime: int | None = None
+    mtime: int | None = None
+
+    @classmethod
+    def of(cls, a: asyncssh.SFTPAttrs) -> FileAttrs:
+        """The fields sftpfs uses of asyncssh's record (SFTP v3: times in seconds)."""
+        return cls(a.size, a.uid, a.gid, a.permissions, a.atime, a.mtime)
+
+
+_U32 = struct.Struct(">I")
+#: ATTRS fields after flags 0xF (SIZE, UIDGID, PERMISSIONS, ACMODTIME), as OpenSSH sends them for every file.
+_ATTRS_ALL = struct.Struct(">QIIIII")
+_A_SIZE, _A_UIDGID, _A_PERMISSIONS, _A_ACMODTIME, _A_EXTENDED = 0x1, 0x2, 0x4, 0x8, 0x80000000
+
+
+def parse_names(payload: bytes) -> list[tuple[bytes, FileAttrs]]:
+    """(filename, attributes) of each entry of an SFTP v3 ``SSH_FXP_NAME`` reply, given the payload
+    after the request id (``uint32 count``, then per entry ``string filename, string longname,
+    ATTRS``); the long names are skipped. ValueError if the payload is not that."""
+    u32, full, new = _U32.unpack_from, _ATTRS_ALL.unpack_from, tuple.__new__
+    out: list[tuple[bytes, FileAttrs]] = []
+    try:
+        (count,) = u32(payload, 0)
+        off = 4
+        for _ in range(count):
+            (n,) = u32(payload, off)
+            name = payload[off + 4:off + 4 + n]
+            off += 4 + n
+            (n,) = u32(payload, off)  # the long name ("ls -l" line): not used
+            off += 4 + n
+            (flags,) = u32(payload, off)
+            off += 4
+            if flags == 0xF:  # the usual case: every field, no extensions
+                out.append((name, new(FileAttrs, full(payload, off))))
+                off += 28
+                continue
+            size = uid = gid = perm = atime = mtime = None
+            if flags & _A_SIZE:
+                (size,) = struct.unpack_from(">Q", payload, off)
+                off += 8
+            if flags & _A_UIDGID:
+                uid, gid = struct.unpack_from(">II", payload, off)
+                off += 8
+            if flags & _A_PERMISSIONS:
+                (perm,) = u32(payload, off)
+                off += 4
+            if flags & _A_ACMODTIME:
+                atime, mtime = struct.unpack_from(">II", payload, off)
+                off += 8
+            if flags & _A_EXTENDED:
+                (pairs,) = u32(payload, off)
+                off += 4
+                for _ in range(2 * pairs):  # (type, data) strings
+                    (n,) = u32(payload, off)
+                    off += 4 + n
+            out.append((name, FileAttrs(size, uid, gid, perm, atime, mtime)))
+    except struct.error as e:
+        raise ValueError(f"truncated SSH_FXP_NAME reply: {e}") from None
+    if off > len(payload):
+        raise ValueError("truncated SSH_FXP_NAME reply")
+    return out
+
+
+class _Replies:
+    """The replies to a batch of SFTP requests sent at once (:func:`_request_many`): one future for
+    the lot, where asyncssh has a future (and a task waking) per request. asyncssh's receive loop
+    hands each reply to the object registered for its request id: a :class:`_Slot` of this batch."""
+
+    def __init__(self, n: int) -> None:
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.replies: list[tuple[int, Any] | None] = [None] * n
+        self.left = n
+
+    def got(self, index: int, reply: tuple[int, Any]) -> None:
+        self.replies[index] = reply
+        self.left -= 1
+        if not self.left and not self.done.done():
+            self.done.set_result(None)
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+class _Slot:
+    """One request of a :class:`_Replies` batch, in the place of asyncssh's per-request future."""
+
+    __slots__ = ("batch", "index")
+
+    def __init__(self, batch: _Replies, index: int) -> None:
+        self.batch, self.index = batch, index
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, reply: tuple[int, Any]) -> None:
+        self.batch.got(self.index, reply)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.batch.failed(exc)
+
+
+def _raw_requests(handler: Any) -> bool:
+    """Whether asyncssh's SFTP client handler is the one :func:`_request_many` was written against
+    (SFTP v3, its request table, packet ids and writer): else sftpfs uses asyncssh's own calls."""
+    return (getattr(handler, "version", None) == 3 and isinstance(getattr(handler, "_requests", None), dict)
+            and isinstance(getattr(handler, "_next_pktid", None), int) and hasattr(handler, "_writer"))
+
+
+async def _request_many(handler: Any, pkttype: int, args: Sequence[bytes]) -> list[tuple[int, Any]]:
+    """Send one SFTP request of type ``pkttype`` per item of ``args`` (its encoded arguments), all in
+    one channel write, and return the replies (packet type, asyncssh packet after the id), in order.
+
+    asyncssh's own calls send each request in a write of its own (an SSH packet, a system call)
+    and wake a future per reply."""
+    writer = handler._writer
+    if not writer:
+        raise asyncssh.SFTPNoConnection("Connection not open")
+    batch = _Replies(len(args))
+    out = []
+    for i, a in enumerate(args):
+        pktid = handler._next_pktid
+        handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
+        handler._requests[pktid] = _Slot(batch, i)
+        payload = bytes((pkttype,)) + pktid.to_bytes(4, "big") + a
+        out.append(len(payload).to_bytes(4, "big") + payload)
+    if not writer.channel.is_closing():  # closing: asyncssh fails every request it holds
+        writer.write(b"".join(out))
+    await batch.done
+    return batch.replies  # type: ignore[return-value]
+
+
+_FXP_READDIR, _FXP_STATUS, _FXP_NAME = 12, 101, 104
+
+
+async def list_directory(sftp: asyncssh.SFTPClient, path: bytes) -> list[tuple[bytes, FileAttrs]]:
+    """The entries of directory ``path`` (``.`` and ``..`` included) with their attributes,
+    READDIR requests pipelined.
+
+    SFTP lists a directory in batches (OpenSSH: 100 names per READDIR). asyncssh's ``readdir`` asks
+    for one batch at a time, a round trip each, and builds an ``SFTPName`` and an ``SFTPAttrs`` per
+    entry. Here READDIRs on the handle go out in waves, each in one write (8, then twice as many
+    as the wave before, up to 64), the server answering them in order with successive batches
+    until SSH_FX_EOF; the replies are decoded by :func:`parse_names`. The handle's CLOSE is sent
+    in the background (nobody waits for its answer).
     """
     handler = sftp._handler  # asyncssh's request layer: OPENDIR, READDIR, CLOSE
+    if not _raw_requests(handler):
+        return await _list_directory_asyncssh(handler, path)
+    handle = await handler.opendir(path)
+    args = [len(handle).to_bytes(4, "big") + handle]
+    entries: list[tuple[bytes, FileAttrs]] = []
+    try:
+        wave, at_end = _READDIR_FIRST, False
+        while not at_end:
+            for pkttype, packet in await _request_many(handler, _FXP_READDIR, args * wave):
+                if pkttype == _FXP_NAME and not at_end:
+                    try:
+                        entries += parse_names(packet.get_remaining_payload())
+                    except ValueError as e:
+                        raise asyncssh.SFTPBadMessage(str(e)) from None
+                elif pkttype == _FXP_STATUS:
+                    try:
+                        handler._process_status(packet)  # raises the status's error
+                    except asyncssh.SFTPEOFError:
+                        at_end = True
+                        continue
+                    raise asyncssh.SFTPBadMessage("SSH_FX_OK in reply to READDIR")
+                else:
+                    raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to READDIR")
+            wave = min(2 * wave, _READDIR_MAX)
+    finally:
+        _start(_close_quietly(handler, handle)).add_done_callback(_consume)
+    return entries
+
+
+async def _list_directory_asyncssh(handler: Any, path: bytes) -> list[tuple[bytes, FileAttrs]]:
+    """:func:`list_directory` through asyncssh's own READDIR calls (8 in flight): for an SFTP client
+    handler that :func:`_request_many` does not know."""
     handle = await handler.opendir(path)
     loop = asyncio.get_running_loop()
-    pending: list[asyncio.Task[tuple[Sequence[asyncssh.SFTPName], bool]]] = [
-        loop.create_task(handler.readdir(handle)) for _ in range(_READDIR_FIRST)]
-    names: list[asyncssh.SFTPName] = []
+    pending = [loop.create_task(handler.readdir(handle)) for _ in range(_READDIR_FIRST)]
+    entries: list[tuple[bytes, FileAttrs]] = []
     try:
         done = False
         while pending:
@@ -303,20 +484,19 @@ async def list_directory(sftp: asyncssh.SFTPClient, path: bytes) -> list[asyncss
             except asyncssh.SFTPEOFError:
                 done = True
                 continue
-            names.extend(batch)
+            entries += [(_bytes(n.filename), FileAttrs.of(n.attrs)) for n in batch]
             done = done or at_end
             if not done:
-                for _ in range(2 if len(pending) < _READDIR_MAX - 1 else 1):
-                    pending.append(loop.create_task(handler.readdir(handle)))
+                pending.append(loop.create_task(handler.readdir(handle)))
     finally:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         _start(_close_quietly(handler, handle)).add_done_callback(_consume)
-    return names
+    return entries
 
 
-#: READDIRs a listing sends at once, and the most it keeps in flight.
+#: READDIRs in a listing's first wave, and the most in one wave.
 _READDIR_FIRST, _READDIR_MAX = 8, 64
 
 
@@ -603,19 +783,32 @@ def _ino(path: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(path, digest_size=8).digest(), "little") >> 1 or 1
 
 
-def _attr(a: asyncssh.SFTPAttrs) -> Attr:
-    mtime = (a.mtime or 0) * 1_000_000_000 + (a.mtime_ns or 0)
-    atime = (a.atime or 0) * 1_000_000_000 + (a.atime_ns or 0)
+def _attr(a: FileAttrs, ino: int) -> Attr:
+    mtime = (a.mtime or 0) * 1_000_000_000
+    atime = (a.atime or 0) * 1_000_000_000
     size = a.size or 0
-    return Attr(mode=a.permissions or 0, nlink=1, uid=a.uid or 0, gid=a.gid or 0, size=size,
-                blocks=(size + 511) // 512, atime_ns=atime, mtime_ns=mtime, ctime_ns=mtime, blksize=CHUNK)
+    mode = a.permissions or 0
+    return Attr(ino=ino, mode=mode, nlink=1, uid=a.uid or 0, gid=a.gid or 0, size=size,
+                blocks=(size + 511) // 512, atime_ns=atime, mtime_ns=mtime, ctime_ns=mtime,
+                blksize=_DIR_BLKSIZE if mode & 0o170000 == stat.S_IFDIR else CHUNK)
+
+
+#: A directory's st_blksize. glibc sizes its getdents buffer by it (32 KiB at least), and the kernel
+#: asks READDIR(PLUS) for that much: 4 KiB, as local filesystems and sshfs report, makes a listing's
+#: first READDIRPLUS (the kernel's choice at offset 0, even for a plain ``ls``) ~200 entries, where
+#: CHUNK would make it ~800, each a node and its attributes.
+_DIR_BLKSIZE = 4096
+
+
+_NONE: set[bytes] = set()  # never added to (only directories add names)
+_NO_FILES: set[RemoteFile] = set()  # never added to (SftpHandle gives a directory a set of its own)
 
 
 class SftpNode(Node):
     """A remote file, directory or symlink, by path. Attributes come from listings or LSTAT and
     are kept ``stat_timeout`` seconds."""
 
-    def __init__(self, fs: SftpFS, path: bytes, a: asyncssh.SFTPAttrs) -> None:
+    def __init__(self, fs: SftpFS, path: bytes, a: FileAttrs) -> None:
         super().__init__(stat.S_IFMT(a.permissions or 0) or stat.S_IFREG, ino=_ino(path))
         self.fs = fs
         self.path = path
@@ -624,22 +817,24 @@ class SftpNode(Node):
         #: When it last changed through the mount (attributes read before are out of date).
         self.changed = 0.0
         #: Directory listing cache: name -> attributes, and when it was read.
-        self.listing: dict[bytes, asyncssh.SFTPAttrs] | None = None
+        self.listing: dict[bytes, FileAttrs] | None = None
         self.listed = 0.0
         self.listing_version = 0
         #: The listing on its way (shared by the readdir and lookups waiting for it), its version and start.
-        self.listing_task: asyncio.Task[list[asyncssh.SFTPName]] | None = None
+        self.listing_task: asyncio.Task[list[tuple[bytes, FileAttrs]]] | None = None
         self.listing_task_from = (0, 0.0)
         #: Lookups that missed the listing since it was last read (3 in a row: read it instead), and
         #: the names they missed (a miss followed by making that name does not count).
         self.misses = 0
-        self.missed: set[bytes] = set()
         #: Names of the listing whose attributes changed through the mount since (looked up anew).
-        self.stale: set[bytes] = set()
+        #: (Directories only: other nodes share one empty set, as directories share one for ``files``:
+        #: a listing makes thousands of nodes, and each container is more for the garbage collector.)
+        self.missed: set[bytes] = set() if self.is_dir else _NONE
+        self.stale: set[bytes] = set() if self.is_dir else _NONE
         self.target: bytes | None = None
         self.target_at = 0.0
         #: Open files (their writes are drained before this node's attributes are read).
-        self.files: set[RemoteFile] = set()
+        self.files: set[RemoteFile] = _NO_FILES if self.is_dir else set()
 
     def forgotten(self) -> None:
         """The kernel forgot the node: drop it from the path map."""
@@ -653,7 +848,7 @@ class SftpNode(Node):
             if f.writes or f.error:
                 await afuse.asyncio.run_asyncio(f.drain())
 
-    def _set(self, a: asyncssh.SFTPAttrs, when: float | None = None) -> None:
+    def _set(self, a: FileAttrs, when: float | None = None) -> None:
         """New attributes, read at ``when`` (now): older ones than those held are ignored."""
         when = time.monotonic() if when is None else when
         if when >= self.fetched and when >= self.changed:
@@ -672,7 +867,7 @@ class SftpNode(Node):
             elif parent.listing is not None:
                 parent.stale.add(name)
 
-    def _made(self, name: bytes, a: asyncssh.SFTPAttrs | None, stale: bool = False) -> None:
+    def _made(self, name: bytes, a: FileAttrs | None, stale: bool = False) -> None:
         """``name`` was made (or replaced) in this directory through the mount, with attributes
         ``a`` (None: unknown; ``stale``: out of date, looked up anew): the listing is updated in
         place; a lookup that missed the name before does not count towards listing the directory."""
@@ -708,19 +903,19 @@ class SftpNode(Node):
         self.listing_version += 1
         self.stale.clear()
 
-    async def _lstat(self, path: bytes | None = None) -> asyncssh.SFTPAttrs | None:
+    async def _lstat(self, path: bytes | None = None) -> FileAttrs | None:
         try:
-            return await self.fs.call(lambda s: s.lstat(path or self.path))
+            return FileAttrs.of(await self.fs.call(lambda s: s.lstat(path or self.path)))
         except FUSEError as e:
             if e.errno == errno.ENOENT:
                 return None
             raise
 
     async def _then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]],
-                          path: bytes) -> tuple[T, asyncssh.SFTPAttrs | None]:
+                          path: bytes) -> tuple[T, FileAttrs | None]:
         return await afuse.asyncio.run_asyncio(self.fs.pool.then_lstat(op, path))
 
-    async def _child(self, name: bytes, a: asyncssh.SFTPAttrs | None = None) -> SftpNode:
+    async def _child(self, name: bytes, a: FileAttrs | None = None) -> SftpNode:
         path = _join(self.path, name)
         if a is None:
             a = await self._lstat(path)
@@ -730,12 +925,12 @@ class SftpNode(Node):
 
     # lookups and attributes ---------------------------------------------------------------------
 
-    def _fresh_listing(self) -> dict[bytes, asyncssh.SFTPAttrs] | None:
+    def _fresh_listing(self) -> dict[bytes, FileAttrs] | None:
         if self.listing is not None and time.monotonic() - self.listed < self.fs.options.dir_timeout:
             return self.listing
         return None
 
-    async def _fetch_listing(self) -> tuple[dict[bytes, asyncssh.SFTPAttrs], bool]:
+    async def _fetch_listing(self) -> tuple[dict[bytes, FileAttrs], bool]:
         """Read the listing, or wait for the one on its way; True if it is kept (the directory did
         not change through the mount meanwhile)."""
         task = self.listing_task
@@ -748,17 +943,16 @@ class SftpNode(Node):
         names = await afuse.asyncio.run_asyncio(_shielded(task))
         if self.listing_version == version and self.listing is not None and self.listed == started:
             return self.listing, True
-        return {n.filename: n.attrs for n in names if n.filename not in (b".", b"..")}, False  # type: ignore[misc]
+        return {name: a for name, a in names if name != b"." and name != b".."}, False
 
-    def _listed(self, task: asyncio.Task[list[asyncssh.SFTPName]]) -> None:
+    def _listed(self, task: asyncio.Task[list[tuple[bytes, FileAttrs]]]) -> None:
         """A listing arrived: keep it (once, for every waiter), and refresh the children's attributes."""
         if self.listing_task is task:
             self.listing_task = None
         version, started = self.listing_task_from
         if task.cancelled() or task.exception() is not None or self.listing_version != version:
             return
-        self.listing = {n.filename: n.attrs for n in task.result()  # type: ignore[misc]
-                        if n.filename not in (b".", b"..")}
+        self.listing = {name: a for name, a in task.result() if name != b"." and name != b".."}
         self.listed, self.misses = started, 0
         self.missed.clear()
         self.stale.clear()
@@ -798,18 +992,20 @@ class SftpNode(Node):
 
     async def getattr(self) -> Attr:
         """Cached attributes, or LSTAT (after this node's pipelined writes are done)."""
-        await self._drain()
-        if time.monotonic() - self.fetched >= self.fs.options.stat_timeout or self.fs.options.stat_timeout == 0:
+        if self.files:
+            await self._drain()
+        timeout = self.fs.options.stat_timeout
+        if time.monotonic() - self.fetched >= timeout or timeout == 0:
             when = time.monotonic()
             a = await self._lstat()
             if a is None:
                 if not self.files:
                     raise FUSEError(errno.ENOENT)
                 f = next(iter(self.files))  # unlinked but open: ask the open handle
-                a = await afuse.asyncio.run_asyncio(f.run(lambda h: h.stat()))
+                a = FileAttrs.of(await afuse.asyncio.run_asyncio(f.run(lambda h: h.stat())))
             self.fetched = -1e9  # answer what was just read, even if it changed meanwhile
             self._set(a, max(when, self.changed))
-        return _attr(self.sattrs)
+        return _attr(self.sattrs, self.ino)
 
     async def setattr(self, changes: SetattrRequest) -> Attr:
         """chmod, chown, truncate, utimens: SETSTAT (FSETSTAT on an open file)."""
@@ -864,8 +1060,8 @@ class SftpNode(Node):
         listing = self._fresh_listing()
         if listing is None:
             listing, _kept = await self._fetch_listing()
-        return [DirItem(name, stat.S_IFMT(a.permissions or 0), _ino(_join(self.path, name)))
-                for name, a in listing.items()]
+        prefix = _join(self.path, b"")
+        return [DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name)) for name, a in listing.items()]
 
     async def statfs(self) -> FsStats:
         """statvfs@openssh.com (huge counts if the server lacks it, as sshfs)."""
@@ -903,7 +1099,7 @@ class SftpNode(Node):
         rf.size = 0
         if a is None or not stat.S_ISREG(a.permissions or 0):
             try:
-                a = await afuse.asyncio.run_asyncio(rf.run(lambda f: f.stat()))
+                a = FileAttrs.of(await afuse.asyncio.run_asyncio(rf.run(lambda f: f.stat())))
             except BaseException:
                 self._made(name, None)
                 with trio.CancelScope(shield=True):
@@ -914,7 +1110,7 @@ class SftpNode(Node):
         node = self.fs.node_for(path, a)
         return node, SftpHandle(node, rf)
 
-    async def _exact_mode(self, path: bytes, a: asyncssh.SFTPAttrs, mode: int) -> asyncssh.SFTPAttrs:
+    async def _exact_mode(self, path: bytes, a: FileAttrs, mode: int) -> FileAttrs:
         """The server applies its own umask (sshd's, often 022) to a new name's mode: set the mode
         the caller asked for (the kernel already applied the caller's umask) if it differs, as a
         local filesystem would have made it."""
@@ -922,8 +1118,7 @@ class SftpNode(Node):
         if a.permissions is None or a.permissions & 0o7777 == want:
             return a
         await self.fs.call(lambda s: s.setstat(path, asyncssh.SFTPAttrs(permissions=want)))
-        a.permissions = (a.permissions & ~0o7777) | want
-        return a
+        return a._replace(permissions=(a.permissions & ~0o7777) | want)
 
     async def _explain(self, e: FUSEError, path: bytes, want: str | None) -> None:
         """SFTP v3 answers most failures FX_FAILURE: find the errno a local filesystem would give."""
@@ -1048,6 +1243,8 @@ class SftpHandle(FileHandle):
     def __init__(self, node: SftpNode, rf: RemoteFile) -> None:
         self.node = node
         self.rf = rf
+        if node.files is _NO_FILES:
+            node.files = set()
         node.files.add(rf)
 
     async def call(self, coro: Awaitable[T]) -> T:
@@ -1107,7 +1304,7 @@ class SftpHandle(FileHandle):
 class SftpFS(NodeFS):
     """A remote directory over a :class:`Pool` of SFTP connections."""
 
-    def __init__(self, pool: Pool, root_path: bytes, root_attrs: asyncssh.SFTPAttrs) -> None:
+    def __init__(self, pool: Pool, root_path: bytes, root_attrs: FileAttrs) -> None:
         self.pool = pool
         self.options = pool.options
         #: Path -> the live node for it (nodes the kernel holds, and the root).
@@ -1123,7 +1320,7 @@ class SftpFS(NodeFS):
         """Run one SFTP operation (from trio) on the least busy connection."""
         return await afuse.asyncio.run_asyncio(self.pool.run(op))
 
-    def node_for(self, path: bytes, a: asyncssh.SFTPAttrs, when: float | None = None) -> SftpNode:
+    def node_for(self, path: bytes, a: FileAttrs, when: float | None = None) -> SftpNode:
         """The live node for ``path`` with attributes ``a`` read at ``when`` (now), or a new one."""
         n = self.live.get(path)
         if n is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(n.mode):
@@ -1284,7 +1481,7 @@ async def connect(options: SftpOptions) -> SftpFS:
     try:
         async with asyncio.timeout(options.timeout):
             root = await sftp.realpath((options.path or ".").encode())
-            a = await sftp.stat(root)
+            a = FileAttrs.of(await sftp.stat(root))
     except (asyncssh.Error, OSError, TimeoutError) as e:
         await pool.close()
         raise ConnectError(f"{options.path or '~'}: {e}") from e
