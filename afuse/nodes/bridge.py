@@ -45,6 +45,8 @@ __all__ = ["NodeFS"]
 
 log = logging.getLogger("afuse")
 _T = TypeVar("_T")
+#: A result kept for replays (NodeFS._compact): None, a nodeid, or (nodeid, fh, flags, backing id).
+_Small = None | int | tuple[int, int, int, int]
 
 
 def _fingerprint(req: r.Request) -> int:
@@ -136,7 +138,7 @@ class NodeFS(Operations):
         self._dirs: dict[int, _DirStream] = {}
         self._journal: Callable[[Any], None] | None = None
         #: request_id -> outcome (see afuse.nodes.tables) of recent non-idempotent requests.
-        self._outcomes: OrderedDict[int, list[Any] | tuple[r.Request, object, int]] = OrderedDict()
+        self._outcomes: OrderedDict[int, list[Any] | tuple[r.Request, _Small, int]] = OrderedDict()
         self._next_fh = 1
         self._session: Session | None = None
         self._passthrough = False
@@ -603,10 +605,19 @@ class NodeFS(Operations):
     def _outcome(self, req: r.Request, res: object, code: int = 0) -> None:
         rid = req.unique & ~UNIQUE_RESEND  # req.request_id
         outcomes = self._outcomes
-        if self._journal is None:
-            outcomes[rid] = (req, res, code)  # encoded when a replay or a snapshot needs it: most never are
+        # The result as plain numbers (see _compact): no Entry, Attr or Handle kept alive for the
+        # garbage collector to scan, one tuple of ints per created file.
+        if res is None:
+            small: _Small = None
+        elif type(res) is tuple:
+            entry, h = res
+            small = (entry.nodeid, h.fh, int(h.flags), h.backing_id)
         else:
-            out = self._encode_outcome(req, res, code)
+            small = self._compact(res)
+        if self._journal is None:
+            outcomes[rid] = (req, small, code)  # encoded when a replay or a snapshot needs it: most never are
+        else:
+            out = self._encode_outcome(req, small, code)
             outcomes[rid] = out
             self._journal(["R", rid, out])
         if len(outcomes) > OUTCOMES_KEPT:
@@ -621,18 +632,28 @@ class NodeFS(Operations):
         return out
 
     @staticmethod
-    def _encode_outcome(req: r.Request, res: object, code: int) -> list[Any]:
+    def _compact(res: object) -> _Small:
+        """A result kept for replays as numbers: None, an entry's nodeid, or (nodeid, fh, FOPEN
+        flags, backing id) of a create."""
+        if res is None:
+            return None
+        if isinstance(res, Entry):
+            return res.nodeid
+        assert isinstance(res, tuple)
+        entry, h = res
+        return (entry.nodeid, h.fh, int(h.flags), h.backing_id)
+
+    @staticmethod
+    def _encode_outcome(req: r.Request, small: _Small, code: int) -> list[Any]:
         fp = _fingerprint(req)
         if code:
             out: list[Any] = ["x", fp, code]
-        elif res is None:
+        elif small is None:
             out = ["ok", fp]
-        elif isinstance(res, Entry):
-            out = ["e", fp, res.nodeid]
+        elif isinstance(small, int):
+            out = ["e", fp, small]
         else:
-            assert isinstance(res, tuple)
-            entry, h = res
-            out = ["c", fp, entry.nodeid, h.fh, int(h.flags), h.backing_id]
+            out = ["c", fp, *small]
         return out
 
     async def _answer_again(self, out: list[Any]) -> Any:
