@@ -182,7 +182,7 @@ class NodeFS(Operations):
     def _register(self, n: Node, dedup: bool) -> Node:
         if n._bridge is not None and n._bridge is not self:
             raise ValueError(f"{n!r} belongs to another NodeFS")
-        if dedup:
+        if dedup and n.key is not None and self._by_key.get(n.key, n) is not n:  # no call for a new key
             ex = self._canonical(n)
             if ex is not n:
                 return ex

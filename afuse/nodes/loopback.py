@@ -210,8 +210,9 @@ class LoopbackNode(Node):
 
     def forgotten(self) -> None:
         """Close the descriptors."""
-        for lf in (self.locks or {}).values():
-            lf.close(self.fs.keeper)
+        if self.locks:
+            for lf in self.locks.values():
+                lf.close(self.fs.keeper)
         self.locks = None
         if self.fd >= 0:
             os.close(self.fd)
@@ -583,7 +584,7 @@ class LoopbackFS(NodeFS):
             os.close(fd)
             raise
         key = self.node_key(fd, st)
-        live = self.node_by_key(key)
+        live = self._by_key.get(key)  # self.node_by_key(key)
         if isinstance(live, LoopbackNode):
             os.close(fd)
             live._fresh = st
