@@ -791,11 +791,11 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"  {'workload':<28} {'measure':<8}" + "".join(f" {lb:>8}" for lb in labels)
                      + ("  afuse/also" if "also" in labels else ""))
         for title, phase, by_root in cpu_rows:
-            row = f"  {title:<28} {phase:<8}" + "".join(
+            text = f"  {title:<28} {phase:<8}" + "".join(
                 f" {by_root[lb]:8.1f}" if lb in by_root else f" {'':>8}" for lb in labels)
             if "also" in labels and by_root.get("also"):
-                row += f"  {by_root['afuse'] / by_root['also']:10.3f}"
-            lines.append(row)
+                text += f"  {by_root['afuse'] / by_root['also']:10.3f}"
+            lines.append(text)
     lat = results.get("latency") or {}
     if lat:
         pipe, bare = lat["pipe_roundtrip"], lat["bare_loop"]
