@@ -77,6 +77,27 @@ PREFIX = "fusebench-"
 clock = time.perf_counter
 
 
+class Phase:
+    """One timed phase of a workload: its rate, and the CPU the daemon serving the root used per
+    operation meanwhile (steadier than wall-clock rates on a busy machine)."""
+
+    #: The CPU seconds of the daemon serving the root the workload runs on now (set by compare(); None: native).
+    probe: ClassVar[Callable[[], float] | None] = None
+    #: phase -> daemon CPU microseconds per operation, of the workload run that just ended.
+    cpu_us: ClassVar[dict[str, float]] = {}
+
+    def __init__(self) -> None:
+        self.cpu = Phase.probe() if Phase.probe is not None else 0.0
+        self.t = clock()
+
+    def rate(self, name: str, n: int) -> float:
+        """``n`` operations per second since the phase began; records the daemon's CPU per operation."""
+        elapsed = clock() - self.t
+        if Phase.probe is not None:
+            Phase.cpu_us[name] = (Phase.probe() - self.cpu) / n * 1e6
+        return n / elapsed
+
+
 @dataclass
 class Config:
     files: int = 2000  # metadata, small files and listing
@@ -304,27 +325,27 @@ def wl_metadata(base: str, cfg: Config) -> dict[str, float]:
     old = [os.path.join(d, f"f{i:06d}") for i in range(n)]
     new = [os.path.join(d, f"g{i:06d}") for i in range(n)]
     res: dict[str, float] = {}
-    t = clock()
+    ph = Phase()
     for p in old:
         os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
-    res["create"] = n / (clock() - t)
-    t = clock()
+    res["create"] = ph.rate("create", n)
+    ph = Phase()
     for p in old:
         os.stat(p)
-    res["stat"] = n / (clock() - t)
-    t = clock()
+    res["stat"] = ph.rate("stat", n)
+    ph = Phase()
     listed = os.listdir(d)
-    res["readdir"] = n / (clock() - t)  # entries per second
+    res["readdir"] = ph.rate("readdir", n)  # entries per second
     if len(listed) != n:
         raise RuntimeError(f"readdir of {d} listed {len(listed)} entries, expected {n}")
-    t = clock()
+    ph = Phase()
     for a, b in zip(old, new, strict=True):
         os.rename(a, b)
-    res["rename"] = n / (clock() - t)
-    t = clock()
+    res["rename"] = ph.rate("rename", n)
+    ph = Phase()
     for p in new:
         os.unlink(p)
-    res["unlink"] = n / (clock() - t)
+    res["unlink"] = ph.rate("unlink", n)
     os.rmdir(d)
     return res
 
@@ -372,20 +393,20 @@ def wl_small(base: str, cfg: Config) -> dict[str, float]:
     n, size = cfg.files, cfg.small_size
     paths = [os.path.join(d, f"s{i:06d}") for i in range(n)]
     payload = os.urandom(size)
-    t = clock()
+    ph = Phase()
     for p in paths:
         fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
         os.write(fd, payload)
         os.close(fd)
-    write = n / (clock() - t)
+    write = ph.rate("write", n)
     bad = 0
-    t = clock()
+    ph = Phase()
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         if os.read(fd, size) != payload:
             bad += 1
         os.close(fd)
-    read = n / (clock() - t)
+    read = ph.rate("read", n)
     if bad:
         raise RuntimeError(f"{bad} of {n} small files read back different data")
     shutil.rmtree(d)  # not timed
@@ -491,19 +512,27 @@ def figure(native: list[float], afuse: list[float], unit: str, higher_is_better:
 
 
 def compare(workload: Callable[[str, Config], dict[str, float]], name: str, roots: dict[str, str],
-            cfg: Config, repeat: int) -> dict[str, dict[str, list[Any]]]:
-    """Run ``workload`` ``repeat`` times on each root in turn; phase -> root label -> samples."""
+            cfg: Config, repeat: int, probes: dict[str, Callable[[], float]] | None = None,
+            cpu: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, list[Any]]]:
+    """Run ``workload`` ``repeat`` times on each root in turn; phase -> root label -> samples.
+    ``probes``: root label -> its daemon's CPU seconds; the daemon CPU per operation of each
+    phase goes to ``cpu`` (phase -> root label -> samples, in microseconds)."""
     samples: dict[str, dict[str, list[Any]]] = {}
     for i in range(repeat):
         for label, root in roots.items():
             base = os.path.join(root, f"{name}-{label}-{i}")
             os.mkdir(base)
+            Phase.probe, Phase.cpu_us = (probes or {}).get(label), {}
             try:
                 res = workload(base, cfg)
             finally:
+                Phase.probe = None
                 shutil.rmtree(base, ignore_errors=True)
             for key, value in res.items():
                 samples.setdefault(key, {}).setdefault(label, []).append(value)
+            if cpu is not None:
+                for key, us in Phase.cpu_us.items():
+                    cpu.setdefault(key, {}).setdefault(label, []).append(us)
     return samples
 
 
@@ -515,14 +544,17 @@ def run_filesystems(cfg: Config, factory: str, with_memfs: bool, pin: int | None
             fs = stack.enter_context(serving(afuse_daemon("passthroughfs", factory, [src], cpu=pin), problems))
             daemons = [fs]
             roots = {"native": src, "afuse": fs.path}
+            probes = {"afuse": fs.cpu_seconds}
             if with_memfs:
                 mem = stack.enter_context(serving(afuse_daemon("memfs", MEMFS, [], cpu=pin), problems))
                 daemons.append(mem)
                 roots["memfs"] = mem.path
+                probes["memfs"] = mem.cpu_seconds
             if also:
                 other = stack.enter_context(serving(afuse_daemon("also", also, [src], cpu=pin), problems))
                 daemons.append(other)
                 roots["also"] = other.path
+                probes["also"] = other.cpu_seconds
             n = cfg.files
             plan: list[tuple[str, str, Callable[[str, Config], dict[str, float]], int, str]] = [
                 ("metadata", f"metadata, {n} files", wl_metadata, cfg.repeat, "ops/s"),
@@ -535,9 +567,10 @@ def run_filesystems(cfg: Config, factory: str, with_memfs: bool, pin: int | None
             for key, title, workload, repeat, unit in plan:
                 log(f"  {title} ...")
                 t = clock()
+                cpu: dict[str, dict[str, list[float]]] = {}
                 try:
                     with pinned(pin):
-                        samples = compare(workload, key, roots, cfg, repeat)
+                        samples = compare(workload, key, roots, cfg, repeat, probes, cpu)
                 except Exception as e:  # report it, carry on with the other workloads
                     problems.append(f"{key}: {type(e).__name__}: {e}")
                     traceback.print_exc()
@@ -547,6 +580,9 @@ def run_filesystems(cfg: Config, factory: str, with_memfs: bool, pin: int | None
                         break
                     continue
                 out: dict[str, Any] = {"title": title}
+                if cpu:  # phase -> root label -> median daemon CPU us per operation
+                    out["daemon_cpu_us"] = {phase: {label: statistics.median(v) for label, v in by_root.items()}
+                                            for phase, by_root in cpu.items()}
                 for phase, by_root in samples.items():
                     if phase == "caches_dropped":
                         out[phase] = all(all(v) for v in by_root.values())
@@ -755,6 +791,20 @@ def report(results: dict[str, Any]) -> str:
     if "also" in cols:
         lines.append("afuse/also: afuse's throughput divided by the --also-fs filesystem's, measured in the "
                      "same run (1.0 = as fast; e.g. node passthroughfs / lowlevel_passthroughfs).")
+    cpu_rows = [(results[key]["title"], phase, by_root) for key in ("metadata", "small_files")
+                for phase, by_root in ((results.get(key) or {}).get("daemon_cpu_us") or {}).items()]
+    if cpu_rows:
+        labels = ["afuse", *[c for c in EXTRA_COLUMNS if any(c in b for _t, _p, b in cpu_rows)]]
+        lines.append("Daemon CPU per operation, us (median; all the daemon's threads; steadier than the rates "
+                     "on a busy machine):")
+        lines.append(f"  {'workload':<28} {'measure':<8}" + "".join(f" {lb:>8}" for lb in labels)
+                     + ("  afuse/also" if "also" in labels else ""))
+        for title, phase, by_root in cpu_rows:
+            text = f"  {title:<28} {phase:<8}" + "".join(
+                f" {by_root[lb]:8.1f}" if lb in by_root else f" {'':>8}" for lb in labels)
+            if "also" in labels and by_root.get("also"):
+                text += f"  {by_root['afuse'] / by_root['also']:10.3f}"
+            lines.append(text)
     lat = results.get("latency") or {}
     if lat:
         pipe, bare = lat["pipe_roundtrip"], lat["bare_loop"]

@@ -45,6 +45,8 @@ __all__ = ["NodeFS"]
 
 log = logging.getLogger("afuse")
 _T = TypeVar("_T")
+#: A result kept for replays (NodeFS._compact): None, a nodeid, or (nodeid, fh, flags, backing id).
+_Small = None | int | tuple[int, int, int, int]
 
 
 def _fingerprint(req: r.Request) -> int:
@@ -72,6 +74,7 @@ _DOTS = (b".", b"..")
 _NO_GETATTR = object()
 _ENOENT = os.strerror(errno.ENOENT)
 _ACCMODE = os.O_ACCMODE
+_IFMT, _IFDIR = 0o170000, stat.S_IFDIR  # node.mode & _IFMT == _IFDIR: node.is_dir without a call
 _DEFAULT_POLL = 0x0001 | 0x0004 | 0x0040 | 0x0100  # POLLIN|POLLOUT|POLLRDNORM|POLLWRNORM
 
 
@@ -135,7 +138,7 @@ class NodeFS(Operations):
         self._dirs: dict[int, _DirStream] = {}
         self._journal: Callable[[Any], None] | None = None
         #: request_id -> outcome (see afuse.nodes.tables) of recent non-idempotent requests.
-        self._outcomes: OrderedDict[int, list[Any] | tuple[r.Request, object, int]] = OrderedDict()
+        self._outcomes: OrderedDict[int, list[Any] | tuple[r.Request, _Small, int]] = OrderedDict()
         self._next_fh = 1
         self._session: Session | None = None
         self._passthrough = False
@@ -179,7 +182,7 @@ class NodeFS(Operations):
     def _register(self, n: Node, dedup: bool) -> Node:
         if n._bridge is not None and n._bridge is not self:
             raise ValueError(f"{n!r} belongs to another NodeFS")
-        if dedup:
+        if dedup and n.key is not None and self._by_key.get(n.key, n) is not n:  # no call for a new key
             ex = self._canonical(n)
             if ex is not n:
                 return ex
@@ -286,7 +289,9 @@ class NodeFS(Operations):
         if key is not None and self._by_key.get(key, node) is not node:
             node = self._canonical(node)
         fn = getattr(node, "getattr", None)  # self._attr(node), one coroutine less
-        attr = self._checked_attr(node, await fn() if fn is not None else _NO_GETATTR)
+        got = await fn() if fn is not None else _NO_GETATTR
+        # An Attr with inode number and file type needs no checking (self._checked_attr, inline).
+        attr = got if type(got) is Attr and got.ino and got.mode & _IFMT else self._checked_attr(node, got)
         key = node.key  # registered (again, if a node with its key went live meanwhile) unless it is as it was
         if self._nodes.get(node._nodeid) is not node or (key is not None and self._by_key.get(key) is not node):
             node = self._register(node, dedup=True)
@@ -346,8 +351,10 @@ class NodeFS(Operations):
     async def lookup(self, req: r.LookupRequest) -> Entry:
         """LOOKUP: the persistent child or the node's ``lookup``."""
         _set_caller(req)
-        parent = self.node(req.nodeid)
-        if not parent.is_dir:
+        parent = self._nodes.get(req.nodeid)
+        if parent is None:
+            raise FUSEError(errno.ESTALE)
+        if parent.mode & _IFMT != _IFDIR:
             raise FUSEError(errno.ENOTDIR)
         child = await self._child(parent, req.name)
         if child is None:
@@ -439,8 +446,10 @@ class NodeFS(Operations):
 
     def _creating(self, req: r.Request, name: bytes, method: str) -> tuple[Node, Any]:
         _set_caller(req)
-        parent = self.node(req.nodeid)
-        if not parent.is_dir:
+        parent = self._nodes.get(req.nodeid)
+        if parent is None:
+            raise FUSEError(errno.ESTALE)
+        if parent.mode & _IFMT != _IFDIR:
             raise FUSEError(errno.ENOTDIR)
         if parent.children is not None and name in parent.children:
             raise FUSEError(errno.EEXIST)
@@ -514,15 +523,18 @@ class NodeFS(Operations):
         handle: object = None
         if isinstance(res, tuple) and len(res) == 2:
             res, handle = res
-        child = self._node_result(parent, "create", res)
-        what = self._handle_result(parent, "create", handle)
-        self._adopt(parent, req.name, child)
-        entry = await self._entry(child)
-        return entry, self._opened(self._nodes[entry.nodeid], handle, what, req.flags)
+        if not isinstance(res, Node):  # self._node_result and self._handle_result, inline
+            self._node_result(parent, "create", res)
+        if handle is not None and not isinstance(handle, FileHandle):
+            self._handle_result(parent, "create", handle)
+        if parent.children is not None:
+            self._adopt(parent, req.name, res)
+        entry = await self._entry(res)
+        return entry, self._opened(self._nodes[entry.nodeid], handle, "create", req.flags)
 
     async def create(self, req: r.CreateRequest) -> tuple[Entry, Handle]:
         """CREATE: the parent's ``create(name, flags, mode)``, then the file is open."""
-        if not req.is_resend:  # self._first(req, self._create(req)), one coroutine less
+        if not req.unique & UNIQUE_RESEND:  # self._first(req, self._create(req)), one coroutine less
             try:
                 res = await self._create(req)
             except (FUSEError, OSError) as exc:
@@ -593,10 +605,19 @@ class NodeFS(Operations):
     def _outcome(self, req: r.Request, res: object, code: int = 0) -> None:
         rid = req.unique & ~UNIQUE_RESEND  # req.request_id
         outcomes = self._outcomes
-        if self._journal is None:
-            outcomes[rid] = (req, res, code)  # encoded when a replay or a snapshot needs it: most never are
+        # The result as plain numbers (see _compact): no Entry, Attr or Handle kept alive for the
+        # garbage collector to scan, one tuple of ints per created file.
+        if res is None:
+            small: _Small = None
+        elif type(res) is tuple:
+            entry, h = res
+            small = (entry.nodeid, h.fh, int(h.flags), h.backing_id)
         else:
-            out = self._encode_outcome(req, res, code)
+            small = self._compact(res)
+        if self._journal is None:
+            outcomes[rid] = (req, small, code)  # encoded when a replay or a snapshot needs it: most never are
+        else:
+            out = self._encode_outcome(req, small, code)
             outcomes[rid] = out
             self._journal(["R", rid, out])
         if len(outcomes) > OUTCOMES_KEPT:
@@ -611,18 +632,28 @@ class NodeFS(Operations):
         return out
 
     @staticmethod
-    def _encode_outcome(req: r.Request, res: object, code: int) -> list[Any]:
+    def _compact(res: object) -> _Small:
+        """A result kept for replays as numbers: None, an entry's nodeid, or (nodeid, fh, FOPEN
+        flags, backing id) of a create."""
+        if res is None:
+            return None
+        if isinstance(res, Entry):
+            return res.nodeid
+        assert isinstance(res, tuple)
+        entry, h = res
+        return (entry.nodeid, h.fh, int(h.flags), h.backing_id)
+
+    @staticmethod
+    def _encode_outcome(req: r.Request, small: _Small, code: int) -> list[Any]:
         fp = _fingerprint(req)
         if code:
             out: list[Any] = ["x", fp, code]
-        elif res is None:
+        elif small is None:
             out = ["ok", fp]
-        elif isinstance(res, Entry):
-            out = ["e", fp, res.nodeid]
+        elif isinstance(small, int):
+            out = ["e", fp, small]
         else:
-            assert isinstance(res, tuple)
-            entry, h = res
-            out = ["c", fp, entry.nodeid, h.fh, int(h.flags), h.backing_id]
+            out = ["c", fp, *small]
         return out
 
     async def _answer_again(self, out: list[Any]) -> Any:
@@ -665,8 +696,10 @@ class NodeFS(Operations):
 
     async def _removing(self, req: r.Request, name: bytes, method: str, want_dir: bool) -> None:
         _set_caller(req)
-        parent = self.node(req.nodeid)
-        if not parent.is_dir:
+        parent = self._nodes.get(req.nodeid)
+        if parent is None:
+            raise FUSEError(errno.ESTALE)
+        if parent.mode & _IFMT != _IFDIR:
             raise FUSEError(errno.ENOTDIR)
         child = None
         if parent.children is not None:
@@ -688,8 +721,16 @@ class NodeFS(Operations):
 
     async def unlink(self, req: r.UnlinkRequest) -> None:
         """UNLINK: the parent's ``unlink(name)`` allows it; a persistent parent drops the child."""
-        if not req.is_resend:
-            return await self._first(req, self._removing(req, req.name, "unlink", False))
+        if not req.unique & UNIQUE_RESEND:  # self._first(req, ...), one coroutine less
+            try:
+                await self._removing(req, req.name, "unlink", False)
+            except (FUSEError, OSError) as exc:
+                code = error_code(exc)
+                if code is not None:
+                    self._outcome(req, None, code)
+                raise
+            self._outcome(req, None)
+            return
         await self._once(req, lambda: self._removing(req, req.name, "unlink", False), self._gone)
 
     async def rmdir(self, req: r.RmdirRequest) -> None:
@@ -799,8 +840,10 @@ class NodeFS(Operations):
         """OPEN: the node's ``open(flags)``; without one, I/O goes to the node itself (EACCES for
         a write open of a node without ``write``)."""
         _set_caller(req)
-        node = self.node(req.nodeid)
-        if node.is_dir:
+        node = self._nodes.get(req.nodeid)
+        if node is None:
+            raise FUSEError(errno.ESTALE)
+        if node.mode & _IFMT == _IFDIR:
             raise FUSEError(errno.EISDIR)
         fn = getattr(node, "open", None)
         if fn is None:
@@ -808,7 +851,9 @@ class NodeFS(Operations):
                 raise FUSEError(errno.EACCES)
             return self._opened(node, None, "open", req.flags)
         handle = await fn(req.flags)
-        return self._opened(node, handle, self._handle_result(node, "open", handle), req.flags)
+        if handle is not None and not isinstance(handle, FileHandle):  # self._handle_result, inline
+            self._handle_result(node, "open", handle)
+        return self._opened(node, handle, "open", req.flags)
 
     async def tmpfile(self, req: r.TmpfileRequest) -> tuple[Entry, Handle]:
         """TMPFILE (O_TMPFILE): the directory's ``tmpfile(flags, mode) -> (Node, FileHandle | None)``;
@@ -872,7 +917,9 @@ class NodeFS(Operations):
     async def read(self, req: r.ReadRequest) -> bytes | FileRange:
         """READ: the handle's or node's ``read(offset, size)``, else its ``backing_fd``'s range
         (spliced into the reply: :class:`afuse.splice.FileRange`)."""
-        node, h = await self._open_file(req, req.fh)
+        _set_caller(req)  # self._open_file(req, req.fh), one coroutine less when the handle is open
+        got = self._handles.get(req.fh) if req.fh else None
+        node, h = got if got is not None else await self._open_file(req, req.fh)
         fn = getattr(h, "read", None)
         if fn is None and h is not None and h.backing_fd is not None:
             return FileRange(h.backing_fd, req.offset, req.size)
@@ -884,7 +931,9 @@ class NodeFS(Operations):
 
     async def write(self, req: r.WriteRequest) -> int:
         """WRITE: the handle's or node's ``write(offset, data)``, else pwrite on its ``backing_fd``."""
-        node, h = await self._open_file(req, req.fh)
+        _set_caller(req)  # self._open_file(req, req.fh), one coroutine less when the handle is open
+        got = self._handles.get(req.fh) if req.fh else None
+        node, h = got if got is not None else await self._open_file(req, req.fh)
         fn = getattr(h, "write", None)
         if fn is None and h is not None and h.backing_fd is not None:
             return os.pwrite(h.backing_fd, req.data, req.offset)
@@ -915,11 +964,13 @@ class NodeFS(Operations):
     async def release(self, req: r.ReleaseRequest) -> None:
         """RELEASE: forget the fh; the handle's ``release()``."""
         _set_caller(req)
-        got = self._handles.pop(req.fh, None)
-        self._fh_flags.pop(req.fh, None)
-        self._pending.pop(req.fh, None)
-        if self._journal is not None and req.fh:
-            self._journal(["C", req.fh])
+        fh = req.fh
+        got = self._handles.pop(fh, None)
+        self._fh_flags.pop(fh, None)
+        if got is None:  # an fh is either open or pending (a restored open file not used yet)
+            self._pending.pop(fh, None)
+        if self._journal is not None and fh:
+            self._journal(["C", fh])
         if got is not None:
             fn = getattr(got[1], "release", None)
             if fn is not None:

@@ -195,6 +195,8 @@ class LoopbackNode(Node):
     """A host object of ``fs``, by ``O_PATH`` descriptor ``fd`` (closed when the bridge drops the node);
     ``key`` is ``fs.node_key(fd, st)`` if the caller has it already."""
 
+    __slots__ = ("_fresh", "fd", "fs", "locks")  # one is made per create and lookup: no instance dict needed
+
     def __init__(self, fs: LoopbackFS, fd: int, st: os.stat_result, key: Hashable | None = None) -> None:
         super().__init__(st.st_mode, key=fs.node_key(fd, st) if key is None else key, ino=st.st_ino)
         self.fs, self.fd = fs, fd
@@ -209,8 +211,9 @@ class LoopbackNode(Node):
 
     def forgotten(self) -> None:
         """Close the descriptors."""
-        for lf in (self.locks or {}).values():
-            lf.close(self.fs.keeper)
+        if self.locks:
+            for lf in self.locks.values():
+                lf.close(self.fs.keeper)
         self.locks = None
         if self.fd >= 0:
             os.close(self.fd)
@@ -408,8 +411,10 @@ class LoopbackHandle(FDHandle):
     """An open host file of ``node``, descriptor ``fd``: the bridge serves reads, writes and fsync
     with it, or hands it to the kernel (passthrough) when the filesystem negotiated that."""
 
-    def __init__(self, node: LoopbackNode, fd: int) -> None:
-        super().__init__(fd)
+    __slots__ = ("fd", "kept", "node")  # one is made per open and create
+
+    def __init__(self, node: LoopbackNode, fd: int, fopen: FOpen | int = 0) -> None:
+        super().__init__(fd, fopen)
         self.node, self.fd = node, fd
         #: Its tag in the failover keeper while it holds a flock lock (see LoopbackFS.attach_keeper).
         self.kept: str | None = None
@@ -419,7 +424,10 @@ class LoopbackHandle(FDHandle):
         if self.kept is not None and self.node.fs.keeper is not None:
             self.node.fs.keeper.unkeep(self.kept)
             self.kept = None
-        await super().release()
+        fd = self.backing_fd  # FDHandle.release, without the super() call
+        if fd is not None:
+            self.backing_fd = None
+            os.close(fd)
 
     async def flush(self) -> None:
         """Close a duplicate, so the source sees a close (NFS-style close-to-open, errors)."""
@@ -579,7 +587,7 @@ class LoopbackFS(NodeFS):
             os.close(fd)
             raise
         key = self.node_key(fd, st)
-        live = self.node_by_key(key)
+        live = self._by_key.get(key)  # self.node_by_key(key)
         if isinstance(live, LoopbackNode):
             os.close(fd)
             live._fresh = st
@@ -635,7 +643,7 @@ class LoopbackFS(NodeFS):
     def new_file(self, fd: int) -> tuple[LoopbackNode, LoopbackHandle]:
         """Node and handle of a file just created, open at ``fd`` (closed on failure)."""
         try:
-            node = self.adopt(os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC))
+            node = self.adopt(os.open(b"/proc/self/fd/%d" % fd, os.O_PATH | os.O_CLOEXEC))  # _proc(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -643,9 +651,7 @@ class LoopbackFS(NodeFS):
 
     def handle_of(self, fd: int, node: LoopbackNode) -> LoopbackHandle:
         """The handle of ``node`` open at ``fd`` (passthrough when available)."""
-        h = LoopbackHandle(node, fd)
-        h.fopen = self.file_fopen
-        return h
+        return LoopbackHandle(node, fd, self.file_fopen)
 
     def creating(self) -> contextlib.AbstractContextManager[None]:
         """As the caller, with umask 0: the kernel has applied the caller's umask already."""
@@ -713,15 +719,13 @@ class LoopbackFS(NodeFS):
 
     async def flush(self, req: r.FlushRequest) -> None:
         """FLUSH: a close() drops the closing process's POSIX locks on the file."""
-        node = self.nodes.get(req.nodeid)
+        node = self._nodes.get(req.nodeid)
         if isinstance(node, LoopbackNode) and node.locks:
             lf = node.locks.pop(req.lock_owner, None)
             if lf is not None:
                 lf.close(self.keeper)
-        try:
-            h: FileHandle | None = self.handle(req.fh)
-        except FUSEError:
-            h = None
+        got = self._handles.get(req.fh)
+        h = got[1] if got is not None else None
         if type(h) is LoopbackHandle:  # the hot path, straight to the descriptor
             os.close(os.dup(h.fd))
         else:
@@ -729,7 +733,7 @@ class LoopbackFS(NodeFS):
 
     async def getattr(self, req: r.GetattrRequest) -> Attr:
         """GETATTR: fstat of a plain :class:`LoopbackNode`'s descriptor without the bridge's detour."""
-        node = self.nodes.get(req.nodeid)
+        node = self._nodes.get(req.nodeid)
         if type(node) is LoopbackNode:
             node._fresh = None
             return _attr(os.fstat(node.fd))

@@ -138,14 +138,15 @@ class Node:
                  "ino", "key", "mode")
 
     def __init__(self, mode: int = stat.S_IFREG | 0o644, *, key: Hashable | None = None, ino: int = 0) -> None:
-        if not stat.S_IFMT(mode):
+        fmt = mode & 0o170000  # stat.S_IFMT(mode), without a call: nodes are made on every create
+        if not fmt:
             raise ValueError(f"mode {mode:#o} has no file type (S_IFREG, S_IFDIR, ...)")
         self.mode = mode
         self.key = key
         self.ino = ino
         #: Children by name (persistent directory), or None.
         self.children: dict[bytes, Node] | None = (
-            {} if stat.S_ISDIR(mode) and not hasattr(type(self), "lookup") else None)
+            {} if fmt == stat.S_IFDIR and not hasattr(type(self), "lookup") else None)
         self._nodeid = 0
         self._lookups = 0
         self._links = 0
