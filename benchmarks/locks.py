@@ -44,6 +44,13 @@ def mounted(kind: str, base: str) -> Iterator[str]:
     os.mkdir(src)
     args = ["-m", "afuse.examples.memfs", mnt] if kind == "memfs" else \
         ["-m", "afuse.examples.passthroughfs", src, mnt]
+    with daemon_mounted(kind, mnt, args):
+        yield mnt
+
+
+@contextlib.contextmanager
+def daemon_mounted(kind: str, mnt: str, args: list[str]) -> Iterator[None]:
+    """Run ``python ARGS`` (a filesystem daemon mounting ``mnt``) for the block; stop it after."""
     p = subprocess.Popen([PY, *args], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
@@ -51,7 +58,7 @@ def mounted(kind: str, base: str) -> Iterator[str]:
             if time.monotonic() > deadline or p.poll() is not None:
                 raise RuntimeError(f"{kind} did not mount")
             time.sleep(0.05)
-        yield mnt
+        yield
     finally:
         p.terminate()
         try:

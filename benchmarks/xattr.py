@@ -37,11 +37,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from locks import PY, stress, xattr_calls
+from locks import daemon_mounted, stress, xattr_calls
 
 KINDS = ("native", "tmpfs", "memfs", "memfs-4k")
 
@@ -58,22 +57,10 @@ def place(kind: str, base: str, tmpfs: str) -> Iterator[str]:
         return
     mnt = tempfile.mkdtemp(prefix="afuse-bench-xattr-mnt-", dir=base)
     extra = ["--xattr-space", "4096"] if kind == "memfs-4k" else []
-    p = subprocess.Popen([PY, "-m", "afuse.examples.memfs", mnt, *extra], stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mnt):
-            if time.monotonic() > deadline or p.poll() is not None:
-                raise RuntimeError(f"{kind} did not mount")
-            time.sleep(0.05)
-        yield mnt
+        with daemon_mounted(kind, mnt, ["-m", "afuse.examples.memfs", mnt, *extra]):
+            yield mnt
     finally:
-        p.terminate()
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            subprocess.run(["umount", "-l", mnt], check=False)
         os.rmdir(mnt)
 
 
