@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
@@ -99,6 +100,9 @@ class ReaderPool:
         #: whose request is next often runs on this CPU (woken by the last reply) and sends it.
         #: Off by default (it measured no better under load); ``AFUSE_YIELD_BEFORE_WAIT=1`` turns it on.
         self.yield_before_wait = os.environ.get("AFUSE_YIELD_BEFORE_WAIT") == "1"
+        #: Before waiting in trio for an empty device, keep reading it for this many nanoseconds
+        #: (0: never; see :func:`afuse.serve`'s ``poll_us``).
+        self.poll_ns = 0
 
     # -- descriptors -----------------------------------------------------------------------
 
@@ -199,6 +203,10 @@ class ReaderPool:
                     failed = exc
             e, failed = failed, None
             if isinstance(e, BlockingIOError):
+                if self.poll_ns:
+                    n = poll(fd, buf, self.poll_ns)
+                    if n is not None:
+                        return n
                 if not yielded:
                     yielded = True
                     os.sched_yield()
@@ -363,6 +371,23 @@ def only_cancelled(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(only_cancelled(e) for e in exc.exceptions)
     return isinstance(exc, trio.Cancelled)
+
+
+def poll(fd: int, buf: bytearray, ns: int) -> int | None:
+    """Read non-blocking ``fd`` into ``buf`` again and again for up to ``ns`` nanoseconds: the
+    length of the first message read, or None (nothing came, or the read failed otherwise)."""
+    readv = os.readv
+    bufs = (buf,)
+    clock = time.perf_counter_ns
+    end = clock() + ns
+    while clock() < end:
+        try:
+            return readv(fd, bufs)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return None  # the caller's next read reports it
+    return None
 
 
 class _Yield:

@@ -546,6 +546,7 @@ async def serve(
     warn_after: float | None = 10.0,
     io_uring: IoUring = False,
     io_uring_depth: int = uring.DEFAULT_DEPTH,
+    poll_us: float = 0.0,
     task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``ops`` (an :class:`Operations`, or a root :class:`afuse.Node`) on ``mountpoint``
@@ -563,7 +564,13 @@ async def serve(
     ``io_uring=True`` serves requests through FUSE over io_uring (``io_uring_depth`` entries per
     CPU; see :mod:`afuse.uring`) and raises :class:`~afuse.uring.UringUnavailable` where the kernel
     refuses; ``"auto"`` falls back to /dev/fuse there, with a log line.
+    ``poll_us`` > 0: a reader that finds /dev/fuse empty keeps reading it for up to that many
+    microseconds before it waits in trio (busy polling: a CPU spent, so that a client on another
+    CPU finds the daemon awake; nothing else in trio runs meanwhile). It is off where the process
+    may use only one CPU, where polling would keep the client from running.
     """
+    if not poll_us >= 0:
+        raise ValueError(f"poll_us must be >= 0 microseconds, not {poll_us!r}")
     if warn_after is not None and not warn_after > 0:
         raise ValueError(f"warn_after must be positive seconds or None, not {warn_after!r}")
     if not shutdown_grace >= 0:
@@ -602,6 +609,10 @@ async def serve(
         mnt = Mount(takeover.fd, device.resolve_mountpoint(os.fspath(mountpoint)), opts, False)
     session = Session(ops, mnt, cfg, readers, max_requests, private_clones)
     session.warn_after = warn_after
+    if poll_us and len(os.sched_getaffinity(0)) < 2:
+        log.info("poll_us=%g: off, this process may run on one CPU only", poll_us)
+    elif poll_us:
+        session.pool.poll_ns = int(poll_us * 1000)
     session.uring, session.io_uring = ring, io_uring
     current = _CURRENT.set(session)
     try:

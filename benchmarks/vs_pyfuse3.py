@@ -154,7 +154,7 @@ class Side:
     make: Callable[[str], Any] | None  # source dir -> bench.Daemon
 
 
-def sides(tools: dict[str, str], with_libfuse: bool, base: str | None = None) -> list[Side]:
+def sides(tools: dict[str, str], with_libfuse: bool, base: str | None = None, poll_us: float = 0.0) -> list[Side]:
     def afuse(label: str, extra: list[str], tree: str = bench.REPO) -> Callable[[str], Any]:
         return lambda src: bench.Daemon(label, lambda mnt: [
             sys.executable, "-m", "afuse.examples.passthroughfs", src, mnt, "-o", f"fsname=fusebench-{label}",
@@ -168,6 +168,11 @@ def sides(tools: dict[str, str], with_libfuse: bool, base: str | None = None) ->
              lambda src: bench.Daemon("pyfuse3", lambda mnt: [tools["python"], tools["example"], src, mnt],
                                       ready_line=False)),
     ]
+    if poll_us:
+        out.append(Side("afuse-poll", f"the same as afuse with --poll-us {poll_us:g} (busy polling: a separate "
+                        "configuration, a CPU spent while requests come)",
+                        afuse("afuse-poll", ["--timeout", "0", "--no-passthrough", "--keep-cache", "-o",
+                                             "default_permissions", "--poll-us", f"{poll_us:g}"])))
     if base:
         keep = ["--keep-cache"] if "--keep-cache" in _help(base) else []
         out.append(Side("afuse-base", f"the same from {base}" + ("" if keep else " (it has no --keep-cache)"),
@@ -575,20 +580,19 @@ def fmt(v: float) -> str:
 def report(names: list[str], samples: dict[str, dict[str, list[float]]], requests: dict[str, dict[str, str]],
            ext4: dict[str, Any] | None, cpu: dict[str, dict[str, list[float]]] | None = None) -> list[str]:
     lines = []
-    base = "afuse-base" in names
-    head = ["workload", "unit", *names, "afuse/pyfuse3", "target", "afuse-default/pyfuse3", "afuse/native",
-            *(["afuse-base/pyfuse3"] if base else [])]
+    others = [n for n in ("afuse-default", "afuse-poll", "afuse-base") if n in names]  # labelled rows
+    native = "native" in names
+    head = ["workload", "unit", *names, "afuse/pyfuse3", "target", *[f"{n}/pyfuse3" for n in others],
+            *(["afuse/native"] if native else [])]
     rows = [head]
     for key, unit in ROWS:
         med = {n: statistics.median(samples[key][n]) for n in names if samples.get(key, {}).get(n)}
         row = [key, unit, *[fmt(med[n]) if n in med else "-" for n in names]]
         r = med.get("afuse", 0) / med["pyfuse3"] if med.get("pyfuse3") else 0
-        rd = med.get("afuse-default", 0) / med["pyfuse3"] if med.get("pyfuse3") else 0
-        rn = med.get("afuse", 0) / med["native"] if med.get("native") else 0
-        row += [f"{r:.2f}", "met" if r >= TARGET else "MISSED", f"{rd:.2f}", f"{rn:.2f}"]
-        if base:
-            rb = med.get("afuse-base", 0) / med["pyfuse3"] if med.get("pyfuse3") else 0
-            row.append(f"{rb:.2f}")
+        row += [f"{r:.2f}", "met" if r >= TARGET else "MISSED"]
+        row += [f"{med.get(n, 0) / med['pyfuse3']:.2f}" if med.get("pyfuse3") else "-" for n in others]
+        if native:
+            row.append(f"{med.get('afuse', 0) / med['native']:.2f}" if med.get("native") else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for j, r in enumerate(rows):
@@ -654,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", metavar="DIR", help="also run the passthroughfs of the afuse checkout DIR (e.g. "
                    "`git archive` of an older commit) in pyfuse3's configuration: before/after in one run")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
+                   help="also run afuse in pyfuse3's configuration with --poll-us US (a separate, labelled row)")
     p.add_argument("--pin", type=int, metavar="CPU", help="run this process and every daemon on CPU only (a "
                    "separate, labelled configuration: per-request work counts, cross-CPU wake-ups do not)")
     args = p.parse_args(argv)
@@ -668,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.rounds = args.rounds
     tools = setup(args.cache, log)
     with_libfuse = not args.no_libfuse and os.path.exists(tools["passthrough_ll"])
-    all_sides = sides(tools, with_libfuse, os.path.abspath(args.base) if args.base else None)
+    all_sides = sides(tools, with_libfuse, os.path.abspath(args.base) if args.base else None, args.poll_us)
     if args.only:
         keep = set(args.only.split(",")) | {"pyfuse3"}
         all_sides = [s for s in all_sides if s.name in keep]

@@ -8,6 +8,8 @@ shape the cancellation takes when it leaves the handler.
 from __future__ import annotations
 
 import errno
+import os
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from afuse.readers import ReaderPool, only_cancelled
+from afuse.readers import ReaderPool, only_cancelled, poll
 from afuse.wire import replies
 
 
@@ -97,3 +99,24 @@ async def test_only_cancelled() -> None:
     assert only_cancelled(BaseExceptionGroup("g", [cancelled, BaseExceptionGroup("h", [cancelled])]))
     assert not only_cancelled(BaseExceptionGroup("g", [cancelled, ValueError()]))
     assert not only_cancelled(ValueError())
+
+
+def test_poll_reads_what_comes_and_gives_up_after_its_time() -> None:
+    """``poll`` returns a message already there, and None once its time is up on an empty fd."""
+    r, w = os.pipe()
+    try:
+        os.set_blocking(r, False)
+        buf = bytearray(64)
+        t0 = time.perf_counter_ns()
+        assert poll(r, buf, 2_000_000) is None  # 2 ms of nothing
+        assert time.perf_counter_ns() - t0 >= 2_000_000
+        os.write(w, b"request")
+        assert poll(r, buf, 2_000_000) == 7
+        assert bytes(buf[:7]) == b"request"
+        os.close(w)
+        w = -1
+        assert poll(r, buf, 1_000_000) == 0  # end of file is a read like any other
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)

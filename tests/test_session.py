@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -334,3 +335,56 @@ async def test_cancelling_serve_at_any_point_of_startup_leaves_nothing(tmp_path:
                     await nursery.start(afuse.serve, HelloFS(), mp)
                     await trio.sleep_forever()
         assert os.path.realpath(mp) not in [m for m, _t, _s in afuse.device.find_mounts("")], delay
+
+
+def test_poll_us_serves_while_polling() -> None:
+    """``serve(poll_us=...)``: readers busy-poll an empty device before waiting; requests are
+    served as usual (from threads on other CPUs, the case polling is for)."""
+    with testing.mounted(HelloFS(), poll_us=200) as m:
+        expected = 200_000 if len(os.sched_getaffinity(0)) > 1 else 0  # off on one CPU
+        assert m.session.pool.poll_ns == expected
+        results: list[bytes] = []
+
+        def reader() -> None:
+            for _ in range(50):
+                with open(m.join("hello"), "rb") as f:
+                    results.append(f.read())
+                os.stat(m.join("hello"))
+
+        threads = [threading.Thread(target=reader) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [DATA] * 200
+
+
+def test_poll_us_refuses_negative() -> None:
+    with pytest.raises(ValueError, match="poll_us"), testing.mounted(HelloFS(), poll_us=-1):
+        pass
+
+
+def test_poll_us_option_of_the_examples(tmp_path: Path) -> None:
+    """``--poll-us``: a bad value is a usage error (exit 2); a good one serves."""
+    bad = subprocess.run([sys.executable, "-m", "afuse.examples.hello", str(tmp_path), "--poll-us", "-5"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--poll-us" in bad.stderr, bad.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "afuse.examples.hello", str(mnt), "--poll-us", "50"],
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.ismount(mnt)
+        assert (mnt / "hello").read_bytes() == DATA
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert proc.returncode == 0
