@@ -29,7 +29,7 @@ from .wire.constants import UNIQUE_RESEND
 
 log = logging.getLogger("afuse")
 
-__all__ = ["END_ERRNOS", "MAX_EARLY_INTERRUPTS", "ReaderPool", "only_cancelled", "read_one"]
+__all__ = ["END_ERRNOS", "MAX_EARLY_INTERRUPTS", "ReaderPool", "only_cancelled", "poll", "read_one"]
 
 #: Interrupts whose request has not been read yet are remembered; this many at most.
 MAX_EARLY_INTERRUPTS = 1024

@@ -567,7 +567,8 @@ async def serve(
     ``poll_us`` > 0: a reader that finds /dev/fuse empty keeps reading it for up to that many
     microseconds before it waits in trio (busy polling: a CPU spent, so that a client on another
     CPU finds the daemon awake; nothing else in trio runs meanwhile). It is off where the process
-    may use only one CPU, where polling would keep the client from running.
+    may use only one CPU, where polling would keep the client from running, and unused over
+    io_uring (its tasks wait for completions, not on an empty device).
     """
     if not poll_us >= 0:
         raise ValueError(f"poll_us must be >= 0 microseconds, not {poll_us!r}")

@@ -371,13 +371,15 @@ def test_poll_us_option_of_the_examples(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--poll-us" in bad.stderr, bad.stderr
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "afuse.examples.hello", str(mnt), "--poll-us", "50"],
-                            stderr=subprocess.PIPE)
+    errlog = tmp_path / "hello.log"  # a file, not a pipe nobody reads: the daemon can never block on it
+    with open(errlog, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "afuse.examples.hello", str(mnt), "--poll-us", "50"],
+                                stderr=err)
     try:
         deadline = time.monotonic() + 30
         while not os.path.ismount(mnt) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert os.path.ismount(mnt)
+        assert os.path.ismount(mnt), errlog.read_text()
         assert (mnt / "hello").read_bytes() == DATA
     finally:
         proc.send_signal(signal.SIGTERM)

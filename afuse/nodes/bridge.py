@@ -605,15 +605,9 @@ class NodeFS(Operations):
     def _outcome(self, req: r.Request, res: object, code: int = 0) -> None:
         rid = req.unique & ~UNIQUE_RESEND  # req.request_id
         outcomes = self._outcomes
-        # The result as plain numbers (see _compact): no Entry, Attr or Handle kept alive for the
-        # garbage collector to scan, one tuple of ints per created file.
-        if res is None:
-            small: _Small = None
-        elif type(res) is tuple:
-            entry, h = res
-            small = (entry.nodeid, h.fh, int(h.flags), h.backing_id)
-        else:
-            small = self._compact(res)
+        # The result as plain numbers: no Entry, Attr or Handle kept alive for the garbage
+        # collector to scan, one tuple of ints per created file.
+        small = self._compact(res)
         if self._journal is None:
             outcomes[rid] = (req, small, code)  # encoded when a replay or a snapshot needs it: most never are
         else:
