@@ -248,3 +248,13 @@ def test_negotiation_invariants(offered_lo: int, offered_hi: int, wanted: int, m
     assert int(n.flags) & ~int(INFORMATIONAL) == int(rep.flags) | rep.flags2 << 32  # both words
     assert n.refused == F(wanted & ~offered & ~INFORMATIONAL)
     assert rep.minor == min(minor, 45)
+
+
+def test_unknown_flag_is_not_agreed() -> None:
+    """A flag bit afuse has no name for (offered and wanted) is neither agreed nor replied
+    (found by test_negotiation_invariants: offered INIT_EXT | 1 << 43, wanted both)."""
+    unknown = 1 << 43
+    n = negotiate(init_req(minor=31, flags=F.INIT_EXT | unknown), InitConfig(), F(int(F.INIT_EXT) | unknown))
+    assert not int(n.flags) & unknown
+    rep = reply_of(n)
+    assert int(n.flags) & ~int(INFORMATIONAL) == int(rep.flags) | rep.flags2 << 32

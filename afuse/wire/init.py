@@ -120,6 +120,12 @@ INFORMATIONAL = (
 )
 
 
+#: Every INIT flag afuse knows (InitFlag's members); the reply can carry no other bit.
+_KNOWN = 0
+for _flag in InitFlag:
+    _KNOWN |= _flag
+
+
 @attrs.define(slots=True, frozen=True)
 class Negotiated:
     """The outcome of INIT: what the kernel offered and what both sides agreed on."""
@@ -176,7 +182,7 @@ def negotiate(req: InitRequest, config: InitConfig, wanted: InitFlag | None = No
         raise InitError(f"kernel FUSE minor {req.minor} is older than 7.{OLDEST_MINOR_VERSION}")
     want = config.wanted_flags() if wanted is None else wanted
     offered = req.flags
-    agreed = InitFlag(want & offered)
+    agreed = InitFlag(want & offered & _KNOWN)  # a bit afuse has no name for is never agreed to
     if not agreed & InitFlag.INIT_EXT:  # the kernel reads flags2 only with INIT_EXT
         agreed = InitFlag(agreed & 0xFFFFFFFF)
     if agreed & InitFlag.PASSTHROUGH and agreed & InitFlag.WRITEBACK_CACHE:
