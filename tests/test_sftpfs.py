@@ -144,20 +144,26 @@ def _run_script(where: str, sample: str) -> str:
     return res.stdout
 
 
-def test_everyday_tools_match_native(sshd: Any, sample: str, tmp_path: Path) -> None:
+#: SSH through OpenSSH's client in a child process (the default, as sshfs), or asyncssh in process.
+TRANSPORTS = pytest.mark.parametrize("transport", ["ssh", "asyncssh"])
+
+
+@TRANSPORTS
+def test_everyday_tools_match_native(sshd: Any, sample: str, tmp_path: Path, transport: str) -> None:
     native = tmp_path / "native"
     native.mkdir()
     expected = _run_script(str(native), sample)
     remote = tmp_path / "remote"
     remote.mkdir()
-    with sftpfs(sshd, remote) as mnt:
+    with sftpfs(sshd, remote, "--transport", transport) as mnt:
         assert _run_script(mnt, sample) == expected
         assert os.listdir(mnt) == [] == os.listdir(remote)
 
 
 # -- single operations ---------------------------------------------------------------------------------
 
-def test_open_flags_rename_links_statfs(sshd: Any, tmp_path: Path) -> None:
+@TRANSPORTS
+def test_open_flags_rename_links_statfs(sshd: Any, tmp_path: Path, transport: str) -> None:
     remote = tmp_path / "remote"
     remote.mkdir()
     (remote / "a").write_text("first file\n")
@@ -375,7 +381,8 @@ def _line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
     return proc.stdout.readline().strip()
 
 
-def test_killed_sshd_gives_eio_then_reconnect(tmp_path: Path) -> None:
+@TRANSPORTS
+def test_killed_sshd_gives_eio_then_reconnect(tmp_path: Path, transport: str) -> None:
     remote = tmp_path / "remote"
     remote.mkdir()
     size = 1 << 30
@@ -385,7 +392,8 @@ def test_killed_sshd_gives_eio_then_reconnect(tmp_path: Path) -> None:
         f.write(b"tail")
         f.truncate(size)
     (remote / "small").write_text("abc")
-    with sshd_tool.running_sshd() as server, sftpfs(server, remote, "--reconnect", "--timeout", "3") as mnt:
+    with sshd_tool.running_sshd() as server, sftpfs(server, remote, "--reconnect", "--timeout", "3",
+                                                              "--transport", transport) as mnt:
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, f"{mnt}/big", str(size - 8192)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
@@ -419,11 +427,13 @@ def test_killed_sshd_gives_eio_then_reconnect(tmp_path: Path) -> None:
                 holder.wait(30)
 
 
-def test_unresponsive_server_gives_eio(tmp_path: Path) -> None:
+@TRANSPORTS
+def test_unresponsive_server_gives_eio(tmp_path: Path, transport: str) -> None:
     remote = tmp_path / "remote"
     remote.mkdir()
     (remote / "data").write_text("payload")
-    with sshd_tool.running_sshd() as server, sftpfs(server, remote, "--timeout", "2", "-o", "cache=no") as mnt:
+    with sshd_tool.running_sshd() as server, sftpfs(server, remote, "--timeout", "2", "-o", "cache=no",
+                                                              "--transport", transport) as mnt:
         assert Path(mnt, "data").read_text() == "payload"
         frozen = sshd_tool._children(server.pid)  # the session processes: the connection stays open
         assert frozen
@@ -532,6 +542,18 @@ def test_command_line_errors(sshd: Any, tmp_path: Path) -> None:
     res = run(sshd.target(str(tmp_path / "missing")), str(tmp_path), "-p", str(sshd.port), "-i", str(sshd.identity),
               "-o", f"known_hosts={sshd.known_hosts}")
     assert res.returncode == 1 and "missing" in res.stderr
+    # the ssh transport: a command that is not there, a bad port, a host key that does not match
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "ssh_command=/nonexistent/ssh -v")
+    assert res.returncode == 2 and "/nonexistent/ssh" in res.stderr and "not found" in res.stderr
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "-p", "70000")
+    assert res.returncode == 2 and "70000" in res.stderr
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 "
+                     "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "-p", str(sshd.port), "-i", str(sshd.identity),
+              "-o", f"known_hosts={wrong}", "--timeout", "10")
+    assert res.returncode == 1 and "cannot connect" in res.stderr
+    assert "HOST IDENTIFICATION HAS CHANGED" in res.stderr  # ssh's own message, passed on
 
 
 # -- decoding SSH_FXP_NAME ----------------------------------------------------------------------------

@@ -32,15 +32,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import contextvars
 import errno
+import fcntl
 import functools
 import getpass
 import hashlib
+import itertools
 import logging
 import os
 import re
+import shlex
+import shutil
 import signal
 import stat
 import struct
@@ -78,14 +83,20 @@ class SftpOptions:
     """What to connect to and how to serve it (the command line's options)."""
 
     host: str
-    port: int = 22
+    #: None: the SSH client's default (its configuration, else 22).
+    port: int | None = None
     user: str | None = None
     #: The remote directory to mount ("" = the login directory).
     path: str = ""
     identities: list[str] = attrs.Factory(list)
-    #: A known_hosts file; None: asyncssh's default (~/.ssh/known_hosts); "none": no host key check.
+    #: A known_hosts file; None: the SSH client's default (~/.ssh/known_hosts); "none": no host key check.
     known_hosts: str | None = None
     connections: int = 1
+    #: How SSH runs: "ssh", OpenSSH's client as a child process (as sshfs runs it; its configuration,
+    #: agent and keys apply), or "asyncssh", in this process.
+    transport: str = "ssh"
+    #: The ``ssh`` command and arguments of its own (the "ssh" transport), as sshfs's ``ssh_command``.
+    ssh_command: str = "ssh"
     reconnect: bool = False
     #: Seconds a request (or connecting) may take before it fails with EIO.
     timeout: float = 15.0
@@ -101,10 +112,15 @@ class SftpOptions:
     readahead: int = 8 << 20
     #: Bytes of pipelined writes a handle may have in flight.
     write_window: int = 16 << 20
-    #: SSH ciphers in order of preference: AES-GCM first (one call into OpenSSL per packet; asyncssh's
-    #: chacha20-poly1305, OpenSSH's first choice, costs several).
-    ciphers: list[str] = attrs.Factory(lambda: ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                                                "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"])
+    #: SSH ciphers in order of preference; None: the client's own (``ssh``'s configuration; for
+    #: asyncssh :data:`ASYNCSSH_CIPHERS`).
+    ciphers: list[str] | None = None
+
+
+#: asyncssh's ciphers unless told: AES-GCM first (one call into OpenSSL per packet; asyncssh's
+#: chacha20-poly1305, OpenSSH's first choice, costs several).
+ASYNCSSH_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                    "aes128-ctr", "aes256-ctr"]
 
 
 class ConnectError(Exception):
@@ -141,7 +157,7 @@ class Connection:
     def __init__(self, pool: Pool, index: int) -> None:
         self.pool = pool
         self.index = index
-        self.ssh: asyncssh.SSHClientConnection | None = None
+        self.link: _Link | None = None
         self.sftp: asyncssh.SFTPClient | None = None
         self.generation = 0
         self.busy = 0
@@ -161,12 +177,67 @@ class Connection:
 
     async def _connect(self) -> None:
         o = self.pool.options
-        kwargs: dict[str, Any] = {"port": o.port, "username": o.user or getpass.getuser(),
+        link = await (_AsyncsshLink.start(o) if o.transport == "asyncssh" else _SshProcess.start(o))
+        self.link, self.sftp = link, link.sftp
+        self.generation += 1
+        if self.generation > 1:
+            log.info("connection %d: reconnected to %s", self.index, o.host)
+        asyncio.get_running_loop().create_task(self._watch(link))
+
+    async def _watch(self, link: _Link) -> None:
+        with contextlib.suppress(Exception):
+            await link.wait_closed()
+        if self.link is link:
+            log.warning("connection %d to %s lost", self.index, self.pool.options.host)
+            self.drop()
+
+    def drop(self) -> None:
+        """Forget the connection (aborting it): the next request fails, or reconnects with --reconnect."""
+        link, self.link, self.sftp = self.link, None, None
+        if link is not None:
+            link.abort()
+
+    async def close(self) -> None:
+        """Close the connection."""
+        link, self.link, self.sftp = self.link, None, None
+        if link is not None:
+            await link.close()
+
+
+class _Link:
+    """One SSH transport carrying one SFTP session."""
+
+    sftp: asyncssh.SFTPClient
+
+    def abort(self) -> None:
+        """Drop the transport now (requests in flight fail)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close the transport politely (at most 2 s)."""
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        """Return once the transport is gone."""
+        raise NotImplementedError
+
+
+class _AsyncsshLink(_Link):
+    """SSH in this process: asyncssh's connection (its crypto runs here, in Python and OpenSSL)."""
+
+    def __init__(self, ssh: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient) -> None:
+        self.ssh, self.sftp = ssh, sftp
+
+    @classmethod
+    async def start(cls, o: SftpOptions) -> _AsyncsshLink:
+        kwargs: dict[str, Any] = {"username": o.user or getpass.getuser(),
                                   "keepalive_interval": max(1.0, o.timeout / 3), "keepalive_count_max": 3,
-                                  "encryption_algs": o.ciphers,
+                                  "encryption_algs": o.ciphers or ASYNCSSH_CIPHERS,
                                   # The channel window bounds the data in flight towards us: asyncssh's
                                   # 2 MiB caps reads at 2 MiB per round trip (100 MiB/s at 20 ms).
                                   "window": max(2 << 20, 2 * o.readahead)}
+        if o.port is not None:
+            kwargs["port"] = o.port
         if o.identities:
             kwargs["client_keys"] = o.identities
         if o.known_hosts is not None:
@@ -177,32 +248,274 @@ class Connection:
         except BaseException:
             ssh.abort()
             raise
-        self.ssh, self.sftp = ssh, sftp
-        self.generation += 1
-        if self.generation > 1:
-            log.info("connection %d: reconnected to %s", self.index, o.host)
-        asyncio.get_running_loop().create_task(self._watch(ssh))
+        return cls(ssh, sftp)
 
-    async def _watch(self, ssh: asyncssh.SSHClientConnection) -> None:
-        with contextlib.suppress(Exception):
-            await ssh.wait_closed()
-        if self.ssh is ssh:
-            log.warning("connection %d to %s lost", self.index, self.pool.options.host)
-            self.drop()
-
-    def drop(self) -> None:
-        """Forget the connection (aborting it): the next request fails, or reconnects with --reconnect."""
-        ssh, self.ssh, self.sftp = self.ssh, None, None
-        if ssh is not None:
-            ssh.abort()
+    def abort(self) -> None:
+        self.ssh.abort()
 
     async def close(self) -> None:
-        """Close the connection."""
-        ssh, self.ssh, self.sftp = self.ssh, None, None
-        if ssh is not None:
-            ssh.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ssh.wait_closed(), 2)
+        self.ssh.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ssh.wait_closed(), 2)
+
+    async def wait_closed(self) -> None:
+        await self.ssh.wait_closed()
+
+
+def ssh_argv(o: SftpOptions) -> list[str]:
+    """The ``ssh`` command line that starts the remote SFTP subsystem, as sshfs runs it: no
+    forwarding, no prompts (``BatchMode``), keepalives that notice a dead server within about the
+    timeout, the options' port, user, keys, known hosts and ciphers."""
+    argv = shlex.split(o.ssh_command)
+    argv += ["-x", "-a", "-oClearAllForwardings=yes", "-oBatchMode=yes",
+             f"-oServerAliveInterval={max(1, round(o.timeout / 3))}", "-oServerAliveCountMax=3",
+             f"-oConnectTimeout={max(1, round(o.timeout))}"]
+    if o.port is not None:
+        argv += ["-p", str(o.port)]
+    if o.ciphers:
+        argv += ["-c", ",".join(o.ciphers)]
+    if o.user:
+        argv += ["-l", o.user]
+    for key in o.identities:
+        argv += ["-i", key]
+    if o.identities:
+        argv.append("-oIdentitiesOnly=yes")
+    if o.known_hosts == "none":
+        argv += ["-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null", "-oLogLevel=ERROR"]
+    elif o.known_hosts is not None:
+        argv += ["-oStrictHostKeyChecking=yes", f"-oUserKnownHostsFile={o.known_hosts}"]
+    return [*argv, "-s", "--", o.host, "sftp"]
+
+
+class _PipeReader:
+    """What asyncssh's SFTP client reads packets from: the ``ssh`` client's stdout, read straight
+    into a queue of chunks (asyncio's stream reader moves its whole buffer down on every read, which
+    costs more than the data once megabytes are queued)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.logger = asyncssh.logging.logger
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.head = 0  # bytes of chunks[0] already taken
+        self.queued = 0
+        self.eof = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.chunks.append(data)
+            self.queued += len(data)
+        else:
+            self.close()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def close(self) -> None:
+        """Stop reading (readers waiting see the end)."""
+        if not self.eof:
+            self.eof = True
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(None)
+
+    async def readexactly(self, n: int) -> bytes:
+        while self.queued - self.head < n:
+            if self.eof:
+                raise asyncio.IncompleteReadError(b"", n)  # an EOFError: asyncssh fails the requests
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        first, head = self.chunks[0], self.head
+        if len(first) - head >= n:  # the usual case: within one chunk
+            out = first[head:head + n] if head or n < len(first) else first
+            head += n
+        else:
+            parts = []
+            need = n
+            while need:
+                first = self.chunks[0]
+                take = min(need, len(first) - head)
+                parts.append(first[head:head + take] if head or take < len(first) else first)
+                need -= take
+                head += take
+                if head == len(first):
+                    self.chunks.popleft()
+                    self.queued -= head
+                    head = 0
+            out = b"".join(parts)
+        if self.chunks and head == len(self.chunks[0]):
+            self.chunks.popleft()
+            self.queued -= head
+            head = 0
+        self.head = head
+        return out
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        # asyncssh asks for the server's version to decide the SYMLINK argument order: OpenSSH's
+        # server swaps them. The ssh client does not tell; sftpfs assumes OpenSSH, as sshfs does.
+        return "SSH-2.0-OpenSSH" if name == "server_version" else default
+
+
+class _PipeWriter:
+    """What asyncssh's SFTP client writes packets to: the ``ssh`` client's stdin, written with
+    ``writev`` from a queue of buffers (no copy of what waits: asyncio's pipe transport appends
+    to one buffer and moves it down after each write)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.queue: collections.deque[bytes | memoryview] = collections.deque()
+        self.closing = False
+        self.eof_pending = False
+        self.broken: OSError | None = None
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.channel = self  # asyncssh asks writer.channel.is_closing()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.writelines((data,))
+
+    def writelines(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Queue ``parts`` to be written in order (the pipe's reader gets them without copies here)."""
+        if self.closing:
+            return
+        was_idle = not self.queue
+        self.queue.extend(parts)
+        if was_idle:
+            self._flush()
+            if self.queue and not self.closing:
+                self.loop.add_writer(self.fd, self._writable)
+
+    def _writable(self) -> None:
+        self._flush()
+        if not self.queue or self.closing:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_writer(self.fd)
+            if self.eof_pending and not self.queue:
+                self.abort()
+
+    def _flush(self) -> None:
+        q = self.queue
+        while q:
+            try:
+                n = os.writev(self.fd, list(itertools.islice(q, 0, 512)))
+            except BlockingIOError:
+                return
+            except OSError as e:  # ssh is gone: the reader sees its EOF and fails the requests
+                self.broken = e
+                q.clear()
+                self.abort()
+                return
+            while n:
+                first = q[0]
+                if len(first) <= n:
+                    n -= len(first)
+                    q.popleft()
+                else:
+                    q[0] = memoryview(first)[n:]
+                    n = 0
+
+    def write_eof(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close once what is queued is written (ssh then ends the session)."""
+        if not self.queue:
+            self.abort()
+        else:
+            self.eof_pending = True
+
+    def abort(self) -> None:
+        """Close now, dropping what is queued."""
+        if self.closing:
+            return
+        self.closing = True
+        self.queue.clear()
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_writer(self.fd)
+        os.close(self.fd)
+        self.closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.closed)
+
+
+class _PipeConnection:
+    """The one thing asyncssh's SFTP client start needs of an SSH connection: a task factory."""
+
+    def create_task(self, coro: Coroutine[Any, Any, T], logger: Any = None) -> asyncio.Task[T]:
+        return asyncio.get_running_loop().create_task(coro)
+
+
+class _SshProcess(_Link):
+    """SSH in a child process, as sshfs does it: OpenSSH's ``ssh`` client (``-s ... sftp``) with
+    asyncssh's SFTP client speaking over its stdin and stdout. Encryption then costs this process
+    nothing: it runs in C, in the child, on another CPU."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, reader: _PipeReader, writer: _PipeWriter) -> None:
+        self.proc, self.reader, self.writer = proc, reader, writer
+
+    @classmethod
+    async def start(cls, o: SftpOptions) -> _SshProcess:
+        in_r, in_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        for fd in (in_w, out_w):  # room for whole read and write requests (the default is 64 KiB)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        for fd in (in_r, out_w):  # ssh's ends block, as a terminal's would
+            os.set_blocking(fd, True)
+        try:
+            # Its own session: a Ctrl-C meant for sftpfs must not kill the transport under it.
+            proc = await asyncio.create_subprocess_exec(*ssh_argv(o), stdin=in_r, stdout=out_w,
+                                                        start_new_session=True)
+        except BaseException:
+            for fd in (in_w, out_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(in_r)
+            os.close(out_w)
+        self = cls(proc, _PipeReader(out_r), _PipeWriter(in_w))
+        try:
+            start: Any = asyncssh.sftp.start_sftp_client  # duck-typed connection, reader and writer
+            self.sftp = await start(_PipeConnection(), asyncio.get_running_loop(), "strict", self.reader,
+                                    self.writer, None, "strict", 3)
+        except BaseException as e:
+            self.abort()
+            code = await proc.wait()
+            if isinstance(e, (asyncssh.Error, EOFError)):
+                raise ConnectionError(f"ssh exited with status {code} (its message is above)") from None
+            raise
+        return self
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.reader.close()
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    async def close(self) -> None:
+        self.writer.close()  # ssh sees EOF and ends the session
+        try:
+            await asyncio.wait_for(self.proc.wait(), 2)
+        except TimeoutError:
+            self.abort()
+            await self.proc.wait()
+        self.reader.close()
+
+    async def wait_closed(self) -> None:
+        await self.proc.wait()
 
 
 class Pool:
@@ -222,7 +535,8 @@ class Pool:
                 await asyncio.gather(*(c.client() for c in self.conns))
         except (OSError, asyncssh.Error, TimeoutError, FUSEError) as e:
             await self.close()
-            raise ConnectError(f"cannot connect to {self.options.host}:{self.options.port}: "
+            where = self.options.host if self.options.port is None else f"{self.options.host}:{self.options.port}"
+            raise ConnectError(f"cannot connect to {where}: "
                                f"{e or type(e).__name__}") from e
 
     def pick(self) -> Connection:
@@ -401,27 +715,59 @@ def _raw_requests(handler: Any) -> bool:
             and isinstance(getattr(handler, "_next_pktid", None), int) and hasattr(handler, "_writer"))
 
 
-async def _request_many(handler: Any, pkttype: int, args: Sequence[bytes]) -> list[tuple[int, Any]]:
-    """Send one SFTP request of type ``pkttype`` per item of ``args`` (its encoded arguments), all in
-    one channel write, and return the replies (packet type, asyncssh packet after the id), in order.
+async def _request_many(handler: Any, pkttype: int, args: Sequence[bytes | Sequence[bytes | memoryview]]
+                        ) -> list[tuple[int, Any]]:
+    """Send one SFTP request of type ``pkttype`` per item of ``args`` (its encoded arguments, or a
+    list of pieces of them), all in one write to the channel, and return the replies (packet type,
+    asyncssh packet after the id), in order.
 
-    asyncssh's own calls send each request in a write of its own (an SSH packet, a system call)
-    and wake a future per reply."""
+    asyncssh's own calls send each request in a write of its own (an SSH packet, a system call),
+    copy their arguments twice into it, and wake a future per reply."""
     writer = handler._writer
     if not writer:
         raise asyncssh.SFTPNoConnection("Connection not open")
     batch = _Replies(len(args))
-    out = []
+    out: list[bytes | memoryview] = []
     for i, a in enumerate(args):
         pktid = handler._next_pktid
         handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
         handler._requests[pktid] = _Slot(batch, i)
-        payload = bytes((pkttype,)) + pktid.to_bytes(4, "big") + a
-        out.append(len(payload).to_bytes(4, "big") + payload)
+        if isinstance(a, bytes):
+            out.append(_HEAD.pack(len(a) + 5, pkttype, pktid) + a)
+        else:
+            out.append(_HEAD.pack(sum(map(len, a)) + 5, pkttype, pktid))
+            out += a
     if not writer.channel.is_closing():  # closing: asyncssh fails every request it holds
-        writer.write(b"".join(out))
+        writelines = getattr(writer, "writelines", None)
+        if writelines is not None:
+            writelines(out)
+        else:
+            writer.write(b"".join(out))
     await batch.done
     return batch.replies  # type: ignore[return-value]
+
+
+_HEAD = struct.Struct(">IBI")  # an SFTP packet's length, type and request id
+_U64 = struct.Struct(">Q")
+_FXP_WRITE = 6
+
+
+async def write_many(f: asyncssh.SFTPClientFile, offset: int, data: bytes, chunk: int) -> None:
+    """Write ``data`` at ``offset`` of the open file ``f`` as WRITE requests of at most ``chunk``
+    bytes, all sent at once, without copying the data on the way (the server does them in order);
+    raises the first error any of them got."""
+    handler, handle = f._handler, f._handle
+    if not _raw_requests(handler) or handle is None:
+        await asyncio.gather(*(f.write(data[i:i + chunk], offset + i) for i in range(0, len(data), chunk)))
+        return
+    view = memoryview(data)
+    head = _U32.pack(len(handle)) + handle
+    args = [(head + _U64.pack(offset + i) + _U32.pack(len(view[i:i + chunk])), view[i:i + chunk])
+            for i in range(0, len(data), chunk)]
+    for pkttype, packet in await _request_many(handler, _FXP_WRITE, args):
+        if pkttype != _FXP_STATUS:
+            raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to WRITE")
+        handler._process_status(packet)  # raises the status's error, if any
 
 
 _FXP_READDIR, _FXP_STATUS, _FXP_NAME = 12, 101, 104
@@ -498,6 +844,12 @@ async def _list_directory_asyncssh(handler: Any, path: bytes) -> list[tuple[byte
 
 #: READDIRs in a listing's first wave, and the most in one wave.
 _READDIR_FIRST, _READDIR_MAX = 8, 64
+
+
+def _write_chunk(f: asyncssh.SFTPClientFile) -> int:
+    """The largest WRITE to send: the server's limit (OpenSSH: about 255 KiB), at most 256 KiB."""
+    limits = getattr(getattr(f, "_handler", None), "limits", None)
+    return max(4096, min(getattr(limits, "max_write_len", CHUNK) or CHUNK, 256 * 1024))
 
 
 async def _close_quietly(handler: Any, handle: bytes) -> None:
@@ -704,11 +1056,8 @@ class RemoteFile:
 
     async def _write(self, offset: int, data: bytes) -> None:
         try:
-            # CHUNK-sized WRITEs, all sent at once (in order: the server answers them in order)
-            def piece(off: int) -> Callable[[asyncssh.SFTPClientFile], Awaitable[int]]:
-                return lambda f: f.write(data[off - offset:off - offset + CHUNK], off)
-
-            await asyncio.gather(*(self.run(piece(off)) for off in range(offset, offset + len(data), CHUNK)))
+            # The largest WRITEs the server takes, all sent at once (the server does them in order)
+            await self.run(lambda f: write_many(f, offset, data, _write_chunk(f)))
         except FUSEError as e:
             if self.error is None:
                 self.error = e
@@ -1417,15 +1766,18 @@ def parse_remote(spec: str) -> tuple[str | None, str, str]:
 
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
-                "reconnect", "StrictHostKeyChecking", "Ciphers"}
+                "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command"}
 
 
 def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
     user, host, path = parse_remote(args.remote)
     o = SftpOptions(host=host, user=user, path=path, port=args.port, identities=list(args.identity),
-                    connections=args.connections, reconnect=args.reconnect, timeout=args.timeout, poll=args.poll)
+                    connections=args.connections, transport=args.transport, reconnect=args.reconnect,
+                    timeout=args.timeout, poll=args.poll)
     if o.connections < 1 or o.timeout <= 0 or o.poll < 0:
         raise ValueError("--connections must be >= 1, --timeout > 0, --poll >= 0")
+    if o.port is not None and not 0 < o.port < 65536:
+        raise ValueError(f"port {o.port} is not 1-65535")
     mount: list[str] = []
     for opt in ",".join(args.options).split(","):
         if not opt:
@@ -1458,6 +1810,8 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             o.identities.append(value)
         elif key == "Port":
             o.port = int(value)
+            if not 0 < o.port < 65536:
+                raise ValueError(f"port {o.port} is not 1-65535")
         elif key in ("readahead", "write_window"):
             n = int(value)
             if n < CHUNK:
@@ -1466,9 +1820,16 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
         elif key == "reconnect":
             o.reconnect = True
         elif key == "Ciphers":
-            o.ciphers = value.split(":")
+            o.ciphers = value.replace(",", ":").split(":")
+        elif key == "ssh_command":
+            if not shlex.split(value):
+                raise ValueError("ssh_command is empty")
+            o.ssh_command = value
         if not eq and key not in ("reconnect",):
             raise ValueError(f"option {key} needs a value")
+    if o.transport == "ssh" and shutil.which(shlex.split(o.ssh_command)[0]) is None:
+        raise ValueError(f"{shlex.split(o.ssh_command)[0]!r} not found (apt-get install openssh-client, "
+                         "or --transport asyncssh)")
     return o, MountOptions.parse(",".join(mount))
 
 
@@ -1533,12 +1894,16 @@ def make_parser() -> argparse.ArgumentParser:
                                 description="Mount a directory of an SSH server over SFTP (like sshfs).")
     p.add_argument("remote", help="[USER@]HOST:[DIR] (DIR empty: the login directory)")
     p.add_argument("mountpoint", help="empty directory to mount on")
-    p.add_argument("-p", "--port", type=int, default=22, help="SSH port (default 22)")
+    p.add_argument("-p", "--port", type=int, default=None, help="SSH port (default: the SSH client's, 22)")
     p.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
-                        "Port=N, Ciphers=A:B, readahead=BYTES, write_window=BYTES, reconnect; others are mount options")
+                        "Port=N, Ciphers=A:B, ssh_command=CMD, readahead=BYTES, write_window=BYTES, reconnect; "
+                        "others are mount options")
+    p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
+                   help="ssh: OpenSSH's client as a child process, as sshfs runs it (the default); "
+                        "asyncssh: SSH in this process")
     p.add_argument("--connections", type=int, default=1, help="SSH connections to spread requests over")
     p.add_argument("--reconnect", action="store_true", help="reconnect when the connection is lost")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds before a request fails with EIO")
