@@ -61,7 +61,8 @@ sshd_tool: Any = importlib.util.module_from_spec(_spec)
 sys.modules["afuse_tools_sshd"] = sshd_tool
 _spec.loader.exec_module(sshd_tool)
 
-SIDES = ("sshfs", "sftpfs")
+SIDES = ("sshfs", "sftpfs", "sftpfs-asyncssh")
+DEFAULT_SIDES = ("sshfs", "sftpfs")
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"  # Debian's; --count-requests runs it (internal-sftp cannot log)
 # workload -> (label, unit, target ratio sftpfs/sshfs or None)
 WORKLOADS: dict[str, tuple[str, str, float | None]] = {
@@ -160,16 +161,19 @@ def sshfs_argv(sshd: Any, port: int, known_hosts: str, remote: str, mnt: str, cf
             "-o", "fsname=sftpbench-sshfs"] + (["-o", f"Ciphers={cfg.cipher}"] if cfg.cipher else [])  # fmt: skip
 
 
-def sftpfs_argv(sshd: Any, port: int, known_hosts: str, remote: str, mnt: str, cfg: Config) -> list[str]:
-    """afuse's sftpfs with the same caches as sshfs where comparable."""
+def sftpfs_argv(sshd: Any, port: int, known_hosts: str, remote: str, mnt: str, cfg: Config,
+                transport: str = "ssh") -> list[str]:
+    """afuse's sftpfs with the same caches as sshfs where comparable; by default over the same
+    ``ssh`` client as sshfs (``--transport ssh``)."""
     return [sys.executable, "-m", "afuse.examples.sftpfs", sshd.target(remote), mnt,
             "-p", str(port), "-i", str(sshd.identity),
             "-o", f"known_hosts={known_hosts},cache_timeout=20" + (f",Ciphers={cfg.cipher}" if cfg.cipher else ""),
-            "--connections", str(cfg.connections)]  # fmt: skip
+            "--connections", str(cfg.connections), "--transport", transport]  # fmt: skip
 
 
 ARGV: dict[str, Callable[[Any, int, str, str, str, Config], list[str]]] = {
-    "sshfs": sshfs_argv, "sftpfs": sftpfs_argv}
+    "sshfs": sshfs_argv, "sftpfs": sftpfs_argv,
+    "sftpfs-asyncssh": lambda *a: sftpfs_argv(*a, transport="asyncssh")}
 
 
 @dataclass
@@ -471,6 +475,7 @@ def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], 
                     # it holds on the server, before the clock starts.
                     os.mkdir(mount_dir)
                     wl.prepare(server_dir, cfg)
+                    os.sync()  # neither side pays for the writeback of what came before
                     if request_log is not None:
                         request_log.since()
                     t = clock()
@@ -487,11 +492,16 @@ def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], 
 
 
 def table(res: Results, sides: list[str]) -> str:
+    """Each side's median per workload and phase; with sshfs among the sides, each other side's
+    ratio to it (the headline is sftpfs's: the targets are checked on that one)."""
     out = []
-    both = sides == list(SIDES)
-    head = f"{'workload':<18}{'unit':<10}" + "".join(f"{p:>26}" for p in res.rates)
-    sub = f"{'':<28}" + "".join(
-        (f"{'sshfs':>9}{'sftpfs':>9}{'ratio':>7} " if both else f"{sides[0]:>26}") for _ in res.rates)
+    others = [s for s in sides if s != "sshfs"] if "sshfs" in sides else []
+    width = 10 * len(sides) + 7 * len(others) + 1
+    head = f"{'workload':<18}{'unit':<10}" + "".join(f"{p:>{width}}" for p in res.rates)
+    label = {"sshfs": "sshfs", "sftpfs": "sftpfs", "sftpfs-asyncssh": "asyncssh"}
+    sub = f"{'':<28}" + "".join(("".join(f"{label[s]:>10}" for s in sides)
+                                 + "".join(f"{'ratio' if s == 'sftpfs' else '÷async':>7}" for s in others) + " ")
+                                for _ in res.rates)
     out += [head, sub]
     misses = []
     for wl, (label, unit, target) in WORKLOADS.items():
@@ -499,21 +509,24 @@ def table(res: Results, sides: list[str]) -> str:
             continue
         row = f"{label:<18}{unit:<10}"
         for phase in res.rates:
-            vals = [res.median(phase, wl, s) for s in sides]
-            if both:
-                a, b = vals
+            vals = {s: res.median(phase, wl, s) for s in sides}
+            row += "".join(f"{vals[s] or 0:10.1f}" for s in sides)
+            for s in others:
+                a, b = vals["sshfs"], vals[s]
                 ratio = (b / a) if a and b else None
-                mark = ""
-                if ratio is not None and target is not None and ratio < target:
+                mark = " "
+                if s == "sftpfs" and ratio is not None and target is not None and ratio < target:
                     mark = "!"
                     misses.append(f"{label} at {phase}: {ratio:.2f} < {target}")
-                row += f"{a or 0:9.1f}{b or 0:9.1f}" + (f"{ratio:7.2f}{mark or ' '}" if ratio else f"{'-':>7} ")
-            else:
-                row += f"{vals[0] or 0:26.1f}"
+                row += f"{ratio:6.2f}{mark}" if ratio else f"{'-':>6} "
+            row += " "
         out.append(row)
-    if both:
+    if "sftpfs" in others:
         out.append("ratio = sftpfs / sshfs (higher is better for sftpfs). Targets: >= 1.0 on list, list -l, stat and "
                    "parallel read; >= 0.7 on seq read/write; '!' marks a miss.")
+        if "sftpfs-asyncssh" in others:
+            out.append("asyncssh, ÷async = sftpfs --transport asyncssh (SSH in sftpfs's own process), "
+                       "and its ratio to sshfs: a different configuration, for comparison (no targets).")
         out.append("misses: " + ("; ".join(misses) if misses else "none"))
     return "\n".join(out)
 
@@ -549,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="SSH cipher both sides use (default %(default)s; '' leaves each its own default: "
                         "OpenSSH's chacha20-poly1305 for sshfs, AES-GCM first for sftpfs)")
     p.add_argument("--phases", default="0,20", help="added round trips in ms, comma-separated (default 0,20)")
-    p.add_argument("--sides", default=",".join(SIDES), help="which filesystems (default sshfs,sftpfs)")
+    p.add_argument("--sides", default=",".join(DEFAULT_SIDES),
+                   help="which filesystems: sshfs, sftpfs (over the ssh client, as sshfs), sftpfs-asyncssh "
+                        "(--transport asyncssh: a separate, labelled column); default sshfs,sftpfs")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="which workloads, comma-separated (default all: " + ",".join(WORKLOADS) + ")")
     p.add_argument("--tmpdir", default=None, help="where the served directory and mountpoints go")
