@@ -170,8 +170,18 @@ def test_dir_writer_checks_entries() -> None:
         out.add((b"b", 2))
     with pytest.raises(HandlerResultError, match="offsets start at 1"):
         out.add(DirEntry(b"c", 0, attr=Attr()))
-    names = [d.name for d in k.decode_dirents(k.split_reply(out.reply(req.unique))[2])]
-    assert names == [b"a"]
+    # the plain form (name, offset, ino, mode), checked as DirEntry is
+    assert out.add((b"d", 2, 7, 0o040755))
+    for bad, why in (((b"x/y", 3, 1, 0), "invalid directory entry name"), (("str", 3, 1, 0), "invalid"),
+                     ((b"e", 0, 1, 0), "offsets start at 1"), ((b"e", 3, -1, 0), "bad ino")):
+        with pytest.raises(HandlerResultError, match=why):
+            out.add(bad)
+    got = [(d.name, d.attr.ino, d.attr.mode) for d in k.decode_dirents(k.split_reply(out.reply(req.unique))[2])
+           if d.attr is not None]
+    assert got == [(b"a", 5, 0o100000), (b"d", 7, 0o040000)]
+    plus = r.ReaddirplusRequest(*HEAD, 1, 0, 4096)
+    with pytest.raises(HandlerResultError, match="DirEntry items, not a 4-tuple"):
+        conn.dir_writer(plus).add((b"d", 2, 7, 0o040755))
 
 
 # -- notifications --------------------------------------------------------------------------------

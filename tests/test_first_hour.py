@@ -106,7 +106,8 @@ def test_readdir_item_of_the_wrong_type_is_a_clear_error(caplog: pytest.LogCaptu
             os.listdir(m.path)
         assert e.value.errno == errno.EIO
         errors = [x for x in m.session.errors if isinstance(x, HandlerResultError)]
-        assert errors and "readdir must yield DirEntry items, not tuple" in str(errors[0])
+        want = "readdir must yield DirEntry items or (name, offset, ino, mode) tuples, not a 3-tuple"
+        assert errors and want in str(errors[0])
         assert os.stat(m.join("f")).st_size == 5  # still serving
     assert any("READDIR" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
 

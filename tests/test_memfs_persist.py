@@ -50,7 +50,7 @@ def open_files(fs: MemFS) -> dict[str, int]:
 async def readdirplus_all(fs: MemFS, req: r.ReaddirplusRequest) -> list[afuse.DirEntry]:
     entries = await fs.readdirplus(req)
     assert hasattr(entries, "__aiter__")
-    return [de async for de in entries]
+    return [de async for de in entries if isinstance(de, afuse.DirEntry)]
 
 
 # -- without the kernel -----------------------------------------------------------------------------

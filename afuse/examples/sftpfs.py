@@ -51,7 +51,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import asyncssh
@@ -773,45 +773,136 @@ async def write_many(f: asyncssh.SFTPClientFile, offset: int, data: bytes, chunk
 _FXP_READDIR, _FXP_STATUS, _FXP_NAME = 12, 101, 104
 
 
-async def list_directory(sftp: asyncssh.SFTPClient, path: bytes) -> list[tuple[bytes, FileAttrs]]:
+class ListingProgress:
+    """The entries of a listing as they arrive (asyncio side): :func:`list_directory` appends each
+    batch to :attr:`entries` as it is decoded; readers wait with :meth:`wait_beyond`."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[bytes, FileAttrs]] = []
+        self.by_name: dict[bytes, FileAttrs] = {}
+        #: No more entries will come (the listing ended, or failed).
+        self.done = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def arrived(self, batch: list[tuple[bytes, FileAttrs]]) -> None:
+        self.entries += batch
+        self.by_name.update(batch)
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w, self._waiter = self._waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def wait_beyond(self, n: int) -> None:
+        """Return once more than ``n`` entries arrived, or none will."""
+        while len(self.entries) <= n and not self.done:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)
+
+
+async def list_directory(sftp: asyncssh.SFTPClient, path: bytes, progress: ListingProgress | None = None
+                         ) -> list[tuple[bytes, FileAttrs]]:
     """The entries of directory ``path`` (``.`` and ``..`` included) with their attributes,
     READDIR requests pipelined.
 
     SFTP lists a directory in batches (OpenSSH: 100 names per READDIR). asyncssh's ``readdir`` asks
     for one batch at a time, a round trip each, and builds an ``SFTPName`` and an ``SFTPAttrs`` per
-    entry. Here READDIRs on the handle go out in waves, each in one write (8, then twice as many
-    as the wave before, up to 64), the server answering them in order with successive batches
-    until SSH_FX_EOF; the replies are decoded by :func:`parse_names`. The handle's CLOSE is sent
-    in the background (nobody waits for its answer).
+    entry. Here :data:`_READDIR_WINDOW` READDIRs on the handle are in flight at once (each reply
+    sends the next), the server answering them in order with successive batches until SSH_FX_EOF;
+    each reply is decoded by :func:`parse_names` as it arrives (and handed to ``progress``), while
+    the server reads on. The handle's CLOSE is sent in the background (nobody waits for its answer).
     """
     handler = sftp._handler  # asyncssh's request layer: OPENDIR, READDIR, CLOSE
     if not _raw_requests(handler):
-        return await _list_directory_asyncssh(handler, path)
+        entries = await _list_directory_asyncssh(handler, path)
+        if progress is not None:
+            progress.arrived(entries)
+        return entries
     handle = await handler.opendir(path)
-    args = [len(handle).to_bytes(4, "big") + handle]
-    entries: list[tuple[bytes, FileAttrs]] = []
     try:
-        wave, at_end = _READDIR_FIRST, False
-        while not at_end:
-            for pkttype, packet in await _request_many(handler, _FXP_READDIR, args * wave):
-                if pkttype == _FXP_NAME and not at_end:
-                    try:
-                        entries += parse_names(packet.get_remaining_payload())
-                    except ValueError as e:
-                        raise asyncssh.SFTPBadMessage(str(e)) from None
-                elif pkttype == _FXP_STATUS:
-                    try:
-                        handler._process_status(packet)  # raises the status's error
-                    except asyncssh.SFTPEOFError:
-                        at_end = True
-                        continue
-                    raise asyncssh.SFTPBadMessage("SSH_FX_OK in reply to READDIR")
-                else:
-                    raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to READDIR")
-            wave = min(2 * wave, _READDIR_MAX)
+        return await _Listing(handler, handle, progress).run()
     finally:
         _start(_close_quietly(handler, handle)).add_done_callback(_consume)
-    return entries
+
+
+class _Listing:
+    """One directory listing's READDIRs: a window of requests in flight, replies decoded as they
+    come (asyncssh's receive loop calls :meth:`set_result` of the request's slot: this object)."""
+
+    def __init__(self, handler: Any, handle: bytes, progress: ListingProgress | None) -> None:
+        self.handler = handler
+        self.progress = progress
+        self.arg = _U32.pack(len(handle)) + handle
+        self.entries: list[tuple[bytes, FileAttrs]] = []
+        self.done: asyncio.Future[list[tuple[bytes, FileAttrs]]] = asyncio.get_running_loop().create_future()
+        self.ended = False
+
+    async def run(self) -> list[tuple[bytes, FileAttrs]]:
+        self._send(_READDIR_WINDOW)
+        return await self.done
+
+    def _send(self, n: int) -> None:
+        handler, writer = self.handler, self.handler._writer
+        if not writer:
+            raise asyncssh.SFTPNoConnection("Connection not open")
+        out = []
+        for _ in range(n):
+            pktid = handler._next_pktid
+            handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
+            handler._requests[pktid] = self
+            out.append(_HEAD.pack(len(self.arg) + 5, _FXP_READDIR, pktid) + self.arg)
+        if not writer.channel.is_closing():  # closing: asyncssh fails every request it holds
+            writer.write(b"".join(out))
+
+    # asyncssh's waiter interface (one object for every READDIR of the listing)
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, reply: tuple[int, Any]) -> None:
+        if self.ended:
+            return  # a READDIR sent before the end was seen: SSH_FX_EOF again
+        pkttype, packet = reply
+        try:
+            if pkttype == _FXP_NAME:
+                try:
+                    batch = parse_names(packet.get_remaining_payload())
+                except ValueError as e:
+                    raise asyncssh.SFTPBadMessage(str(e)) from None
+                self._send(1)  # first: the server reads on while this batch is handed over
+                self.entries += batch
+                if self.progress is not None:
+                    self.progress.arrived(batch)
+                return
+            if pkttype != _FXP_STATUS:
+                raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to READDIR")
+            try:
+                self.handler._process_status(packet)  # raises the status's error
+            except asyncssh.SFTPEOFError:
+                self._finish(None)
+                return
+            raise asyncssh.SFTPBadMessage("SSH_FX_OK in reply to READDIR")
+        except Exception as e:
+            self._finish(e)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.ended:
+            self._finish(exc)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        self.ended = True
+        if self.done.done():
+            return
+        if exc is None:
+            self.done.set_result(self.entries)
+        else:
+            self.done.set_exception(exc)
 
 
 async def _list_directory_asyncssh(handler: Any, path: bytes) -> list[tuple[bytes, FileAttrs]]:
@@ -842,8 +933,8 @@ async def _list_directory_asyncssh(handler: Any, path: bytes) -> list[tuple[byte
     return entries
 
 
-#: READDIRs in a listing's first wave, and the most in one wave.
-_READDIR_FIRST, _READDIR_MAX = 8, 64
+#: READDIRs a listing keeps in flight (asyncssh's own calls, for a handler sftpfs does not know: 8).
+_READDIR_WINDOW, _READDIR_FIRST = 16, 8
 
 
 def _write_chunk(f: asyncssh.SFTPClientFile) -> int:
@@ -1171,6 +1262,7 @@ class SftpNode(Node):
         self.listing_version = 0
         #: The listing on its way (shared by the readdir and lookups waiting for it), its version and start.
         self.listing_task: asyncio.Task[list[tuple[bytes, FileAttrs]]] | None = None
+        self.listing_progress = ListingProgress()
         self.listing_task_from = (0, 0.0)
         #: Lookups that missed the listing since it was last read (3 in a row: read it instead), and
         #: the names they missed (a miss followed by making that name does not count).
@@ -1282,17 +1374,24 @@ class SftpNode(Node):
     async def _fetch_listing(self) -> tuple[dict[bytes, FileAttrs], bool]:
         """Read the listing, or wait for the one on its way; True if it is kept (the directory did
         not change through the mount meanwhile)."""
-        task = self.listing_task
-        if task is None:
-            version, started = self.listing_version, time.monotonic()
-            task = self.listing_task = _start(self.fs.pool.run(lambda s: list_directory(s, self.path)))
-            self.listing_task_from = (version, started)
-            task.add_done_callback(self._listed)
+        task = self._start_listing()
         version, started = self.listing_task_from
         names = await afuse.asyncio.run_asyncio(_shielded(task))
         if self.listing_version == version and self.listing is not None and self.listed == started:
             return self.listing, True
         return {name: a for name, a in names if name != b"." and name != b".."}, False
+
+    def _start_listing(self) -> asyncio.Task[list[tuple[bytes, FileAttrs]]]:
+        """The listing on its way, or a new one (its entries arrive in :attr:`listing_progress`)."""
+        task = self.listing_task
+        if task is None:
+            version, started = self.listing_version, time.monotonic()
+            progress = self.listing_progress = ListingProgress()
+            task = self.listing_task = _start(self.fs.pool.run(lambda s: list_directory(s, self.path, progress)))
+            self.listing_task_from = (version, started)
+            task.add_done_callback(self._listed)
+            task.add_done_callback(lambda _t: progress.finish())
+        return task
 
     def _listed(self, task: asyncio.Task[list[tuple[bytes, FileAttrs]]]) -> None:
         """A listing arrived: keep it (once, for every waiter), and refresh the children's attributes."""
@@ -1315,6 +1414,11 @@ class SftpNode(Node):
         listed instead (later lookups of its names are then answered without asking the server)."""
         path = _join(self.path, name)
         listing = self._fresh_listing()
+        if listing is None and self.listing_task is not None and name not in self.stale:
+            version, started = self.listing_task_from
+            a = self.listing_progress.by_name.get(name)
+            if a is not None and version == self.listing_version:  # arrived already: no need to wait
+                return self.fs.node_for(path, a, started)
         if listing is None and self.fs.options.dir_timeout > 0:
             if self.listing_task is not None or self.misses >= 3:
                 try:
@@ -1404,13 +1508,36 @@ class SftpNode(Node):
             self.target_at = time.monotonic()
         return self.target
 
-    async def readdir(self) -> list[DirItem]:
-        """The listing (READDIRs pipelined; names, types and attributes, kept ``dir_timeout``)."""
+    async def readdir(self) -> list[DirItem] | AsyncIterator[DirItem]:
+        """The listing (names, types and attributes, kept ``dir_timeout``); a listing not at hand
+        is streamed as it arrives (READDIRs pipelined): the kernel gets the first entries while
+        the server reads the rest."""
         listing = self._fresh_listing()
-        if listing is None:
-            listing, _kept = await self._fetch_listing()
         prefix = _join(self.path, b"")
-        return [DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name)) for name, a in listing.items()]
+        if listing is not None:
+            return [DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name))
+                    for name, a in listing.items()]
+        task = self._start_listing()
+        return self._arriving(self.listing_progress, task, prefix)
+
+    async def _arriving(self, progress: ListingProgress, task: asyncio.Task[list[tuple[bytes, FileAttrs]]],
+                        prefix: bytes) -> AsyncIterator[DirItem]:
+        i = 0
+        while True:
+            entries = progress.entries
+            while i < len(entries):
+                name, a = entries[i]
+                i += 1
+                if name != b"." and name != b"..":
+                    yield DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name))
+            if progress.done:
+                if i >= len(progress.entries):
+                    if task.cancelled():
+                        raise FUSEError(errno.EIO, "the listing was cancelled")
+                    task.result()  # the listing's error (a FUSEError), if it failed
+                    return
+                continue
+            await afuse.asyncio.run_asyncio(progress.wait_beyond(i))
 
     async def statfs(self) -> FsStats:
         """statvfs@openssh.com (huge counts if the server lacks it, as sshfs)."""

@@ -103,12 +103,37 @@ _GENERATED: dict[tuple[type, frozenset[str]], type] = {}
 
 
 class _DirStream:
-    __slots__ = ("items", "node")
+    __slots__ = ("items", "node", "source", "what")
 
     def __init__(self, node: Node) -> None:
         self.node = node
         #: (name, mode, ino, node or None) from the first READDIR at offset 0.
         self.items: list[tuple[bytes, int, int, Node | None]] | None = None
+        #: The rest of a listing still arriving (the node's ``readdir`` is an async iterator), or None.
+        self.source: AsyncIterator[Any] | None = None
+        self.what = ""
+
+    async def stop(self) -> None:
+        """Close a listing still arriving."""
+        src, self.source = self.source, None
+        aclose = getattr(src, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+_Item = tuple[int, bytes, int, int, "Node | None"]
+#: (offset, name, mode, ino, node or None) of a directory stream, as they are or as they arrive.
+_Listing = Iterator[_Item] | AsyncIterator[_Item]
+
+
+async def _aiter(items: Iterator[_Item]) -> AsyncIterator[_Item]:
+    for item in items:
+        yield item
+
+
+async def _plain_arriving(listing: AsyncIterator[_Item]) -> AsyncIterator[tuple[bytes, int, int, int]]:
+    async for off, name, mode, ino, _n in listing:
+        yield name, off, ino or 0xFFFFFFFF, mode
 
 
 class NodeFS(Operations):
@@ -1055,9 +1080,13 @@ class NodeFS(Operations):
         return Handle(fh, getattr(node, "fopen", 0))
 
     async def releasedir(self, req: r.ReleasedirRequest) -> None:
-        """RELEASEDIR: drop the stream."""
-        if self._dirs.pop(req.fh, None) is not None and self._journal is not None:
-            self._journal(["C", req.fh])
+        """RELEASEDIR: drop the stream (closing a listing still arriving)."""
+        stream = self._dirs.pop(req.fh, None)
+        if stream is not None:
+            if self._journal is not None:
+                self._journal(["C", req.fh])
+            if stream.source is not None:
+                await stream.stop()
 
     def _stream(self, req: r.ReaddirRequest) -> _DirStream:
         _set_caller(req)
@@ -1096,9 +1125,15 @@ class NodeFS(Operations):
             if c is not None:
                 yield offset, name, c.mode, c.ino or c._nodeid, c
 
-    async def _items(self, stream: _DirStream, offset: int) -> Iterator[tuple[int, bytes, int, int, Node | None]]:
-        """(offset, name, mode, ino, node) after ``offset`` in the stream's snapshot (taken at offset 0)."""
+    async def _items(self, stream: _DirStream, offset: int) -> _Listing:
+        """(offset, name, mode, ino, node) after ``offset`` in the stream's snapshot (taken at offset 0).
+
+        A node whose ``readdir`` is an async iterator is listed as it yields: a READDIR is answered
+        from what has arrived once the kernel's buffer is full or the listing ends, and the next
+        one goes on from there (the snapshot grows as it arrives)."""
         if stream.items is None or offset == 0:
+            if stream.source is not None:
+                await stream.stop()
             node = stream.node
             ino = node.ino or node._nodeid
             items: list[tuple[bytes, int, int, Node | None]] = [(b".", node.mode, ino, None),
@@ -1109,14 +1144,41 @@ class NodeFS(Operations):
                 listing = res if hasattr(res, "__aiter__") else await res
                 what = f"{type(node).__qualname__}.readdir"
                 if hasattr(listing, "__aiter__"):
-                    items += [self._item(what, d) async for d in listing]
+                    stream.source, stream.what = listing.__aiter__(), what
                 else:
                     items += [self._item(what, d) for d in listing]
             elif node.children is not None:
                 items += [(name, c.mode, c.ino or c._nodeid, c) for name, c in node.children.items()]
             stream.items = items
+        if stream.source is not None:
+            return self._arriving(stream, offset)
         return ((i + 1, name, mode, ino, n) for i, (name, mode, ino, n)
                 in enumerate(itertools.islice(stream.items, offset, None), offset))
+
+    async def _arriving(self, stream: _DirStream, offset: int
+                        ) -> AsyncIterator[tuple[int, bytes, int, int, Node | None]]:
+        """:meth:`_items` of a listing still arriving: the snapshot after ``offset``, then the source."""
+        items = stream.items
+        assert items is not None
+        i = offset
+        item = self._item
+        while True:
+            while i < len(items):
+                name, mode, ino, n = items[i]
+                i += 1
+                yield i, name, mode, ino, n
+            src = stream.source
+            if src is None or stream.items is not items:
+                return
+            try:
+                d = await src.__anext__()
+            except StopAsyncIteration:
+                stream.source = None
+                return
+            except BaseException:
+                stream.source, stream.items = None, None  # the next READDIR lists again
+                raise
+            items.append(item(stream.what, d))
 
     @staticmethod
     def _item(what: str, d: object) -> tuple[bytes, int, int, Node | None]:
@@ -1126,11 +1188,14 @@ class NodeFS(Operations):
 
     async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
         """READDIR: the entries after ``req.offset``: a persistent directory's stable cookies, else
-        positions in the stream's snapshot."""
+        positions in the stream's snapshot. Entries are ``(name, offset, ino, mode)`` tuples (see
+        :meth:`afuse.wire.results.DirWriter.add`)."""
         stream = self._stream(req)
         ck = self._cookies(stream.node)
         listing = self._kept(stream.node, ck, req.offset) if ck is not None else await self._items(stream, req.offset)
-        return (DirEntry(name, off, Attr(ino=ino or 0xFFFFFFFF, mode=mode)) for off, name, mode, ino, _n in listing)
+        if isinstance(listing, AsyncIterator):
+            return _plain_arriving(listing)
+        return ((name, off, ino or 0xFFFFFFFF, mode) for off, name, mode, ino, _n in listing)
 
     async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
         """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup."""
@@ -1140,11 +1205,12 @@ class NodeFS(Operations):
             return self._plus(stream.node, self._kept(stream.node, ck, req.offset))
         return self._plus(stream.node, await self._items(stream, req.offset))
 
-    async def _plus(self, parent: Node, listing: Iterator[tuple[int, bytes, int, int, Node | None]]
-                    ) -> AsyncIterator[DirEntry]:
+    async def _plus(self, parent: Node, listing: _Listing) -> AsyncIterator[DirEntry]:
         fresh: list[Node] = []
+        if not hasattr(listing, "__aiter__"):
+            listing = _aiter(listing)
         try:
-            for off, name, mode, ino, child in listing:
+            async for off, name, mode, ino, child in listing:
                 if name in _DOTS:
                     yield DirEntry(name, off, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
                     continue

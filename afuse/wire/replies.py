@@ -222,7 +222,8 @@ class DirBuffer:
         if reclen > self._room:
             return False
         self._room -= reclen
-        self._parts.append(_dirent_struct(n).pack(ino, offset, n, (mode & 0o170000) >> 12, name))
+        st = _DIRENT_BY_LEN.get(n) or _dirent_struct(n)
+        self._parts.append(st.pack(ino, offset, n, (mode & 0o170000) >> 12, name))
         return True
 
     def add_plus(self, name: bytes, offset: int, e: Entry) -> bool:

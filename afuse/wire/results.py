@@ -10,6 +10,7 @@ raises :class:`~afuse.wire.errors.HandlerResultError` before any bytes exist. ``
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -255,9 +256,24 @@ class DirWriter:
         self._what = what
 
     def add(self, d: Any) -> bool:
-        """Add one entry; False when the kernel's buffer is full (stop listing)."""
+        """Add one entry; False when the kernel's buffer is full (stop listing).
+
+        Besides :class:`DirEntry`, a READDIR (not READDIRPLUS) entry may be the tuple ``(name,
+        offset, ino, mode)``: the node layer's form, without an object per entry."""
+        if type(d) is tuple and len(d) == 4 and not self._plus:
+            name, offset, ino, mode = d
+            if type(name) is not bytes or not name or b"/" in name or b"\0" in name or len(name) > 4095:
+                raise HandlerResultError(f"invalid directory entry name {name!r}")
+            if type(offset) is not int or offset <= 0:
+                raise HandlerResultError(f"directory entry {name!r} has offset {offset!r}; offsets start at 1")
+            try:
+                return self._buf.add(name, offset, ino, mode)
+            except (struct.error, TypeError):
+                raise HandlerResultError(f"directory entry {name!r}: bad ino {ino!r} or mode {mode!r}") from None
         if not isinstance(d, DirEntry):
-            raise HandlerResultError(f"{self._what} must yield DirEntry items, not {type(d).__name__}")
+            raise HandlerResultError(f"{self._what} must yield DirEntry items"
+                                     f"{'' if self._plus else ' or (name, offset, ino, mode) tuples'}, "
+                                     f"not {f'a {len(d)}-tuple' if type(d) is tuple else type(d).__name__}")
         name = d.name
         if not isinstance(name, bytes) or not name or b"/" in name or b"\0" in name or len(name) > 4095:
             raise HandlerResultError(f"invalid directory entry name {name!r}")

@@ -164,8 +164,12 @@ class DirEntry:
     entry: Entry | None = None
 
 
+#: A READDIR entry without an object: ``(name, offset, ino, mode)`` (only the file type bits of
+#: ``mode`` are sent); not for READDIRPLUS.
+PlainDirEntry = tuple[bytes, int, int, int]
+
 #: A directory listing as ``readdir`` returns it: an iterable (list, generator) or async iterable.
-DirEntries = Iterable[DirEntry] | AsyncIterable[DirEntry]
+DirEntries = Iterable[DirEntry | PlainDirEntry] | AsyncIterable[DirEntry | PlainDirEntry]
 
 
 @attrs.define(slots=True)
