@@ -58,6 +58,7 @@ import asyncssh
 import attrs
 import sniffio
 import trio
+from asyncssh.packet import PacketDecodeError
 
 import afuse.asyncio
 from afuse.device import MountOptions
@@ -558,15 +559,20 @@ class Pool:
         except FUSEError:
             raise
         except (asyncssh.Error, OSError, TimeoutError, EOFError) as e:
-            if isinstance(e, asyncssh.SFTPError) and not _lost(e):
-                raise FUSEError(_errno_of(e), str(e)) from None
-            self.failures += 1
-            if not self.closing:
-                log.warning("connection %d: %s", c.index, e or type(e).__name__)
-            c.drop()
-            raise FUSEError(errno.EIO, str(e)) from None
+            raise self.failed(c, e) from None
         finally:
             c.busy -= 1
+
+    def failed(self, c: Connection, e: BaseException) -> FUSEError:
+        """The FUSEError for ``e`` met on ``c``: an SFTP error's nearest errno; else (a timeout, a
+        lost connection) EIO, and the connection is dropped."""
+        if isinstance(e, asyncssh.SFTPError) and not _lost(e):
+            return FUSEError(_errno_of(e), str(e))
+        self.failures += 1
+        if not self.closing:
+            log.warning("connection %d: %s", c.index, e or type(e).__name__)
+        c.drop()
+        return FUSEError(errno.EIO, str(e) or type(e).__name__)
 
     async def then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], path: bytes,
                          via: Connection | None = None) -> tuple[T, FileAttrs | None]:
@@ -748,6 +754,7 @@ async def _request_many(handler: Any, pkttype: int, args: Sequence[bytes | Seque
 
 
 _HEAD = struct.Struct(">IBI")  # an SFTP packet's length, type and request id
+_FXP_READ, _FXP_DATA = 5, 103
 _U64 = struct.Struct(">Q")
 _FXP_WRITE = 6
 
@@ -962,7 +969,7 @@ async def _shielded(task: asyncio.Task[T]) -> T:
     return await asyncio.shield(task)  # a cancelled waiter leaves the task to the others
 
 
-def _consume(task: asyncio.Task[Any]) -> None:
+def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
 
@@ -986,6 +993,43 @@ def _pflags(flags: int) -> int:
     return p
 
 
+class _ReadReply:
+    """The reply to a READ sent by :meth:`RemoteFile._send_read`, in the place of asyncssh's
+    request future: SSH_FXP_DATA's bytes, EOF as b"", errors as FUSEError."""
+
+    __slots__ = ("conn", "fut", "handler", "pool")
+
+    def __init__(self, fut: asyncio.Future[bytes], pool: Pool, conn: Connection, handler: Any) -> None:
+        self.fut, self.pool, self.conn, self.handler = fut, pool, conn, handler
+
+    def cancelled(self) -> bool:
+        return self.fut.cancelled()
+
+    def set_result(self, reply: tuple[int, Any]) -> None:
+        pkttype, packet = reply
+        try:
+            if pkttype == _FXP_DATA:
+                data = packet.get_string()
+            elif pkttype == _FXP_STATUS:
+                try:
+                    self.handler._process_status(packet)
+                except asyncssh.SFTPEOFError:
+                    data = b""
+                else:
+                    raise asyncssh.SFTPBadMessage("SSH_FX_OK in reply to READ")
+            else:
+                raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to READ")
+        except (asyncssh.Error, PacketDecodeError) as e:
+            self.set_exception(e)
+            return
+        if not self.fut.done():
+            self.fut.set_result(data)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(self.pool.failed(self.conn, exc))
+
+
 class RemoteFile:
     """An open remote file (asyncio code): read-ahead for sequential readers, pipelined writes.
 
@@ -1002,7 +1046,7 @@ class RemoteFile:
         self.file: asyncssh.SFTPClientFile | None = None
         self.generation = 0
         #: Read-ahead: chunk offset -> task reading CHUNK bytes there.
-        self.chunks: dict[int, asyncio.Task[bytes]] = {}
+        self.chunks: dict[int, asyncio.Future[bytes]] = {}
         self.window = 0
         self.next_offset = -1
         #: Size known to the reader (read-ahead stops there); None: unknown.
@@ -1043,10 +1087,30 @@ class RemoteFile:
 
     # reads -----------------------------------------------------------------------------------------
 
-    def _spawn_chunk(self, offset: int) -> asyncio.Task[bytes]:
-        task = _start(self._chunk(offset))
-        task.add_done_callback(_consume)  # a chunk nobody reads any more may fail unseen
-        return task
+    def _spawn_chunk(self, offset: int) -> asyncio.Future[bytes]:
+        fut = self._send_read(offset, CHUNK)
+        if fut is None:
+            fut = _start(self._chunk(offset))
+        fut.add_done_callback(_consume)  # a chunk nobody reads any more may fail unseen
+        return fut
+
+    def _send_read(self, offset: int, size: int) -> asyncio.Future[bytes] | None:
+        """A READ sent now on the file's open handle, its reply decoded where it arrives (no task,
+        no copy through asyncssh's calls); None if the file is not open on a live connection."""
+        f, c = self.file, self.conn
+        if f is None or self.generation != c.generation or c.sftp is None or f._handle is None:
+            return None
+        handler: Any = f._handler
+        if not _raw_requests(handler) or not handler._writer or handler._writer.channel.is_closing():
+            return None
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        pktid = handler._next_pktid
+        handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
+        handler._requests[pktid] = _ReadReply(fut, self.pool, c, handler)
+        handle = f._handle
+        handler._writer.write(_HEAD.pack(len(handle) + 21, _FXP_READ, pktid) + _U32.pack(len(handle)) + handle
+                              + _U64.pack(offset) + _U32.pack(size))
+        return fut
 
     async def _read_piece(self, offset: int, size: int) -> bytes:
         return _bytes(await self.run(lambda f: f.read(size, offset)))
@@ -1065,7 +1129,13 @@ class RemoteFile:
         if task is None:
             task = self.chunks[off] = self._spawn_chunk(off)
         try:
-            return await asyncio.shield(task)  # a cancelled read leaves the chunk to the next one
+            if not task.done():
+                try:
+                    async with asyncio.timeout(self.pool.options.timeout):
+                        await asyncio.shield(task)  # a cancelled read leaves the chunk to the next one
+                except TimeoutError as e:
+                    raise self.pool.failed(self.conn, e) from None
+            return task.result()
         except asyncio.CancelledError:
             me = asyncio.current_task()
             if me is not None and me.cancelling():
