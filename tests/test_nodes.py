@@ -281,6 +281,86 @@ def test_dynamic_lookup_dedups_by_key(fuse_mount: Mount) -> None:
     assert sorted(os.listdir(m.path), key=int) == [str(i) for i in range(100)]
 
 
+class Arriving(Numbers):
+    """A listing that arrives in batches (an async iterator of lists, and of single items), with
+    pauses: as a network filesystem's listing does. ``fail_after``: raise EIO after that many."""
+
+    def __init__(self, count: int, fail_after: int | None = None, bad_item: bool = False) -> None:
+        super().__init__(count)
+        self.fail_after = fail_after
+        self.bad_item = bad_item
+        self.listings = 0
+        self.closed = 0
+        self.yielded = 0
+
+    async def lookup(self, name: bytes) -> Node | None:
+        return await super().lookup(name.split(b"-")[0])
+
+    async def readdir(self) -> Any:  # an async iterator: the bridge answers as it arrives
+        self.listings += 1
+        return self._arriving()
+
+    async def _arriving(self) -> Any:
+        try:
+            for start in range(0, self.count, 100):
+                if self.fail_after is not None and start >= self.fail_after:
+                    raise afuse.FUSEError(errno.EIO, "the server went away")
+                await trio.sleep(0.001)
+                batch = [DirItem(b"%d-%s" % (i, b"x" * 60), stat.S_IFREG, 1000 + i)
+                         for i in range(start, min(start + 100, self.count))]
+                if start == 0:
+                    self.yielded += 1
+                    yield batch[0]  # a single item, then lists
+                    batch = batch[1:]
+                if self.bad_item and start >= 300:
+                    yield [("not", "a", "DirItem")]
+                self.yielded += len(batch)
+                yield batch
+        finally:
+            self.closed += 1
+
+
+def test_listing_as_it_arrives(fuse_mount: Mount) -> None:
+    """A readdir that is an async iterator is answered as it yields: many READDIRs, every entry
+    once, in order, with its inode number; plus entries and stat agree; each open lists again."""
+    root = Arriving(3000)
+    m = fuse_mount(NodeFS(root))
+    names = [b"%d-%s" % (i, b"x" * 60) for i in range(3000)]
+    with os.scandir(m.path) as it:
+        assert os.fsencode(next(it).name) == names[0]
+        assert root.yielded < 1000  # the first READDIR was answered from the first batches
+    assert [os.fsencode(n) for n in os.listdir(m.path)] == names
+    with os.scandir(m.path) as it:  # interleaved lookups: later chunks come as READDIRPLUS
+        seen = [(os.fsencode(e.name), e.inode(), e.stat(follow_symlinks=False).st_ino) for e in it]
+    assert [n for n, _, _ in seen] == names
+    assert all(ino == st_ino == 1000 + i for i, (_, ino, st_ino) in enumerate(seen))
+    assert root.listings == 3
+    wait_for(lambda: root.closed == 3, what="every listing's iterator closed")
+
+
+def test_listing_that_fails_while_arriving(fuse_mount: Mount) -> None:
+    """An error raised by an arriving listing reaches the reader (the entries before it were
+    returned); an item of the wrong type is a clear error; the session keeps serving."""
+    m = fuse_mount(NodeFS(Arriving(2000, fail_after=1200)), raise_handler_errors=False)
+    fd = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        got: list[bytes] = []
+        with pytest.raises(OSError) as e:
+            with os.scandir(fd) as it:
+                got += [os.fsencode(x.name) for x in it]
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert os.stat(m.join("5")).st_ino == 1005  # still serving
+    bad = fuse_mount(NodeFS(Arriving(1000, bad_item=True)), raise_handler_errors=False)
+    with pytest.raises(OSError) as e:
+        os.listdir(bad.path)
+    assert e.value.errno == errno.EIO
+    errors = [str(x) for x in bad.session.errors if isinstance(x, HandlerResultError)]
+    assert any("Arriving.readdir must yield DirItem, not tuple" in x for x in errors), errors
+    assert os.stat(bad.join("7")).st_ino == 1007
+
+
 # -- lookup counts and forgetting --------------------------------------------------------------------
 
 

@@ -1578,7 +1578,7 @@ class SftpNode(Node):
             self.target_at = time.monotonic()
         return self.target
 
-    async def readdir(self) -> list[DirItem] | AsyncIterator[DirItem]:
+    async def readdir(self) -> list[DirItem] | AsyncIterator[list[DirItem]]:
         """The listing (names, types and attributes, kept ``dir_timeout``); a listing not at hand
         is streamed as it arrives (READDIRs pipelined): the kernel gets the first entries while
         the server reads the rest."""
@@ -1591,22 +1591,20 @@ class SftpNode(Node):
         return self._arriving(self.listing_progress, task, prefix)
 
     async def _arriving(self, progress: ListingProgress, task: asyncio.Task[list[tuple[bytes, FileAttrs]]],
-                        prefix: bytes) -> AsyncIterator[DirItem]:
+                        prefix: bytes) -> AsyncIterator[list[DirItem]]:
         i = 0
         while True:
             entries = progress.entries
-            while i < len(entries):
-                name, a = entries[i]
-                i += 1
-                if name != b"." and name != b"..":
-                    yield DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name))
-            if progress.done:
-                if i >= len(progress.entries):
-                    if task.cancelled():
-                        raise FUSEError(errno.EIO, "the listing was cancelled")
-                    task.result()  # the listing's error (a FUSEError), if it failed
-                    return
+            if i < len(entries):
+                batch, i = entries[i:], len(entries)
+                yield [DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name))
+                       for name, a in batch if name != b"." and name != b".."]
                 continue
+            if progress.done:
+                if task.cancelled():
+                    raise FUSEError(errno.EIO, "the listing was cancelled")
+                task.result()  # the listing's error (a FUSEError), if it failed
+                return
             await afuse.asyncio.run_asyncio(progress.wait_beyond(i))
 
     async def statfs(self) -> FsStats:

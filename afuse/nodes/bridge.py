@@ -121,21 +121,6 @@ class _DirStream:
             await aclose()
 
 
-_Item = tuple[int, bytes, int, int, "Node | None"]
-#: (offset, name, mode, ino, node or None) of a directory stream, as they are or as they arrive.
-_Listing = Iterator[_Item] | AsyncIterator[_Item]
-
-
-async def _aiter(items: Iterator[_Item]) -> AsyncIterator[_Item]:
-    for item in items:
-        yield item
-
-
-async def _plain_arriving(listing: AsyncIterator[_Item]) -> AsyncIterator[tuple[bytes, int, int, int]]:
-    async for off, name, mode, ino, _n in listing:
-        yield name, off, ino or 0xFFFFFFFF, mode
-
-
 class NodeFS(Operations):
     """Serve the tree of nodes under ``root`` (a directory node): ``afuse.mount(NodeFS(root), path)``.
 
@@ -1125,12 +1110,13 @@ class NodeFS(Operations):
             if c is not None:
                 yield offset, name, c.mode, c.ino or c._nodeid, c
 
-    async def _items(self, stream: _DirStream, offset: int) -> _Listing:
+    async def _items(self, stream: _DirStream, offset: int, want: int
+                     ) -> Iterator[tuple[int, bytes, int, int, Node | None]]:
         """(offset, name, mode, ino, node) after ``offset`` in the stream's snapshot (taken at offset 0).
 
-        A node whose ``readdir`` is an async iterator is listed as it yields: a READDIR is answered
-        from what has arrived once the kernel's buffer is full or the listing ends, and the next
-        one goes on from there (the snapshot grows as it arrives)."""
+        A node whose ``readdir`` is an async iterator is listed as it yields: the snapshot grows
+        until it holds ``want`` entries after ``offset`` (as many as the kernel's buffer could
+        take) or the listing ends, and the READDIR is answered from that; the next one goes on."""
         if stream.items is None or offset == 0:
             if stream.source is not None:
                 await stream.stop()
@@ -1151,25 +1137,17 @@ class NodeFS(Operations):
                 items += [(name, c.mode, c.ino or c._nodeid, c) for name, c in node.children.items()]
             stream.items = items
         if stream.source is not None:
-            return self._arriving(stream, offset)
+            await self._arrive(stream, offset + want)
+        assert stream.items is not None
         return ((i + 1, name, mode, ino, n) for i, (name, mode, ino, n)
                 in enumerate(itertools.islice(stream.items, offset, None), offset))
 
-    async def _arriving(self, stream: _DirStream, offset: int
-                        ) -> AsyncIterator[tuple[int, bytes, int, int, Node | None]]:
-        """:meth:`_items` of a listing still arriving: the snapshot after ``offset``, then the source."""
-        items = stream.items
-        assert items is not None
-        i = offset
-        item = self._item
-        while True:
-            while i < len(items):
-                name, mode, ino, n = items[i]
-                i += 1
-                yield i, name, mode, ino, n
-            src = stream.source
-            if src is None or stream.items is not items:
-                return
+    async def _arrive(self, stream: _DirStream, upto: int) -> None:
+        """Take what the stream's source yields (a DirItem, or a list of them: a batch as it
+        arrived) until the snapshot holds ``upto`` entries or the source ends."""
+        items, src, item, what = stream.items, stream.source, self._item, stream.what
+        assert items is not None and src is not None
+        while len(items) < upto:
             try:
                 d = await src.__anext__()
             except StopAsyncIteration:
@@ -1178,7 +1156,10 @@ class NodeFS(Operations):
             except BaseException:
                 stream.source, stream.items = None, None  # the next READDIR lists again
                 raise
-            items.append(item(stream.what, d))
+            if type(d) is list:
+                items += [item(what, x) for x in d]
+            else:
+                items.append(item(what, d))
 
     @staticmethod
     def _item(what: str, d: object) -> tuple[bytes, int, int, Node | None]:
@@ -1192,9 +1173,8 @@ class NodeFS(Operations):
         :meth:`afuse.wire.results.DirWriter.add`)."""
         stream = self._stream(req)
         ck = self._cookies(stream.node)
-        listing = self._kept(stream.node, ck, req.offset) if ck is not None else await self._items(stream, req.offset)
-        if isinstance(listing, AsyncIterator):
-            return _plain_arriving(listing)
+        listing = (self._kept(stream.node, ck, req.offset) if ck is not None
+                   else await self._items(stream, req.offset, req.size // 32))  # 32: the shortest record
         return ((name, off, ino or 0xFFFFFFFF, mode) for off, name, mode, ino, _n in listing)
 
     async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
@@ -1203,14 +1183,13 @@ class NodeFS(Operations):
         ck = self._cookies(stream.node)
         if ck is not None:
             return self._plus(stream.node, self._kept(stream.node, ck, req.offset))
-        return self._plus(stream.node, await self._items(stream, req.offset))
+        return self._plus(stream.node, await self._items(stream, req.offset, req.size // 160))
 
-    async def _plus(self, parent: Node, listing: _Listing) -> AsyncIterator[DirEntry]:
+    async def _plus(self, parent: Node, listing: Iterator[tuple[int, bytes, int, int, Node | None]]
+                    ) -> AsyncIterator[DirEntry]:
         fresh: list[Node] = []
-        if not hasattr(listing, "__aiter__"):
-            listing = _aiter(listing)
         try:
-            async for off, name, mode, ino, child in listing:
+            for off, name, mode, ino, child in listing:
                 if name in _DOTS:
                     yield DirEntry(name, off, entry=Entry(0, Attr(ino=ino or 0xFFFFFFFF, mode=mode)))
                     continue

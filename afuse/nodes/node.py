@@ -8,7 +8,9 @@ arguments the bridge passes (``name``/``target`` are bytes, ``mode`` includes th
 ``lookup(name) -> Node | None``        a child not kept in :attr:`Node.children` (dynamic)
 ``getattr() -> Attr``                  attributes (``ino`` 0: the bridge fills it in)
 ``setattr(changes) -> Attr``           ``changes`` is the :class:`afuse.SetattrRequest`
-``readdir() -> iterable of DirItem``   a listing not kept in :attr:`Node.children`
+``readdir() -> iterable of DirItem``   a listing not kept in :attr:`Node.children`; or an async
+                                       iterator of DirItem (or of lists of them, batches as they
+                                       arrive): the kernel is answered as the listing arrives
 ``open(flags) -> FileHandle | None``   None: no handle, I/O goes to the node's own methods
 ``create(name, flags, mode)``          ``-> Node`` or ``(Node, FileHandle | None)``
 ``mkdir(name, mode) -> Node``          also ``mknod(name, mode, rdev)``, ``symlink(name, target)``
@@ -41,9 +43,7 @@ import bisect
 import os
 import stat
 from collections.abc import Hashable, Iterable
-from typing import TYPE_CHECKING
-
-import attrs
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..wire.constants import FOpen
 
@@ -60,9 +60,10 @@ def _check_name(name: bytes) -> None:
         raise ValueError(f"invalid directory entry name {name!r}")
 
 
-@attrs.define(slots=True, frozen=True)
-class DirItem:
-    """One entry of a dynamic listing (:meth:`readdir`): name, file type bits, inode number (0: unknown)."""
+class DirItem(NamedTuple):
+    """One entry of a dynamic listing (:meth:`readdir`): name, file type bits, inode number (0: unknown).
+
+    A named tuple: listings make one per entry, and a tuple costs a third of a class instance."""
 
     name: bytes
     mode: int
