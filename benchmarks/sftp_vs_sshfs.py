@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -61,7 +62,7 @@ sshd_tool: Any = importlib.util.module_from_spec(_spec)
 sys.modules["afuse_tools_sshd"] = sshd_tool
 _spec.loader.exec_module(sshd_tool)
 
-SIDES = ("sshfs", "sftpfs", "sftpfs-asyncssh")
+SIDES = ("sshfs", "sftpfs", "sftpfs-asyncssh", "sftpfs-poll")
 DEFAULT_SIDES = ("sshfs", "sftpfs")
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"  # Debian's; --count-requests runs it (internal-sftp cannot log)
 # workload -> (label, unit, target ratio sftpfs/sshfs or None)
@@ -162,18 +163,19 @@ def sshfs_argv(sshd: Any, port: int, known_hosts: str, remote: str, mnt: str, cf
 
 
 def sftpfs_argv(sshd: Any, port: int, known_hosts: str, remote: str, mnt: str, cfg: Config,
-                transport: str = "ssh") -> list[str]:
+                transport: str = "ssh", extra: tuple[str, ...] = ()) -> list[str]:
     """afuse's sftpfs with the same caches as sshfs where comparable; by default over the same
     ``ssh`` client as sshfs (``--transport ssh``)."""
     return [sys.executable, "-m", "afuse.examples.sftpfs", sshd.target(remote), mnt,
             "-p", str(port), "-i", str(sshd.identity),
             "-o", f"known_hosts={known_hosts},cache_timeout=20" + (f",Ciphers={cfg.cipher}" if cfg.cipher else ""),
-            "--connections", str(cfg.connections), "--transport", transport]  # fmt: skip
+            "--connections", str(cfg.connections), "--transport", transport, *extra]  # fmt: skip
 
 
 ARGV: dict[str, Callable[[Any, int, str, str, str, Config], list[str]]] = {
     "sshfs": sshfs_argv, "sftpfs": sftpfs_argv,
-    "sftpfs-asyncssh": lambda *a: sftpfs_argv(*a, transport="asyncssh")}
+    "sftpfs-asyncssh": functools.partial(sftpfs_argv, transport="asyncssh"),
+    "sftpfs-poll": functools.partial(sftpfs_argv, extra=("--poll-us", "50"))}
 
 
 @dataclass
@@ -498,9 +500,10 @@ def table(res: Results, sides: list[str]) -> str:
     others = [s for s in sides if s != "sshfs"] if "sshfs" in sides else []
     width = 10 * len(sides) + 7 * len(others) + 1
     head = f"{'workload':<18}{'unit':<10}" + "".join(f"{p:>{width}}" for p in res.rates)
-    label = {"sshfs": "sshfs", "sftpfs": "sftpfs", "sftpfs-asyncssh": "asyncssh"}
-    sub = f"{'':<28}" + "".join(("".join(f"{label[s]:>10}" for s in sides)
-                                 + "".join(f"{'ratio' if s == 'sftpfs' else '÷async':>7}" for s in others) + " ")
+    side_label = {"sshfs": "sshfs", "sftpfs": "sftpfs", "sftpfs-asyncssh": "asyncssh", "sftpfs-poll": "poll"}
+    ratio_label = {"sftpfs": "ratio", "sftpfs-asyncssh": "÷async", "sftpfs-poll": "÷poll"}
+    sub = f"{'':<28}" + "".join(("".join(f"{side_label[s]:>10}" for s in sides)
+                                 + "".join(f"{ratio_label[s]:>7}" for s in others) + " ")
                                 for _ in res.rates)
     out += [head, sub]
     misses = []
@@ -524,6 +527,9 @@ def table(res: Results, sides: list[str]) -> str:
     if "sftpfs" in others:
         out.append("ratio = sftpfs / sshfs (higher is better for sftpfs). Targets: >= 1.0 on list, list -l, stat and "
                    "parallel read; >= 0.7 on seq read/write; '!' marks a miss.")
+        if "sftpfs-poll" in others:
+            out.append("poll, ÷poll = sftpfs --poll-us 50 (busy polling of /dev/fuse, a CPU spent while idle), "
+                       "and its ratio to sshfs: a different configuration, for comparison (no targets).")
         if "sftpfs-asyncssh" in others:
             out.append("asyncssh, ÷async = sftpfs --transport asyncssh (SSH in sftpfs's own process), "
                        "and its ratio to sshfs: a different configuration, for comparison (no targets).")
@@ -564,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default="0,20", help="added round trips in ms, comma-separated (default 0,20)")
     p.add_argument("--sides", default=",".join(DEFAULT_SIDES),
                    help="which filesystems: sshfs, sftpfs (over the ssh client, as sshfs), sftpfs-asyncssh "
-                        "(--transport asyncssh: a separate, labelled column); default sshfs,sftpfs")
+                        "(--transport asyncssh), sftpfs-poll (--poll-us 50); the last two are separate, "
+                        "labelled columns; default sshfs,sftpfs")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="which workloads, comma-separated (default all: " + ",".join(WORKLOADS) + ")")
     p.add_argument("--tmpdir", default=None, help="where the served directory and mountpoints go")

@@ -244,13 +244,15 @@ def test_open_flags_rename_links_statfs(sshd: Any, tmp_path: Path, transport: st
             assert f.read(5) == data[17:22]
 
 
-def test_lookups_in_an_unlisted_directory(sshd: Any, tmp_path: Path) -> None:
-    """After a few lookups miss, sftpfs lists the directory and answers the rest from the listing."""
+@pytest.mark.parametrize("poll", [[], ["--poll-us", "50"]], ids=["sleep", "poll"])
+def test_lookups_in_an_unlisted_directory(sshd: Any, tmp_path: Path, poll: list[str]) -> None:
+    """After a few lookups miss, sftpfs lists the directory and answers the rest from the listing
+    (also with busy polling, which answers request after request without sleeping in between)."""
     remote = tmp_path / "remote"
     (remote / "d").mkdir(parents=True)
     for i in range(20):
         (remote / "d" / f"f{i}").write_bytes(b"x" * i)
-    with sftpfs(sshd, remote) as mnt:
+    with sftpfs(sshd, remote, *poll) as mnt:
         d = Path(mnt, "d")
         assert [(d / f"f{i}").stat().st_size for i in range(20)] == list(range(20))
         with pytest.raises(FileNotFoundError):
@@ -547,6 +549,8 @@ def test_command_line_errors(sshd: Any, tmp_path: Path) -> None:
     assert res.returncode == 2 and "/nonexistent/ssh" in res.stderr and "not found" in res.stderr
     res = run(sshd.target(str(tmp_path)), str(tmp_path), "-p", "70000")
     assert res.returncode == 2 and "70000" in res.stderr
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "--poll-us", "-1")
+    assert res.returncode == 2 and "--poll-us" in res.stderr
     wrong = tmp_path / "wrong_known_hosts"
     wrong.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 "
                      "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")

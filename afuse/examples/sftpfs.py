@@ -63,6 +63,7 @@ from asyncssh.packet import PacketDecodeError
 import afuse.asyncio
 from afuse.device import MountOptions
 from afuse.errors import FUSEError, MountError
+from afuse.examples._cli import _poll_us
 from afuse.nodes import DirItem, FileHandle, Node, NodeFS
 from afuse.wire.init import InitConfig
 from afuse.wire.requests import SetattrRequest
@@ -2048,8 +2049,9 @@ async def connect(options: SftpOptions) -> SftpFS:
 
 
 async def serve(options: SftpOptions, mountpoint: str, mount_options: MountOptions,
-                ready: Callable[[], None] = lambda: None) -> int | None:
-    """Connect, mount, serve until unmounted or SIGINT/SIGTERM/SIGHUP; returns the signal, if any."""
+                ready: Callable[[], None] = lambda: None, poll_us: float = 0.0) -> int | None:
+    """Connect, mount, serve until unmounted or SIGINT/SIGTERM/SIGHUP; returns the signal, if any.
+    ``poll_us``: :func:`afuse.serve`'s busy polling of /dev/fuse."""
     fs = await connect(options)
     loop = asyncio.get_running_loop()
     got: asyncio.Future[int] = loop.create_future()
@@ -2063,7 +2065,7 @@ async def serve(options: SftpOptions, mountpoint: str, mount_options: MountOptio
     config = InitConfig(max_background=128, congestion_threshold=96)
     try:
         async with afuse.asyncio.mount(fs, mountpoint, trio_handlers=True, options=mount_options, config=config,
-                                       max_requests=256) as session:
+                                       max_requests=256, poll_us=poll_us) as session:
             poller = None
             if options.poll > 0:
                 poller = loop.create_task(session.call_trio(fs.poll_forever))
@@ -2103,6 +2105,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconnect", action="store_true", help="reconnect when the connection is lost")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds before a request fails with EIO")
     p.add_argument("--poll", type=float, default=0.0, help="seconds between checks for remote changes (0: off)")
+    p.add_argument("--poll-us", type=_poll_us, default=0.0, metavar="US",
+                   help="busy-poll /dev/fuse this many microseconds before sleeping (default 0: never): "
+                        "one request after another (stat, ls -l, small files) is answered without a "
+                        "thread hand-off, at the cost of that CPU time")
     p.add_argument("--debug", action="store_true", help="log every request")
     return p
 
@@ -2120,7 +2126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        stopped_by = asyncio.run(serve(options, args.mountpoint, mount_options, lambda: print("ready", flush=True)))
+        stopped_by = asyncio.run(serve(options, args.mountpoint, mount_options, lambda: print("ready", flush=True),
+                                       poll_us=args.poll_us))
     except (ConnectError, MountError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
