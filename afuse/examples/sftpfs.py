@@ -3,9 +3,15 @@
 ::
 
     python -m afuse.examples.sftpfs [USER@]HOST:[DIR] MOUNTPOINT [-p PORT] [-i IDENTITY] [-o OPTIONS]
-        [--connections N] [--reconnect] [--timeout SECONDS] [--poll SECONDS]
+        [--transport ssh|asyncssh] [--connections N] [--reconnect] [--timeout SECONDS]
+        [--poll SECONDS] [--poll-us US]
 
 The worked example of a network filesystem on afuse (docs/sftpfs.md explains it):
+
+* **Transport.** SSH runs in OpenSSH's ``ssh`` client, a child process, as sshfs runs it (its
+  configuration, agent and known hosts apply; its crypto costs this process nothing), and
+  asyncssh's SFTP client speaks over its pipes (:class:`_SshProcess`); ``--transport asyncssh``
+  runs SSH in this process instead.
 
 * **Hosting.** asyncssh is an asyncio library, so the program runs an asyncio loop and serves the
   filesystem with :func:`afuse.asyncio.mount` (``trio_handlers=True``): trio runs as asyncio's
@@ -15,9 +21,9 @@ The worked example of a network filesystem on afuse (docs/sftpfs.md explains it)
 * **Nodes** are dynamic, one per remote path (:class:`SftpNode`); the filesystem keeps a path ->
   node map (renames move nodes and their subtrees). Attributes come from listings (READDIRPLUS
   answers without a request per entry) and are cached for ``cache_stat_timeout`` seconds, the time
-  the kernel is told it may cache them too. Listings send their READDIRs in waves and decode
-  the replies with :func:`parse_names` (:func:`list_directory`); after three lookups miss a
-  directory's listing, it is listed.
+  the kernel is told it may cache them too. Listings keep READDIRs in flight, decode the replies
+  with :func:`parse_names` as they arrive (:func:`list_directory`) and reach the kernel as they
+  arrive; after three lookups miss a directory's listing, it is listed.
 * **Connections** (:class:`Pool`): ``--connections N`` SSH connections with one SFTP session each;
   a request goes to the least busy one, an open file to the one it was opened on. Each request
   has ``--timeout``; a lost or timed-out connection answers EIO, and with ``--reconnect`` the next
