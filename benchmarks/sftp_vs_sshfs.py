@@ -498,12 +498,12 @@ def table(res: Results, sides: list[str]) -> str:
     ratio to it (the headline is sftpfs's: the targets are checked on that one)."""
     out = []
     others = [s for s in sides if s != "sshfs"] if "sshfs" in sides else []
-    width = 10 * len(sides) + 7 * len(others) + 1
+    width = 10 * len(sides) + 8 * len(others) + 1
     head = f"{'workload':<18}{'unit':<10}" + "".join(f"{p:>{width}}" for p in res.rates)
     side_label = {"sshfs": "sshfs", "sftpfs": "sftpfs", "sftpfs-asyncssh": "asyncssh", "sftpfs-poll": "poll"}
     ratio_label = {"sftpfs": "ratio", "sftpfs-asyncssh": "÷async", "sftpfs-poll": "÷poll"}
     sub = f"{'':<28}" + "".join(("".join(f"{side_label[s]:>10}" for s in sides)
-                                 + "".join(f"{ratio_label[s]:>7}" for s in others) + " ")
+                                 + "".join(f"{ratio_label[s]:>8}" for s in others) + " ")
                                 for _ in res.rates)
     out += [head, sub]
     misses = []
@@ -521,7 +521,7 @@ def table(res: Results, sides: list[str]) -> str:
                 if s == "sftpfs" and ratio is not None and target is not None and ratio < target:
                     mark = "!"
                     misses.append(f"{label} at {phase}: {ratio:.2f} < {target}")
-                row += f"{ratio:6.2f}{mark}" if ratio else f"{'-':>6} "
+                row += f"{ratio:7.2f}{mark}" if ratio else f"{'-':>7} "
             row += " "
         out.append(row)
     if "sftpfs" in others:

@@ -1477,13 +1477,16 @@ class SftpNode(Node):
         version, started = self.listing_task_from
         if task.cancelled() or task.exception() is not None or self.listing_version != version:
             return
-        self.listing = {name: a for name, a in task.result() if name != b"." and name != b".."}
+        listing = self.listing = dict(task.result())
+        listing.pop(b".", None)
+        listing.pop(b"..", None)
         self.listed, self.misses = started, 0
         self.missed.clear()
         self.stale.clear()
-        for name, a in self.listing.items():  # fresher attributes for the nodes the kernel holds
-            child = self.fs.live.get(_join(self.path, name))
-            if child is not None and stat.S_IFMT(a.permissions or 0) == stat.S_IFMT(child.mode):
+        live, prefix = self.fs.live, _join(self.path, b"")
+        for name, a in listing.items():  # fresher attributes for the nodes the kernel holds
+            child = live.get(prefix + name)
+            if child is not None and (a.permissions or 0) & 0o170000 == child.mode & 0o170000:
                 child._set(a, started)
 
     async def lookup(self, name: bytes) -> Node | None:
