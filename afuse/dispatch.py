@@ -193,8 +193,9 @@ class Dispatcher:
         return route
 
     def _read_route(self, fn: Callable[[Any], Awaitable[Any]], encode: Encoder, name: str) -> Route:
-        """READ: a large result is answered as ``[header, data]`` (one writev, no copy); a
-        :class:`~afuse.splice.FileRange` is spliced from its file by the session."""
+        """READ: a large result is answered as ``[header, data]`` (one writev, no copy), a list of
+        buffers as ``[header, *buffers]``; a :class:`~afuse.splice.FileRange` is spliced from its
+        file by the session."""
         conn = self.connection
         vector_min = replies.VECTOR_MIN
         failed = self._failed
@@ -211,6 +212,8 @@ class Dispatcher:
                     size = len(buf)
                 elif cls is memoryview and buf.c_contiguous:
                     size = buf.nbytes
+                elif cls is list:
+                    return _scattered(req, buf, name)
                 else:
                     size = 0
                 if vector_min <= size <= req.size:
@@ -318,6 +321,23 @@ class Dispatcher:
                         close()
             return out.reply(req.unique)
         return route
+
+
+def _scattered(req: r.ReadRequest, parts: list[Any], name: str) -> replies.Vector:
+    """A READ answered with a list of buffers: written in order with one writev (no join)."""
+    size = 0
+    for p in parts:
+        if type(p) is memoryview:
+            if not p.c_contiguous:
+                raise HandlerResultError(f"{name} returned a non-contiguous memoryview in its list")
+            size += p.nbytes
+        elif type(p) is bytes or type(p) is bytearray:
+            size += len(p)
+        else:
+            raise HandlerResultError(f"{name} returned a list holding {type(p).__name__}, not bytes")
+    if size > req.size:
+        raise HandlerResultError(f"{name} returned {size} bytes for a request of {req.size}")
+    return [replies.data_vector(req.unique, b"", size)[0], *parts]
 
 
 async def _enosys(req: r.Request) -> Reply:

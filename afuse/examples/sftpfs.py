@@ -761,6 +761,9 @@ async def _request_many(handler: Any, pkttype: int, args: Sequence[bytes | Seque
 
 
 _HEAD = struct.Struct(">IBI")  # an SFTP packet's length, type and request id
+#: Data read: bytes, a view of a reply packet, or several of them in order (a READ's reply).
+Chunk = bytes | memoryview
+Data = Chunk | list[Chunk]
 _FXP_READ, _FXP_DATA = 5, 103
 _U64 = struct.Struct(">Q")
 _FXP_WRITE = 6
@@ -1000,13 +1003,24 @@ def _pflags(flags: int) -> int:
     return p
 
 
+def _data_view(packet: Any) -> bytes | memoryview:
+    """SSH_FXP_DATA's data, as a view of the packet (asyncssh's ``get_string`` copies it)."""
+    buf, idx = getattr(packet, "_packet", None), getattr(packet, "_idx", None)
+    if type(buf) is not bytes or type(idx) is not int:
+        return packet.get_string()  # type: ignore[no-any-return]
+    (n,) = _U32.unpack_from(buf, idx)
+    if idx + 4 + n > len(buf):
+        raise asyncssh.SFTPBadMessage("truncated SSH_FXP_DATA")
+    return memoryview(buf)[idx + 4:idx + 4 + n]
+
+
 class _ReadReply:
     """The reply to a READ sent by :meth:`RemoteFile._send_read`, in the place of asyncssh's
     request future: SSH_FXP_DATA's bytes, EOF as b"", errors as FUSEError."""
 
     __slots__ = ("conn", "fut", "handler", "pool")
 
-    def __init__(self, fut: asyncio.Future[bytes], pool: Pool, conn: Connection, handler: Any) -> None:
+    def __init__(self, fut: asyncio.Future[Chunk], pool: Pool, conn: Connection, handler: Any) -> None:
         self.fut, self.pool, self.conn, self.handler = fut, pool, conn, handler
 
     def cancelled(self) -> bool:
@@ -1016,7 +1030,7 @@ class _ReadReply:
         pkttype, packet = reply
         try:
             if pkttype == _FXP_DATA:
-                data = packet.get_string()
+                data = _data_view(packet)
             elif pkttype == _FXP_STATUS:
                 try:
                     self.handler._process_status(packet)
@@ -1053,7 +1067,7 @@ class RemoteFile:
         self.file: asyncssh.SFTPClientFile | None = None
         self.generation = 0
         #: Read-ahead: chunk offset -> task reading CHUNK bytes there.
-        self.chunks: dict[int, asyncio.Future[bytes]] = {}
+        self.chunks: dict[int, asyncio.Future[Chunk]] = {}
         self.window = 0
         self.next_offset = -1
         #: Size known to the reader (read-ahead stops there); None: unknown.
@@ -1094,14 +1108,14 @@ class RemoteFile:
 
     # reads -----------------------------------------------------------------------------------------
 
-    def _spawn_chunk(self, offset: int) -> asyncio.Future[bytes]:
+    def _spawn_chunk(self, offset: int) -> asyncio.Future[Chunk]:
         fut = self._send_read(offset, CHUNK)
         if fut is None:
             fut = _start(self._chunk(offset))
         fut.add_done_callback(_consume)  # a chunk nobody reads any more may fail unseen
         return fut
 
-    def _send_read(self, offset: int, size: int) -> asyncio.Future[bytes] | None:
+    def _send_read(self, offset: int, size: int) -> asyncio.Future[Chunk] | None:
         """A READ sent now on the file's open handle, its reply decoded where it arrives (no task,
         no copy through asyncssh's calls); None if the file is not open on a live connection."""
         f, c = self.file, self.conn
@@ -1110,7 +1124,7 @@ class RemoteFile:
         handler: Any = f._handler
         if not _raw_requests(handler) or not handler._writer or handler._writer.channel.is_closing():
             return None
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
         pktid = handler._next_pktid
         handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
         handler._requests[pktid] = _ReadReply(fut, self.pool, c, handler)
@@ -1119,10 +1133,10 @@ class RemoteFile:
                               + _U64.pack(offset) + _U32.pack(size))
         return fut
 
-    async def _read_piece(self, offset: int, size: int) -> bytes:
+    async def _read_piece(self, offset: int, size: int) -> Chunk:
         return _bytes(await self.run(lambda f: f.read(size, offset)))
 
-    async def _chunk(self, offset: int) -> bytes:
+    async def _chunk(self, offset: int) -> Chunk:
         return await self._read_piece(offset, CHUNK)
 
     def _drop_chunks(self, keep: Callable[[int], bool] = lambda off: False, cancel: bool = True) -> None:
@@ -1131,7 +1145,7 @@ class RemoteFile:
             if cancel:
                 task.cancel()
 
-    async def _part(self, off: int) -> bytes:
+    async def _part(self, off: int) -> Chunk:
         task = self.chunks.get(off)
         if task is None:
             task = self.chunks[off] = self._spawn_chunk(off)
@@ -1170,19 +1184,19 @@ class RemoteFile:
                 self.chunks[off] = self._spawn_chunk(off)
         return range(first, offset + size, CHUNK)
 
-    def _assemble(self, offset: int, size: int, parts: list[tuple[int, bytes]]) -> bytes:
-        out: list[bytes] = []
+    def _assemble(self, offset: int, size: int, parts: list[tuple[int, Chunk]]) -> Data:
+        out: list[Chunk] = []
         for off, part in parts:
             out.append(part[max(0, offset - off):offset + size - off])
             if len(part) < CHUNK:  # end of file
                 break
         # Chunks behind the reader are done with (others may still be awaiting them: no cancel).
         self._drop_chunks(lambda off: off + CHUNK > self.next_offset - self.window, cancel=False)
-        return b"".join(out)
+        return out[0] if len(out) == 1 else out  # a list: the reply is written without joining
 
-    def ready(self, offset: int, size: int, chunks: range) -> bytes | None:
+    def ready(self, offset: int, size: int, chunks: range) -> Data | None:
         """The READ's data if the read-ahead chunks it needs are all in (no waiting), else None."""
-        parts: list[tuple[int, bytes]] = []
+        parts: list[tuple[int, Chunk]] = []
         for off in chunks:
             task = self.chunks.get(off)
             if task is None or not task.done() or task.cancelled() or task.exception() is not None:
@@ -1192,25 +1206,25 @@ class RemoteFile:
                 break
         return self._assemble(offset, size, parts)
 
-    async def finish(self, offset: int, size: int, chunks: range | None) -> bytes:
+    async def finish(self, offset: int, size: int, chunks: range | None) -> Data:
         """The READ planned by :meth:`plan`: wait for its chunks, or read directly (``chunks`` None)."""
         if chunks is None:  # CHUNK-sized requests at once (no read-ahead)
             pieces = await asyncio.gather(*(self._read_piece(off, min(CHUNK, offset + size - off))
                                             for off in range(offset, offset + size, CHUNK)))
-            out: list[bytes] = []
+            out: list[Chunk] = []
             for (off, part) in zip(range(offset, offset + size, CHUNK), pieces, strict=True):
                 out.append(part)
                 if len(part) < min(CHUNK, offset + size - off):  # end of file
                     break
             return b"".join(out)
-        parts: list[tuple[int, bytes]] = []
+        parts: list[tuple[int, Chunk]] = []
         for off in chunks:
             parts.append((off, await self._part(off)))
             if len(parts[-1][1]) < CHUNK:
                 break
         return self._assemble(offset, size, parts)
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> Data:
         """Read ``size`` bytes at ``offset`` after this file's pipelined writes (:meth:`plan`)."""
         await self.drain()
         return await self.finish(offset, size, self.plan(offset, size))
@@ -1805,7 +1819,7 @@ class SftpHandle(FileHandle):
         """Run the asyncio coroutine ``coro``."""
         return await afuse.asyncio.run_asyncio(coro)  # type: ignore[arg-type]
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> Data:
         """READ: from read-ahead without leaving trio when it holds the data; after the file's
         pipelined writes (through any handle)."""
         rf = self.rf
