@@ -1018,3 +1018,45 @@ def test_a_shared_attr_is_never_changed(fuse_mount: Mount) -> None:
     a, b = os.stat(m.join("a")), os.stat(m.join("b"))
     assert a.st_ino != b.st_ino and stat.S_ISREG(a.st_mode) and stat.S_ISREG(b.st_mode)
     assert SHARED.ino == 0 and SHARED.mode == 0o444
+
+
+# -- READ answered with a list of buffers ------------------------------------------------------------
+
+
+class Pieces(StaticFile):
+    """A file whose reads answer with several buffers (written with one writev, not joined);
+    ``bad`` answers with a list holding something else."""
+
+    def __init__(self, data: bytes, bad: object = None) -> None:
+        super().__init__(data)
+        self.data, self.bad = data, bad
+
+    async def read(self, offset: int, size: int) -> Any:
+        if self.bad is not None:
+            return [b"ok", self.bad]
+        piece = self.data[offset:offset + size]
+        mid = len(piece) // 3
+        return [piece[:mid], memoryview(piece)[mid:2 * mid], bytearray(piece[2 * mid:])]
+
+
+def test_read_answered_with_a_list_of_buffers(fuse_mount: Mount) -> None:
+    data = os.urandom(3 << 20)
+    root = MemDir()
+    root.add_child(b"pieces", Pieces(data))
+    root.add_child(b"bad", Pieces(b"x" * 100, bad=12))
+    root.add_child(b"strided", Pieces(b"x" * 100, bad=memoryview(b"abcdef")[::2]))
+    root.add_child(b"big", Pieces(b"x" * 100, bad=b"y" * (4 << 20)))
+    m = fuse_mount(NodeFS(root), raise_handler_errors=False)
+    with open(m.join("pieces"), "rb", buffering=0) as f:
+        assert f.read() == data
+        assert os.pread(f.fileno(), 10, 5) == data[5:15]
+
+    def read_all(name: str) -> bytes:
+        with open(m.join(name), "rb") as f:
+            return f.read()
+
+    for name, why in (("bad", "a list holding int"), ("strided", "non-contiguous memoryview"),
+                      ("big", "bytes for a request of")):
+        assert errno_of(lambda: read_all(name)) == errno.EIO  # noqa: B023 (called at once)
+        assert any(why in str(e) for e in m.session.errors if isinstance(e, HandlerResultError)), why
+    assert read_all("pieces")[:4] == data[:4]  # still serving
