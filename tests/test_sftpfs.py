@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import getpass
 import importlib.util
 import os
 import select
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -593,3 +595,34 @@ def test_parse_names_all_attribute_forms() -> None:
     for cut in (3, 10, len(payload) - 1):
         with pytest.raises(ValueError):
             parse_names(payload[:cut])
+
+
+# -- a server that reads less than asked ------------------------------------------------------------
+
+@TRANSPORTS
+def test_short_reads_are_not_the_end_of_the_file(tmp_path: Path, transport: str) -> None:
+    """A server may answer a READ with less than asked (older OpenSSH: 64 KiB at most); sftpfs
+    asks for the rest instead of taking it as the end of the file (it once cut files short)."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    data = os.urandom(3 << 20)
+    (remote / "big").write_bytes(data)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "short_read_sftp_server.py"), str(keys)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().strip()
+        assert port.isdigit(), "the short-read server did not start"
+        target = types.SimpleNamespace(target=lambda path: f"{getpass.getuser()}@127.0.0.1:{path}", port=port,
+                                       identity=keys / "id_ed25519", known_hosts=keys / "known_hosts")
+        with sftpfs(target, remote, "--transport", transport) as mnt:
+            with open(Path(mnt, "big"), "rb") as f:
+                assert f.read() == data  # sequential: read-ahead chunks
+                f.seek(1_000_003)
+                assert f.read(300_000) == data[1_000_003:1_300_003]  # a jump: direct reads
+                assert os.pread(f.fileno(), 200_000, len(data) - 50_000) == data[-50_000:]
+    finally:
+        server.kill()
+        server.wait(15)

@@ -1014,14 +1014,22 @@ def _data_view(packet: Any) -> bytes | memoryview:
     return memoryview(buf)[idx + 4:idx + 4 + n]
 
 
+async def _read_at(offset: int, size: int, f: asyncssh.SFTPClientFile) -> bytes | str:
+    return await f.read(size, offset)
+
+
 class _ReadReply:
     """The reply to a READ sent by :meth:`RemoteFile._send_read`, in the place of asyncssh's
-    request future: SSH_FXP_DATA's bytes, EOF as b"", errors as FUSEError."""
+    request future: SSH_FXP_DATA's bytes, EOF as b"", errors as FUSEError. A short answer is
+    not the end of the file (a server may read less than asked: older OpenSSH 64 KiB): the rest
+    is asked for, and the future gets both."""
 
-    __slots__ = ("conn", "fut", "handler", "pool")
+    __slots__ = ("conn", "fut", "handler", "offset", "pool", "rf", "size")
 
-    def __init__(self, fut: asyncio.Future[Chunk], pool: Pool, conn: Connection, handler: Any) -> None:
-        self.fut, self.pool, self.conn, self.handler = fut, pool, conn, handler
+    def __init__(self, fut: asyncio.Future[Chunk], rf: RemoteFile, conn: Connection, handler: Any,
+                 offset: int, size: int) -> None:
+        self.fut, self.rf, self.pool, self.conn, self.handler = fut, rf, rf.pool, conn, handler
+        self.offset, self.size = offset, size
 
     def cancelled(self) -> bool:
         return self.fut.cancelled()
@@ -1043,8 +1051,24 @@ class _ReadReply:
         except (asyncssh.Error, PacketDecodeError) as e:
             self.set_exception(e)
             return
-        if not self.fut.done():
-            self.fut.set_result(data)
+        if self.fut.done():
+            return
+        if 0 < len(data) < self.size:
+            rest = self.rf._send_read(self.offset + len(data), self.size - len(data))
+            if rest is not None:
+                rest.add_done_callback(functools.partial(self._joined, data))
+                return
+        self.fut.set_result(data)
+
+    def _joined(self, head: Chunk, rest: asyncio.Future[Chunk]) -> None:
+        if self.fut.done():
+            return
+        if rest.cancelled():
+            self.fut.cancel()
+        elif (e := rest.exception()) is not None:
+            self.fut.set_exception(e)
+        else:
+            self.fut.set_result(bytes(head) + bytes(rest.result()))
 
     def set_exception(self, exc: BaseException) -> None:
         if not self.fut.done():
@@ -1127,14 +1151,20 @@ class RemoteFile:
         fut: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
         pktid = handler._next_pktid
         handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
-        handler._requests[pktid] = _ReadReply(fut, self.pool, c, handler)
+        handler._requests[pktid] = _ReadReply(fut, self, c, handler, offset, size)
         handle = f._handle
         handler._writer.write(_HEAD.pack(len(handle) + 21, _FXP_READ, pktid) + _U32.pack(len(handle)) + handle
                               + _U64.pack(offset) + _U32.pack(size))
         return fut
 
     async def _read_piece(self, offset: int, size: int) -> Chunk:
-        return _bytes(await self.run(lambda f: f.read(size, offset)))
+        data = _bytes(await self.run(functools.partial(_read_at, offset, size)))
+        while 0 < len(data) < size:  # a short read is not the end of the file: ask for the rest
+            more = _bytes(await self.run(functools.partial(_read_at, offset + len(data), size - len(data))))
+            if not more:
+                break
+            data += more
+        return data
 
     async def _chunk(self, offset: int) -> Chunk:
         return await self._read_piece(offset, CHUNK)
