@@ -337,7 +337,7 @@ def _scattered(req: r.ReadRequest, parts: list[Any], name: str) -> replies.Vecto
             raise HandlerResultError(f"{name} returned a list holding {type(p).__name__}, not bytes")
     if size > req.size:
         raise HandlerResultError(f"{name} returned {size} bytes for a request of {req.size}")
-    return [replies.data_vector(req.unique, b"", size)[0], *parts]
+    return [replies.data_header(req.unique, size), *parts]
 
 
 async def _enosys(req: r.Request) -> Reply:

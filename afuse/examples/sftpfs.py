@@ -57,7 +57,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import asyncssh
@@ -728,34 +728,46 @@ def _raw_requests(handler: Any) -> bool:
             and isinstance(getattr(handler, "_next_pktid", None), int) and hasattr(handler, "_writer"))
 
 
-async def _request_many(handler: Any, pkttype: int, args: Sequence[bytes | Sequence[bytes | memoryview]]
+def _request(handler: Any, pkttype: int, waiter: Any, args: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """One SFTP request of type ``pkttype`` with the encoded arguments ``args``, as the pieces to
+    write (:func:`_write_requests`): the next request id is taken and ``waiter`` registered for
+    it (asyncssh's receive loop calls its ``set_result`` or ``set_exception``)."""
+    pktid = handler._next_pktid
+    handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
+    handler._requests[pktid] = waiter
+    return [_HEAD.pack(sum(map(len, args)) + 5, pkttype, pktid), *args]
+
+
+def _write_requests(handler: Any, pieces: list[bytes | memoryview]) -> None:
+    """Write requests made by :func:`_request` to the channel in one write (pieces not joined
+    where the writer takes a list: the ``ssh`` transport's :class:`_PipeWriter`)."""
+    writer = handler._writer
+    if not writer:
+        raise asyncssh.SFTPNoConnection("Connection not open")
+    if writer.channel.is_closing():  # closing: asyncssh fails every request it holds
+        return
+    writelines = getattr(writer, "writelines", None)
+    if writelines is not None:
+        writelines(pieces)
+    else:
+        writer.write(b"".join(pieces))
+
+
+async def _request_many(handler: Any, pkttype: int, args: Sequence[Sequence[bytes | memoryview]]
                         ) -> list[tuple[int, Any]]:
-    """Send one SFTP request of type ``pkttype`` per item of ``args`` (its encoded arguments, or a
-    list of pieces of them), all in one write to the channel, and return the replies (packet type,
-    asyncssh packet after the id), in order.
+    """Send one SFTP request of type ``pkttype`` per item of ``args`` (the pieces of its encoded
+    arguments), all in one write to the channel, and return the replies (packet type, asyncssh
+    packet after the id), in order.
 
     asyncssh's own calls send each request in a write of its own (an SSH packet, a system call),
     copy their arguments twice into it, and wake a future per reply."""
-    writer = handler._writer
-    if not writer:
+    if not handler._writer:
         raise asyncssh.SFTPNoConnection("Connection not open")
     batch = _Replies(len(args))
     out: list[bytes | memoryview] = []
     for i, a in enumerate(args):
-        pktid = handler._next_pktid
-        handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
-        handler._requests[pktid] = _Slot(batch, i)
-        if isinstance(a, bytes):
-            out.append(_HEAD.pack(len(a) + 5, pkttype, pktid) + a)
-        else:
-            out.append(_HEAD.pack(sum(map(len, a)) + 5, pkttype, pktid))
-            out += a
-    if not writer.channel.is_closing():  # closing: asyncssh fails every request it holds
-        writelines = getattr(writer, "writelines", None)
-        if writelines is not None:
-            writelines(out)
-        else:
-            writer.write(b"".join(out))
+        out += _request(handler, pkttype, _Slot(batch, i), a)
+    _write_requests(handler, out)
     await batch.done
     return batch.replies  # type: ignore[return-value]
 
@@ -843,7 +855,7 @@ async def list_directory(sftp: asyncssh.SFTPClient, path: bytes, progress: Listi
         return entries
     handle = await handler.opendir(path)
     try:
-        return await _Listing(handler, handle, progress).run()
+        return await _Listing(handler, handle, progress or ListingProgress()).run()
     finally:
         _start(_close_quietly(handler, handle)).add_done_callback(_consume)
 
@@ -852,11 +864,10 @@ class _Listing:
     """One directory listing's READDIRs: a window of requests in flight, replies decoded as they
     come (asyncssh's receive loop calls :meth:`set_result` of the request's slot: this object)."""
 
-    def __init__(self, handler: Any, handle: bytes, progress: ListingProgress | None) -> None:
+    def __init__(self, handler: Any, handle: bytes, progress: ListingProgress) -> None:
         self.handler = handler
-        self.progress = progress
-        self.arg = _U32.pack(len(handle)) + handle
-        self.entries: list[tuple[bytes, FileAttrs]] = []
+        self.progress = progress  # the entries, as they arrive
+        self.arg = (_U32.pack(len(handle)) + handle,)
         self.done: asyncio.Future[list[tuple[bytes, FileAttrs]]] = asyncio.get_running_loop().create_future()
         self.ended = False
 
@@ -865,17 +876,10 @@ class _Listing:
         return await self.done
 
     def _send(self, n: int) -> None:
-        handler, writer = self.handler, self.handler._writer
-        if not writer:
-            raise asyncssh.SFTPNoConnection("Connection not open")
-        out = []
+        out: list[bytes | memoryview] = []
         for _ in range(n):
-            pktid = handler._next_pktid
-            handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
-            handler._requests[pktid] = self
-            out.append(_HEAD.pack(len(self.arg) + 5, _FXP_READDIR, pktid) + self.arg)
-        if not writer.channel.is_closing():  # closing: asyncssh fails every request it holds
-            writer.write(b"".join(out))
+            out += _request(self.handler, _FXP_READDIR, self, self.arg)
+        _write_requests(self.handler, out)
 
     # asyncssh's waiter interface (one object for every READDIR of the listing)
 
@@ -893,9 +897,7 @@ class _Listing:
                 except ValueError as e:
                     raise asyncssh.SFTPBadMessage(str(e)) from None
                 self._send(1)  # first: the server reads on while this batch is handed over
-                self.entries += batch
-                if self.progress is not None:
-                    self.progress.arrived(batch)
+                self.progress.arrived(batch)
                 return
             if pkttype != _FXP_STATUS:
                 raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to READDIR")
@@ -917,7 +919,7 @@ class _Listing:
         if self.done.done():
             return
         if exc is None:
-            self.done.set_result(self.entries)
+            self.done.set_result(self.progress.entries)
         else:
             self.done.set_exception(exc)
 
@@ -1024,11 +1026,11 @@ class _ReadReply:
     not the end of the file (a server may read less than asked: older OpenSSH 64 KiB): the rest
     is asked for, and the future gets both."""
 
-    __slots__ = ("conn", "fut", "handler", "offset", "pool", "rf", "size")
+    __slots__ = ("conn", "fut", "handler", "offset", "rf", "size")
 
     def __init__(self, fut: asyncio.Future[Chunk], rf: RemoteFile, conn: Connection, handler: Any,
                  offset: int, size: int) -> None:
-        self.fut, self.rf, self.pool, self.conn, self.handler = fut, rf, rf.pool, conn, handler
+        self.fut, self.rf, self.conn, self.handler = fut, rf, conn, handler
         self.offset, self.size = offset, size
 
     def cancelled(self) -> bool:
@@ -1072,7 +1074,7 @@ class _ReadReply:
 
     def set_exception(self, exc: BaseException) -> None:
         if not self.fut.done():
-            self.fut.set_exception(self.pool.failed(self.conn, exc))
+            self.fut.set_exception(self.rf.pool.failed(self.conn, exc))
 
 
 class RemoteFile:
@@ -1149,12 +1151,9 @@ class RemoteFile:
         if not _raw_requests(handler) or not handler._writer or handler._writer.channel.is_closing():
             return None
         fut: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
-        pktid = handler._next_pktid
-        handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
-        handler._requests[pktid] = _ReadReply(fut, self, c, handler, offset, size)
         handle = f._handle
-        handler._writer.write(_HEAD.pack(len(handle) + 21, _FXP_READ, pktid) + _U32.pack(len(handle)) + handle
-                              + _U64.pack(offset) + _U32.pack(size))
+        arg = _U32.pack(len(handle)) + handle + _U64.pack(offset) + _U32.pack(size)
+        _write_requests(handler, _request(handler, _FXP_READ, _ReadReply(fut, self, c, handler, offset, size), (arg,)))
         return fut
 
     async def _read_piece(self, offset: int, size: int) -> Chunk:
@@ -1342,6 +1341,13 @@ def _join(parent: bytes, name: bytes) -> bytes:
 def _ino(path: bytes) -> int:
     """A stable inode number for a remote path (SFTP v3 carries none)."""
     return int.from_bytes(hashlib.blake2b(path, digest_size=8).digest(), "little") >> 1 or 1
+
+
+def _dir_items(prefix: bytes, entries: Iterable[tuple[bytes, FileAttrs]]) -> list[DirItem]:
+    """The DirItems of listing entries in the directory whose paths start with ``prefix`` (without
+    ``.`` and ``..``)."""
+    return [DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name))
+            for name, a in entries if name != b"." and name != b".."]
 
 
 def _attr(a: FileAttrs, ino: int) -> Attr:
@@ -1639,8 +1645,7 @@ class SftpNode(Node):
         listing = self._fresh_listing()
         prefix = _join(self.path, b"")
         if listing is not None:
-            return [DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name))
-                    for name, a in listing.items()]
+            return _dir_items(prefix, listing.items())
         task = self._start_listing()
         return self._arriving(self.listing_progress, task, prefix)
 
@@ -1651,8 +1656,7 @@ class SftpNode(Node):
             entries = progress.entries
             if i < len(entries):
                 batch, i = entries[i:], len(entries)
-                yield [DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name))
-                       for name, a in batch if name != b"." and name != b".."]
+                yield _dir_items(prefix, batch)
                 continue
             if progress.done:
                 if task.cancelled():

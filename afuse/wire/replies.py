@@ -78,9 +78,14 @@ VECTOR_MIN = 16384
 Vector = list[bytes | bytearray | memoryview]
 
 
+def data_header(unique: int, size: int) -> bytes:
+    """The header of a data reply whose body of ``size`` bytes follows in other buffers."""
+    return _HDR.pack(16 + size, 0, unique)
+
+
 def data_vector(unique: int, payload: bytes | bytearray | memoryview, size: int) -> Vector:
     """A data reply as ``[header, payload]``; ``size`` is ``len(payload)`` in bytes."""
-    return [_HDR.pack(16 + size, 0, unique), payload]
+    return [data_header(unique, size), payload]
 
 
 def _attr_fields(a: Attr) -> tuple[int, ...]:
