@@ -29,6 +29,7 @@ from .wire.errors import HandlerResultError
 from .wire.init import InitConfig
 from .wire.opcodes import HANDLERS, OPCODES, OpSpec, Shape
 from .wire.results import ENCODERS, Encoder
+from .wire.types import DirSlice
 
 if TYPE_CHECKING:
     from .passthrough import BackingTable
@@ -295,7 +296,9 @@ class Dispatcher:
             # ``async def readdir(...): yield ...`` is an async generator function: nothing to await.
             result = call if hasattr(call, "__aiter__") else await call
             out = conn.dir_writer(req, name)
-            if hasattr(result, "__aiter__"):
+            if type(result) is DirSlice:
+                out.add_slice(result)
+            elif hasattr(result, "__aiter__"):
                 agen: AsyncIterator[Any] = result.__aiter__()
                 try:
                     async for d in agen:

@@ -184,6 +184,47 @@ def test_dir_writer_checks_entries() -> None:
         conn.dir_writer(plus).add((b"d", 2, 7, 0o040755))
 
 
+def test_dir_slice_answers_readdir_from_a_position() -> None:
+    """A DirSlice is the entries items[start:], item i at offset i + 1, taken while they fit;
+    ino 0 goes out as 0xFFFFFFFF; bad items and READDIRPLUS are clear errors."""
+    conn = _connection()
+    items = [(b".", 0o040755, 1), (b"..", 0o040755, 0, None)] + [
+        (b"f%03d" % i, 0o100644, 100 + i) for i in range(300)]
+
+    def entries(start: int, size: int) -> list[tuple[bytes, int, int, int]]:
+        req = r.ReaddirRequest(*HEAD, 1, start, size)
+        out = conn.dir_writer(req)
+        out.add_slice(afuse.DirSlice(items, start))
+        return [(d.name, d.offset, d.attr.ino, d.attr.mode)
+                for d in k.decode_dirents(k.split_reply(out.reply(req.unique))[2]) if d.attr is not None]
+
+    first = entries(0, 4096)
+    assert first[:3] == [(b".", 1, 1, 0o040000), (b"..", 2, 0xFFFFFFFF, 0o040000), (b"f000", 3, 100, 0o100000)]
+    assert len(first) == 4096 // 32 and [o for _, o, _, _ in first] == list(range(1, 129))
+    rest: list[tuple[bytes, int, int, int]] = []
+    while True:  # the kernel continues from the last offset it got
+        more = entries((rest or first)[-1][1], 4096)
+        if not more:
+            break
+        rest += more
+    assert [n for n, _, _, _ in first + rest] == [it[0] for it in items]
+    assert entries(len(items), 4096) == [] and entries(len(items) + 5, 4096) == []  # the end
+    assert entries(0, 31) == []  # not even one fits
+    req = r.ReaddirRequest(*HEAD, 1, 0, 4096)
+    bad_cases: list[tuple[list[Any], str]] = [
+        ([(b"a/b", 0, 1)], "invalid directory entry name"),
+        ([(b"ok", 0, 1), ("str", 0, 1)], "item 1 is not"),
+        ([(b"ok", "mode", 1)], "item 0 is not"), ([(b"ok", 0, -1)], "item 0 is not"),
+        ([b"xyz"], "item 0 is not")]
+    for bad_items, why in bad_cases:
+        with pytest.raises(HandlerResultError, match=why):
+            conn.dir_writer(req).add_slice(afuse.DirSlice(bad_items, 0))
+    with pytest.raises(HandlerResultError, match="starting at -1"):
+        conn.dir_writer(req).add_slice(afuse.DirSlice(items, -1))
+    with pytest.raises(HandlerResultError, match="not READDIRPLUS"):
+        conn.dir_writer(r.ReaddirplusRequest(*HEAD, 1, 0, 4096)).add_slice(afuse.DirSlice(items, 0))
+
+
 # -- notifications --------------------------------------------------------------------------------
 
 

@@ -18,7 +18,19 @@ from afuse.operations import Operations
 from afuse.wire import kernel as k
 from afuse.wire.constants import LK_FLOCK, InitFlag
 from afuse.wire.init import InitConfig
-from afuse.wire.types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
+from afuse.wire.types import (
+    Attr,
+    DirEntries,
+    DirEntry,
+    DirSlice,
+    Entry,
+    FsStats,
+    Handle,
+    IoctlReply,
+    Lock,
+    Statx,
+    Timestamp,
+)
 
 pytestmark = pytest.mark.trio
 
@@ -408,6 +420,29 @@ async def test_readdir_entry_validation(caplog: pytest.LogCaptureFixture) -> Non
     bad[:] = [DirEntry(b"d", 1, entry=Entry(4, Attr(ino=4, mode=stat.S_IFDIR)))]
     got = await fk.ok(k.decode_dirents, r.ReaddirRequest, fh=0, offset=0, size=4096)
     assert got[0].attr == Attr(ino=4, mode=stat.S_IFDIR)
+
+
+async def test_readdir_returns_a_dir_slice(caplog: pytest.LogCaptureFixture) -> None:
+    """A readdir that keeps its listing as a list answers with DirSlice(items, req.offset)."""
+    items = [(n, stat.S_IFREG, 10 + i) for i, n in enumerate(NAMES)]
+
+    class FS(Operations):
+        async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
+            return DirSlice(items, req.offset)
+
+    fk = FakeKernel(FS())
+    got = await fk.ok(k.decode_dirents, r.ReaddirRequest, fh=0, offset=0, size=FITS_TWO)
+    assert [(d.name, d.offset) for d in got] == [(NAMES[0], 1), (NAMES[1], 2)]
+    got = await fk.ok(k.decode_dirents, r.ReaddirRequest, fh=0, offset=2, size=4096)
+    assert [(d.name, d.offset, d.attr and d.attr.ino) for d in got] == [
+        (n, i + 1, 10 + i) for i, n in enumerate(NAMES) if i >= 2]
+    assert (await fk.call(r.ReaddirRequest, fh=0, offset=len(NAMES), size=4096)).ok() == b""
+    items.append((b"bad/name", stat.S_IFREG, 99))
+    with caplog.at_level(logging.ERROR, logger="afuse"):
+        assert await fk.errno(r.ReaddirRequest, fh=0, offset=len(NAMES), size=4096) == errno.EIO
+    assert "invalid directory entry name" in caplog.text
+    got = await fk.ok(k.decode_dirents, r.ReaddirRequest, fh=0, offset=1, size=FITS_TWO)  # still serving
+    assert [d.name for d in got] == NAMES[1:3]
 
 
 class PlusDir(Operations):

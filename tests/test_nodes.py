@@ -292,6 +292,8 @@ class Arriving(Numbers):
         self.listings = 0
         self.closed = 0
         self.yielded = 0
+        #: What the node layer sent into the generator (how many more items would fit).
+        self.sent: list[object] = []
 
     async def lookup(self, name: bytes) -> Node | None:
         return await super().lookup(name.split(b"-")[0])
@@ -310,12 +312,12 @@ class Arriving(Numbers):
                          for i in range(start, min(start + 100, self.count))]
                 if start == 0:
                     self.yielded += 1
-                    yield batch[0]  # a single item, then lists
+                    self.sent.append((yield batch[0]))  # a single item, then lists
                     batch = batch[1:]
                 if self.bad_item and start >= 300:
                     yield [("not", "a", "DirItem")]
                 self.yielded += len(batch)
-                yield batch
+                self.sent.append((yield batch))
         finally:
             self.closed += 1
 
@@ -335,6 +337,9 @@ def test_listing_as_it_arrives(fuse_mount: Mount) -> None:
     assert [n for n, _, _ in seen] == names
     assert all(ino == st_ino == 1000 + i for i, (_, ino, st_ino) in enumerate(seen))
     assert root.listings == 3
+    # Each step after the first is sent how many more items the READDIR's buffer could take.
+    assert root.sent and all(type(n) is int and n > 0 for n in root.sent if n is not None), root.sent
+    assert max(n for n in root.sent if isinstance(n, int)) > 100  # more than one batch fits
     wait_for(lambda: root.closed == 3, what="every listing's iterator closed")
 
 

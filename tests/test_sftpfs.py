@@ -570,7 +570,7 @@ def _string(b: bytes) -> bytes:
 
 def test_parse_names_all_attribute_forms() -> None:
     """parse_names reads OpenSSH's usual attributes (flags 0xF), any subset of them, and extended
-    pairs; it refuses a truncated reply."""
+    pairs; it leaves out ``.`` and ``..``; it refuses a truncated reply."""
     import struct
 
     from afuse.examples.sftpfs import FileAttrs, parse_names
@@ -582,19 +582,26 @@ def test_parse_names_all_attribute_forms() -> None:
         _string(b"ext") + _string(b"y") + struct.pack(">IQ", 0x1 | 0x80000000, 3) + struct.pack(">I", 2)
         + _string(b"a@x") + _string(b"1") + _string(b"b@x") + _string(b""),
         _string("é".encode()) + _string(b"z") + struct.pack(">III", 0x2, 1000, 1001),
+        _string(b".") + _string(b"d") + struct.pack(">II", 0x4, 0o40755),
+        _string(b"..") + _string(b"d") + struct.pack(">II", 0x4, 0o40755),
+        _string(b"...") + _string(b"d") + struct.pack(">II", 0x4, 0o40700),
     ]
     payload = len(entries).to_bytes(4, "big") + b"".join(entries)
-    assert parse_names(payload) == [
-        (b"full", FileAttrs(5, 1, 2, 0o100644, 7, 8)),
-        (b"none", FileAttrs()),
-        (b"mode+times", FileAttrs(permissions=0o40755, atime=9, mtime=10)),
-        (b"ext", FileAttrs(size=3)),
-        ("é".encode(), FileAttrs(uid=1000, gid=1001)),
-    ]
-    assert parse_names((0).to_bytes(4, "big")) == []
+    attrs: dict[bytes, FileAttrs] = {}
+    expected = {
+        b"full": FileAttrs(5, 1, 2, 0o100644, 7, 8),
+        b"none": FileAttrs(),
+        b"mode+times": FileAttrs(permissions=0o40755, atime=9, mtime=10),
+        b"ext": FileAttrs(size=3),
+        "é".encode(): FileAttrs(uid=1000, gid=1001),
+        b"...": FileAttrs(permissions=0o40700),
+    }
+    assert parse_names(payload, attrs) == list(expected)
+    assert attrs == expected
+    assert parse_names((0).to_bytes(4, "big"), attrs) == []
     for cut in (3, 10, len(payload) - 1):
         with pytest.raises(ValueError):
-            parse_names(payload[:cut])
+            parse_names(payload[:cut], {})
 
 
 # -- a server that reads less than asked ------------------------------------------------------------

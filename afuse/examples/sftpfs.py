@@ -45,7 +45,6 @@ import errno
 import fcntl
 import functools
 import getpass
-import hashlib
 import itertools
 import logging
 import os
@@ -57,7 +56,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import asyncssh
@@ -634,12 +633,15 @@ _ATTRS_ALL = struct.Struct(">QIIIII")
 _A_SIZE, _A_UIDGID, _A_PERMISSIONS, _A_ACMODTIME, _A_EXTENDED = 0x1, 0x2, 0x4, 0x8, 0x80000000
 
 
-def parse_names(payload: bytes) -> list[tuple[bytes, FileAttrs]]:
-    """(filename, attributes) of each entry of an SFTP v3 ``SSH_FXP_NAME`` reply, given the payload
-    after the request id (``uint32 count``, then per entry ``string filename, string longname,
-    ATTRS``); the long names are skipped. ValueError if the payload is not that."""
+def parse_names(payload: bytes, into: dict[bytes, FileAttrs]) -> list[bytes]:
+    """The names of the entries of an SFTP v3 ``SSH_FXP_NAME`` reply, given the payload after the
+    request id (``uint32 count``, then per entry ``string filename, string longname, ATTRS``), in
+    order; each one's attributes are added to ``into``. ``.`` and ``..`` are left out, the long
+    names skipped. ValueError if the payload is not that.
+
+    A listing decodes thousands of these: one tuple per entry (its FileAttrs), no pairs."""
     u32, full, new = _U32.unpack_from, _ATTRS_ALL.unpack_from, tuple.__new__
-    out: list[tuple[bytes, FileAttrs]] = []
+    names: list[bytes] = []
     try:
         (count,) = u32(payload, 0)
         off = 4
@@ -652,34 +654,43 @@ def parse_names(payload: bytes) -> list[tuple[bytes, FileAttrs]]:
             (flags,) = u32(payload, off)
             off += 4
             if flags == 0xF:  # the usual case: every field, no extensions
-                out.append((name, new(FileAttrs, full(payload, off))))
+                a = new(FileAttrs, full(payload, off))
                 off += 28
-                continue
-            size = uid = gid = perm = atime = mtime = None
-            if flags & _A_SIZE:
-                (size,) = struct.unpack_from(">Q", payload, off)
-                off += 8
-            if flags & _A_UIDGID:
-                uid, gid = struct.unpack_from(">II", payload, off)
-                off += 8
-            if flags & _A_PERMISSIONS:
-                (perm,) = u32(payload, off)
-                off += 4
-            if flags & _A_ACMODTIME:
-                atime, mtime = struct.unpack_from(">II", payload, off)
-                off += 8
-            if flags & _A_EXTENDED:
-                (pairs,) = u32(payload, off)
-                off += 4
-                for _ in range(2 * pairs):  # (type, data) strings
-                    (n,) = u32(payload, off)
-                    off += 4 + n
-            out.append((name, FileAttrs(size, uid, gid, perm, atime, mtime)))
+            else:
+                a, off = _parse_attrs(payload, off, flags)
+            if len(name) > 2 or (name != b"." and name != b".."):
+                into[name] = a
+                names.append(name)
     except struct.error as e:
         raise ValueError(f"truncated SSH_FXP_NAME reply: {e}") from None
     if off > len(payload):
         raise ValueError("truncated SSH_FXP_NAME reply")
-    return out
+    return names
+
+
+def _parse_attrs(payload: bytes, off: int, flags: int) -> tuple[FileAttrs, int]:
+    """SFTP v3 ATTRS after its flags at ``off``: the attributes and the offset after them."""
+    u32 = _U32.unpack_from
+    size = uid = gid = perm = atime = mtime = None
+    if flags & _A_SIZE:
+        (size,) = struct.unpack_from(">Q", payload, off)
+        off += 8
+    if flags & _A_UIDGID:
+        uid, gid = struct.unpack_from(">II", payload, off)
+        off += 8
+    if flags & _A_PERMISSIONS:
+        (perm,) = u32(payload, off)
+        off += 4
+    if flags & _A_ACMODTIME:
+        atime, mtime = struct.unpack_from(">II", payload, off)
+        off += 8
+    if flags & _A_EXTENDED:
+        (pairs,) = u32(payload, off)
+        off += 4
+        for _ in range(2 * pairs):  # (type, data) strings
+            (n,) = u32(payload, off)
+            off += 4 + n
+    return FileAttrs(size, uid, gid, perm, atime, mtime), off
 
 
 class _Replies:
@@ -803,19 +814,22 @@ _FXP_READDIR, _FXP_STATUS, _FXP_NAME = 12, 101, 104
 
 
 class ListingProgress:
-    """The entries of a listing as they arrive (asyncio side): :func:`list_directory` appends each
-    batch to :attr:`entries` as it is decoded; readers wait with :meth:`wait_beyond`."""
+    """The entries of a listing as they arrive (asyncio side): :func:`list_directory` adds each
+    batch to :attr:`by_name` and its names to :attr:`names` as it is decoded; readers wait with
+    :meth:`wait_beyond`."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[bytes, FileAttrs]] = []
+        #: The names so far, in the server's order (without ``.`` and ``..``).
+        self.names: list[bytes] = []
+        #: Their attributes.
         self.by_name: dict[bytes, FileAttrs] = {}
         #: No more entries will come (the listing ended, or failed).
         self.done = False
         self._waiter: asyncio.Future[None] | None = None
 
-    def arrived(self, batch: list[tuple[bytes, FileAttrs]]) -> None:
-        self.entries += batch
-        self.by_name.update(batch)
+    def arrived(self, names: list[bytes]) -> None:
+        """``names`` (already in :attr:`by_name`) arrived."""
+        self.names += names
         self._wake()
 
     def finish(self) -> None:
@@ -829,16 +843,16 @@ class ListingProgress:
 
     async def wait_beyond(self, n: int) -> None:
         """Return once more than ``n`` entries arrived, or none will."""
-        while len(self.entries) <= n and not self.done:
+        while len(self.names) <= n and not self.done:
             if self._waiter is None:
                 self._waiter = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._waiter)
 
 
 async def list_directory(sftp: asyncssh.SFTPClient, path: bytes, progress: ListingProgress | None = None
-                         ) -> list[tuple[bytes, FileAttrs]]:
-    """The entries of directory ``path`` (``.`` and ``..`` included) with their attributes,
-    READDIR requests pipelined.
+                         ) -> dict[bytes, FileAttrs]:
+    """The entries of directory ``path`` (without ``.`` and ``..``) and their attributes, in the
+    server's order, READDIR requests pipelined.
 
     SFTP lists a directory in batches (OpenSSH: 100 names per READDIR). asyncssh's ``readdir`` asks
     for one batch at a time, a round trip each, and builds an ``SFTPName`` and an ``SFTPAttrs`` per
@@ -848,14 +862,13 @@ async def list_directory(sftp: asyncssh.SFTPClient, path: bytes, progress: Listi
     the server reads on. The handle's CLOSE is sent in the background (nobody waits for its answer).
     """
     handler = sftp._handler  # asyncssh's request layer: OPENDIR, READDIR, CLOSE
+    progress = progress or ListingProgress()
     if not _raw_requests(handler):
-        entries = await _list_directory_asyncssh(handler, path)
-        if progress is not None:
-            progress.arrived(entries)
-        return entries
+        await _list_directory_asyncssh(handler, path, progress)
+        return progress.by_name
     handle = await handler.opendir(path)
     try:
-        return await _Listing(handler, handle, progress or ListingProgress()).run()
+        return await _Listing(handler, handle, progress).run()
     finally:
         _start(_close_quietly(handler, handle)).add_done_callback(_consume)
 
@@ -868,10 +881,11 @@ class _Listing:
         self.handler = handler
         self.progress = progress  # the entries, as they arrive
         self.arg = (_U32.pack(len(handle)) + handle,)
-        self.done: asyncio.Future[list[tuple[bytes, FileAttrs]]] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[dict[bytes, FileAttrs]] = asyncio.get_running_loop().create_future()
         self.ended = False
+        self.owed = 0
 
-    async def run(self) -> list[tuple[bytes, FileAttrs]]:
+    async def run(self) -> dict[bytes, FileAttrs]:
         self._send(_READDIR_WINDOW)
         return await self.done
 
@@ -893,11 +907,14 @@ class _Listing:
         try:
             if pkttype == _FXP_NAME:
                 try:
-                    batch = parse_names(packet.get_remaining_payload())
+                    names = parse_names(packet.get_remaining_payload(), self.progress.by_name)
                 except ValueError as e:
                     raise asyncssh.SFTPBadMessage(str(e)) from None
-                self._send(1)  # first: the server reads on while this batch is handed over
-                self.progress.arrived(batch)
+                self.owed += 1
+                if self.owed >= _READDIR_TOPUP:  # first: the server reads on while this batch is handed over
+                    self._send(self.owed)
+                    self.owed = 0
+                self.progress.arrived(names)
                 return
             if pkttype != _FXP_STATUS:
                 raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to READDIR")
@@ -919,18 +936,17 @@ class _Listing:
         if self.done.done():
             return
         if exc is None:
-            self.done.set_result(self.progress.entries)
+            self.done.set_result(self.progress.by_name)
         else:
             self.done.set_exception(exc)
 
 
-async def _list_directory_asyncssh(handler: Any, path: bytes) -> list[tuple[bytes, FileAttrs]]:
+async def _list_directory_asyncssh(handler: Any, path: bytes, progress: ListingProgress) -> None:
     """:func:`list_directory` through asyncssh's own READDIR calls (8 in flight): for an SFTP client
     handler that :func:`_request_many` does not know."""
     handle = await handler.opendir(path)
     loop = asyncio.get_running_loop()
     pending = [loop.create_task(handler.readdir(handle)) for _ in range(_READDIR_FIRST)]
-    entries: list[tuple[bytes, FileAttrs]] = []
     try:
         done = False
         while pending:
@@ -940,7 +956,9 @@ async def _list_directory_asyncssh(handler: Any, path: bytes) -> list[tuple[byte
             except asyncssh.SFTPEOFError:
                 done = True
                 continue
-            entries += [(_bytes(n.filename), FileAttrs.of(n.attrs)) for n in batch]
+            names = [_bytes(n.filename) for n in batch]
+            progress.by_name.update((name, FileAttrs.of(n.attrs)) for name, n in zip(names, batch, strict=True))
+            progress.arrived([name for name in names if name != b"." and name != b".."])
             done = done or at_end
             if not done:
                 pending.append(loop.create_task(handler.readdir(handle)))
@@ -949,11 +967,13 @@ async def _list_directory_asyncssh(handler: Any, path: bytes) -> list[tuple[byte
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         _start(_close_quietly(handler, handle)).add_done_callback(_consume)
-    return entries
+    progress.by_name.pop(b".", None)
+    progress.by_name.pop(b"..", None)
 
 
-#: READDIRs a listing keeps in flight (asyncssh's own calls, for a handler sftpfs does not know: 8).
-_READDIR_WINDOW, _READDIR_FIRST = 16, 8
+#: READDIRs a listing keeps in flight (asyncssh's own calls, for a handler sftpfs does not know: 8),
+#: sent again :data:`_READDIR_TOPUP` at a time (one write, one wake-up of ``ssh``, for several).
+_READDIR_WINDOW, _READDIR_FIRST, _READDIR_TOPUP = 16, 8, 8
 
 
 def _write_chunk(f: asyncssh.SFTPClientFile) -> int:
@@ -1337,17 +1357,20 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return parent + name if parent.endswith(b"/") else parent + b"/" + name
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _ino(path: bytes) -> int:
-    """A stable inode number for a remote path (SFTP v3 carries none)."""
-    return int.from_bytes(hashlib.blake2b(path, digest_size=8).digest(), "little") >> 1 or 1
+    """An inode number for a remote path (SFTP v3 carries none): a 63-bit hash of the path, the
+    same for the life of the process (as sshfs's numbers, not across mounts)."""
+    return hash(path) & _INO_MASK or 1
 
 
-def _dir_items(prefix: bytes, entries: Iterable[tuple[bytes, FileAttrs]]) -> list[DirItem]:
-    """The DirItems of listing entries in the directory whose paths start with ``prefix`` (without
-    ``.`` and ``..``)."""
-    return [DirItem(name, (a.permissions or 0) & 0o170000, _ino(prefix + name))
-            for name, a in entries if name != b"." and name != b".."]
+_INO_MASK = (1 << 63) - 1
+
+
+def _dir_items(prefix: bytes, names: Iterable[bytes], attrs: dict[bytes, FileAttrs]) -> list[DirItem]:
+    """The DirItems of ``names`` (with their ``attrs``) in the directory whose paths start with ``prefix``."""
+    new, mask = tuple.__new__, _INO_MASK
+    return [new(DirItem, (name, (attrs[name][3] or 0) & 0o170000, hash(prefix + name) & mask or 1))
+            for name in names]
 
 
 def _attr(a: FileAttrs, ino: int) -> Attr:
@@ -1388,7 +1411,7 @@ class SftpNode(Node):
         self.listed = 0.0
         self.listing_version = 0
         #: The listing on its way (shared by the readdir and lookups waiting for it), its version and start.
-        self.listing_task: asyncio.Task[list[tuple[bytes, FileAttrs]]] | None = None
+        self.listing_task: asyncio.Task[dict[bytes, FileAttrs]] | None = None
         self.listing_progress = ListingProgress()
         self.listing_task_from = (0, 0.0)
         #: Lookups that missed the listing since it was last read (3 in a row: read it instead), and
@@ -1503,12 +1526,12 @@ class SftpNode(Node):
         not change through the mount meanwhile)."""
         task = self._start_listing()
         version, started = self.listing_task_from
-        names = await afuse.asyncio.run_asyncio(_shielded(task))
+        listing = await afuse.asyncio.run_asyncio(_shielded(task))
         if self.listing_version == version and self.listing is not None and self.listed == started:
             return self.listing, True
-        return {name: a for name, a in names if name != b"." and name != b".."}, False
+        return listing, False
 
-    def _start_listing(self) -> asyncio.Task[list[tuple[bytes, FileAttrs]]]:
+    def _start_listing(self) -> asyncio.Task[dict[bytes, FileAttrs]]:
         """The listing on its way, or a new one (its entries arrive in :attr:`listing_progress`)."""
         task = self.listing_task
         if task is None:
@@ -1516,26 +1539,24 @@ class SftpNode(Node):
             progress = self.listing_progress = ListingProgress()
             task = self.listing_task = _start(self.fs.pool.run(lambda s: list_directory(s, self.path, progress)))
             self.listing_task_from = (version, started)
-            task.add_done_callback(self._listed)
+            task.add_done_callback(functools.partial(self._listed, progress))
             task.add_done_callback(lambda _t: progress.finish())
         return task
 
-    def _listed(self, task: asyncio.Task[list[tuple[bytes, FileAttrs]]]) -> None:
+    def _listed(self, progress: ListingProgress, task: asyncio.Task[dict[bytes, FileAttrs]]) -> None:
         """A listing arrived: keep it (once, for every waiter), and refresh the children's attributes."""
         if self.listing_task is task:
             self.listing_task = None
         version, started = self.listing_task_from
         if task.cancelled() or task.exception() is not None or self.listing_version != version:
             return
-        listing = self.listing = dict(task.result())
-        listing.pop(b".", None)
-        listing.pop(b"..", None)
+        listing = self.listing = progress.by_name  # the listing, as it arrived
         self.listed, self.misses = started, 0
         self.missed.clear()
         self.stale.clear()
-        live, prefix = self.fs.live, _join(self.path, b"")
+        get, prefix = self.fs.live.get, _join(self.path, b"")
         for name, a in listing.items():  # fresher attributes for the nodes the kernel holds
-            child = live.get(prefix + name)
+            child = get(prefix + name)
             if child is not None and (a.permissions or 0) & 0o170000 == child.mode & 0o170000:
                 child._set(a, started)
 
@@ -1645,25 +1666,29 @@ class SftpNode(Node):
         listing = self._fresh_listing()
         prefix = _join(self.path, b"")
         if listing is not None:
-            return _dir_items(prefix, listing.items())
+            return _dir_items(prefix, listing, listing)
         task = self._start_listing()
         return self._arriving(self.listing_progress, task, prefix)
 
-    async def _arriving(self, progress: ListingProgress, task: asyncio.Task[list[tuple[bytes, FileAttrs]]],
-                        prefix: bytes) -> AsyncIterator[list[DirItem]]:
-        i = 0
+    async def _arriving(self, progress: ListingProgress, task: asyncio.Task[dict[bytes, FileAttrs]],
+                        prefix: bytes) -> AsyncGenerator[list[DirItem], int | None]:
+        """The listing's entries as they arrive, in batches. The node layer sends (as the value of
+        the ``yield``) how many more the kernel's buffer could take: the next batch waits for as
+        many (or the end), one wait on the asyncio side rather than one per SFTP reply."""
+        i, want = 0, 1
         while True:
-            entries = progress.entries
-            if i < len(entries):
-                batch, i = entries[i:], len(entries)
-                yield _dir_items(prefix, batch)
+            names = progress.names
+            if len(names) >= i + want or (i < len(names) and progress.done):
+                batch, i = names[i:], len(names)
+                more = yield _dir_items(prefix, batch, progress.by_name)
+                want = more if type(more) is int and more > 0 else 1
                 continue
             if progress.done:
                 if task.cancelled():
                     raise FUSEError(errno.EIO, "the listing was cancelled")
                 task.result()  # the listing's error (a FUSEError), if it failed
                 return
-            await afuse.asyncio.run_asyncio(progress.wait_beyond(i))
+            await afuse.asyncio.run_asyncio(progress.wait_beyond(i + want - 1))
 
     async def statfs(self) -> FsStats:
         """statvfs@openssh.com (huge counts if the server lacks it, as sshfs)."""

@@ -36,7 +36,7 @@ from ..splice import FileRange
 from ..wire import requests as r
 from ..wire.constants import ROOT_ID, UNIQUE_RESEND, FOpen, InitFlag
 from ..wire.init import Negotiated
-from ..wire.types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock
+from ..wire.types import Attr, DirEntry, DirSlice, Entry, FsStats, Handle, IoctlReply, Lock
 from .caller import _enter as _set_caller
 from .node import DirItem, FDHandle, FileHandle, Node, _Cookies
 from .tables import KINDS, NOT_DONE, OUTCOMES_KEPT, NotDone, decode_key, encode_key, error_code, fold, new_state
@@ -100,17 +100,20 @@ def _classes(root: Node) -> set[type]:
 
 
 _GENERATED: dict[tuple[type, frozenset[str]], type] = {}
+_DIR_ITEM = frozenset({DirItem})
 
 
 class _DirStream:
-    __slots__ = ("items", "node", "source", "what")
+    __slots__ = ("items", "node", "sends", "source", "what")
 
     def __init__(self, node: Node) -> None:
         self.node = node
         #: (name, mode, ino, node or None) from the first READDIR at offset 0.
-        self.items: list[tuple[bytes, int, int, Node | None]] | None = None
+        self.items: list[tuple[Any, ...]] | None = None
         #: The rest of a listing still arriving (the node's ``readdir`` is an async iterator), or None.
         self.source: AsyncIterator[Any] | None = None
+        #: The source has started and takes ``asend``: it is sent how many more items would fit.
+        self.sends = False
         self.what = ""
 
     async def stop(self) -> None:
@@ -1110,9 +1113,9 @@ class NodeFS(Operations):
             if c is not None:
                 yield offset, name, c.mode, c.ino or c._nodeid, c
 
-    async def _items(self, stream: _DirStream, offset: int, want: int
-                     ) -> Iterator[tuple[int, bytes, int, int, Node | None]]:
-        """(offset, name, mode, ino, node) after ``offset`` in the stream's snapshot (taken at offset 0).
+    async def _items(self, stream: _DirStream, offset: int, want: int) -> list[tuple[Any, ...]]:
+        """The stream's snapshot (taken at offset 0): ``(name, mode, ino)`` or ``(name, mode,
+        ino, node)`` per entry, entry ``i`` at offset ``i + 1``.
 
         A node whose ``readdir`` is an async iterator is listed as it yields: the snapshot grows
         until it holds ``want`` entries after ``offset`` (as many as the kernel's buffer could
@@ -1122,60 +1125,64 @@ class NodeFS(Operations):
                 await stream.stop()
             node = stream.node
             ino = node.ino or node._nodeid
-            items: list[tuple[bytes, int, int, Node | None]] = [(b".", node.mode, ino, None),
-                                                               (b"..", stat.S_IFDIR, 0, None)]
+            items: list[tuple[Any, ...]] = [(b".", node.mode, ino, None), (b"..", stat.S_IFDIR, 0, None)]
             fn = getattr(node, "readdir", None)
             if fn is not None:
                 res: Any = fn()
                 listing = res if hasattr(res, "__aiter__") else await res
                 what = f"{type(node).__qualname__}.readdir"
                 if hasattr(listing, "__aiter__"):
-                    stream.source, stream.what = listing.__aiter__(), what
+                    stream.source, stream.what, stream.sends = listing.__aiter__(), what, False
                 else:
-                    items += [self._item(what, d) for d in listing]
+                    items += self._dir_items(what, listing)
             elif node.children is not None:
                 items += [(name, c.mode, c.ino or c._nodeid, c) for name, c in node.children.items()]
             stream.items = items
         if stream.source is not None:
             await self._arrive(stream, offset + want)
         assert stream.items is not None
-        return ((i + 1, name, mode, ino, n) for i, (name, mode, ino, n)
-                in enumerate(itertools.islice(stream.items, offset, None), offset))
+        return stream.items
 
     async def _arrive(self, stream: _DirStream, upto: int) -> None:
         """Take what the stream's source yields (a DirItem, or a list of them: a batch as it
         arrived) until the snapshot holds ``upto`` entries or the source ends."""
-        items, src, item, what = stream.items, stream.source, self._item, stream.what
+        items, src, what = stream.items, stream.source, stream.what
         assert items is not None and src is not None
         while len(items) < upto:
             try:
-                d = await src.__anext__()
+                # An async generator is sent how many more items would fit (it may wait for as many).
+                d = await (src.asend(upto - len(items)) if stream.sends else src.__anext__())  # type: ignore[attr-defined]
+                stream.sends = hasattr(src, "asend")
             except StopAsyncIteration:
                 stream.source = None
                 return
             except BaseException:
                 stream.source, stream.items = None, None  # the next READDIR lists again
                 raise
-            if type(d) is list:
-                items += [item(what, x) for x in d]
-            else:
-                items.append(item(what, d))
+            items += self._dir_items(what, d if type(d) is list else (d,))
 
     @staticmethod
-    def _item(what: str, d: object) -> tuple[bytes, int, int, Node | None]:
-        if not isinstance(d, DirItem):
-            raise HandlerResultError(f"{what} must yield DirItem, not {type(d).__name__}")
-        return (d.name, d.mode, d.ino, None)
+    def _dir_items(what: str, batch: Iterable[object]) -> list[DirItem]:
+        """``batch`` as a list of DirItems (checked all at once: a listing has thousands)."""
+        items: list[Any] = batch if type(batch) is list else list(batch)
+        if set(map(type, items)) <= _DIR_ITEM:
+            return items
+        checked: list[DirItem] = []
+        for d in items:
+            if not isinstance(d, DirItem):
+                raise HandlerResultError(f"{what} must yield DirItem, not {type(d).__name__}")
+            checked.append(DirItem(*d))  # a subclass of DirItem: its three fields
+        return checked
 
     async def readdir(self, req: r.ReaddirRequest) -> DirEntries:
         """READDIR: the entries after ``req.offset``: a persistent directory's stable cookies, else
-        positions in the stream's snapshot. Entries are ``(name, offset, ino, mode)`` tuples (see
-        :meth:`afuse.wire.results.DirWriter.add`)."""
+        positions in the stream's snapshot (a :class:`afuse.wire.types.DirSlice`)."""
         stream = self._stream(req)
         ck = self._cookies(stream.node)
-        listing = (self._kept(stream.node, ck, req.offset) if ck is not None
-                   else await self._items(stream, req.offset, req.size // 32))  # 32: the shortest record
-        return ((name, off, ino or 0xFFFFFFFF, mode) for off, name, mode, ino, _n in listing)
+        if ck is not None:
+            return ((name, off, ino or 0xFFFFFFFF, mode)
+                    for off, name, mode, ino, _n in self._kept(stream.node, ck, req.offset))
+        return DirSlice(await self._items(stream, req.offset, req.size // 32), req.offset)  # 32: the shortest record
 
     async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
         """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup."""
@@ -1183,7 +1190,10 @@ class NodeFS(Operations):
         ck = self._cookies(stream.node)
         if ck is not None:
             return self._plus(stream.node, self._kept(stream.node, ck, req.offset))
-        return self._plus(stream.node, await self._items(stream, req.offset, req.size // 160))
+        end = None
+        items = await self._items(stream, req.offset, req.size // 160)
+        return self._plus(stream.node, ((i + 1, it[0], it[1], it[2], it[3] if len(it) > 3 else None)
+                                        for i, it in enumerate(itertools.islice(items, req.offset, end), req.offset)))
 
     async def _plus(self, parent: Node, listing: Iterator[tuple[int, bytes, int, int, Node | None]]
                     ) -> AsyncIterator[DirEntry]:

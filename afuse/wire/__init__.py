@@ -14,12 +14,12 @@ from .errors import HandlerResultError, NotNegotiated
 from .init import InitConfig, InitError, Negotiated, encode_init_reply, negotiate
 from .opcodes import OPCODES, OpSpec, Shape
 from .requests import ProtocolError, Request, UnknownOpcode
-from .types import Attr, DirEntries, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
+from .types import Attr, DirEntries, DirEntry, DirSlice, Entry, FsStats, Handle, IoctlReply, Lock, Statx, Timestamp
 
 __all__ = [
-    "OPCODES", "ROOT_ID", "Attr", "Connection", "Decoder", "DirEntries", "DirEntry", "Entry", "FAttr", "FOpen",
-    "FsStats", "Handle", "HandlerResultError", "InitConfig", "InitError", "InitFlag", "InitStep", "IoctlReply", "Lock",
-    "Negotiated", "NotNegotiated", "NotifyCode", "OpSpec", "Opcode", "ProtocolError", "Request", "Shape", "Statx",
-    "Timestamp", "UnknownOpcode", "constants", "encode_init_reply", "negotiate", "notify", "opcodes", "replies",
-    "requests", "results", "structs",
+    "OPCODES", "ROOT_ID", "Attr", "Connection", "Decoder", "DirEntries", "DirEntry", "DirSlice", "Entry", "FAttr",
+    "FOpen", "FsStats", "Handle", "HandlerResultError", "InitConfig", "InitError", "InitFlag", "InitStep", "IoctlReply",
+    "Lock", "Negotiated", "NotNegotiated", "NotifyCode", "OpSpec", "Opcode", "ProtocolError", "Request", "Shape",
+    "Statx", "Timestamp", "UnknownOpcode", "constants", "encode_init_reply", "negotiate", "notify", "opcodes",
+    "replies", "requests", "results", "structs",
 ]

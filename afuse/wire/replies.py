@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from struct import Struct
+from typing import Any
 
 from . import structs as S
 from .constants import IOCTL_RETRY
@@ -230,6 +232,26 @@ class DirBuffer:
         st = _DIRENT_BY_LEN.get(n) or _dirent_struct(n)
         self._parts.append(st.pack(ino, offset, n, (mode & 0o170000) >> 12, name))
         return True
+
+    def add_run(self, items: Sequence[tuple[Any, ...]], start: int) -> int:
+        """Append READDIR records for ``items[start:]`` (each ``(name, mode, ino, ...)``, item ``i``
+        at offset ``i + 1``, ino 0 sent as 0xFFFFFFFF) while they fit; the index after the last
+        one added."""
+        room, append, by_len = self._room, self._parts.append, _DIRENT_BY_LEN
+        i, end = start, len(items)
+        while i < end:
+            it = items[i]
+            name = it[0]
+            n = len(name)
+            reclen = (24 + n + 7) & ~7
+            if reclen > room:
+                break
+            i += 1
+            st = by_len.get(n) or _dirent_struct(n)
+            append(st.pack(it[2] or 0xFFFFFFFF, i, n, (it[1] & 0o170000) >> 12, name))
+            room -= reclen
+        self._room = room
+        return i
 
     def add_plus(self, name: bytes, offset: int, e: Entry) -> bool:
         """Append a READDIRPLUS record; False (and nothing added) when it does not fit."""

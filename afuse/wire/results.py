@@ -19,7 +19,7 @@ from . import requests as r
 from .constants import FOpen, InitFlag
 from .errors import HandlerResultError
 from .opcodes import Shape
-from .types import Attr, DirEntry, Entry, FsStats, Handle, IoctlReply, Lock, Statx
+from .types import Attr, DirEntry, DirSlice, Entry, FsStats, Handle, IoctlReply, Lock, Statx
 
 __all__ = ["ENCODERS", "PASSTHROUGH_COMPATIBLE", "DirWriter", "ReplyState", "check_handle", "passthrough_flags_problem"]
 
@@ -289,6 +289,29 @@ class DirWriter:
         if a is None:
             raise HandlerResultError(f"readdir entry {name!r} has neither attr nor entry")
         return self._buf.add(name, d.offset, a.ino, a.mode)
+
+    def add_slice(self, s: DirSlice) -> None:
+        """Add the entries of a :class:`DirSlice` while they fit, each checked as :meth:`add` does."""
+        if self._plus:
+            raise HandlerResultError(f"{self._what} returned a DirSlice, which answers READDIR, not READDIRPLUS")
+        items, start = s.items, s.start
+        if type(start) is not int or start < 0:
+            raise HandlerResultError(f"{self._what} returned a DirSlice starting at {start!r}")
+        try:
+            end = self._buf.add_run(items, start)
+        except (struct.error, TypeError, IndexError, AttributeError):
+            end = start  # find the item at fault below
+            for end in range(start, len(items)):
+                try:
+                    self._buf.add_run(items[end:end + 1], 0)
+                except (struct.error, TypeError, IndexError, AttributeError):
+                    break
+            raise HandlerResultError(f"{self._what}: DirSlice item {end} is not (name, mode, ino, ...) "
+                                     f"with int mode and ino: {items[end]!r}") from None
+        for i in range(start, end):
+            name = items[i][0]
+            if type(name) is not bytes or not name or b"/" in name or b"\0" in name or len(name) > 4095:
+                raise HandlerResultError(f"invalid directory entry name {name!r}")
 
     def reply(self, unique: int) -> bytes:
         """The complete reply."""

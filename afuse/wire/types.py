@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import stat as _stat
-from collections.abc import AsyncIterable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -168,8 +168,21 @@ class DirEntry:
 #: ``mode`` are sent); not for READDIRPLUS.
 PlainDirEntry = tuple[bytes, int, int, int]
 
-#: A directory listing as ``readdir`` returns it: an iterable (list, generator) or async iterable.
-DirEntries = Iterable[DirEntry | PlainDirEntry] | AsyncIterable[DirEntry | PlainDirEntry]
+@attrs.frozen(slots=True)
+class DirSlice:
+    """A READDIR answered from a listing kept as a list: the entries ``items[start:]``, item ``i``
+    at offset ``i + 1``, taken until the kernel's buffer is full. Each item is a tuple that begins
+    ``(name, mode, ino)`` (more fields are ignored; only the type bits of ``mode`` are sent, and
+    ino 0 is sent as 0xFFFFFFFF). Offsets are positions: right for a snapshot taken at offset 0,
+    not for a list that changes between READDIRs. Not for READDIRPLUS."""
+
+    items: Sequence[tuple[Any, ...]]
+    start: int
+
+
+#: A directory listing as ``readdir`` returns it: an iterable (list, generator), an async
+#: iterable, or (READDIR) a :class:`DirSlice`.
+DirEntries = Iterable[DirEntry | PlainDirEntry] | AsyncIterable[DirEntry | PlainDirEntry] | DirSlice
 
 
 @attrs.define(slots=True)
