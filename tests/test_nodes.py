@@ -366,6 +366,45 @@ def test_listing_that_fails_while_arriving(fuse_mount: Mount) -> None:
     assert os.stat(bad.join("7")).st_ino == 1007
 
 
+class CountingFS(NodeFS):
+    """NodeFS counting the LOOKUP, READDIR and READDIRPLUS requests it serves."""
+
+    def __init__(self, root: Node) -> None:
+        super().__init__(root)
+        self.entry_timeout = self.attr_timeout = 30.0
+        self.calls: dict[str, int] = {"lookup": 0, "readdir": 0, "readdirplus": 0}
+
+    async def lookup(self, req: afuse.LookupRequest) -> afuse.Entry:
+        self.calls["lookup"] += 1
+        return await super().lookup(req)
+
+    async def readdir(self, req: afuse.ReaddirRequest) -> afuse.DirEntries:
+        self.calls["readdir"] += 1
+        return await super().readdir(req)
+
+    async def readdirplus(self, req: afuse.ReaddirplusRequest) -> afuse.DirEntries:
+        self.calls["readdirplus"] += 1
+        return await super().readdirplus(req)
+
+
+@pytest.mark.parametrize("arriving", [False, True])
+def test_a_plain_listing_makes_few_nodes(fuse_mount: Mount, arriving: bool) -> None:
+    """The kernel asks for READDIRPLUS at offset 0 of every listing; its answer holds a few
+    entries, so a plain listing goes on with READDIR (no node per entry), while a listing whose
+    entries are stat'ed as it goes (ls -l, scandir + stat) goes on with READDIRPLUS."""
+    fs = CountingFS(Arriving(3000) if arriving else Numbers(3000))
+    m = fuse_mount(fs)
+    assert m.session.has(afuse.InitFlag.READDIRPLUS_AUTO)
+    assert len(os.listdir(m.path)) == 3000
+    assert fs.calls["readdirplus"] == 1 and fs.calls["readdir"] >= 1 and fs.calls["lookup"] == 0
+    assert len(fs.nodes) <= 1 + 32  # the root and the first READDIRPLUS's entries
+    fs.calls.update(dict.fromkeys(fs.calls, 0))
+    with os.scandir(m.path) as it:
+        inos = [e.stat(follow_symlinks=False).st_ino for e in it]
+    assert sorted(inos) == list(range(1000, 4000))
+    assert fs.calls["readdirplus"] > 1 and fs.calls["lookup"] < 50, fs.calls  # no LOOKUP per entry
+
+
 # -- lookup counts and forgetting --------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ away ends both."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
 import threading
@@ -29,7 +30,7 @@ def test_reader_returns_whole_packets_across_chunks() -> None:
             pos += os.write(w, payload[pos:pos + n])
         os.close(w)
 
-    async def main() -> list[bytes]:
+    async def main() -> list[bytes | memoryview]:
         reader = _PipeReader(r)
         t = threading.Thread(target=feed)
         t.start()
@@ -45,6 +46,26 @@ def test_reader_returns_whole_packets_across_chunks() -> None:
     got = asyncio.run(main())
     assert [len(g) for g in got] == sizes
     assert b"".join(got) == payload
+
+
+def test_reader_hands_on_large_data_packets_as_views() -> None:
+    """An SSH_FXP_DATA packet (type 103) of 16 KiB or more within one read is a view of what was
+    read (its data reaches the kernel without a copy); other packets are bytes."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    data = bytes([103]) + os.urandom(100_000)
+    name = bytes([104]) + os.urandom(30_000)
+    small = bytes([103]) + os.urandom(100)
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)  # all of it in the pipe, read at once
+    assert os.write(w, data + name + small) == len(data + name + small)
+    os.close(w)
+
+    async def main() -> list[bytes | memoryview]:
+        reader = _PipeReader(r)
+        return [await reader.readexactly(len(p)) for p in (data, name, small)]
+
+    got = asyncio.run(main())
+    assert [type(g) for g in got] == [memoryview, bytes, bytes]
+    assert [bytes(g) for g in got] == [data, name, small]
 
 
 def test_writer_keeps_order_under_back_pressure_and_closes_after_the_queue() -> None:

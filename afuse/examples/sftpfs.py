@@ -44,6 +44,7 @@ import contextvars
 import errno
 import fcntl
 import functools
+import gc
 import getpass
 import itertools
 import logging
@@ -334,15 +335,21 @@ class _PipeReader:
             if self.waiter is not None and not self.waiter.done():
                 self.waiter.set_result(None)
 
-    async def readexactly(self, n: int) -> bytes:
+    async def readexactly(self, n: int) -> bytes | memoryview:
+        """The next ``n`` bytes: a view of what was read for a large SSH_FXP_DATA packet within one
+        chunk (its data then reaches the kernel without a copy here), else bytes."""
         while self.queued - self.head < n:
             if self.eof:
                 raise asyncio.IncompleteReadError(b"", n)  # an EOFError: asyncssh fails the requests
             self.waiter = self.loop.create_future()
             await self.waiter
         first, head = self.chunks[0], self.head
+        out: bytes | memoryview
         if len(first) - head >= n:  # the usual case: within one chunk
-            out = first[head:head + n] if head or n < len(first) else first
+            if n >= _VIEW_MIN and first[head] == _FXP_DATA:
+                out = memoryview(first)[head:head + n]
+            else:
+                out = first[head:head + n] if head or n < len(first) else first
             head += n
         else:
             parts = []
@@ -788,6 +795,8 @@ _HEAD = struct.Struct(">IBI")  # an SFTP packet's length, type and request id
 Chunk = bytes | memoryview
 Data = Chunk | list[Chunk]
 _FXP_READ, _FXP_DATA = 5, 103
+#: SSH_FXP_DATA packets at least this long are handed on as views of what was read from ``ssh``.
+_VIEW_MIN = 16 * 1024
 _U64 = struct.Struct(">Q")
 _FXP_WRITE = 6
 
@@ -1006,8 +1015,10 @@ def _consume(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def _bytes(data: bytes | str) -> bytes:
-    return data if isinstance(data, bytes) else data.encode()  # always bytes: files are opened with encoding=None
+def _bytes(data: bytes | str | memoryview) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    return bytes(data) if isinstance(data, memoryview) else data.encode()  # files are opened with encoding=None
 
 
 def _pflags(flags: int) -> int:
@@ -1028,7 +1039,7 @@ def _pflags(flags: int) -> int:
 def _data_view(packet: Any) -> bytes | memoryview:
     """SSH_FXP_DATA's data, as a view of the packet (asyncssh's ``get_string`` copies it)."""
     buf, idx = getattr(packet, "_packet", None), getattr(packet, "_idx", None)
-    if type(buf) is not bytes or type(idx) is not int:
+    if (type(buf) is not bytes and type(buf) is not memoryview) or type(idx) is not int:
         return packet.get_string()  # type: ignore[no-any-return]
     (n,) = _U32.unpack_from(buf, idx)
     if idx + 4 + n > len(buf):
@@ -2207,9 +2218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    def ready() -> None:
+        # What exists now (modules, the connections, the mount) lives as long as the process:
+        # the cyclic garbage collector need not walk it again at every full collection.
+        gc.freeze()
+        print("ready", flush=True)
+
     try:
-        stopped_by = asyncio.run(serve(options, args.mountpoint, mount_options, lambda: print("ready", flush=True),
-                                       poll_us=args.poll_us))
+        stopped_by = asyncio.run(serve(options, args.mountpoint, mount_options, ready, poll_us=args.poll_us))
     except (ConnectError, MountError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

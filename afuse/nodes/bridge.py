@@ -101,6 +101,8 @@ def _classes(root: Node) -> set[type]:
 
 _GENERATED: dict[tuple[type, frozenset[str]], type] = {}
 _DIR_ITEM = frozenset({DirItem})
+#: Entries (``.`` and ``..`` included) in the first READDIRPLUS of a listing, with READDIRPLUS_AUTO.
+_FIRST_PLUS = 34
 
 
 class _DirStream:
@@ -155,6 +157,8 @@ class NodeFS(Operations):
         self._next_fh = 1
         self._session: Session | None = None
         self._passthrough = False
+        #: Entries in the first READDIRPLUS of a listing (None: as many as fit); see :meth:`readdirplus`.
+        self._first_plus: int | None = None
         #: Lookups the kernel forgot beyond the bridge's count (0 unless something answered an
         #: entry behind the bridge's back, e.g. an overridden ``lookup``).
         self.excess_forgets = 0
@@ -336,6 +340,7 @@ class NodeFS(Operations):
         """Remember the serving session (notifications, passthrough)."""
         self._session = current_session()
         self._passthrough = negotiated.has(InitFlag.PASSTHROUGH)
+        self._first_plus = _FIRST_PLUS if negotiated.has(InitFlag.READDIRPLUS_AUTO) else None
 
     async def forget(self, req: r.ForgetRequest) -> None:
         """Drop lookup counts; a node left with none and outside the persistent tree is dropped."""
@@ -1185,15 +1190,22 @@ class NodeFS(Operations):
         return DirSlice(await self._items(stream, req.offset, req.size // 32), req.offset)  # 32: the shortest record
 
     async def readdirplus(self, req: r.ReaddirplusRequest) -> DirEntries:
-        """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup."""
+        """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup.
+
+        With READDIRPLUS_AUTO the kernel asks for READDIRPLUS at offset 0 of every listing, even
+        a plain ``ls``, and afterwards only when entries are being looked up (a lookup, or a stat
+        of an entry a READDIRPLUS made, advises it). So the first answer holds a few entries
+        (:data:`_FIRST_PLUS`): a plain listing goes on with plain READDIRs, without a node and
+        attributes for each of its first ~200 entries; ``ls -l`` and ``scandir`` + ``stat`` go
+        on with READDIRPLUS."""
         stream = self._stream(req)
         ck = self._cookies(stream.node)
+        first = self._first_plus if req.offset == 0 else None
         if ck is not None:
-            return self._plus(stream.node, self._kept(stream.node, ck, req.offset))
-        end = None
-        items = await self._items(stream, req.offset, req.size // 160)
-        return self._plus(stream.node, ((i + 1, it[0], it[1], it[2], it[3] if len(it) > 3 else None)
-                                        for i, it in enumerate(itertools.islice(items, req.offset, end), req.offset)))
+            return self._plus(stream.node, itertools.islice(self._kept(stream.node, ck, req.offset), first))
+        items = await self._items(stream, req.offset, first or req.size // 160)
+        return self._plus(stream.node, ((i + 1, it[0], it[1], it[2], it[3] if len(it) > 3 else None) for i, it
+                                        in enumerate(itertools.islice(items, req.offset, first), req.offset)))
 
     async def _plus(self, parent: Node, listing: Iterator[tuple[int, bytes, int, int, Node | None]]
                     ) -> AsyncIterator[DirEntry]:
