@@ -213,7 +213,8 @@ def test_dir_slice_answers_readdir_from_a_position() -> None:
     req = r.ReaddirRequest(*HEAD, 1, 0, 4096)
     bad_cases: list[tuple[list[Any], str]] = [
         ([(b"a/b", 0, 1)], "invalid directory entry name"),
-        ([(b"ok", 0, 1), ("str", 0, 1)], "item 1 is not"),
+        ([(b"ok", 0, 1), ("str", 0, 1)], "invalid directory entry name 'str'"),
+        ([(b"ok", 0, 1), (b"x", None, 1)], "item 1 is not"),
         ([(b"ok", "mode", 1)], "item 0 is not"), ([(b"ok", 0, -1)], "item 0 is not"),
         ([b"xyz"], "item 0 is not")]
     for bad_items, why in bad_cases:

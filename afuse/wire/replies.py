@@ -236,7 +236,8 @@ class DirBuffer:
     def add_run(self, items: Sequence[tuple[Any, ...]], start: int) -> int:
         """Append READDIR records for ``items[start:]`` (each ``(name, mode, ino, ...)``, item ``i``
         at offset ``i + 1``, ino 0 sent as 0xFFFFFFFF) while they fit; the index after the last
-        one added."""
+        one added. ValueError for a name that is not bytes, is empty, longer than 4095 bytes or
+        holds ``/`` or NUL."""
         room, append, by_len = self._room, self._parts.append, _DIRENT_BY_LEN
         i, end = start, len(items)
         while i < end:
@@ -246,6 +247,8 @@ class DirBuffer:
             reclen = (24 + n + 7) & ~7
             if reclen > room:
                 break
+            if type(name) is not bytes or not n or n > 4095 or b"/" in name or b"\0" in name:
+                raise ValueError(f"invalid directory entry name {name!r}")
             i += 1
             st = by_len.get(n) or _dirent_struct(n)
             append(st.pack(it[2] or 0xFFFFFFFF, i, n, (it[1] & 0o170000) >> 12, name))

@@ -298,20 +298,18 @@ class DirWriter:
         if type(start) is not int or start < 0:
             raise HandlerResultError(f"{self._what} returned a DirSlice starting at {start!r}")
         try:
-            end = self._buf.add_run(items, start)
+            self._buf.add_run(items, start)
+        except ValueError as e:
+            raise HandlerResultError(str(e)) from None
         except (struct.error, TypeError, IndexError, AttributeError):
-            end = start  # find the item at fault below
-            for end in range(start, len(items)):
+            bad = start  # find the item at fault
+            for bad in range(start, len(items)):
                 try:
-                    self._buf.add_run(items[end:end + 1], 0)
+                    replies.DirBuffer(4096).add_run(items[bad:bad + 1], 0)
                 except (struct.error, TypeError, IndexError, AttributeError):
                     break
-            raise HandlerResultError(f"{self._what}: DirSlice item {end} is not (name, mode, ino, ...) "
-                                     f"with int mode and ino: {items[end]!r}") from None
-        for i in range(start, end):
-            name = items[i][0]
-            if type(name) is not bytes or not name or b"/" in name or b"\0" in name or len(name) > 4095:
-                raise HandlerResultError(f"invalid directory entry name {name!r}")
+            raise HandlerResultError(f"{self._what}: DirSlice item {bad} is not (name, mode, ino, ...) "
+                                     f"with int mode and ino: {items[bad]!r}") from None
 
     def reply(self, unique: int) -> bytes:
         """The complete reply."""
