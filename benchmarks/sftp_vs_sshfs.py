@@ -15,8 +15,9 @@ the server's own page cache holds them on both sides alike. Workloads:
     seq read       one file of ``--mib`` MiB in 1 MiB read()s
     create small   ``--files`` files of 4 KiB: open(O_CREAT|O_EXCL), write, close
     read small     ``--files`` files of 4 KiB (made on the server): open, read, close
-    list           os.listdir of a ``--entries``-entry directory
-    list -l        the same directory's names and lstat() of each (``ls -l``)
+    list           os.listdir of ``--dirs`` directories of ``--entries`` entries each (one listing
+                   takes ~15 ms: a single one is mostly noise)
+    list -l        the same directories' names and lstat() of each (``ls -l``)
     stat           lstat() of ``--entries`` files by name, not listed first
     parallel read  8 ``dd`` processes each reading its own ``--mib``/8 MiB file at once
 
@@ -85,6 +86,7 @@ class Config:
     mib: int = 256  # sequential file size, and the parallel readers' total
     files: int = 1000  # small files created, small files read
     entries: int = 2000  # listing's directory size and stat's file count
+    dirs: int = 8  # directories listed per run of list and list -l
     small_size: int = 4096
     parallel: int = 8
     repeat: int = 2
@@ -322,23 +324,31 @@ def _run_read_small(d: str, cfg: Config) -> float:
     return cfg.files
 
 
+def _make_dirs(d: str, cfg: Config) -> None:
+    os.mkdir(d)
+    for k in range(cfg.dirs):
+        _make_files(os.path.join(d, f"l{k}"), cfg.entries, 0)
+
+
 def _run_list(d: str, cfg: Config) -> float:
-    n = len(os.listdir(os.path.join(d, "l")))
-    if n != cfg.entries:
-        raise RuntimeError(f"list found {n} entries, not {cfg.entries}")
-    return n
+    for k in range(cfg.dirs):
+        n = len(os.listdir(os.path.join(d, "l", f"l{k}")))
+        if n != cfg.entries:
+            raise RuntimeError(f"list found {n} entries, not {cfg.entries}")
+    return cfg.entries * cfg.dirs
 
 
 def _run_list_l(d: str, cfg: Config) -> float:
-    n = 0
-    with os.scandir(os.path.join(d, "l")) as it:
-        for entry in it:
-            if entry.stat(follow_symlinks=False).st_size != 0:
-                raise RuntimeError(f"list -l: {entry.name} is not empty")
-            n += 1
-    if n != cfg.entries:
-        raise RuntimeError(f"list -l found {n} entries, not {cfg.entries}")
-    return n
+    for k in range(cfg.dirs):
+        n = 0
+        with os.scandir(os.path.join(d, "l", f"l{k}")) as it:
+            for entry in it:
+                if entry.stat(follow_symlinks=False).st_size != 0:
+                    raise RuntimeError(f"list -l: {entry.name} is not empty")
+                n += 1
+        if n != cfg.entries:
+            raise RuntimeError(f"list -l found {n} entries, not {cfg.entries}")
+    return cfg.entries * cfg.dirs
 
 
 def _run_stat(d: str, cfg: Config) -> float:
@@ -372,8 +382,8 @@ WORKLOAD_LIST = [
     Workload("create_small", lambda d, cfg: None, _run_create_small, _check_create_small),
     Workload("read_small", lambda d, cfg: _make_files(os.path.join(d, "s"), cfg.files, cfg.small_size),
              _run_read_small),
-    Workload("list", lambda d, cfg: _make_files(os.path.join(d, "l"), cfg.entries, 0), _run_list),
-    Workload("list_l", lambda d, cfg: _make_files(os.path.join(d, "l"), cfg.entries, 0), _run_list_l),
+    Workload("list", lambda d, cfg: _make_dirs(os.path.join(d, "l"), cfg), _run_list),
+    Workload("list_l", lambda d, cfg: _make_dirs(os.path.join(d, "l"), cfg), _run_list_l),
     Workload("stat", lambda d, cfg: _make_files(os.path.join(d, "t"), cfg.entries, 0), _run_stat),
     Workload("parallel_read", _prepare_parallel, _run_parallel),
 ]
@@ -563,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=int, help="sequential file size in MiB (default 256)")
     p.add_argument("--files", type=int, help="small files (default 1000)")
     p.add_argument("--entries", type=int, help="directory entries for list and stat (default 2000)")
+    p.add_argument("--dirs", type=int, help="directories listed per run of list and list -l (default 8)")
     p.add_argument("--connections", type=int, default=1, help="SSH connections per mount (sshfs max_conns)")
     p.add_argument("--cipher", default=Config.cipher,
                    help="SSH cipher both sides use (default %(default)s; '' leaves each its own default: "
@@ -580,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="profile: sftp-server logs every request, and each workload's SFTP requests are counted "
                         "by type per side (the logging slows the server: timings of such a run are not the figures)")
     args = p.parse_args(argv)
-    cfg = Config(mib=8, files=30, entries=100, repeat=1) if args.quick else Config()
-    for name in ("repeat", "mib", "files", "entries"):
+    cfg = Config(mib=8, files=30, entries=100, dirs=2, repeat=1) if args.quick else Config()
+    for name in ("repeat", "mib", "files", "entries", "dirs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.connections = args.connections
@@ -633,8 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"sftpfs vs sshfs: same sshd (OpenSSH, internal-sftp) on 127.0.0.1, {cfg.repeat} run(s) per figure "
           f"(median), sides alternating; seq {cfg.mib} MiB, {cfg.files} small files of {cfg.small_size} B, "
-          f"{cfg.entries} entries, {cfg.parallel} parallel readers; cipher {cfg.cipher or 'each side its default'}; "
-          f"{cfg.connections} SSH connection(s) per mount")
+          f"{cfg.dirs} directories of {cfg.entries} entries, {cfg.parallel} parallel readers; "
+          f"cipher {cfg.cipher or 'each side its default'}; {cfg.connections} SSH connection(s) per mount")
     for note in res.notes:
         print("note:", note)
     for phase, probes in res.rtt_ms.items():
