@@ -4,6 +4,7 @@ a killed server (EIO, then --reconnect), an interrupted reader, --poll."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import getpass
@@ -361,6 +362,27 @@ def test_parallel_readers_over_connections(sshd: Any, tmp_path: Path) -> None:
         for t in threads:
             t.join(60)
         assert got == blobs
+
+
+def test_readers_at_once_share_the_read_ahead() -> None:
+    """One sequential reader may read ``readahead`` ahead; readers at once share twice that
+    (never below two chunks each), and a closed or jumping reader gives its share back."""
+    from afuse.examples.sftpfs import CHUNK, Pool, SftpOptions
+
+    async def main() -> None:
+        pool = Pool(SftpOptions(host="h", readahead=8 << 20))
+        assert pool.readahead() == 8 << 20
+        files = [object() for _ in range(8)]
+        pool.streaming.update(files[:2])  # type: ignore[arg-type]
+        assert pool.readahead() == 8 << 20
+        pool.streaming.update(files)  # type: ignore[arg-type]
+        assert pool.readahead() == 2 << 20
+        pool.streaming.update(object() for _ in range(100))  # type: ignore[misc]
+        assert pool.readahead() == 2 * CHUNK
+        pool.streaming.clear()
+        assert pool.readahead() == 8 << 20
+
+    asyncio.run(main())
 
 
 # -- failures ---------------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ class SftpOptions:
     dir_timeout: float = 20.0
     #: Seconds a symlink's target is cached, as sshfs's cache_link_timeout.
     link_timeout: float = 20.0
-    #: Largest read-ahead window of a sequential reader, bytes.
+    #: Largest read-ahead window of a sequential reader, bytes. Readers at once share twice this:
+    #: eight get a quarter each (the server serves no faster, and the data waits in memory).
     readahead: int = 8 << 20
     #: Bytes of pipelined writes a handle may have in flight.
     write_window: int = 16 << 20
@@ -541,6 +542,13 @@ class Pool:
         #: SFTP requests answered EIO because of a lost connection or a timeout.
         self.failures = 0
         self.closing = False
+        #: Open files reading ahead (they share ``2 * options.readahead``).
+        self.streaming: set[RemoteFile] = set()
+
+    def readahead(self) -> int:
+        """The read-ahead window a sequential reader may grow to now."""
+        o = self.options
+        return max(2 * CHUNK, min(o.readahead, 2 * o.readahead // max(1, len(self.streaming))))
 
     async def start(self) -> None:
         """Connect every connection now (errors are ConnectError with the reason)."""
@@ -1229,12 +1237,14 @@ class RemoteFile:
         it needs returned; after a jump, None: read just what was asked."""
         if abs(offset - self.next_offset) > self.window + size:  # a jump: no read-ahead
             self.window = 0
+            self.pool.streaming.discard(self)
             self._drop_chunks()
         self.next_offset = max(self.next_offset, offset + size) if self.window else offset + size
         if self.window == 0 and offset != 0:
             self.window = CHUNK  # the first read after a jump: start small
             return None
-        self.window = min(max(2 * self.window, 2 * CHUNK), self.pool.options.readahead)
+        self.pool.streaming.add(self)
+        self.window = min(max(2 * self.window, 2 * CHUNK), self.pool.readahead())
         first = offset - offset % CHUNK
         end = offset + size + self.window
         if self.size is not None:
@@ -1355,6 +1365,7 @@ class RemoteFile:
             await self.drain()
         finally:
             self._drop_chunks()
+            self.pool.streaming.discard(self)
             self.closed = True
             f, self.file = self.file, None
             if f is not None and self.generation == self.conn.generation and self.conn.sftp is not None:
