@@ -209,6 +209,11 @@ def _direntplus_struct(n: int) -> Struct:
     return st
 
 
+def valid_name(name: object) -> bool:
+    """Whether ``name`` can be a directory entry's name: bytes, 1 to 4095 long, no ``/`` or NUL."""
+    return isinstance(name, bytes) and 0 < len(name) <= 4095 and b"/" not in name and b"\0" not in name
+
+
 class DirBuffer:
     """Builds a READDIR or READDIRPLUS reply body without exceeding the kernel's ``size``."""
 
@@ -247,7 +252,7 @@ class DirBuffer:
             reclen = (24 + n + 7) & ~7
             if reclen > room:
                 break
-            if type(name) is not bytes or not n or n > 4095 or b"/" in name or b"\0" in name:
+            if type(name) is not bytes or not n or n > 4095 or b"/" in name or b"\0" in name:  # valid_name, inline
                 raise ValueError(f"invalid directory entry name {name!r}")
             i += 1
             st = by_len.get(n) or _dirent_struct(n)

@@ -262,7 +262,7 @@ class DirWriter:
         offset, ino, mode)``: the node layer's form, without an object per entry."""
         if type(d) is tuple and len(d) == 4 and not self._plus:
             name, offset, ino, mode = d
-            if type(name) is not bytes or not name or b"/" in name or b"\0" in name or len(name) > 4095:
+            if not replies.valid_name(name):
                 raise HandlerResultError(f"invalid directory entry name {name!r}")
             if type(offset) is not int or offset <= 0:
                 raise HandlerResultError(f"directory entry {name!r} has offset {offset!r}; offsets start at 1")
@@ -275,7 +275,7 @@ class DirWriter:
                                      f"{'' if self._plus else ' or (name, offset, ino, mode) tuples'}, "
                                      f"not {f'a {len(d)}-tuple' if type(d) is tuple else type(d).__name__}")
         name = d.name
-        if not isinstance(name, bytes) or not name or b"/" in name or b"\0" in name or len(name) > 4095:
+        if not replies.valid_name(name):
             raise HandlerResultError(f"invalid directory entry name {name!r}")
         if d.offset <= 0:
             raise HandlerResultError(f"directory entry {name!r} has offset {d.offset}; offsets start at 1")
