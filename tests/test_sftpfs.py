@@ -364,6 +364,40 @@ def test_parallel_readers_over_connections(sshd: Any, tmp_path: Path) -> None:
         assert got == blobs
 
 
+@TRANSPORTS
+def test_idmap_user(tmp_path: Path, transport: str) -> None:
+    """-o idmap=user (as sshfs's): the owner of the login directory is the remote user, shown as
+    this process's uid and gid; other ids pass unchanged; chown to ours sets the remote user's."""
+    login = tmp_path / "login"  # internal-sftp -d: the SFTP session starts here
+    login.mkdir()
+    (login / "mine").write_bytes(b"m")
+    (login / "other").write_bytes(b"o")
+    os.chown(login, 4321, 4322)
+    os.chown(login / "mine", 4321, 4322)
+    os.chown(login / "other", 555, 556)
+    (login / "theirs").write_bytes(b"r")
+    os.chown(login / "theirs", 555, 556)
+    me = (os.getuid(), os.getgid())
+    with sshd_tool.running_sshd(sftp_server=f"internal-sftp -d {login}") as server:
+        with sftpfs(server, login, "-o", "idmap=user", "--transport", transport) as mnt:
+            st = os.stat(mnt)
+            assert (st.st_uid, st.st_gid) == me
+            st = os.stat(Path(mnt) / "mine")
+            assert (st.st_uid, st.st_gid) == me
+            st = os.stat(Path(mnt) / "other")
+            assert (st.st_uid, st.st_gid) == (555, 556)
+            os.chown(Path(mnt) / "theirs", *me)  # ours: the remote user's on the server
+            st = os.stat(login / "theirs")
+            assert (st.st_uid, st.st_gid) == (4321, 4322)
+            assert (os.stat(Path(mnt) / "theirs").st_uid, os.stat(Path(mnt) / "theirs").st_gid) == me
+            os.chown(Path(mnt) / "mine", 777, -1)  # other ids as given; gid unchanged
+            st = os.stat(login / "mine")
+            assert (st.st_uid, st.st_gid) == (777, 4322)
+        with sftpfs(server, login, "--transport", transport) as mnt:  # idmap=none: as they are
+            st = os.stat(Path(mnt) / "theirs")
+            assert (st.st_uid, st.st_gid) == (4321, 4322)
+
+
 def test_readers_at_once_share_the_read_ahead() -> None:
     """One sequential reader may read ``readahead`` ahead; readers at once share twice that
     (never below two chunks each), and a closed or jumping reader gives its share back."""
@@ -575,6 +609,8 @@ def test_command_line_errors(sshd: Any, tmp_path: Path) -> None:
     assert res.returncode == 2 and "70000" in res.stderr
     res = run(sshd.target(str(tmp_path)), str(tmp_path), "--poll-us", "-1")
     assert res.returncode == 2 and "--poll-us" in res.stderr
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "idmap=file")
+    assert res.returncode == 2 and "idmap must be user or none" in res.stderr
     wrong = tmp_path / "wrong_known_hosts"
     wrong.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 "
                      "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")

@@ -75,8 +75,8 @@ from afuse.wire.init import InitConfig
 from afuse.wire.requests import SetattrRequest
 from afuse.wire.types import Attr, FsStats
 
-__all__ = ["FileAttrs", "Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions", "list_directory",
-           "main", "parse_names", "parse_remote"]
+__all__ = ["FileAttrs", "IdMap", "Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions",
+           "list_directory", "main", "parse_names", "parse_remote"]
 
 log = logging.getLogger("afuse.sftpfs")
 T = TypeVar("T")
@@ -121,6 +121,9 @@ class SftpOptions:
     readahead: int = 8 << 20
     #: Bytes of pipelined writes a handle may have in flight.
     write_window: int = 16 << 20
+    #: "user": the remote user's uid and gid (the owner of the login directory) are shown as this
+    #: process's, and chown to these sets those (sshfs's ``idmap=user``); "none": ids as they are.
+    idmap: str = "none"
     #: SSH ciphers in order of preference; None: the client's own (``ssh``'s configuration; for
     #: asyncssh :data:`ASYNCSSH_CIPHERS`).
     ciphers: list[str] | None = None
@@ -1395,12 +1398,34 @@ def _dir_items(prefix: bytes, names: Iterable[bytes], attrs: dict[bytes, FileAtt
             for name in names]
 
 
-def _attr(a: FileAttrs, ino: int) -> Attr:
+class IdMap(NamedTuple):
+    """``idmap=user``: the remote user's ids and the local ones shown for them."""
+
+    remote_uid: int
+    remote_gid: int
+    local_uid: int
+    local_gid: int
+
+    def local(self, uid: int, gid: int) -> tuple[int, int]:
+        """Remote ids as shown here."""
+        return (self.local_uid if uid == self.remote_uid else uid,
+                self.local_gid if gid == self.remote_gid else gid)
+
+    def remote(self, uid: int, gid: int) -> tuple[int, int]:
+        """Ids given here (chown) as set on the server."""
+        return (self.remote_uid if uid == self.local_uid else uid,
+                self.remote_gid if gid == self.local_gid else gid)
+
+
+def _attr(a: FileAttrs, ino: int, idmap: IdMap | None = None) -> Attr:
     mtime = (a.mtime or 0) * 1_000_000_000
     atime = (a.atime or 0) * 1_000_000_000
     size = a.size or 0
     mode = a.permissions or 0
-    return Attr(ino=ino, mode=mode, nlink=1, uid=a.uid or 0, gid=a.gid or 0, size=size,
+    uid, gid = a.uid or 0, a.gid or 0
+    if idmap is not None:
+        uid, gid = idmap.local(uid, gid)
+    return Attr(ino=ino, mode=mode, nlink=1, uid=uid, gid=gid, size=size,
                 blocks=(size + 511) // 512, atime_ns=atime, mtime_ns=mtime, ctime_ns=mtime,
                 blksize=_DIR_BLKSIZE if mode & 0o170000 == stat.S_IFDIR else CHUNK)
 
@@ -1631,7 +1656,7 @@ class SftpNode(Node):
                 a = FileAttrs.of(await afuse.asyncio.run_asyncio(f.run(lambda h: h.stat())))
             self.fetched = -1e9  # answer what was just read, even if it changed meanwhile
             self._set(a, max(when, self.changed))
-        return _attr(self.sattrs, self.ino)
+        return _attr(self.sattrs, self.ino, self.fs.idmap)
 
     async def setattr(self, changes: SetattrRequest) -> Attr:
         """chmod, chown, truncate, utimens: SETSTAT (FSETSTAT on an open file)."""
@@ -1645,8 +1670,12 @@ class SftpNode(Node):
         if changes.new_uid is not None or changes.new_gid is not None:
             if changes.new_uid is None or changes.new_gid is None:
                 cur = await self._lstat() or cur
-            new.uid = changes.new_uid if changes.new_uid is not None else cur.uid
-            new.gid = changes.new_gid if changes.new_gid is not None else cur.gid
+            idmap = self.fs.idmap
+            uid, gid = changes.new_uid, changes.new_gid
+            if idmap is not None:  # ids given here; the current ones are the server's already
+                uid, gid = idmap.remote(uid if uid is not None else -1, gid if gid is not None else -1)
+            new.uid = uid if uid is not None and uid >= 0 else cur.uid
+            new.gid = gid if gid is not None and gid >= 0 else cur.gid
         now = time.time_ns()
         at = now if changes.atime_now else changes.atime_ns
         mt = now if changes.mtime_now else changes.mtime_ns
@@ -1953,9 +1982,11 @@ class SftpHandle(FileHandle):
 class SftpFS(NodeFS):
     """A remote directory over a :class:`Pool` of SFTP connections."""
 
-    def __init__(self, pool: Pool, root_path: bytes, root_attrs: FileAttrs) -> None:
+    def __init__(self, pool: Pool, root_path: bytes, root_attrs: FileAttrs, idmap: IdMap | None = None) -> None:
         self.pool = pool
         self.options = pool.options
+        #: ``idmap=user``'s mapping, or None.
+        self.idmap = idmap
         #: Path -> the live node for it (nodes the kernel holds, and the root).
         self.live: dict[bytes, SftpNode] = {}
         root = SftpNode(self, root_path, root_attrs)
@@ -2066,7 +2097,7 @@ def parse_remote(spec: str) -> tuple[str | None, str, str]:
 
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
-                "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command"}
+                "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap"}
 
 
 def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
@@ -2121,6 +2152,10 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             o.reconnect = True
         elif key == "Ciphers":
             o.ciphers = value.replace(",", ":").split(":")
+        elif key == "idmap":
+            if value not in ("user", "none"):
+                raise ValueError(f"idmap must be user or none, not {value!r} (idmap=file is not supported)")
+            o.idmap = value
         elif key == "ssh_command":
             if not shlex.split(value):
                 raise ValueError("ssh_command is empty")
@@ -2143,13 +2178,19 @@ async def connect(options: SftpOptions) -> SftpFS:
         async with asyncio.timeout(options.timeout):
             root = await sftp.realpath((options.path or ".").encode())
             a = FileAttrs.of(await sftp.stat(root))
+            # idmap=user: the remote user is taken to own the login directory, as sshfs does.
+            home = FileAttrs.of(await sftp.stat(b".")) if options.idmap == "user" else None
     except (asyncssh.Error, OSError, TimeoutError) as e:
         await pool.close()
         raise ConnectError(f"{options.path or '~'}: {e}") from e
     if not stat.S_ISDIR(a.permissions or 0):
         await pool.close()
         raise ConnectError(f"{root!r} is not a directory")
-    return SftpFS(pool, root, a)
+    idmap = None
+    if home is not None:
+        idmap = IdMap(home.uid or 0, home.gid or 0, os.getuid(), os.getgid())
+        log.info("idmap=user: remote uid %d gid %d shown as %d %d", *idmap)
+    return SftpFS(pool, root, a, idmap)
 
 
 async def serve(options: SftpOptions, mountpoint: str, mount_options: MountOptions,
@@ -2200,7 +2241,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
-                        "Port=N, Ciphers=A:B, ssh_command=CMD, readahead=BYTES, write_window=BYTES, reconnect; "
+                        "Port=N, Ciphers=A:B, ssh_command=CMD, readahead=BYTES, write_window=BYTES, reconnect, "
+                        "idmap=user|none; "
                         "others are mount options")
     p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
                    help="ssh: OpenSSH's client as a child process, as sshfs runs it (the default); "
