@@ -398,6 +398,40 @@ def test_idmap_user(tmp_path: Path, transport: str) -> None:
             assert (st.st_uid, st.st_gid) == (4321, 4322)
 
 
+def _ssh_children_argv(port: int) -> list[list[str]]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        if args and os.path.basename(args[0]) == "ssh" and str(port) in args:
+            out.append(args)
+    return out
+
+
+def test_ssh_options_reach_the_ssh_client(sshd: Any, tmp_path: Path) -> None:
+    """ssh's own options (-o Compression=yes, -o ServerAliveInterval=N, ...) go to the ssh client
+    first, so they win over sftpfs's defaults, as with sshfs; mount options still go to the mount."""
+    from afuse.examples.sftpfs import _options, make_parser, ssh_argv
+
+    o, mount = _options(make_parser().parse_args(
+        ["h:/d", "/m", "-o", "ProxyJump=far,Compression=yes,ro", "-o", "ServerAliveInterval=7"]))
+    assert o.ssh_options == ["ProxyJump=far", "Compression=yes", "ServerAliveInterval=7"]
+    alive = [a for a in ssh_argv(o) if a.startswith("-oServerAliveInterval=")]
+    assert alive[0] == "-oServerAliveInterval=7" and len(alive) == 2  # the user's first: ssh takes it
+    assert mount.ro  # a mount option, still
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    data = os.urandom(300_000)
+    (remote / "f").write_bytes(data)
+    with sftpfs(sshd, remote, "-o", "Compression=yes,ServerAliveInterval=7") as mnt:
+        assert (Path(mnt) / "f").read_bytes() == data
+        children = _ssh_children_argv(sshd.port)
+        assert any("-oCompression=yes" in a and "-oServerAliveInterval=7" in a for a in children), children
+
+
 def test_readers_at_once_share_the_read_ahead() -> None:
     """One sequential reader may read ``readahead`` ahead; readers at once share twice that
     (never below two chunks each), and a closed or jumping reader gives its share back."""
@@ -611,6 +645,10 @@ def test_command_line_errors(sshd: Any, tmp_path: Path) -> None:
     assert res.returncode == 2 and "--poll-us" in res.stderr
     res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "idmap=file")
     assert res.returncode == 2 and "idmap must be user or none" in res.stderr
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "--transport", "asyncssh", "-o", "ProxyJump=far")
+    assert res.returncode == 2 and "ProxyJump=far is an option of the ssh client" in res.stderr
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "Compression")
+    assert res.returncode == 2 and "ssh option Compression needs a value" in res.stderr
     wrong = tmp_path / "wrong_known_hosts"
     wrong.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 "
                      "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")

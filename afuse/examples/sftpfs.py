@@ -105,6 +105,9 @@ class SftpOptions:
     transport: str = "ssh"
     #: The ``ssh`` command and arguments of its own (the "ssh" transport), as sshfs's ``ssh_command``.
     ssh_command: str = "ssh"
+    #: Options for the ``ssh`` client as ``NAME=VALUE`` (``-o ProxyJump=...``, as sshfs passes
+    #: them); they come first, so they win over sftpfs's own (ssh takes an option's first value).
+    ssh_options: list[str] = attrs.Factory(list)
     reconnect: bool = False
     #: Seconds a request (or connecting) may take before it fails with EIO.
     timeout: float = 15.0
@@ -279,6 +282,7 @@ def ssh_argv(o: SftpOptions) -> list[str]:
     forwarding, no prompts (``BatchMode``), keepalives that notice a dead server within about the
     timeout, the options' port, user, keys, known hosts and ciphers."""
     argv = shlex.split(o.ssh_command)
+    argv += [f"-o{opt}" for opt in o.ssh_options]
     argv += ["-x", "-a", "-oClearAllForwardings=yes", "-oBatchMode=yes",
              f"-oServerAliveInterval={max(1, round(o.timeout / 3))}", "-oServerAliveCountMax=3",
              f"-oConnectTimeout={max(1, round(o.timeout))}"]
@@ -2095,6 +2099,17 @@ def parse_remote(spec: str) -> tuple[str | None, str, str]:
     return m["user"], m["host"].strip("[]"), m["path"]
 
 
+#: ``ssh`` options passed on as ``-oNAME=VALUE`` with ``--transport ssh`` (sshfs's list, less those
+#: sftpfs reads itself: Port, IdentityFile, Ciphers, UserKnownHostsFile, StrictHostKeyChecking).
+SSH_OPTIONS = frozenset("""AddressFamily BatchMode BindAddress BindInterface CertificateFile CheckHostIP
+    Compression ConnectionAttempts ConnectTimeout ControlMaster ControlPath ControlPersist FingerprintHash
+    GlobalKnownHostsFile GSSAPIAuthentication GSSAPIDelegateCredentials HostbasedAuthentication
+    HostKeyAlgorithms HostKeyAlias HostName IdentitiesOnly IdentityAgent IPQoS KbdInteractiveAuthentication
+    KexAlgorithms LogLevel MACs NoHostAuthenticationForLocalhost NumberOfPasswordPrompts
+    PasswordAuthentication PKCS11Provider PreferredAuthentications ProxyCommand ProxyJump
+    PubkeyAcceptedAlgorithms PubkeyAuthentication RekeyLimit RevokedHostKeys ServerAliveCountMax
+    ServerAliveInterval TCPKeepAlive UpdateHostKeys User VerifyHostKeyDNS""".split())
+
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
                 "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap"}
@@ -2114,6 +2129,11 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
         if not opt:
             continue
         key, eq, value = opt.partition("=")
+        if key in SSH_OPTIONS:
+            if not eq or not value:
+                raise ValueError(f"ssh option {key} needs a value")
+            o.ssh_options.append(f"{key}={value}")
+            continue
         if key not in _OWN_OPTIONS:
             mount.append(opt)
             continue
@@ -2162,6 +2182,8 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             o.ssh_command = value
         if not eq and key not in ("reconnect",):
             raise ValueError(f"option {key} needs a value")
+    if o.ssh_options and o.transport != "ssh":
+        raise ValueError(f"-o {o.ssh_options[0]} is an option of the ssh client: it needs --transport ssh")
     if o.transport == "ssh" and shutil.which(shlex.split(o.ssh_command)[0]) is None:
         raise ValueError(f"{shlex.split(o.ssh_command)[0]!r} not found (apt-get install openssh-client, "
                          "or --transport asyncssh)")
@@ -2242,7 +2264,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
                         "Port=N, Ciphers=A:B, ssh_command=CMD, readahead=BYTES, write_window=BYTES, reconnect, "
-                        "idmap=user|none; "
+                        "idmap=user|none, ssh's own (ProxyJump=, ServerAliveInterval=, Compression=, ...); "
                         "others are mount options")
     p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
                    help="ssh: OpenSSH's client as a child process, as sshfs runs it (the default); "
