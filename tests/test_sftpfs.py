@@ -10,6 +10,7 @@ import errno
 import getpass
 import importlib.util
 import os
+import re
 import select
 import shutil
 import signal
@@ -430,6 +431,30 @@ def test_ssh_options_reach_the_ssh_client(sshd: Any, tmp_path: Path) -> None:
         assert (Path(mnt) / "f").read_bytes() == data
         children = _ssh_children_argv(sshd.port)
         assert any("-oCompression=yes" in a and "-oServerAliveInterval=7" in a for a in children), children
+
+
+def test_a_small_file_is_one_read(tmp_path: Path) -> None:
+    """Opening and reading a file smaller than a chunk sends one SFTP READ: a short answer that
+    reaches the size known is the end of the file (asking for the rest would cost a round trip),
+    while a longer file is still read whole. Counted in sftp-server's own log."""
+    log = tmp_path / "sftp-server.log"
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    small, big = os.urandom(4096), os.urandom(700_000)
+    (remote / "small").write_bytes(small)
+    (remote / "big").write_bytes(big)
+    server_cmd = f"/usr/lib/openssh/sftp-server -e -l DEBUG3 2>>{log}"
+    with sshd_tool.running_sshd(sftp_server=server_cmd) as server:
+        with sftpfs(server, remote) as mnt:
+            def reads() -> int:
+                return len(re.findall(r"request \d+: read\b", log.read_text(errors="replace")))
+
+            os.stat(Path(mnt) / "small")
+            before = reads()
+            assert (Path(mnt) / "small").read_bytes() == small
+            time.sleep(0.3)
+            assert reads() - before == 1, log.read_text(errors="replace")[-2000:]
+            assert (Path(mnt) / "big").read_bytes() == big
 
 
 def test_readers_at_once_share_the_read_ahead() -> None:

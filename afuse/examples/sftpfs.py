@@ -1101,7 +1101,7 @@ class _ReadReply:
             return
         if self.fut.done():
             return
-        if 0 < len(data) < self.size:
+        if 0 < len(data) < self.size and not self.rf.ends_at(self.offset + len(data)):
             rest = self.rf._send_read(self.offset + len(data), self.size - len(data))
             if rest is not None:
                 rest.add_done_callback(functools.partial(self._joined, data))
@@ -1202,9 +1202,15 @@ class RemoteFile:
         _write_requests(handler, _request(handler, _FXP_READ, _ReadReply(fut, self, c, handler, offset, size), (arg,)))
         return fut
 
+    def ends_at(self, end: int) -> bool:
+        """Whether a read ending at ``end`` reached the end of the file as far as the attributes
+        known say (a small file's one READ is then not followed by another that finds EOF)."""
+        return self.size is not None and end >= self.size
+
     async def _read_piece(self, offset: int, size: int) -> Chunk:
         data = _bytes(await self.run(functools.partial(_read_at, offset, size)))
-        while 0 < len(data) < size:  # a short read is not the end of the file: ask for the rest
+        # a short read is not the end of the file (unless it ends at the size known): ask for the rest
+        while 0 < len(data) < size and not self.ends_at(offset + len(data)):
             more = _bytes(await self.run(functools.partial(_read_at, offset + len(data), size - len(data))))
             if not more:
                 break
