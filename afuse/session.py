@@ -675,14 +675,25 @@ async def mount(
         # A failure to mount or negotiate is one plain exception for the caller.
         if not started and len(group.exceptions) == 1:
             raise group.exceptions[0] from None
-        if raised is None or len(group.exceptions) != 1 or _leaves(group) != _leaves(raised):
+        ki, rest = group.split(KeyboardInterrupt)
+        if ki is not None and (rest is None or rest.split(trio.Cancelled)[1] is None):
+            # Ctrl-C delivered to one of the session's tasks rather than the block's: as itself.
+            own = _first_leaf(ki)
+        elif raised is None or len(group.exceptions) != 1 or _leaves(group) != _leaves(raised):
             raise
-        own = raised
+        else:
+            own = raised
     else:
         return
     # The block's own exception (unmounted by now) reaches the caller as itself, not in a group;
     # raised outside the handler so that the group does not become its context.
     raise own
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _leaves(exc: BaseException) -> list[int]:
