@@ -8,16 +8,15 @@
 
 The worked example of a network filesystem on afuse (docs/sftpfs.md explains it):
 
+* **SFTP** is spoken by :mod:`afuse.examples.sftpclient`: a sans-IO codec and a trio client that
+  writes each request the moment it is made and hands each reply to the waiter of its request id.
 * **Transport.** SSH runs in OpenSSH's ``ssh`` client, a child process, as sshfs runs it (its
-  configuration, agent and known hosts apply; its crypto costs this process nothing), and
-  asyncssh's SFTP client speaks over its pipes (:class:`_SshProcess`); ``--transport asyncssh``
-  runs SSH in this process instead.
-
-* **Hosting.** asyncssh is an asyncio library, so the program runs an asyncio loop and serves the
-  filesystem with :func:`afuse.asyncio.mount` (``trio_handlers=True``): trio runs as asyncio's
-  guest in the same thread, the node API (:class:`afuse.nodes.NodeFS`) answers requests in trio,
-  and every SFTP call is an asyncio task started with :func:`afuse.asyncio.run_asyncio` (an
-  INTERRUPT cancels it).
+  configuration, agent and known hosts apply; its crypto costs this process nothing); the client
+  talks over its pipes from trio (:class:`_SshProcess`), and the whole program is one trio run
+  with no other event loop. ``--transport asyncssh`` runs SSH in this process with asyncssh, an
+  asyncio library: the program then runs an asyncio loop with trio as its guest, asyncssh's
+  calls are made with :func:`afuse.asyncio.run_asyncio`, and the channel's data is fed to the
+  client with ``run_sync_soon`` (:class:`_AsyncsshLink`).
 * **Nodes** are dynamic, one per remote path (:class:`SftpNode`); the filesystem keeps a path ->
   node map (renames move nodes and their subtrees). Attributes come from listings (READDIRPLUS
   answers without a request per entry) and are cached for ``cache_stat_timeout`` seconds, the time
@@ -40,10 +39,8 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import contextvars
 import errno
 import fcntl
-import functools
 import gc
 import getpass
 import itertools
@@ -57,19 +54,43 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-import asyncssh
 import attrs
-import sniffio
+import outcome
 import trio
-from asyncssh.packet import PacketDecodeError
 
+import afuse
 import afuse.asyncio
 from afuse.device import MountOptions
 from afuse.errors import FUSEError, MountError
 from afuse.examples._cli import _poll_us
+from afuse.examples.sftpclient import (
+    FXF_APPEND,
+    FXF_CREAT,
+    FXF_EXCL,
+    FXF_READ,
+    FXF_TRUNC,
+    FXF_WRITE,
+    FXP_CLOSE,
+    FXP_LSTAT,
+    FXP_NAME,
+    FXP_READ,
+    FXP_READDIR,
+    FXP_WRITE,
+    Buffer,
+    ConnectionLost,
+    FileAttrs,
+    ProtocolError,
+    Reply,
+    SftpClient,
+    SftpError,
+    check_status,
+    data_of,
+    parse_names,
+    string,
+)
 from afuse.nodes import DirItem, FileHandle, Node, NodeFS
 from afuse.wire.init import InitConfig
 from afuse.wire.requests import SetattrRequest
@@ -84,6 +105,9 @@ T = TypeVar("T")
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 #: Read-ahead chunk: one SFTP READ request (OpenSSH serves up to 256 KiB per request).
 CHUNK = 128 * 1024
+#: Data read: bytes, a view of a reply packet, or several of them in order (a READ's reply).
+Chunk = bytes | memoryview
+Data = Chunk | list[Chunk]
 
 
 @attrs.define
@@ -142,26 +166,12 @@ class ConnectError(Exception):
     """The first connection could not be made (bad host, key, path)."""
 
 
-def _errno_of(e: BaseException) -> int:
-    if isinstance(e, asyncssh.SFTPNoSuchFile | asyncssh.SFTPNoSuchPath):
-        return errno.ENOENT
-    if isinstance(e, asyncssh.SFTPPermissionDenied | asyncssh.SFTPWriteProtect):
-        return errno.EACCES
-    if isinstance(e, asyncssh.SFTPOpUnsupported):
-        return errno.EOPNOTSUPP
-    if isinstance(e, asyncssh.SFTPFileAlreadyExists):
-        return errno.EEXIST
-    if isinstance(e, asyncssh.SFTPDirNotEmpty):
-        return errno.ENOTEMPTY
-    if isinstance(e, asyncssh.SFTPNoSpaceOnFilesystem | asyncssh.SFTPQuotaExceeded):
-        return errno.ENOSPC
-    return errno.EIO  # SFTPFailure (v3 says no more), a lost connection, a timeout
+class _Dropped(Exception):
+    """A read-ahead chunk was dropped (a write, a jump) before its reader took it."""
 
 
-def _lost(e: BaseException) -> bool:
-    """Whether ``e`` means the connection is unusable (rather than an answer from the server)."""
-    return isinstance(e, asyncssh.SFTPConnectionLost | asyncssh.SFTPNoConnection | asyncssh.DisconnectError
-                      | asyncssh.ConnectionLost | ConnectionError | TimeoutError | OSError | EOFError)
+#: What a request may meet besides an answer: the connection unusable (lost, broken, timed out).
+_LOST = (ConnectionLost, OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 # -- connections ------------------------------------------------------------------------------------
@@ -173,12 +183,12 @@ class Connection:
         self.pool = pool
         self.index = index
         self.link: _Link | None = None
-        self.sftp: asyncssh.SFTPClient | None = None
+        self.sftp: SftpClient | None = None
         self.generation = 0
         self.busy = 0
-        self._connecting = asyncio.Lock()
+        self._connecting = trio.Lock()
 
-    async def client(self) -> asyncssh.SFTPClient:
+    async def client(self) -> SftpClient:
         """The SFTP session, connecting first if there is none (and reconnecting is allowed)."""
         if self.sftp is not None:
             return self.sftp
@@ -192,18 +202,19 @@ class Connection:
 
     async def _connect(self) -> None:
         o = self.pool.options
-        link = await (_AsyncsshLink.start(o) if o.transport == "asyncssh" else _SshProcess.start(o))
-        self.link, self.sftp = link, link.sftp
+        start = _AsyncsshLink.start if o.transport == "asyncssh" else _SshProcess.start
+        link = await start(o, self.pool.tasks())
+        self.link, self.sftp = link, link.client
         self.generation += 1
         if self.generation > 1:
             log.info("connection %d: reconnected to %s", self.index, o.host)
-        asyncio.get_running_loop().create_task(self._watch(link))
+        self.pool.tasks().start_soon(self._watch, link)
 
     async def _watch(self, link: _Link) -> None:
-        with contextlib.suppress(Exception):
-            await link.wait_closed()
+        await link.closed.wait()
         if self.link is link:
-            log.warning("connection %d to %s lost", self.index, self.pool.options.host)
+            if not self.pool.closing:
+                log.warning("connection %d to %s lost", self.index, self.pool.options.host)
             self.drop()
 
     def drop(self) -> None:
@@ -220,9 +231,10 @@ class Connection:
 
 
 class _Link:
-    """One SSH transport carrying one SFTP session."""
+    """One SSH transport carrying one SFTP session (:attr:`client`); :attr:`closed` is set once it is gone."""
 
-    sftp: asyncssh.SFTPClient
+    client: SftpClient
+    closed: trio.Event
 
     def abort(self) -> None:
         """Drop the transport now (requests in flight fail)."""
@@ -232,49 +244,80 @@ class _Link:
         """Close the transport politely (at most 2 s)."""
         raise NotImplementedError
 
-    async def wait_closed(self) -> None:
-        """Return once the transport is gone."""
-        raise NotImplementedError
-
 
 class _AsyncsshLink(_Link):
-    """SSH in this process: asyncssh's connection (its crypto runs here, in Python and OpenSSL)."""
+    """SSH in this process: asyncssh's connection and an ``sftp`` subsystem channel (its crypto runs
+    here, in Python and OpenSSL). asyncssh is asyncio code: this runs only with trio as the guest
+    of an asyncio loop (:func:`main` arranges it). Requests are written to the channel directly
+    (both loops run in this thread); what arrives is fed to the client in trio with
+    ``run_sync_soon``, one hop per batch of data, not per request."""
 
-    def __init__(self, ssh: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient) -> None:
-        self.ssh, self.sftp = ssh, sftp
+    def __init__(self, ssh: Any, token: trio.lowlevel.TrioToken) -> None:
+        self.ssh = ssh
+        self.token = token
+        self.chan: Any = None
+        self.client = SftpClient(self._write)
+        self.closed = trio.Event()
 
     @classmethod
-    async def start(cls, o: SftpOptions) -> _AsyncsshLink:
+    async def start(cls, o: SftpOptions, nursery: trio.Nursery) -> _AsyncsshLink:
+        import asyncssh
+
         kwargs: dict[str, Any] = {"username": o.user or getpass.getuser(),
                                   "keepalive_interval": max(1.0, o.timeout / 3), "keepalive_count_max": 3,
-                                  "encryption_algs": o.ciphers or ASYNCSSH_CIPHERS,
-                                  # The channel window bounds the data in flight towards us: asyncssh's
-                                  # 2 MiB caps reads at 2 MiB per round trip (100 MiB/s at 20 ms).
-                                  "window": max(2 << 20, 2 * o.readahead)}
+                                  "encryption_algs": o.ciphers or ASYNCSSH_CIPHERS}
         if o.port is not None:
             kwargs["port"] = o.port
         if o.identities:
             kwargs["client_keys"] = o.identities
         if o.known_hosts is not None:
             kwargs["known_hosts"] = None if o.known_hosts == "none" else o.known_hosts
-        ssh = await asyncssh.connect(o.host, **kwargs)
+        async def connect() -> asyncssh.SSHClientConnection:
+            return await asyncssh.connect(o.host, **kwargs)
+
+        ssh = await afuse.asyncio.run_asyncio(connect())
+        self = cls(ssh, trio.lowlevel.current_trio_token())
+        link = self
+
+        class Session(asyncssh.SSHClientSession[bytes]):
+            def data_received(self, data: bytes, datatype: Any) -> None:
+                link._soon(link.client.feed, data)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                link._soon(link._lost, exc)
+
         try:
-            sftp = await ssh.start_sftp_client(path_encoding=None)
+            # The channel window bounds the data in flight towards us: asyncssh's 2 MiB caps reads
+            # at 2 MiB per round trip (100 MiB/s at 20 ms).
+            self.chan, _ = await afuse.asyncio.run_asyncio(ssh.create_session(
+                Session, subsystem="sftp", encoding=None, window=max(2 << 20, 2 * o.readahead)))
+            await self.client.start()
         except BaseException:
             ssh.abort()
             raise
-        return cls(ssh, sftp)
+        return self
+
+    def _soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self.token.run_sync_soon(fn, *args)
+
+    def _write(self, pieces: list[Buffer]) -> None:
+        if self.chan is not None and not self.closed.is_set():
+            self.chan.write(b"".join(pieces))
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self.client.lost(ConnectionLost(str(exc) if exc else "the SSH channel closed"))
+        self.closed.set()
 
     def abort(self) -> None:
         self.ssh.abort()
+        self._lost(None)
 
     async def close(self) -> None:
         self.ssh.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ssh.wait_closed(), 2)
-
-    async def wait_closed(self) -> None:
-        await self.ssh.wait_closed()
+            await afuse.asyncio.run_asyncio(asyncio.wait_for(self.ssh.wait_closed(), 2))
+        self._lost(None)
 
 
 def ssh_argv(o: SftpOptions) -> list[str]:
@@ -303,128 +346,62 @@ def ssh_argv(o: SftpOptions) -> list[str]:
     return [*argv, "-s", "--", o.host, "sftp"]
 
 
-class _PipeReader:
-    """What asyncssh's SFTP client reads packets from: the ``ssh`` client's stdout, read straight
-    into a queue of chunks (asyncio's stream reader moves its whole buffer down on every read, which
-    costs more than the data once megabytes are queued)."""
+async def read_pipe(fd: int, feed: Callable[[bytes], Any], stop: Callable[[], bool] = lambda: False) -> None:
+    """Read the non-blocking pipe ``fd`` (up to 1 MiB at a time) into ``feed`` until its end,
+    ``stop()``, or :func:`trio.lowlevel.notify_closing`; closes ``fd`` after."""
+    try:
+        while not stop():
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not data:
+                return
+            feed(data)
+    except (OSError, trio.ClosedResourceError):
+        return
+    finally:
+        os.close(fd)
 
-    def __init__(self, fd: int) -> None:
+
+class PipeWriter:
+    """Writes to a non-blocking pipe (the ``ssh`` client's stdin) in order: at once with
+    ``writev`` when the pipe has room, else queued (no copy) and written by a task of
+    ``nursery`` as it drains."""
+
+    def __init__(self, fd: int, nursery: trio.Nursery) -> None:
         self.fd = fd
-        self.logger = asyncssh.logging.logger
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.head = 0  # bytes of chunks[0] already taken
-        self.queued = 0
-        self.eof = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data = os.read(self.fd, 1 << 20)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            self.chunks.append(data)
-            self.queued += len(data)
-        else:
-            self.close()
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    def close(self) -> None:
-        """Stop reading (readers waiting see the end)."""
-        if not self.eof:
-            self.eof = True
-            self.loop.remove_reader(self.fd)
-            os.close(self.fd)
-            if self.waiter is not None and not self.waiter.done():
-                self.waiter.set_result(None)
-
-    async def readexactly(self, n: int) -> bytes | memoryview:
-        """The next ``n`` bytes: a view of what was read for a large SSH_FXP_DATA packet within one
-        chunk (its data then reaches the kernel without a copy here), else bytes."""
-        while self.queued - self.head < n:
-            if self.eof:
-                raise asyncio.IncompleteReadError(b"", n)  # an EOFError: asyncssh fails the requests
-            self.waiter = self.loop.create_future()
-            await self.waiter
-        first, head = self.chunks[0], self.head
-        out: bytes | memoryview
-        if len(first) - head >= n:  # the usual case: within one chunk
-            if n >= _VIEW_MIN and first[head] == _FXP_DATA:
-                out = memoryview(first)[head:head + n]
-            else:
-                out = first[head:head + n] if head or n < len(first) else first
-            head += n
-        else:
-            parts = []
-            need = n
-            while need:
-                first = self.chunks[0]
-                take = min(need, len(first) - head)
-                parts.append(first[head:head + take] if head or take < len(first) else first)
-                need -= take
-                head += take
-                if head == len(first):
-                    self.chunks.popleft()
-                    self.queued -= head
-                    head = 0
-            out = b"".join(parts)
-        if self.chunks and head == len(self.chunks[0]):
-            self.chunks.popleft()
-            self.queued -= head
-            head = 0
-        self.head = head
-        return out
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        # asyncssh asks for the server's version to decide the SYMLINK argument order: OpenSSH's
-        # server swaps them. The ssh client does not tell; sftpfs assumes OpenSSH, as sshfs does.
-        return "SSH-2.0-OpenSSH" if name == "server_version" else default
-
-
-class _PipeWriter:
-    """What asyncssh's SFTP client writes packets to: the ``ssh`` client's stdin, written with
-    ``writev`` from a queue of buffers (no copy of what waits: asyncio's pipe transport appends
-    to one buffer and moves it down after each write)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.queue: collections.deque[bytes | memoryview] = collections.deque()
+        self.nursery = nursery
+        self.queue: collections.deque[Buffer] = collections.deque()
+        self.waiting = False  # a task waits for room
         self.closing = False
         self.eof_pending = False
         self.broken: OSError | None = None
-        self.loop = asyncio.get_running_loop()
-        self.closed: asyncio.Future[None] = self.loop.create_future()
-        self.channel = self  # asyncssh asks writer.channel.is_closing()
 
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.writelines((data,))
-
-    def writelines(self, parts: Sequence[bytes | memoryview]) -> None:
-        """Queue ``parts`` to be written in order (the pipe's reader gets them without copies here)."""
+    def write(self, pieces: Sequence[Buffer]) -> None:
+        """Queue ``pieces`` to be written in order (written now if nothing waits before them)."""
         if self.closing:
             return
-        was_idle = not self.queue
-        self.queue.extend(parts)
-        if was_idle:
+        idle = not self.queue
+        self.queue.extend(pieces)
+        if idle:
             self._flush()
-            if self.queue and not self.closing:
-                self.loop.add_writer(self.fd, self._writable)
+            if self.queue and not self.closing and not self.waiting:
+                self.waiting = True
+                self.nursery.start_soon(self._drain)
 
-    def _writable(self) -> None:
-        self._flush()
-        if not self.queue or self.closing:
-            with contextlib.suppress(ValueError, OSError):
-                self.loop.remove_writer(self.fd)
-            if self.eof_pending and not self.queue:
-                self.abort()
+    async def _drain(self) -> None:
+        try:
+            while self.queue and not self.closing:
+                await trio.lowlevel.wait_writable(self.fd)
+                self._flush()
+        except (OSError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.waiting = False
+        if self.eof_pending and not self.queue:
+            self.abort()
 
     def _flush(self) -> None:
         q = self.queue
@@ -433,25 +410,17 @@ class _PipeWriter:
                 n = os.writev(self.fd, list(itertools.islice(q, 0, 512)))
             except BlockingIOError:
                 return
-            except OSError as e:  # ssh is gone: the reader sees its EOF and fails the requests
+            except OSError as e:  # the reader is gone: its end shows on the other pipe
                 self.broken = e
-                q.clear()
                 self.abort()
                 return
-            while n:
-                first = q[0]
-                if len(first) <= n:
-                    n -= len(first)
-                    q.popleft()
-                else:
-                    q[0] = memoryview(first)[n:]
-                    n = 0
-
-    def write_eof(self) -> None:
-        self.close()
+            while q and len(q[0]) <= n:  # (empty pieces go too)
+                n -= len(q.popleft())
+            if n:
+                q[0] = memoryview(q[0])[n:]
 
     def close(self) -> None:
-        """Close once what is queued is written (ssh then ends the session)."""
+        """Close once what is queued is written."""
         if not self.queue:
             self.abort()
         else:
@@ -463,32 +432,23 @@ class _PipeWriter:
             return
         self.closing = True
         self.queue.clear()
-        with contextlib.suppress(ValueError, OSError):
-            self.loop.remove_writer(self.fd)
+        trio.lowlevel.notify_closing(self.fd)
         os.close(self.fd)
-        self.closed.set_result(None)
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self.closed)
-
-
-class _PipeConnection:
-    """The one thing asyncssh's SFTP client start needs of an SSH connection: a task factory."""
-
-    def create_task(self, coro: Coroutine[Any, Any, T], logger: Any = None) -> asyncio.Task[T]:
-        return asyncio.get_running_loop().create_task(coro)
 
 
 class _SshProcess(_Link):
-    """SSH in a child process, as sshfs does it: OpenSSH's ``ssh`` client (``-s ... sftp``) with
-    asyncssh's SFTP client speaking over its stdin and stdout. Encryption then costs this process
-    nothing: it runs in C, in the child, on another CPU."""
+    """SSH in a child process, as sshfs does it: OpenSSH's ``ssh`` client (``-s ... sftp``), the SFTP
+    client speaking over its stdin and stdout from trio. Encryption then costs this process nothing:
+    it runs in C, in the child, on another CPU."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, reader: _PipeReader, writer: _PipeWriter) -> None:
-        self.proc, self.reader, self.writer = proc, reader, writer
+    def __init__(self, proc: trio.Process, writer: PipeWriter, out_fd: int) -> None:
+        self.proc, self.writer, self.out_fd = proc, writer, out_fd
+        self.client = SftpClient(writer.write)
+        self.closed = trio.Event()
+        self.aborted = False
 
     @classmethod
-    async def start(cls, o: SftpOptions) -> _SshProcess:
+    async def start(cls, o: SftpOptions, nursery: trio.Nursery) -> _SshProcess:
         in_r, in_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         for fd in (in_w, out_w):  # room for whole read and write requests (the default is 64 KiB)
@@ -498,8 +458,7 @@ class _SshProcess(_Link):
             os.set_blocking(fd, True)
         try:
             # Its own session: a Ctrl-C meant for sftpfs must not kill the transport under it.
-            proc = await asyncio.create_subprocess_exec(*ssh_argv(o), stdin=in_r, stdout=out_w,
-                                                        start_new_session=True)
+            proc = await trio.lowlevel.open_process(ssh_argv(o), stdin=in_r, stdout=out_w, start_new_session=True)
         except BaseException:
             for fd in (in_w, out_r):
                 os.close(fd)
@@ -507,50 +466,84 @@ class _SshProcess(_Link):
         finally:
             os.close(in_r)
             os.close(out_w)
-        self = cls(proc, _PipeReader(out_r), _PipeWriter(in_w))
+        self = cls(proc, PipeWriter(in_w, nursery), out_r)
+        nursery.start_soon(self._read)
         try:
-            start: Any = asyncssh.sftp.start_sftp_client  # duck-typed connection, reader and writer
-            self.sftp = await start(_PipeConnection(), asyncio.get_running_loop(), "strict", self.reader,
-                                    self.writer, None, "strict", 3)
+            await self.client.start()
         except BaseException as e:
             self.abort()
-            code = await proc.wait()
-            if isinstance(e, (asyncssh.Error, EOFError)):
+            with trio.CancelScope(shield=True):
+                code = await proc.wait()
+            if isinstance(e, ConnectionLost) and not isinstance(e, ProtocolError):
                 raise ConnectionError(f"ssh exited with status {code} (its message is above)") from None
             raise
         return self
 
+    async def _read(self) -> None:
+        try:
+            await read_pipe(self.out_fd, self.client.feed, lambda: self.aborted)
+        finally:
+            self.client.lost(ConnectionLost("the ssh client ended the session"))
+            self.closed.set()
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                with trio.CancelScope(shield=True):
+                    await self.proc.wait()
+
     def abort(self) -> None:
         self.writer.abort()
-        self.reader.close()
+        if not self.aborted:
+            self.aborted = True
+            if not self.closed.is_set():
+                trio.lowlevel.notify_closing(self.out_fd)  # the reader ends (and closes it)
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
 
     async def close(self) -> None:
         self.writer.close()  # ssh sees EOF and ends the session
-        try:
-            await asyncio.wait_for(self.proc.wait(), 2)
-        except TimeoutError:
-            self.abort()
+        with trio.move_on_after(2):
             await self.proc.wait()
-        self.reader.close()
-
-    async def wait_closed(self) -> None:
-        await self.proc.wait()
+        self.abort()
+        await self.closed.wait()
 
 
 class Pool:
-    """``options.connections`` connections; :meth:`run` runs one SFTP operation with the timeout."""
+    """``options.connections`` connections; :meth:`run` runs one SFTP operation with the timeout.
+    Its transports' tasks (and background work: writes, listings, closes) run in ``nursery``."""
 
-    def __init__(self, options: SftpOptions) -> None:
+    def __init__(self, options: SftpOptions, nursery: trio.Nursery | None = None) -> None:
         self.options = options
+        self.nursery = nursery
         self.conns = [Connection(self, i) for i in range(max(1, options.connections))]
         #: SFTP requests answered EIO because of a lost connection or a timeout.
         self.failures = 0
         self.closing = False
         #: Open files reading ahead (they share ``2 * options.readahead``).
         self.streaming: set[RemoteFile] = set()
+
+    def tasks(self) -> trio.Nursery:
+        """Where background tasks run."""
+        if self.nursery is None:
+            raise RuntimeError("the pool has no nursery")
+        return self.nursery
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Reply:
+        """Run ``fn(*args)`` in the background: its result (or error) goes to the Reply returned."""
+        r = Reply()
+
+        async def run() -> None:
+            try:
+                r.set(await fn(*args))
+            except Exception as e:
+                r.fail(e)
+            except trio.Cancelled:
+                r.fail(FUSEError(errno.EIO, "shutting down"))
+                raise
+
+        self.tasks().start_soon(run)
+        return r
 
     def readahead(self) -> int:
         """The read-ahead window a sequential reader may grow to now."""
@@ -560,20 +553,29 @@ class Pool:
     async def start(self) -> None:
         """Connect every connection now (errors are ConnectError with the reason)."""
         try:
-            async with asyncio.timeout(self.options.timeout):
-                await asyncio.gather(*(c.client() for c in self.conns))
-        except (OSError, asyncssh.Error, TimeoutError, FUSEError) as e:
-            await self.close()
+            with trio.fail_after(self.options.timeout):
+                async with trio.open_nursery() as n:
+                    for c in self.conns:
+                        n.start_soon(c.client)
+        except BaseException as e:
+            found = _first_error(e, (OSError, ConnectionLost, trio.TooSlowError, FUSEError, SftpError)) \
+                if isinstance(e, BaseExceptionGroup | OSError | ConnectionLost | trio.TooSlowError | FUSEError
+                              | SftpError) else None
+            with trio.CancelScope(shield=True):
+                await self.close()
+            if found is None:
+                raise
             where = self.options.host if self.options.port is None else f"{self.options.host}:{self.options.port}"
-            raise ConnectError(f"cannot connect to {where}: "
-                               f"{e or type(e).__name__}") from e
+            if isinstance(found, trio.TooSlowError):
+                found = TimeoutError(f"no answer within {self.options.timeout:g} s")
+            raise ConnectError(f"cannot connect to {where}: {found or type(found).__name__}") from found
 
     def pick(self) -> Connection:
         """The least busy connection."""
         return min(self.conns, key=lambda c: (c.sftp is None, c.busy))
 
-    async def run(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], via: Connection | None = None) -> T:
-        """``await op(sftp)`` on ``via`` (or the least busy connection) within the timeout.
+    async def run(self, op: Callable[[SftpClient], Awaitable[T]], via: Connection | None = None) -> T:
+        """``await op(client)`` on ``via`` (or the least busy connection) within the timeout.
 
         SFTP errors become FUSEError with the nearest errno; a timeout or a lost connection is EIO
         (and drops the connection, so later requests fail at once or reconnect).
@@ -581,12 +583,10 @@ class Pool:
         c = via or self.pick()
         c.busy += 1
         try:
-            async with asyncio.timeout(self.options.timeout):
-                sftp = await c.client()
+            with trio.fail_after(self.options.timeout):
+                sftp = c.sftp or await c.client()
                 return await op(sftp)
-        except FUSEError:
-            raise
-        except (asyncssh.Error, OSError, TimeoutError, EOFError) as e:
+        except (SftpError, *_LOST) as e:
             raise self.failed(c, e) from None
         finally:
             c.busy -= 1
@@ -594,252 +594,102 @@ class Pool:
     def failed(self, c: Connection, e: BaseException) -> FUSEError:
         """The FUSEError for ``e`` met on ``c``: an SFTP error's nearest errno; else (a timeout, a
         lost connection) EIO, and the connection is dropped."""
-        if isinstance(e, asyncssh.SFTPError) and not _lost(e):
-            return FUSEError(_errno_of(e), str(e))
+        if isinstance(e, FUSEError):
+            return e
+        if isinstance(e, SftpError):
+            return FUSEError(e.errno, str(e))
+        if isinstance(e, trio.TooSlowError):
+            e = TimeoutError(f"no answer within {self.options.timeout:g} s")
         self.failures += 1
         if not self.closing:
             log.warning("connection %d: %s", c.index, e or type(e).__name__)
         c.drop()
         return FUSEError(errno.EIO, str(e) or type(e).__name__)
 
-    async def then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], path: bytes,
-                         via: Connection | None = None) -> tuple[T, FileAttrs | None]:
-        """``op`` and an LSTAT of ``path`` sent back to back on one connection, without waiting
-        in between: the server answers in order, so the LSTAT sees what ``op`` made (one round
-        trip for both). The LSTAT's answer is None if it failed."""
-        c = via or self.pick()
-        loop = asyncio.get_running_loop()
-        first = loop.create_task(self.run(op, c))
-        second = loop.create_task(self.run(lambda s: s.lstat(path), c))
-        try:
-            result = await first
-        except BaseException:
-            second.cancel()
-            with contextlib.suppress(BaseException):
-                await second
-            raise
-        try:
-            return result, FileAttrs.of(await second)
-        except FUSEError:
-            return result, None
+    async def then_lstat(self, send: Callable[[SftpClient], Reply], finish: Callable[[SftpClient, Reply], Awaitable[T]],
+                         path: bytes, via: Connection | None = None) -> tuple[T, FileAttrs | None]:
+        """A request (``send`` writes it, ``finish`` waits for its answer) and an LSTAT of ``path``
+        written right after it, without waiting in between: the server answers in order, so the
+        LSTAT sees what the request made (one round trip for both). The LSTAT's answer is None if
+        it failed."""
+        async def both(client: SftpClient) -> tuple[T, FileAttrs | None]:
+            first = send(client)
+            second = client.send(FXP_LSTAT, string(path))
+            result = await finish(client, first)
+            try:
+                return result, await client.attrs(second, "LSTAT")
+            except SftpError:
+                return result, None
+        return await self.run(both, via)
 
     async def close(self) -> None:
         """Close every connection."""
         self.closing = True
-        await asyncio.gather(*(c.close() for c in self.conns))
+        async with trio.open_nursery() as n:
+            for c in self.conns:
+                n.start_soon(c.close)
 
 
-class FileAttrs(NamedTuple):
-    """A file's attributes as SFTP v3 carries them, in wire order (None: the server sent none).
+def _first_error(e: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``e``, or the first exception of ``types`` in the group ``e``."""
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = _first_error(sub, types)
+            if found is not None:
+                return found
+        return None
+    return e if isinstance(e, types) else None
 
-    sftpfs keeps these (small tuples) rather than asyncssh's ``SFTPAttrs`` records, which cost
-    several times as much to build: a listing makes one per entry."""
 
-    size: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    #: The whole ``st_mode`` (type and permission bits), as SFTP v3 sends it.
-    permissions: int | None = None
-    atime: int | None = None
-    mtime: int | None = None
+# -- requests pipelined -----------------------------------------------------------------------------
 
-    @classmethod
-    def of(cls, a: asyncssh.SFTPAttrs) -> FileAttrs:
-        """The fields sftpfs uses of asyncssh's record (SFTP v3: times in seconds)."""
-        return cls(a.size, a.uid, a.gid, a.permissions, a.atime, a.mtime)
+class _Batch(Reply):
+    """The waiter of several requests answered by status (a batch of WRITEs): done when all are
+    answered; the first failure is its error."""
+
+    __slots__ = ("left", "what")
+
+    def __init__(self, n: int, what: str) -> None:
+        super().__init__()
+        self.left, self.what = n, what
+
+    def reply(self, pkttype: int, payload: Buffer) -> None:
+        if self.error is None:
+            try:
+                check_status(pkttype, payload, self.what)
+            except (SftpError, ProtocolError) as e:
+                self.error = e
+        self.left -= 1
+        if not self.left:
+            self._finish()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = self.error or exc
+        self._finish()
+
+
+async def write_many(client: SftpClient, handle: bytes, offset: int, data: bytes, chunk: int) -> None:
+    """Write ``data`` at ``offset`` of the open file ``handle`` as WRITE requests of at most
+    ``chunk`` bytes, all written at once, without copying the data on the way (the server does
+    them in order); raises the first error any of them got."""
+    view = memoryview(data)
+    head = string(handle)
+    args = [(head + _U64.pack(offset + i) + _U32.pack(len(view[i:i + chunk])), view[i:i + chunk])
+            for i in range(0, len(data), chunk)]
+    batch = _Batch(len(args), "WRITE")
+    if not args:
+        return
+    client.send_many(FXP_WRITE, args, batch)
+    await batch.get()
 
 
 _U32 = struct.Struct(">I")
-#: ATTRS fields after flags 0xF (SIZE, UIDGID, PERMISSIONS, ACMODTIME), as OpenSSH sends them for every file.
-_ATTRS_ALL = struct.Struct(">QIIIII")
-_A_SIZE, _A_UIDGID, _A_PERMISSIONS, _A_ACMODTIME, _A_EXTENDED = 0x1, 0x2, 0x4, 0x8, 0x80000000
-
-
-def parse_names(payload: bytes, into: dict[bytes, FileAttrs]) -> list[bytes]:
-    """The names of the entries of an SFTP v3 ``SSH_FXP_NAME`` reply, given the payload after the
-    request id (``uint32 count``, then per entry ``string filename, string longname, ATTRS``), in
-    order; each one's attributes are added to ``into``. ``.`` and ``..`` are left out, the long
-    names skipped. ValueError if the payload is not that.
-
-    A listing decodes thousands of these: one tuple per entry (its FileAttrs), no pairs."""
-    u32, full, new = _U32.unpack_from, _ATTRS_ALL.unpack_from, tuple.__new__
-    names: list[bytes] = []
-    try:
-        (count,) = u32(payload, 0)
-        off = 4
-        for _ in range(count):
-            (n,) = u32(payload, off)
-            name = payload[off + 4:off + 4 + n]
-            off += 4 + n
-            (n,) = u32(payload, off)  # the long name ("ls -l" line): not used
-            off += 4 + n
-            (flags,) = u32(payload, off)
-            off += 4
-            if flags == 0xF:  # the usual case: every field, no extensions
-                a = new(FileAttrs, full(payload, off))
-                off += 28
-            else:
-                a, off = _parse_attrs(payload, off, flags)
-            if len(name) > 2 or (name != b"." and name != b".."):
-                into[name] = a
-                names.append(name)
-    except struct.error as e:
-        raise ValueError(f"truncated SSH_FXP_NAME reply: {e}") from None
-    if off > len(payload):
-        raise ValueError("truncated SSH_FXP_NAME reply")
-    return names
-
-
-def _parse_attrs(payload: bytes, off: int, flags: int) -> tuple[FileAttrs, int]:
-    """SFTP v3 ATTRS after its flags at ``off``: the attributes and the offset after them."""
-    u32 = _U32.unpack_from
-    size = uid = gid = perm = atime = mtime = None
-    if flags & _A_SIZE:
-        (size,) = struct.unpack_from(">Q", payload, off)
-        off += 8
-    if flags & _A_UIDGID:
-        uid, gid = struct.unpack_from(">II", payload, off)
-        off += 8
-    if flags & _A_PERMISSIONS:
-        (perm,) = u32(payload, off)
-        off += 4
-    if flags & _A_ACMODTIME:
-        atime, mtime = struct.unpack_from(">II", payload, off)
-        off += 8
-    if flags & _A_EXTENDED:
-        (pairs,) = u32(payload, off)
-        off += 4
-        for _ in range(2 * pairs):  # (type, data) strings
-            (n,) = u32(payload, off)
-            off += 4 + n
-    return FileAttrs(size, uid, gid, perm, atime, mtime), off
-
-
-class _Replies:
-    """The replies to a batch of SFTP requests sent at once (:func:`_request_many`): one future for
-    the lot, where asyncssh has a future (and a task waking) per request. asyncssh's receive loop
-    hands each reply to the object registered for its request id: a :class:`_Slot` of this batch."""
-
-    def __init__(self, n: int) -> None:
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.replies: list[tuple[int, Any] | None] = [None] * n
-        self.left = n
-
-    def got(self, index: int, reply: tuple[int, Any]) -> None:
-        self.replies[index] = reply
-        self.left -= 1
-        if not self.left and not self.done.done():
-            self.done.set_result(None)
-
-    def failed(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
-
-
-class _Slot:
-    """One request of a :class:`_Replies` batch, in the place of asyncssh's per-request future."""
-
-    __slots__ = ("batch", "index")
-
-    def __init__(self, batch: _Replies, index: int) -> None:
-        self.batch, self.index = batch, index
-
-    def cancelled(self) -> bool:
-        return False
-
-    def set_result(self, reply: tuple[int, Any]) -> None:
-        self.batch.got(self.index, reply)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self.batch.failed(exc)
-
-
-def _raw_requests(handler: Any) -> bool:
-    """Whether asyncssh's SFTP client handler is the one :func:`_request_many` was written against
-    (SFTP v3, its request table, packet ids and writer): else sftpfs uses asyncssh's own calls."""
-    return (getattr(handler, "version", None) == 3 and isinstance(getattr(handler, "_requests", None), dict)
-            and isinstance(getattr(handler, "_next_pktid", None), int) and hasattr(handler, "_writer"))
-
-
-def _request(handler: Any, pkttype: int, waiter: Any, args: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
-    """One SFTP request of type ``pkttype`` with the encoded arguments ``args``, as the pieces to
-    write (:func:`_write_requests`): the next request id is taken and ``waiter`` registered for
-    it (asyncssh's receive loop calls its ``set_result`` or ``set_exception``)."""
-    pktid = handler._next_pktid
-    handler._next_pktid = (pktid + 1) & 0xFFFFFFFF
-    handler._requests[pktid] = waiter
-    return [_HEAD.pack(sum(map(len, args)) + 5, pkttype, pktid), *args]
-
-
-def _write_requests(handler: Any, pieces: list[bytes | memoryview]) -> None:
-    """Write requests made by :func:`_request` to the channel in one write (pieces not joined
-    where the writer takes a list: the ``ssh`` transport's :class:`_PipeWriter`)."""
-    writer = handler._writer
-    if not writer:
-        raise asyncssh.SFTPNoConnection("Connection not open")
-    if writer.channel.is_closing():  # closing: asyncssh fails every request it holds
-        return
-    writelines = getattr(writer, "writelines", None)
-    if writelines is not None:
-        writelines(pieces)
-    else:
-        writer.write(b"".join(pieces))
-
-
-async def _request_many(handler: Any, pkttype: int, args: Sequence[Sequence[bytes | memoryview]]
-                        ) -> list[tuple[int, Any]]:
-    """Send one SFTP request of type ``pkttype`` per item of ``args`` (the pieces of its encoded
-    arguments), all in one write to the channel, and return the replies (packet type, asyncssh
-    packet after the id), in order.
-
-    asyncssh's own calls send each request in a write of its own (an SSH packet, a system call),
-    copy their arguments twice into it, and wake a future per reply."""
-    if not handler._writer:
-        raise asyncssh.SFTPNoConnection("Connection not open")
-    batch = _Replies(len(args))
-    out: list[bytes | memoryview] = []
-    for i, a in enumerate(args):
-        out += _request(handler, pkttype, _Slot(batch, i), a)
-    _write_requests(handler, out)
-    await batch.done
-    return batch.replies  # type: ignore[return-value]
-
-
-_HEAD = struct.Struct(">IBI")  # an SFTP packet's length, type and request id
-#: Data read: bytes, a view of a reply packet, or several of them in order (a READ's reply).
-Chunk = bytes | memoryview
-Data = Chunk | list[Chunk]
-_FXP_READ, _FXP_DATA = 5, 103
-#: SSH_FXP_DATA packets at least this long are handed on as views of what was read from ``ssh``.
-_VIEW_MIN = 16 * 1024
 _U64 = struct.Struct(">Q")
-_FXP_WRITE = 6
-
-
-async def write_many(f: asyncssh.SFTPClientFile, offset: int, data: bytes, chunk: int) -> None:
-    """Write ``data`` at ``offset`` of the open file ``f`` as WRITE requests of at most ``chunk``
-    bytes, all sent at once, without copying the data on the way (the server does them in order);
-    raises the first error any of them got."""
-    handler, handle = f._handler, f._handle
-    if not _raw_requests(handler) or handle is None:
-        await asyncio.gather(*(f.write(data[i:i + chunk], offset + i) for i in range(0, len(data), chunk)))
-        return
-    view = memoryview(data)
-    head = _U32.pack(len(handle)) + handle
-    args = [(head + _U64.pack(offset + i) + _U32.pack(len(view[i:i + chunk])), view[i:i + chunk])
-            for i in range(0, len(data), chunk)]
-    for pkttype, packet in await _request_many(handler, _FXP_WRITE, args):
-        if pkttype != _FXP_STATUS:
-            raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to WRITE")
-        handler._process_status(packet)  # raises the status's error, if any
-
-
-_FXP_READDIR, _FXP_STATUS, _FXP_NAME = 12, 101, 104
 
 
 class ListingProgress:
-    """The entries of a listing as they arrive (asyncio side): :func:`list_directory` adds each
-    batch to :attr:`by_name` and its names to :attr:`names` as it is decoded; readers wait with
+    """The entries of a listing as they arrive: :func:`list_directory` adds each batch to
+    :attr:`by_name` and its names to :attr:`names` as it is decoded; readers wait with
     :meth:`wait_beyond`."""
 
     def __init__(self) -> None:
@@ -849,7 +699,7 @@ class ListingProgress:
         self.by_name: dict[bytes, FileAttrs] = {}
         #: No more entries will come (the listing ended, or failed).
         self.done = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: trio.Event | None = None
 
     def arrived(self, names: list[bytes]) -> None:
         """``names`` (already in :attr:`by_name`) arrived."""
@@ -862,269 +712,156 @@ class ListingProgress:
 
     def _wake(self) -> None:
         w, self._waiter = self._waiter, None
-        if w is not None and not w.done():
-            w.set_result(None)
+        if w is not None:
+            w.set()
 
     async def wait_beyond(self, n: int) -> None:
         """Return once more than ``n`` entries arrived, or none will."""
         while len(self.names) <= n and not self.done:
             if self._waiter is None:
-                self._waiter = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._waiter)
+                self._waiter = trio.Event()
+            await self._waiter.wait()
 
 
-async def list_directory(sftp: asyncssh.SFTPClient, path: bytes, progress: ListingProgress | None = None
+async def list_directory(sftp: SftpClient, path: bytes, progress: ListingProgress | None = None
                          ) -> dict[bytes, FileAttrs]:
     """The entries of directory ``path`` (without ``.`` and ``..``) and their attributes, in the
     server's order, READDIR requests pipelined.
 
-    SFTP lists a directory in batches (OpenSSH: 100 names per READDIR). asyncssh's ``readdir`` asks
-    for one batch at a time, a round trip each, and builds an ``SFTPName`` and an ``SFTPAttrs`` per
-    entry. Here :data:`_READDIR_WINDOW` READDIRs on the handle are in flight at once (each reply
-    sends the next), the server answering them in order with successive batches until SSH_FX_EOF;
-    each reply is decoded by :func:`parse_names` as it arrives (and handed to ``progress``), while
-    the server reads on. The handle's CLOSE is sent in the background (nobody waits for its answer).
+    SFTP lists a directory in batches (OpenSSH: 100 names per READDIR). Here
+    :data:`_READDIR_WINDOW` READDIRs on the handle are in flight at once (replies send more), the
+    server answering them in order with successive batches until SSH_FX_EOF; each reply is decoded
+    by :func:`parse_names` where it arrives (and handed to ``progress``), while the server reads on.
+    The handle's CLOSE is written at the end, its answer not waited for.
     """
-    handler = sftp._handler  # asyncssh's request layer: OPENDIR, READDIR, CLOSE
     progress = progress or ListingProgress()
-    if not _raw_requests(handler):
-        await _list_directory_asyncssh(handler, path, progress)
-        return progress.by_name
-    handle = await handler.opendir(path)
+    handle = await sftp.opendir(path)
+    listing = _Listing(sftp, handle, progress)
     try:
-        return await _Listing(handler, handle, progress).run()
+        listing.send(_READDIR_WINDOW)
+        await listing.get()
+        return progress.by_name
     finally:
-        _start(_close_quietly(handler, handle)).add_done_callback(_consume)
+        listing.ended = True
+        sftp.send(FXP_CLOSE, string(handle))  # nobody waits for its answer
 
 
-class _Listing:
-    """One directory listing's READDIRs: a window of requests in flight, replies decoded as they
-    come (asyncssh's receive loop calls :meth:`set_result` of the request's slot: this object)."""
+class _Listing(Reply):
+    """One directory listing's READDIRs: a window of requests in flight, each reply decoded where
+    it arrives (the client hands every READDIR's answer to this one waiter)."""
 
-    def __init__(self, handler: Any, handle: bytes, progress: ListingProgress) -> None:
-        self.handler = handler
+    def __init__(self, client: SftpClient, handle: bytes, progress: ListingProgress) -> None:
+        super().__init__()
+        self.client = client
         self.progress = progress  # the entries, as they arrive
-        self.arg = (_U32.pack(len(handle)) + handle,)
-        self.done: asyncio.Future[dict[bytes, FileAttrs]] = asyncio.get_running_loop().create_future()
+        self.arg = (string(handle),)
         self.ended = False
         self.owed = 0
 
-    async def run(self) -> dict[bytes, FileAttrs]:
-        self._send(_READDIR_WINDOW)
-        return await self.done
+    def send(self, n: int) -> None:
+        self.client.send_many(FXP_READDIR, [self.arg] * n, self)
 
-    def _send(self, n: int) -> None:
-        out: list[bytes | memoryview] = []
-        for _ in range(n):
-            out += _request(self.handler, _FXP_READDIR, self, self.arg)
-        _write_requests(self.handler, out)
-
-    # asyncssh's waiter interface (one object for every READDIR of the listing)
-
-    def cancelled(self) -> bool:
-        return False
-
-    def set_result(self, reply: tuple[int, Any]) -> None:
+    def reply(self, pkttype: int, payload: Buffer) -> None:
         if self.ended:
             return  # a READDIR sent before the end was seen: SSH_FX_EOF again
-        pkttype, packet = reply
         try:
-            if pkttype == _FXP_NAME:
+            if pkttype == FXP_NAME:
                 try:
-                    names = parse_names(packet.get_remaining_payload(), self.progress.by_name)
+                    names = parse_names(payload, self.progress.by_name)
                 except ValueError as e:
-                    raise asyncssh.SFTPBadMessage(str(e)) from None
+                    raise ProtocolError(str(e)) from None
                 self.owed += 1
                 if self.owed >= _READDIR_TOPUP:  # first: the server reads on while this batch is handed over
-                    self._send(self.owed)
+                    self.send(self.owed)
                     self.owed = 0
                 self.progress.arrived(names)
                 return
-            if pkttype != _FXP_STATUS:
-                raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to READDIR")
             try:
-                self.handler._process_status(packet)  # raises the status's error
-            except asyncssh.SFTPEOFError:
-                self._finish(None)
-                return
-            raise asyncssh.SFTPBadMessage("SSH_FX_OK in reply to READDIR")
+                check_status(pkttype, payload, "READDIR")
+            except SftpError as e:
+                if e.code == 1:  # SSH_FX_EOF: the end
+                    self.ended = True
+                    self.set(None)
+                    return
+                raise
+            raise ProtocolError("SSH_FX_OK in reply to READDIR")
         except Exception as e:
-            self._finish(e)
+            self.ended = True
+            super().fail(e)
 
-    def set_exception(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
         if not self.ended:
-            self._finish(exc)
-
-    def _finish(self, exc: BaseException | None) -> None:
-        self.ended = True
-        if self.done.done():
-            return
-        if exc is None:
-            self.done.set_result(self.progress.by_name)
-        else:
-            self.done.set_exception(exc)
+            self.ended = True
+            super().fail(exc)
 
 
-async def _list_directory_asyncssh(handler: Any, path: bytes, progress: ListingProgress) -> None:
-    """:func:`list_directory` through asyncssh's own READDIR calls (8 in flight): for an SFTP client
-    handler that :func:`_request_many` does not know."""
-    handle = await handler.opendir(path)
-    loop = asyncio.get_running_loop()
-    pending = [loop.create_task(handler.readdir(handle)) for _ in range(_READDIR_FIRST)]
-    try:
-        done = False
-        while pending:
-            task = pending.pop(0)
-            try:
-                batch, at_end = await task
-            except asyncssh.SFTPEOFError:
-                done = True
-                continue
-            names = [_bytes(n.filename) for n in batch]
-            progress.by_name.update((name, FileAttrs.of(n.attrs)) for name, n in zip(names, batch, strict=True))
-            progress.arrived([name for name in names if name != b"." and name != b".."])
-            done = done or at_end
-            if not done:
-                pending.append(loop.create_task(handler.readdir(handle)))
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        _start(_close_quietly(handler, handle)).add_done_callback(_consume)
-    progress.by_name.pop(b".", None)
-    progress.by_name.pop(b"..", None)
+#: READDIRs a listing keeps in flight, sent again :data:`_READDIR_TOPUP` at a time (one write, one
+#: wake-up of ``ssh``, for several).
+_READDIR_WINDOW, _READDIR_TOPUP = 16, 8
 
 
-#: READDIRs a listing keeps in flight (asyncssh's own calls, for a handler sftpfs does not know: 8),
-#: sent again :data:`_READDIR_TOPUP` at a time (one write, one wake-up of ``ssh``, for several).
-_READDIR_WINDOW, _READDIR_FIRST, _READDIR_TOPUP = 16, 8, 8
-
-
-def _write_chunk(f: asyncssh.SFTPClientFile) -> int:
+def _write_chunk(client: SftpClient) -> int:
     """The largest WRITE to send: the server's limit (OpenSSH: about 255 KiB), at most 256 KiB."""
-    limits = getattr(getattr(f, "_handler", None), "limits", None)
-    return max(4096, min(getattr(limits, "max_write_len", CHUNK) or CHUNK, 256 * 1024))
-
-
-async def _close_quietly(handler: Any, handle: bytes) -> None:
-    with contextlib.suppress(asyncssh.Error, OSError):
-        await handler.close(handle)
-
-
-# -- open files (asyncio side) ----------------------------------------------------------------------
-
-def _start(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    """Start an asyncio task now, also from trio code (trio runs inside the asyncio loop), in a
-    context where sniffio reports asyncio."""
-    ctx = contextvars.copy_context()
-    ctx.run(sniffio.current_async_library_cvar.set, None)
-    return asyncio.get_running_loop().create_task(coro, context=ctx)
-
-
-async def _shielded(task: asyncio.Task[T]) -> T:
-    return await asyncio.shield(task)  # a cancelled waiter leaves the task to the others
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-def _bytes(data: bytes | str | memoryview) -> bytes:
-    if isinstance(data, bytes):
-        return data
-    return bytes(data) if isinstance(data, memoryview) else data.encode()  # files are opened with encoding=None
+    return max(4096, min(client.max_write or CHUNK, 256 * 1024))
 
 
 def _pflags(flags: int) -> int:
     acc = flags & _ACCMODE
-    p = asyncssh.FXF_READ if acc == os.O_RDONLY else asyncssh.FXF_WRITE if acc == os.O_WRONLY \
-        else asyncssh.FXF_READ | asyncssh.FXF_WRITE
+    p = FXF_READ if acc == os.O_RDONLY else FXF_WRITE if acc == os.O_WRONLY else FXF_READ | FXF_WRITE
     if flags & os.O_APPEND:
-        p |= asyncssh.FXF_APPEND
+        p |= FXF_APPEND
     if flags & os.O_CREAT:
-        p |= asyncssh.FXF_CREAT
+        p |= FXF_CREAT
     if flags & os.O_EXCL:
-        p |= asyncssh.FXF_EXCL
+        p |= FXF_EXCL
     if flags & os.O_TRUNC:
-        p |= asyncssh.FXF_TRUNC
+        p |= FXF_TRUNC
     return p
 
 
-def _data_view(packet: Any) -> bytes | memoryview:
-    """SSH_FXP_DATA's data, as a view of the packet (asyncssh's ``get_string`` copies it)."""
-    buf, idx = getattr(packet, "_packet", None), getattr(packet, "_idx", None)
-    if (type(buf) is not bytes and type(buf) is not memoryview) or type(idx) is not int:
-        return packet.get_string()  # type: ignore[no-any-return]
-    (n,) = _U32.unpack_from(buf, idx)
-    if idx + 4 + n > len(buf):
-        raise asyncssh.SFTPBadMessage("truncated SSH_FXP_DATA")
-    return memoryview(buf)[idx + 4:idx + 4 + n]
+# -- open files -------------------------------------------------------------------------------------
 
+class _ReadReply(Reply):
+    """The answer to a READ written by :meth:`RemoteFile._send_read`, decoded where it arrives:
+    SSH_FXP_DATA's bytes (a view of the packet), EOF as b"", errors as FUSEError. A short answer
+    is not the end of the file (a server may read less than asked: older OpenSSH 64 KiB): the rest
+    is asked for, and the reply gets both."""
 
-async def _read_at(offset: int, size: int, f: asyncssh.SFTPClientFile) -> bytes | str:
-    return await f.read(size, offset)
+    __slots__ = ("conn", "offset", "rf", "size")
 
-
-class _ReadReply:
-    """The reply to a READ sent by :meth:`RemoteFile._send_read`, in the place of asyncssh's
-    request future: SSH_FXP_DATA's bytes, EOF as b"", errors as FUSEError. A short answer is
-    not the end of the file (a server may read less than asked: older OpenSSH 64 KiB): the rest
-    is asked for, and the future gets both."""
-
-    __slots__ = ("conn", "fut", "handler", "offset", "rf", "size")
-
-    def __init__(self, fut: asyncio.Future[Chunk], rf: RemoteFile, conn: Connection, handler: Any,
-                 offset: int, size: int) -> None:
-        self.fut, self.rf, self.conn, self.handler = fut, rf, conn, handler
+    def __init__(self, rf: RemoteFile, conn: Connection, offset: int, size: int) -> None:
+        super().__init__()
+        self.rf, self.conn = rf, conn
         self.offset, self.size = offset, size
 
-    def cancelled(self) -> bool:
-        return self.fut.cancelled()
-
-    def set_result(self, reply: tuple[int, Any]) -> None:
-        pkttype, packet = reply
+    def reply(self, pkttype: int, payload: Buffer) -> None:
         try:
-            if pkttype == _FXP_DATA:
-                data = _data_view(packet)
-            elif pkttype == _FXP_STATUS:
-                try:
-                    self.handler._process_status(packet)
-                except asyncssh.SFTPEOFError:
-                    data = b""
-                else:
-                    raise asyncssh.SFTPBadMessage("SSH_FX_OK in reply to READ")
-            else:
-                raise asyncssh.SFTPBadMessage(f"unexpected reply {pkttype} to READ")
-        except (asyncssh.Error, PacketDecodeError) as e:
-            self.set_exception(e)
+            data = data_of(pkttype, payload)
+        except (SftpError, ProtocolError) as e:
+            self.fail(e)
             return
-        if self.fut.done():
+        if self.done:
             return
         if 0 < len(data) < self.size and not self.rf.ends_at(self.offset + len(data)):
             rest = self.rf._send_read(self.offset + len(data), self.size - len(data))
             if rest is not None:
-                rest.add_done_callback(functools.partial(self._joined, data))
+                rest.add_callback(lambda r: self._joined(data, r))
                 return
-        self.fut.set_result(data)
+        self.set(data)
 
-    def _joined(self, head: Chunk, rest: asyncio.Future[Chunk]) -> None:
-        if self.fut.done():
-            return
-        if rest.cancelled():
-            self.fut.cancel()
-        elif (e := rest.exception()) is not None:
-            self.fut.set_exception(e)
+    def _joined(self, head: Chunk, rest: Reply) -> None:
+        if rest.error is not None:
+            self.fail(rest.error)
         else:
-            self.fut.set_result(bytes(head) + bytes(rest.result()))
+            self.set(bytes(head) + bytes(rest.value))
 
-    def set_exception(self, exc: BaseException) -> None:
-        if not self.fut.done():
-            self.fut.set_exception(self.rf.pool.failed(self.conn, exc))
+    def fail(self, exc: BaseException) -> None:
+        if not self.done:
+            super().fail(exc if isinstance(exc, FUSEError | _Dropped) else self.rf.pool.failed(self.conn, exc))
 
 
 class RemoteFile:
-    """An open remote file (asyncio code): read-ahead for sequential readers, pipelined writes.
+    """An open remote file: read-ahead for sequential readers, pipelined writes.
 
     Tied to the connection it was opened on; after a reconnect it is reopened by path (without
     O_CREAT, O_EXCL, O_TRUNC) at its next use.
@@ -1136,71 +873,73 @@ class RemoteFile:
         self.flags = flags
         self.mode = mode
         self.conn = pool.pick()
-        self.file: asyncssh.SFTPClientFile | None = None
+        self.handle: bytes | None = None
         self.generation = 0
-        #: Read-ahead: chunk offset -> task reading CHUNK bytes there.
-        self.chunks: dict[int, asyncio.Future[Chunk]] = {}
+        #: Read-ahead: chunk offset -> the reply reading CHUNK bytes there.
+        self.chunks: dict[int, Reply] = {}
         self.window = 0
         self.next_offset = -1
         #: Size known to the reader (read-ahead stops there); None: unknown.
         self.size: int | None = None
-        self.writes: set[asyncio.Task[None]] = set()
+        #: Pipelined writes in flight.
+        self.writes: set[Reply] = set()
         self.write_bytes = 0
+        self._wrote: trio.Event | None = None
         self.error: FUSEError | None = None
         self.closed = False
 
-    async def _file(self, sftp: asyncssh.SFTPClient) -> asyncssh.SFTPClientFile:
-        if self.file is not None and self.generation == self.conn.generation:
-            return self.file
+    def send_open(self, client: SftpClient) -> Reply:
+        """Write the OPEN (O_CREAT, O_EXCL, O_TRUNC only the first time: a reopen after a reconnect
+        finds the file as it is)."""
         if self.closed:
-            raise FUSEError(errno.EBADF)
+            r = Reply()
+            r.fail(FUSEError(errno.EBADF))
+            return r
         flags = self.flags if self.generation == 0 else self.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
         if self.generation:
             log.info("reopening %r after a reconnect", self.path)
-        # block_size=0: one SFTP request per read or write call; sftpfs splits and pipelines itself.
-        f = await sftp.open(self.path, _pflags(flags), asyncssh.SFTPAttrs(permissions=self.mode & 0o7777),
-                            encoding=None, block_size=0)
-        self.file, self.generation = f, self.conn.generation
-        return f
+        return client.send_open(self.path, _pflags(flags), FileAttrs(permissions=self.mode & 0o7777))
 
-    async def run(self, op: Callable[[asyncssh.SFTPClientFile], Awaitable[T]]) -> T:
-        """``await op(file)`` on this file's connection, (re)opening it as needed."""
-        async def go(sftp: asyncssh.SFTPClient) -> T:
-            return await op(await self._file(sftp))
+    async def opened(self, client: SftpClient, reply: Reply) -> None:
+        """The OPEN's answer: the handle, on this connection's current session."""
+        self.handle = await client.handle(reply)
+        self.generation = self.conn.generation
+
+    async def _handle(self, client: SftpClient) -> bytes:
+        if self.handle is not None and self.generation == self.conn.generation:
+            return self.handle
+        await self.opened(client, self.send_open(client))
+        assert self.handle is not None
+        return self.handle
+
+    async def run(self, op: Callable[[SftpClient, bytes], Awaitable[T]]) -> T:
+        """``await op(client, handle)`` on this file's connection, (re)opening it as needed."""
+        async def go(client: SftpClient) -> T:
+            return await op(client, await self._handle(client))
         return await self.pool.run(go, self.conn)
 
     async def open(self, prefetch: bool = False) -> None:
-        """Open the file on the server (EEXIST for O_EXCL on an existing name is the caller's to find).
-        ``prefetch``: start reading the first chunk at once (most files opened for reading are read
-        from the start: the first READ then finds its data on the way or in)."""
-        await self.run(lambda f: asyncio.sleep(0))
+        """Open the file on the server. ``prefetch``: start reading the first chunk at once (most
+        files opened for reading are read from the start: the first READ then finds its data on
+        the way or in)."""
+        await self.pool.run(lambda c: self.opened(c, self.send_open(c)), self.conn)
         if prefetch:
             self.next_offset, self.window = 0, CHUNK
             self.chunks[0] = self._spawn_chunk(0)
 
     # reads -----------------------------------------------------------------------------------------
 
-    def _spawn_chunk(self, offset: int) -> asyncio.Future[Chunk]:
-        fut = self._send_read(offset, CHUNK)
-        if fut is None:
-            fut = _start(self._chunk(offset))
-        fut.add_done_callback(_consume)  # a chunk nobody reads any more may fail unseen
-        return fut
+    def _spawn_chunk(self, offset: int) -> Reply:
+        r = self._send_read(offset, CHUNK)
+        return r if r is not None else self.pool.spawn(self._read_piece, offset, CHUNK)
 
-    def _send_read(self, offset: int, size: int) -> asyncio.Future[Chunk] | None:
-        """A READ sent now on the file's open handle, its reply decoded where it arrives (no task,
-        no copy through asyncssh's calls); None if the file is not open on a live connection."""
-        f, c = self.file, self.conn
-        if f is None or self.generation != c.generation or c.sftp is None or f._handle is None:
+    def _send_read(self, offset: int, size: int) -> Reply | None:
+        """A READ written now on the file's open handle, its reply decoded where it arrives (no
+        task); None if the file is not open on a live connection."""
+        c, handle = self.conn, self.handle
+        if handle is None or self.generation != c.generation or c.sftp is None or c.sftp.closed is not None:
             return None
-        handler: Any = f._handler
-        if not _raw_requests(handler) or not handler._writer or handler._writer.channel.is_closing():
-            return None
-        fut: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
-        handle = f._handle
-        arg = _U32.pack(len(handle)) + handle + _U64.pack(offset) + _U32.pack(size)
-        _write_requests(handler, _request(handler, _FXP_READ, _ReadReply(fut, self, c, handler, offset, size), (arg,)))
-        return fut
+        return c.sftp.send(FXP_READ, c.sftp.read_args(handle, offset, size), waiter=_ReadReply(self, c, offset, size))
 
     def ends_at(self, end: int) -> bool:
         """Whether a read ending at ``end`` reached the end of the file as far as the attributes
@@ -1208,41 +947,37 @@ class RemoteFile:
         return self.size is not None and end >= self.size
 
     async def _read_piece(self, offset: int, size: int) -> Chunk:
-        data = _bytes(await self.run(functools.partial(_read_at, offset, size)))
+        async def read(client: SftpClient, handle: bytes) -> Chunk:
+            return data_of(*await client.send(FXP_READ, client.read_args(handle, offset, size)).get())
+        data = await self.run(read)
         # a short read is not the end of the file (unless it ends at the size known): ask for the rest
         while 0 < len(data) < size and not self.ends_at(offset + len(data)):
-            more = _bytes(await self.run(functools.partial(_read_at, offset + len(data), size - len(data))))
+            more = await self._read_piece(offset + len(data), size - len(data))
             if not more:
                 break
-            data += more
+            data = bytes(data) + bytes(more)
         return data
-
-    async def _chunk(self, offset: int) -> Chunk:
-        return await self._read_piece(offset, CHUNK)
 
     def _drop_chunks(self, keep: Callable[[int], bool] = lambda off: False, cancel: bool = True) -> None:
         for off in [o for o in self.chunks if not keep(o)]:
-            task = self.chunks.pop(off)
+            r = self.chunks.pop(off)
             if cancel:
-                task.cancel()
+                r.fail(_Dropped())
 
     async def _part(self, off: int) -> Chunk:
-        task = self.chunks.get(off)
-        if task is None:
-            task = self.chunks[off] = self._spawn_chunk(off)
+        r = self.chunks.get(off)
+        if r is None:
+            r = self.chunks[off] = self._spawn_chunk(off)
         try:
-            if not task.done():
+            if not r.done:
                 try:
-                    async with asyncio.timeout(self.pool.options.timeout):
-                        await asyncio.shield(task)  # a cancelled read leaves the chunk to the next one
-                except TimeoutError as e:
+                    with trio.fail_after(self.pool.options.timeout):
+                        await r.get()
+                except trio.TooSlowError as e:
                     raise self.pool.failed(self.conn, e) from None
-            return task.result()
-        except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if me is not None and me.cancelling():
-                raise
-            return await self._chunk(off)  # the chunk was dropped (a write, a jump) meanwhile
+            return r.result()  # type: ignore[no-any-return]
+        except _Dropped:
+            return await self._read_piece(off, CHUNK)  # the chunk was dropped (a write, a jump) meanwhile
 
     def plan(self, offset: int, size: int) -> range | None:
         """A READ's bookkeeping (no waiting): a sequential reader (the kernel sends its read-ahead
@@ -1281,10 +1016,10 @@ class RemoteFile:
         """The READ's data if the read-ahead chunks it needs are all in (no waiting), else None."""
         parts: list[tuple[int, Chunk]] = []
         for off in chunks:
-            task = self.chunks.get(off)
-            if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            r = self.chunks.get(off)
+            if r is None or not r.done or r.error is not None:
                 return None
-            parts.append((off, task.result()))
+            parts.append((off, r.value))
             if len(parts[-1][1]) < CHUNK:
                 break
         return self._assemble(offset, size, parts)
@@ -1292,14 +1027,24 @@ class RemoteFile:
     async def finish(self, offset: int, size: int, chunks: range | None) -> Data:
         """The READ planned by :meth:`plan`: wait for its chunks, or read directly (``chunks`` None)."""
         if chunks is None:  # CHUNK-sized requests at once (no read-ahead)
-            pieces = await asyncio.gather(*(self._read_piece(off, min(CHUNK, offset + size - off))
-                                            for off in range(offset, offset + size, CHUNK)))
+            offsets = range(offset, offset + size, CHUNK)
+            pieces: list[Chunk] = [b""] * len(offsets)
+
+            async def piece(i: int, off: int) -> None:
+                pieces[i] = await self._read_piece(off, min(CHUNK, offset + size - off))
+
+            if len(offsets) == 1:
+                await piece(0, offset)
+            else:
+                async with trio.open_nursery() as n:
+                    for i, off in enumerate(offsets):
+                        n.start_soon(piece, i, off)
             out: list[Chunk] = []
-            for (off, part) in zip(range(offset, offset + size, CHUNK), pieces, strict=True):
+            for off, part in zip(offsets, pieces, strict=True):
                 out.append(part)
                 if len(part) < min(CHUNK, offset + size - off):  # end of file
                     break
-            return b"".join(out)
+            return out[0] if len(out) == 1 else out
         parts: list[tuple[int, Chunk]] = []
         for off in chunks:
             parts.append((off, await self._part(off)))
@@ -1322,16 +1067,22 @@ class RemoteFile:
     async def _write(self, offset: int, data: bytes) -> None:
         try:
             # The largest WRITEs the server takes, all sent at once (the server does them in order)
-            await self.run(lambda f: write_many(f, offset, data, _write_chunk(f)))
+            await self.run(lambda c, h: write_many(c, h, offset, data, _write_chunk(c)))
         except FUSEError as e:
             if self.error is None:
                 self.error = e
-        except asyncio.CancelledError:
+        except trio.Cancelled:
             if self.error is None:
                 self.error = FUSEError(errno.EIO, "write cancelled")
             raise
         finally:
             self.write_bytes -= len(data)
+
+    def _written(self, r: Reply) -> None:
+        self.writes.discard(r)
+        w, self._wrote = self._wrote, None
+        if w is not None:
+            w.set()
 
     def write_now(self, offset: int, data: bytes) -> int | None:
         """Send a write without waiting (pipelined) and return its length; None if it must wait
@@ -1341,12 +1092,17 @@ class RemoteFile:
         if self.chunks:
             self._drop_chunks()
         self.write_bytes += len(data)
-        task = _start(self._write(offset, bytes(data)))
-        self.writes.add(task)
-        task.add_done_callback(self.writes.discard)
+        r = self.pool.spawn(self._write, offset, bytes(data))
+        self.writes.add(r)
+        r.add_callback(self._written)
         if self.size is not None and offset + len(data) > self.size:
             self.size = offset + len(data)
         return len(data)
+
+    async def _a_write_ended(self) -> None:
+        if self._wrote is None:
+            self._wrote = trio.Event()
+        await self._wrote.wait()
 
     async def write(self, offset: int, data: bytes) -> int:
         """:meth:`write_now`, waiting for room first; an earlier write's error is raised here."""
@@ -1355,19 +1111,19 @@ class RemoteFile:
             n = self.write_now(offset, data)
             if n is not None:
                 return n
-            await asyncio.wait(self.writes, return_when=asyncio.FIRST_COMPLETED)
+            await self._a_write_ended()
 
     async def drain(self) -> None:
         """Wait for the pipelined writes; raise the first error among them."""
         while self.writes:
-            await asyncio.wait(list(self.writes))
+            await self._a_write_ended()
         self._raise_error()
 
     async def fsync(self) -> None:
         """Drain, then fsync@openssh.com (nothing more if the server lacks it)."""
         await self.drain()
         try:
-            await self.run(lambda f: f.fsync())
+            await self.run(lambda c, h: c.fsync(h))
         except FUSEError as e:
             if e.errno != errno.EOPNOTSUPP:
                 raise
@@ -1380,10 +1136,10 @@ class RemoteFile:
             self._drop_chunks()
             self.pool.streaming.discard(self)
             self.closed = True
-            f, self.file = self.file, None
-            if f is not None and self.generation == self.conn.generation and self.conn.sftp is not None:
+            handle, self.handle = self.handle, None
+            if handle is not None and self.generation == self.conn.generation and self.conn.sftp is not None:
                 with contextlib.suppress(FUSEError):
-                    await self.pool.run(lambda _sftp: f.close(), self.conn)
+                    await self.pool.run(lambda c: c.close(handle), self.conn)
 
 
 # -- nodes (trio side) ------------------------------------------------------------------------------
@@ -1468,7 +1224,7 @@ class SftpNode(Node):
         self.listed = 0.0
         self.listing_version = 0
         #: The listing on its way (shared by the readdir and lookups waiting for it), its version and start.
-        self.listing_task: asyncio.Task[dict[bytes, FileAttrs]] | None = None
+        self.listing_task: Reply | None = None
         self.listing_progress = ListingProgress()
         self.listing_task_from = (0, 0.0)
         #: Lookups that missed the listing since it was last read (3 in a row: read it instead), and
@@ -1494,7 +1250,7 @@ class SftpNode(Node):
     async def _drain(self) -> None:
         for f in list(self.files):
             if f.writes or f.error:
-                await afuse.asyncio.run_asyncio(f.drain())
+                await f.drain()
 
     def _set(self, a: FileAttrs, when: float | None = None) -> None:
         """New attributes, read at ``when`` (now): older ones than those held are ignored."""
@@ -1553,15 +1309,17 @@ class SftpNode(Node):
 
     async def _lstat(self, path: bytes | None = None) -> FileAttrs | None:
         try:
-            return FileAttrs.of(await self.fs.call(lambda s: s.lstat(path or self.path)))
+            return await self.fs.call(lambda s: s.lstat(path or self.path))
         except FUSEError as e:
             if e.errno == errno.ENOENT:
                 return None
             raise
 
-    async def _then_lstat(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]],
-                          path: bytes) -> tuple[T, FileAttrs | None]:
-        return await afuse.asyncio.run_asyncio(self.fs.pool.then_lstat(op, path))
+    async def _then_status(self, send: Callable[[SftpClient], Reply], path: bytes, what: str) -> FileAttrs | None:
+        """A request answered by status, and an LSTAT of ``path`` in the same round trip."""
+        async def status(client: SftpClient, r: Reply) -> None:
+            await client.status(r, what)
+        return (await self.fs.pool.then_lstat(send, status, path))[1]
 
     async def _child(self, name: bytes, a: FileAttrs | None = None) -> SftpNode:
         path = _join(self.path, name)
@@ -1583,29 +1341,30 @@ class SftpNode(Node):
         not change through the mount meanwhile)."""
         task = self._start_listing()
         version, started = self.listing_task_from
-        listing = await afuse.asyncio.run_asyncio(_shielded(task))
+        listing: dict[bytes, FileAttrs] = await task.get()
         if self.listing_version == version and self.listing is not None and self.listed == started:
             return self.listing, True
         return listing, False
 
-    def _start_listing(self) -> asyncio.Task[dict[bytes, FileAttrs]]:
+    def _start_listing(self) -> Reply:
         """The listing on its way, or a new one (its entries arrive in :attr:`listing_progress`)."""
         task = self.listing_task
         if task is None:
             version, started = self.listing_version, time.monotonic()
             progress = self.listing_progress = ListingProgress()
-            task = self.listing_task = _start(self.fs.pool.run(lambda s: list_directory(s, self.path, progress)))
+            path = self.path
+            task = self.listing_task = self.fs.pool.spawn(self.fs.pool.run, lambda s: list_directory(s, path, progress))
             self.listing_task_from = (version, started)
-            task.add_done_callback(functools.partial(self._listed, progress))
-            task.add_done_callback(lambda _t: progress.finish())
+            task.add_callback(lambda r: self._listed(progress, r))
+            task.add_callback(lambda _r: progress.finish())
         return task
 
-    def _listed(self, progress: ListingProgress, task: asyncio.Task[dict[bytes, FileAttrs]]) -> None:
+    def _listed(self, progress: ListingProgress, task: Reply) -> None:
         """A listing arrived: keep it (once, for every waiter), and refresh the children's attributes."""
         if self.listing_task is task:
             self.listing_task = None
         version, started = self.listing_task_from
-        if task.cancelled() or task.exception() is not None or self.listing_version != version:
+        if task.error is not None or self.listing_version != version:
             return
         listing = self.listing = progress.by_name  # the listing, as it arrived
         self.listed, self.misses = started, 0
@@ -1663,7 +1422,7 @@ class SftpNode(Node):
                 if not self.files:
                     raise FUSEError(errno.ENOENT)
                 f = next(iter(self.files))  # unlinked but open: ask the open handle
-                a = FileAttrs.of(await afuse.asyncio.run_asyncio(f.run(lambda h: h.stat())))
+                a = await f.run(lambda c, h: c.fstat(h))
             self.fetched = -1e9  # answer what was just read, even if it changed meanwhile
             self._set(a, max(when, self.changed))
         return _attr(self.sattrs, self.ino, self.fs.idmap)
@@ -1672,11 +1431,9 @@ class SftpNode(Node):
         """chmod, chown, truncate, utimens: SETSTAT (FSETSTAT on an open file)."""
         await self._drain()
         cur = self.sattrs
-        new = asyncssh.SFTPAttrs()
-        if changes.size is not None:
-            new.size = changes.size
+        perm = uid = gid = atime = mtime = None
         if changes.mode is not None:
-            new.permissions = changes.mode & 0o7777
+            perm = changes.mode & 0o7777
         if changes.new_uid is not None or changes.new_gid is not None:
             if changes.new_uid is None or changes.new_gid is None:
                 cur = await self._lstat() or cur
@@ -1684,8 +1441,8 @@ class SftpNode(Node):
             uid, gid = changes.new_uid, changes.new_gid
             if idmap is not None:  # ids given here; the current ones are the server's already
                 uid, gid = idmap.remote(uid if uid is not None else -1, gid if gid is not None else -1)
-            new.uid = uid if uid is not None and uid >= 0 else cur.uid
-            new.gid = gid if gid is not None and gid >= 0 else cur.gid
+            uid = uid if uid is not None and uid >= 0 else cur.uid
+            gid = gid if gid is not None and gid >= 0 else cur.gid
         now = time.time_ns()
         at = now if changes.atime_now else changes.atime_ns
         mt = now if changes.mtime_now else changes.mtime_ns
@@ -1694,17 +1451,19 @@ class SftpNode(Node):
                 cur = await self._lstat() or cur
             at = at if at is not None else (cur.atime or 0) * 1_000_000_000
             mt = mt if mt is not None else (cur.mtime or 0) * 1_000_000_000
-            new.atime, new.mtime = at // 1_000_000_000, mt // 1_000_000_000  # SFTP v3: seconds
+            atime, mtime = at // 1_000_000_000, mt // 1_000_000_000  # SFTP v3: seconds
+        new = FileAttrs(changes.size, uid, gid, perm, atime, mtime)
         handle = None
         if changes.fh:
             with contextlib.suppress(FUSEError):
                 handle = self.fs.handle(changes.fh)
         if isinstance(handle, SftpHandle):
-            await handle.call(handle.rf.run(lambda f: f.setstat(new)))
+            await handle.rf.run(lambda c, h: c.fsetstat(h, new))
         else:
             # lsetstat@openssh.com for a symlink's own times (it takes no size); plain SETSTAT otherwise
             nofollow = stat.S_ISLNK(self.mode)
-            await self.fs.call(lambda s: s.setstat(self.path, new, follow_symlinks=not nofollow))
+            path = self.path
+            await self.fs.call(lambda s: s.setstat(path, new, follow_symlinks=not nofollow))
         if changes.size is not None:
             for f in self.files:
                 f._drop_chunks()
@@ -1715,8 +1474,8 @@ class SftpNode(Node):
     async def readlink(self) -> bytes:
         """The symlink's target (cached ``link_timeout`` seconds)."""
         if self.target is None or time.monotonic() - self.target_at >= self.fs.options.link_timeout:
-            t: bytes | str = await self.fs.call(lambda s: s.readlink(self.path))
-            self.target = t if isinstance(t, bytes) else os.fsencode(t)
+            path = self.path
+            self.target = await self.fs.call(lambda s: s.readlink(path))
             self.target_at = time.monotonic()
         return self.target
 
@@ -1731,7 +1490,7 @@ class SftpNode(Node):
         task = self._start_listing()
         return self._arriving(self.listing_progress, task, prefix)
 
-    async def _arriving(self, progress: ListingProgress, task: asyncio.Task[dict[bytes, FileAttrs]],
+    async def _arriving(self, progress: ListingProgress, task: Reply,
                         prefix: bytes) -> AsyncGenerator[list[DirItem], int | None]:
         """The listing's entries as they arrive, in batches. The node layer sends (as the value of
         the ``yield``) how many more the kernel's buffer could take: the next batch waits for as
@@ -1745,16 +1504,15 @@ class SftpNode(Node):
                 want = more if type(more) is int and more > 0 else 1
                 continue
             if progress.done:
-                if task.cancelled():
-                    raise FUSEError(errno.EIO, "the listing was cancelled")
                 task.result()  # the listing's error (a FUSEError), if it failed
                 return
-            await afuse.asyncio.run_asyncio(progress.wait_beyond(i + want - 1))
+            await progress.wait_beyond(i + want - 1)
 
     async def statfs(self) -> FsStats:
         """statvfs@openssh.com (huge counts if the server lacks it, as sshfs)."""
         try:
-            v = await self.fs.call(lambda s: s.statvfs(self.path))
+            path = self.path
+            v = await self.fs.call(lambda s: s.statvfs(path))
         except FUSEError as e:
             if e.errno != errno.EOPNOTSUPP:
                 raise
@@ -1769,7 +1527,7 @@ class SftpNode(Node):
         await self._drain()
         rf = RemoteFile(self.fs.pool, self.path, flags & ~(os.O_CREAT | os.O_EXCL))
         rf.size = 0 if flags & os.O_TRUNC else (self.sattrs.size or 0)
-        await afuse.asyncio.run_asyncio(rf.open(prefetch=flags & _ACCMODE == os.O_RDONLY and rf.size > 0))
+        await rf.open(prefetch=flags & _ACCMODE == os.O_RDONLY and rf.size > 0)
         if flags & os.O_TRUNC:
             self._stale()
         return SftpHandle(self, rf)
@@ -1779,7 +1537,7 @@ class SftpNode(Node):
         path = _join(self.path, name)
         rf = RemoteFile(self.fs.pool, path, flags | os.O_CREAT, mode)
         try:
-            _, a = await afuse.asyncio.run_asyncio(self.fs.pool.then_lstat(lambda _s: rf.open(), path, rf.conn))
+            _, a = await self.fs.pool.then_lstat(rf.send_open, rf.opened, path, rf.conn)
         except FUSEError as e:
             await self._explain(e, path, want=None)
             self._made(name, None)  # it may exist after all
@@ -1787,11 +1545,11 @@ class SftpNode(Node):
         rf.size = 0
         if a is None or not stat.S_ISREG(a.permissions or 0):
             try:
-                a = FileAttrs.of(await afuse.asyncio.run_asyncio(rf.run(lambda f: f.stat())))
+                a = await rf.run(lambda c, h: c.fstat(h))
             except BaseException:
                 self._made(name, None)
                 with trio.CancelScope(shield=True):
-                    await afuse.asyncio.run_asyncio(rf.close())
+                    await rf.close()
                 raise
         a = await self._exact_mode(path, a, mode)
         self._made(name, a)
@@ -1805,7 +1563,7 @@ class SftpNode(Node):
         want = mode & 0o7777
         if a.permissions is None or a.permissions & 0o7777 == want:
             return a
-        await self.fs.call(lambda s: s.setstat(path, asyncssh.SFTPAttrs(permissions=want)))
+        await self.fs.call(lambda s: s.setstat(path, FileAttrs(permissions=want)))
         return a._replace(permissions=(a.permissions & ~0o7777) | want)
 
     async def _explain(self, e: FUSEError, path: bytes, want: str | None) -> None:
@@ -1837,8 +1595,8 @@ class SftpNode(Node):
         """MKDIR (EEXIST if the name is taken)."""
         path = _join(self.path, name)
         try:
-            _, a = await self._then_lstat(lambda s: s.mkdir(path, asyncssh.SFTPAttrs(permissions=mode & 0o7777)),
-                                          path)
+            a = await self._then_status(lambda s: s.send_mkdir(path, FileAttrs(permissions=mode & 0o7777)),
+                                        path, "MKDIR")
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
@@ -1851,7 +1609,7 @@ class SftpNode(Node):
         """SYMLINK."""
         path = _join(self.path, name)
         try:
-            _, a = await self._then_lstat(lambda s: s.symlink(target, path), path)
+            a = await self._then_status(lambda s: s.send_symlink(target, path), path, "SYMLINK")
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
@@ -1864,7 +1622,8 @@ class SftpNode(Node):
             raise FUSEError(errno.EXDEV)
         path = _join(self.path, name)
         try:
-            _, a = await self._then_lstat(lambda s: s.link(node.path, path), path)
+            old = node.path
+            a = await self._then_status(lambda s: s.send_link(old, path), path, "HARDLINK")
         except FUSEError as e:
             await self._explain(e, path, want=None)
             raise
@@ -1935,10 +1694,6 @@ class SftpHandle(FileHandle):
             node.files = set()
         node.files.add(rf)
 
-    async def call(self, coro: Awaitable[T]) -> T:
-        """Run the asyncio coroutine ``coro``."""
-        return await afuse.asyncio.run_asyncio(coro)  # type: ignore[arg-type]
-
     async def read(self, offset: int, size: int) -> Data:
         """READ: from read-ahead without leaving trio when it holds the data; after the file's
         pipelined writes (through any handle)."""
@@ -1946,14 +1701,14 @@ class SftpHandle(FileHandle):
         if any(f.writes or f.error for f in self.node.files):
             for f in list(self.node.files):
                 if f is not rf and f.writes:
-                    await self.call(f.drain())
-            return await self.call(rf.read(offset, size))
+                    await f.drain()
+            return await rf.read(offset, size)
         chunks = rf.plan(offset, size)
         if chunks is not None:
             data = rf.ready(offset, size, chunks)
             if data is not None:
                 return data
-        return await self.call(rf.finish(offset, size, chunks))
+        return await rf.finish(offset, size, chunks)
 
     async def write(self, offset: int, data: bytes) -> int:
         """WRITE, pipelined: sent without waiting while the write window has room."""
@@ -1962,27 +1717,27 @@ class SftpHandle(FileHandle):
             if f is not self.rf:
                 f._drop_chunks()
         n = self.rf.write_now(offset, data)
-        return n if n is not None else await self.call(self.rf.write(offset, data))
+        return n if n is not None else await self.rf.write(offset, data)
 
     async def flush(self) -> None:
         """FLUSH (close(2)): the pipelined writes are done, or their error is returned."""
         if self.rf.writes or self.rf.error:
-            await self.call(self.rf.drain())
+            await self.rf.drain()
 
     async def fsync(self, datasync: int) -> None:
         """FSYNC: drain, then fsync@openssh.com."""
-        await self.call(self.rf.fsync())
+        await self.rf.fsync()
 
     async def release(self) -> None:
         """RELEASE: close the remote handle (in the background when no writes are pending: the
         application does not wait for RELEASE, and its errors could reach no one)."""
         self.node.files.discard(self.rf)
         if not self.rf.writes and self.rf.error is None:
-            _start(self.rf.close()).add_done_callback(_consume)
+            self.rf.pool.spawn(self.rf.close)
             return
         with trio.CancelScope(shield=True):
             try:
-                await self.call(self.rf.close())
+                await self.rf.close()
             except FUSEError as e:
                 log.warning("closing %r: %s", self.rf.path, e)
 
@@ -2004,11 +1759,11 @@ class SftpFS(NodeFS):
         self.entry_timeout = self.attr_timeout = pool.options.stat_timeout
         super().__init__(root, types=[SftpNode, SftpHandle])
         sftp = pool.conns[0].sftp
-        self.posix_rename = bool(getattr(getattr(sftp, "_handler", None), "_supports_posix_rename", True))
+        self.posix_rename = sftp is None or sftp.has(b"posix-rename@openssh.com")
 
-    async def call(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -> T:
-        """Run one SFTP operation (from trio) on the least busy connection."""
-        return await afuse.asyncio.run_asyncio(self.pool.run(op))
+    async def call(self, op: Callable[[SftpClient], Awaitable[T]]) -> T:
+        """Run one SFTP operation on the least busy connection."""
+        return await self.pool.run(op)
 
     def node_for(self, path: bytes, a: FileAttrs, when: float | None = None) -> SftpNode:
         """The live node for ``path`` with attributes ``a`` read at ``when`` (now), or a new one."""
@@ -2196,23 +1951,27 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
     return o, MountOptions.parse(",".join(mount))
 
 
-async def connect(options: SftpOptions) -> SftpFS:
+async def connect(pool: Pool) -> SftpFS:
     """Connect the pool and find the remote directory; ConnectError says why not."""
-    pool = Pool(options)
+    options = pool.options
     await pool.start()
     sftp = pool.conns[0].sftp
     assert sftp is not None
     try:
-        async with asyncio.timeout(options.timeout):
+        with trio.fail_after(options.timeout):
             root = await sftp.realpath((options.path or ".").encode())
-            a = FileAttrs.of(await sftp.stat(root))
+            a = await sftp.stat(root)
             # idmap=user: the remote user is taken to own the login directory, as sshfs does.
-            home = FileAttrs.of(await sftp.stat(b".")) if options.idmap == "user" else None
-    except (asyncssh.Error, OSError, TimeoutError) as e:
-        await pool.close()
+            home = await sftp.stat(b".") if options.idmap == "user" else None
+    except (SftpError, *_LOST) as e:
+        with trio.CancelScope(shield=True):
+            await pool.close()
+        if isinstance(e, trio.TooSlowError):
+            e = TimeoutError(f"no answer within {options.timeout:g} s")
         raise ConnectError(f"{options.path or '~'}: {e}") from e
     if not stat.S_ISDIR(a.permissions or 0):
-        await pool.close()
+        with trio.CancelScope(shield=True):
+            await pool.close()
         raise ConnectError(f"{root!r} is not a directory")
     idmap = None
     if home is not None:
@@ -2221,41 +1980,64 @@ async def connect(options: SftpOptions) -> SftpFS:
     return SftpFS(pool, root, a, idmap)
 
 
+#: The signals that stop :func:`serve` (and unmount).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def serve(options: SftpOptions, mountpoint: str, mount_options: MountOptions,
                 ready: Callable[[], None] = lambda: None, poll_us: float = 0.0) -> int | None:
     """Connect, mount, serve until unmounted or SIGINT/SIGTERM/SIGHUP; returns the signal, if any.
-    ``poll_us``: :func:`afuse.serve`'s busy polling of /dev/fuse."""
-    fs = await connect(options)
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[int] = loop.create_future()
-
-    def on_signal(signum: int) -> None:
-        if not got.done():
-            got.set_result(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, on_signal, sig)
+    ``poll_us``: :func:`afuse.serve`'s busy polling of /dev/fuse. trio code: with the asyncssh
+    transport, trio must run as the guest of an asyncio loop (:func:`run`)."""
+    got: int | None = None
     config = InitConfig(max_background=128, congestion_threshold=96)
-    try:
-        async with afuse.asyncio.mount(fs, mountpoint, trio_handlers=True, options=mount_options, config=config,
-                                       max_requests=256, poll_us=poll_us) as session:
-            poller = None
-            if options.poll > 0:
-                poller = loop.create_task(session.call_trio(fs.poll_forever))
-            ready()
-            closed = loop.create_task(session.wait_closed())
-            waiting: list[asyncio.Future[Any]] = [got, closed]
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            closed.cancel()
-            if poller is not None:
-                poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await poller
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        await fs.pool.close()
-    return got.result() if got.done() else None
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as background:
+            pool = Pool(options, background)
+            try:
+                fs = await connect(pool)
+                async with trio.open_nursery() as serving:
+                    async def on_signal() -> None:
+                        nonlocal got
+                        async for signum in signals:
+                            got = signum
+                            serving.cancel_scope.cancel()
+                            return
+
+                    async def mounted(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                        await afuse.serve(fs, mountpoint, options=mount_options, config=config, max_requests=256,
+                                          poll_us=poll_us, task_status=task_status)
+                        serving.cancel_scope.cancel()  # unmounted
+
+                    serving.start_soon(on_signal)
+                    await serving.start(mounted)
+                    if options.poll > 0:
+                        serving.start_soon(fs.poll_forever)
+                    ready()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await pool.close()
+                background.cancel_scope.cancel()
+    return got
+
+
+def run(options: SftpOptions, mountpoint: str, mount_options: MountOptions,
+        ready: Callable[[], None] = lambda: None, poll_us: float = 0.0) -> int | None:
+    """:func:`serve` in a new trio run: on its own with the ``ssh`` transport; as the guest of an
+    asyncio loop with ``asyncssh`` (asyncssh is asyncio code)."""
+    if options.transport != "asyncssh":
+        return trio.run(serve, options, mountpoint, mount_options, ready, poll_us)
+
+    async def host() -> int | None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[outcome.Outcome[int | None]] = loop.create_future()
+        trio.lowlevel.start_guest_run(serve, options, mountpoint, mount_options, ready, poll_us,
+                                      run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+                                      run_sync_soon_not_threadsafe=loop.call_soon,
+                                      done_callback=done.set_result, host_uses_signal_set_wakeup_fd=True)
+        return (await done).unwrap()
+
+    return asyncio.run(host())
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -2306,9 +2088,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ready", flush=True)
 
     try:
-        stopped_by = asyncio.run(serve(options, args.mountpoint, mount_options, ready, poll_us=args.poll_us))
-    except (ConnectError, MountError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        stopped_by = run(options, args.mountpoint, mount_options, ready, poll_us=args.poll_us)
+    except (ConnectError, MountError, BaseExceptionGroup) as e:
+        found = _first_error(e, (ConnectError, MountError))
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
         return 1
     return 128 + signal.SIGINT if stopped_by == signal.SIGINT else 0
 

@@ -1,0 +1,226 @@
+"""afuse.examples.sftpclient: the sans-IO codec on its own, and the trio client against OpenSSH's
+own ``sftp-server`` (the program sshd runs for the ``sftp`` subsystem) over real pipes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import stat
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from afuse.examples.sftpclient import (
+    FXF_CREAT,
+    FXF_EXCL,
+    FXF_READ,
+    FXF_WRITE,
+    FXP_DATA,
+    FXP_LSTAT,
+    FXP_NAME,
+    FXP_READ,
+    FXP_STATUS,
+    VIEW_MIN,
+    ConnectionLost,
+    FileAttrs,
+    ProtocolError,
+    Reply,
+    SftpClient,
+    SftpCodec,
+    SftpError,
+    data_of,
+    encode_attrs,
+    parse_attrs,
+    string,
+)
+from afuse.examples.sftpfs import PipeWriter, list_directory, read_pipe, write_many
+
+SFTP_SERVER = shutil.which("sftp-server") or "/usr/lib/openssh/sftp-server"
+
+
+def _packet(pkttype: int, rid: int, payload: bytes) -> bytes:
+    return struct.pack(">IBI", len(payload) + 5, pkttype, rid) + payload
+
+
+def test_codec_returns_whole_packets_however_the_bytes_arrive() -> None:
+    rng = random.Random(3)
+    packets = [(rng.choice([FXP_STATUS, FXP_NAME, FXP_DATA]), i, os.urandom(rng.choice([0, 1, 9, 4096, 70_000])))
+               for i in range(400)]
+    stream = b"".join(_packet(*p) for p in packets)
+    codec, got, pos = SftpCodec(), [], 0
+    while pos < len(stream):
+        n = rng.choice([1, 3, 4, 5, 100, 65536, 300_000])
+        got += codec.receive(stream[pos:pos + n])
+        pos += n
+    assert [(t, rid, bytes(p)) for t, rid, p in got] == packets
+
+
+def test_codec_hands_on_large_data_as_views_and_the_rest_as_bytes() -> None:
+    big = _packet(FXP_DATA, 1, os.urandom(VIEW_MIN + 5))
+    name = _packet(FXP_NAME, 2, os.urandom(VIEW_MIN + 5))
+    small = _packet(FXP_DATA, 3, os.urandom(100))
+    got = SftpCodec().receive(big + name + small)
+    assert [type(p) for _, _, p in got] == [memoryview, bytes, bytes]
+
+
+def test_codec_refuses_impossible_lengths() -> None:
+    with pytest.raises(ProtocolError):
+        SftpCodec().receive(struct.pack(">I", 2) + b"xx")
+    with pytest.raises(ProtocolError):
+        SftpCodec().receive(struct.pack(">I", 1 << 30))
+
+
+def test_requests_get_ids_in_order_and_keep_their_arguments() -> None:
+    codec = SftpCodec()
+    view = memoryview(b"data")
+    rid, pieces = codec.request(FXP_READ, [b"ab", view])
+    assert rid == 0 and pieces[0] == struct.pack(">IBI", 11, FXP_READ, 0) and pieces[2] is view
+    assert codec.request(FXP_READ, [])[0] == 1
+
+
+def test_attrs_round_trip_and_extended_attrs_are_skipped() -> None:
+    a = FileAttrs(5, 1, 2, 0o100644, 10, 20)
+    assert parse_attrs(encode_attrs(a), 0) == (a, 32)
+    assert parse_attrs(encode_attrs(FileAttrs(permissions=0o755)), 0)[0] == FileAttrs(permissions=0o755)
+    ext = struct.pack(">II", 0x80000004, 0o600) + struct.pack(">I", 1) + string(b"t") + string(b"d") + b"!"
+    assert parse_attrs(ext, 0) == (FileAttrs(permissions=0o600), len(ext) - 1)
+    with pytest.raises(struct.error):
+        parse_attrs(struct.pack(">I", 0x1) + b"\0\0", 0)
+
+
+def test_data_of_reads_data_eof_and_errors() -> None:
+    assert data_of(FXP_DATA, string(b"abc")) == b"abc"
+    assert data_of(FXP_STATUS, struct.pack(">I", 1) + string(b"eof") + string(b"")) == b""
+    with pytest.raises(SftpError) as e:
+        data_of(FXP_STATUS, struct.pack(">I", 2) + string(b"gone") + string(b""))
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(ProtocolError):
+        data_of(FXP_DATA, struct.pack(">I", 10) + b"abc")
+    with pytest.raises(ProtocolError):
+        data_of(FXP_NAME, b"")
+
+
+def test_a_lost_transport_fails_every_waiter_and_later_requests() -> None:
+    sent: list[list[bytes | memoryview]] = []
+    client = SftpClient(sent.append)
+    r = client.send(FXP_READ, b"x")
+    client.lost(OSError("gone"))
+    assert r.done and isinstance(r.error, ConnectionLost)
+    later = client.send(FXP_READ, b"y")
+    assert later.done and isinstance(later.error, ConnectionLost) and len(sent) == 1
+
+
+def test_a_reply_to_no_request_is_a_protocol_error() -> None:
+    client = SftpClient(lambda pieces: None)
+    waiting = client.send(FXP_READ, b"x")
+    client.feed(_packet(FXP_STATUS, 77, struct.pack(">I", 0)))
+    assert isinstance(waiting.error, ProtocolError) and isinstance(client.closed, ProtocolError)
+
+
+# -- against OpenSSH's sftp-server ------------------------------------------------------------------
+
+@asynccontextmanager
+async def _server(nursery: trio.Nursery, cwd: Path) -> AsyncIterator[SftpClient]:
+    in_r, in_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    os.set_blocking(in_r, True)
+    os.set_blocking(out_w, True)
+    proc = await trio.lowlevel.open_process([SFTP_SERVER], stdin=in_r, stdout=out_w, cwd=str(cwd))
+    os.close(in_r)
+    os.close(out_w)
+    writer = PipeWriter(in_w, nursery)
+    client = SftpClient(writer.write)
+
+    async def reader() -> None:
+        await read_pipe(out_r, client.feed)
+        client.lost(ConnectionLost("sftp-server ended"))
+
+    nursery.start_soon(reader)
+    try:
+        await client.start()
+        yield client
+    finally:
+        writer.close()
+        with trio.move_on_after(5):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.trio
+async def test_client_against_openssh_sftp_server(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    for i in range(250):  # more than one READDIR's worth (OpenSSH: 100 names)
+        (tmp_path / "d" / f"f{i:03}").write_bytes(b"x" * i)
+    async with trio.open_nursery() as nursery:
+        async with _server(nursery, tmp_path) as c:
+            assert c.version == 3 and c.has(b"posix-rename@openssh.com") and c.max_write > 0
+            root = await c.realpath(b".")
+            assert root == str(tmp_path).encode()
+            a = await c.lstat(b"d/f007")
+            assert (a.size, stat.S_IFMT(a.permissions or 0)) == (7, stat.S_IFREG)
+            with pytest.raises(SftpError) as e:
+                await c.lstat(b"nope")
+            assert e.value.errno == errno.ENOENT
+            listing = await list_directory(c, b"d")
+            assert sorted(listing) == sorted(os.listdir(os.fsencode(tmp_path / "d")))
+            assert all(listing[n].size == int(n[1:]) for n in listing)
+            # create, pipelined writes larger than one WRITE, read back across a short tail
+            h = await c.open(b"new", FXF_WRITE | FXF_CREAT | FXF_EXCL, FileAttrs(permissions=0o600))
+            data = os.urandom(600_000)
+            await write_many(c, h, 0, data, 200_000)
+            await c.fsync(h)
+            assert (await c.fstat(h)).size == len(data)
+            await c.close(h)
+            assert (tmp_path / "new").read_bytes() == data
+            with pytest.raises(SftpError):  # O_EXCL on an existing name: FX_FAILURE
+                await c.open(b"new", FXF_WRITE | FXF_CREAT | FXF_EXCL)
+            h = await c.open(b"new", FXF_READ)
+            got = bytes(data_of(*await c.send(FXP_READ, c.read_args(h, 599_990, 100)).get()))
+            assert got == data[599_990:]
+            assert data_of(*await c.send(FXP_READ, c.read_args(h, len(data), 10)).get()) == b""
+            await c.close(h)
+            # names
+            await c.status(c.send_mkdir(b"sub", FileAttrs(permissions=0o750)), "MKDIR")
+            assert stat.S_ISDIR((await c.stat(b"sub")).permissions or 0)
+            await c.status(c.send_symlink(b"new", b"sub/link"), "SYMLINK")
+            assert await c.readlink(b"sub/link") == b"new"
+            await c.status(c.send_link(b"new", b"hard"), "HARDLINK")
+            assert os.stat(tmp_path / "hard").st_ino == os.stat(tmp_path / "new").st_ino
+            with pytest.raises(SftpError):
+                await c.rename(b"sub/link", b"new")  # plain RENAME does not replace
+            await c.posix_rename(b"hard", b"sub/link")  # replaces
+            assert stat.S_ISREG(os.lstat(tmp_path / "sub" / "link").st_mode)
+            await c.setstat(b"new", FileAttrs(permissions=0o640, atime=1000, mtime=2000))
+            st = os.stat(tmp_path / "new")
+            assert (st.st_mode & 0o777, int(st.st_mtime)) == (0o640, 2000)
+            v = await c.statvfs(b".")
+            assert v.bsize > 0 and v.blocks > 0
+            await c.remove(b"sub/link")
+            await c.rmdir(b"sub")
+            await c.remove(b"new")
+            assert sorted(os.listdir(tmp_path)) == ["d"]
+            # many requests in flight at once, answered in order
+            replies = [c.send(FXP_LSTAT, string(b"d/f%03d" % i)) for i in range(200)]
+            sizes = [(await c.attrs(r)).size for r in replies]
+            assert sizes == list(range(200))
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_requests_fail_when_the_server_goes_away(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        async with _server(nursery, tmp_path) as c:
+            r: Reply = c.send(FXP_READ, b"")  # a malformed request: sftp-server gives up
+            with trio.fail_after(10), pytest.raises(ConnectionLost):
+                await r.get()
+            with pytest.raises(ConnectionLost):
+                await c.lstat(b".")
+        nursery.cancel_scope.cancel()
