@@ -93,8 +93,8 @@ from afuse.examples.sftpclient import (
 )
 from afuse.nodes import DirItem, FileHandle, Node, NodeFS
 from afuse.wire.init import InitConfig
-from afuse.wire.requests import SetattrRequest
-from afuse.wire.types import Attr, FsStats
+from afuse.wire.requests import OpendirRequest, SetattrRequest
+from afuse.wire.types import Attr, FsStats, Handle
 
 __all__ = ["FileAttrs", "IdMap", "Pool", "RemoteFile", "SftpFS", "SftpHandle", "SftpNode", "SftpOptions",
            "list_directory", "main", "parse_names", "parse_remote"]
@@ -1764,6 +1764,15 @@ class SftpFS(NodeFS):
     async def call(self, op: Callable[[SftpClient], Awaitable[T]]) -> T:
         """Run one SFTP operation on the least busy connection."""
         return await self.pool.run(op)
+
+    async def opendir(self, req: OpendirRequest) -> Handle:
+        """OPENDIR: a directory whose listing is not at hand starts being listed now, as sshfs
+        opens it here: the READDIRPLUS that follows finds it on its way."""
+        handle = await super().opendir(req)
+        node = self.node(req.nodeid)
+        if isinstance(node, SftpNode) and self.options.dir_timeout > 0 and node._fresh_listing() is None:
+            node._start_listing()
+        return handle
 
     def node_for(self, path: bytes, a: FileAttrs, when: float | None = None) -> SftpNode:
         """The live node for ``path`` with attributes ``a`` read at ``when`` (now), or a new one."""
