@@ -216,10 +216,16 @@ def test_dir_slice_answers_readdir_from_a_position() -> None:
         ([(b"ok", 0, 1), ("str", 0, 1)], "invalid directory entry name 'str'"),
         ([(b"ok", 0, 1), (b"x", None, 1)], "item 1 is not"),
         ([(b"ok", "mode", 1)], "item 0 is not"), ([(b"ok", 0, -1)], "item 0 is not"),
-        ([b"xyz"], "item 0 is not")]
+        ([b"xyz"], "item 0 is not"),
+        # checked for the whole run at once: a bad name anywhere in it is found and named
+        ([(b"f%03d" % i, 0, 1) for i in range(50)] + [(b"n\0ul", 0, 1)], r"invalid directory entry name b'n\\x00ul'"),
+        ([(b"f%03d" % i, 0, 1) for i in range(50)] + [(b"", 0, 1)], "invalid directory entry name b''"),
+        ([(b"f%03d" % i, 0, 1) for i in range(50)] + [(bytearray(b"x"), 0, 1)], "invalid directory entry name")]
     for bad_items, why in bad_cases:
+        w = conn.dir_writer(req)
         with pytest.raises(HandlerResultError, match=why):
-            conn.dir_writer(req).add_slice(afuse.DirSlice(bad_items, 0))
+            w.add_slice(afuse.DirSlice(bad_items, 0))
+        assert len(w.reply(req.unique)) == 16  # nothing of the run was added
     with pytest.raises(HandlerResultError, match="starting at -1"):
         conn.dir_writer(req).add_slice(afuse.DirSlice(items, -1))
     with pytest.raises(HandlerResultError, match="not READDIRPLUS"):

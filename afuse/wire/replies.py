@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from struct import Struct
+from struct import error as struct_error
 from typing import Any
 
 from . import structs as S
@@ -242,22 +243,42 @@ class DirBuffer:
         """Append READDIR records for ``items[start:]`` (each ``(name, mode, ino, ...)``, item ``i``
         at offset ``i + 1``, ino 0 sent as 0xFFFFFFFF) while they fit; the index after the last
         one added. ValueError for a name that is not bytes, is empty, longer than 4095 bytes or
-        holds ``/`` or NUL."""
-        room, append, by_len = self._room, self._parts.append, _DIRENT_BY_LEN
+        holds ``/`` or NUL (nothing is added then)."""
+        room, parts, by_len = self._room, self._parts, _DIRENT_BY_LEN
+        first = len(parts)
+        append = parts.append
         i, end = start, len(items)
-        while i < end:
-            it = items[i]
-            name = it[0]
-            n = len(name)
-            reclen = (24 + n + 7) & ~7
-            if reclen > room:
-                break
-            if type(name) is not bytes or not n or n > 4095 or b"/" in name or b"\0" in name:  # valid_name, inline
-                raise ValueError(f"invalid directory entry name {name!r}")
-            i += 1
-            st = by_len.get(n) or _dirent_struct(n)
-            append(st.pack(it[2] or 0xFFFFFFFF, i, n, (it[1] & 0o170000) >> 12, name))
-            room -= reclen
+        name: Any = None
+        try:
+            while i < end:
+                it = items[i]
+                name = it[0]
+                n = len(name)
+                reclen = (24 + n + 7) & ~7
+                if reclen > room:
+                    break
+                if not 0 < n <= 4095:
+                    raise ValueError(f"invalid directory entry name {name!r}")
+                st = by_len.get(n) or _dirent_struct(n)
+                append(st.pack(it[2] or 0xFFFFFFFF, i + 1, n, (it[1] & 0o170000) >> 12, name))
+                i += 1
+                room -= reclen
+        except BaseException as e:
+            del parts[first:]
+            if isinstance(e, struct_error) and isinstance(name, str):
+                raise ValueError(f"invalid directory entry name {name!r}") from None
+            raise
+        # The names' types and bytes, checked for the whole run at once (in C: a third of the cost
+        # of checking each name).
+        names = [it[0] for it in items[start:i]]
+        bad = False
+        if names:
+            joined = b"\0".join(names) if len(set(map(type, names))) == 1 and type(names[0]) is bytes else b"/"
+            bad = b"/" in joined or joined.count(b"\0") != len(names) - 1
+        if bad:
+            del parts[first:]
+            name = next(name for name in names if not valid_name(name))
+            raise ValueError(f"invalid directory entry name {name!r}")
         self._room = room
         return i
 
