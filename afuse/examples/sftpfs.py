@@ -43,6 +43,7 @@ import errno
 import fcntl
 import gc
 import getpass
+import importlib.util
 import itertools
 import logging
 import os
@@ -1954,6 +1955,8 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             raise ValueError(f"option {key} needs a value")
     if o.ssh_options and o.transport != "ssh":
         raise ValueError(f"-o {o.ssh_options[0]} is an option of the ssh client: it needs --transport ssh")
+    if o.transport == "asyncssh" and importlib.util.find_spec("asyncssh") is None:
+        raise ValueError("--transport asyncssh needs asyncssh: pip install 'afuse[sftp]'")
     if o.transport == "ssh" and shutil.which(shlex.split(o.ssh_command)[0]) is None:
         raise ValueError(f"{shlex.split(o.ssh_command)[0]!r} not found (apt-get install openssh-client, "
                          "or --transport asyncssh)")
@@ -2072,8 +2075,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=0.0, help="seconds between checks for remote changes (0: off)")
     p.add_argument("--poll-us", type=_poll_us, default=0.0, metavar="US",
                    help="busy-poll /dev/fuse this many microseconds before sleeping (default 0: never): "
-                        "one request after another (stat, ls -l, small files) is answered without a "
-                        "thread hand-off, at the cost of that CPU time")
+                        "one request after another (stat, ls -l) finds the daemon awake, at the cost of "
+                        "that CPU time")
     p.add_argument("--debug", action="store_true", help="log every request")
     return p
 
