@@ -214,7 +214,7 @@ class SftpCodec:
     """
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = []
+        self._parts: list[Buffer] = []
         self._have = 0
         self._need = 0
         self._next_id = 0
@@ -232,17 +232,36 @@ class SftpCodec:
 
     def receive(self, data: bytes) -> list[tuple[int, int, Buffer]]:
         """The packets ``data`` completes (with what came before). ProtocolError for a packet
-        too short or too long to be SFTP."""
+        too short or too long to be SFTP.
+
+        A packet cut by the end of a read is completed by copying just its own bytes (not the
+        next read's); packets within one read are not copied before their payload is sliced."""
         out: list[tuple[int, int, Buffer]] = []
-        if self._parts:
-            self._parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return out
-            data = b"".join(self._parts)
-            self._parts = []
         u32 = _U32.unpack_from
         off, n = 0, len(data)
+        if self._parts:
+            parts = self._parts
+            while True:
+                take = self._need - self._have
+                if n - off < take:  # still not whole
+                    parts.append(memoryview(data)[off:])
+                    self._have += n - off
+                    return out
+                parts.append(memoryview(data)[off:off + take])
+                self._have += take
+                off += take
+                if self._need == 4:  # the length is in: now the whole packet
+                    head = b"".join(parts)
+                    (length,) = u32(head, 0)
+                    if length < 5 or length > MAX_PACKET:
+                        raise ProtocolError(f"SFTP packet of {length} bytes")
+                    parts[:] = [head]
+                    self._need = 4 + length
+                    continue
+                packet = b"".join(parts)
+                self._parts = []
+                self._emit(out, packet, 0, len(packet))
+                break
         while n - off >= 4:
             (length,) = u32(data, off)
             if length < 5 or length > MAX_PACKET:
@@ -250,19 +269,23 @@ class SftpCodec:
             end = off + 4 + length
             if end > n:
                 break
-            pkttype = data[off + 4]
-            (rid,) = u32(data, off + 5)
-            if pkttype == FXP_DATA and length >= VIEW_MIN:
-                out.append((pkttype, rid, memoryview(data)[off + 9:end]))
-            else:
-                out.append((pkttype, rid, data[off + 9:end]))
+            self._emit(out, data, off, end)
             off = end
         if off < n:
-            rest = data[off:] if off else data
+            rest = memoryview(data)[off:]
             self._parts = [rest]
-            self._have = len(rest)
-            self._need = 4 + u32(rest)[0] if len(rest) >= 4 else 4
+            self._have = n - off
+            self._need = 4 + u32(data, off)[0] if n - off >= 4 else 4
         return out
+
+    @staticmethod
+    def _emit(out: list[tuple[int, int, Buffer]], data: bytes, off: int, end: int) -> None:
+        pkttype = data[off + 4]
+        (rid,) = _U32.unpack_from(data, off + 5)
+        if pkttype == FXP_DATA and end - off >= VIEW_MIN:
+            out.append((pkttype, rid, memoryview(data)[off + 9:end]))
+        else:
+            out.append((pkttype, rid, data[off + 9:end]))
 
 
 # -- replies --------------------------------------------------------------------------------------
