@@ -224,3 +224,21 @@ async def test_requests_fail_when_the_server_goes_away(tmp_path: Path) -> None:
             with pytest.raises(ConnectionLost):
                 await c.lstat(b".")
         nursery.cancel_scope.cancel()
+
+
+def test_a_listing_leaves_out_names_no_directory_can_hold(caplog: pytest.LogCaptureFixture) -> None:
+    """A broken or hostile server's names with ``/`` or NUL, or empty, are left out of a listing
+    with a warning; the rest of the batch arrives."""
+    from afuse.examples.sftpfs import ListingProgress, _Listing
+
+    def entry(name: bytes) -> bytes:
+        return string(name) + string(b"-rw-r--r-- 1 u g 0 Jan 1 00:00 " + name) + encode_attrs(
+            FileAttrs(0, 0, 0, 0o100644, 0, 0))
+
+    names = [b"ok", b"a/b", b"", b"n\0ul", b"fine"]
+    payload = struct.pack(">I", len(names)) + b"".join(entry(n) for n in names)
+    progress = ListingProgress()
+    listing = _Listing(SftpClient(lambda pieces: None), b"h", progress)
+    listing.reply(FXP_NAME, payload)
+    assert progress.names == [b"ok", b"fine"] and sorted(progress.by_name) == [b"fine", b"ok"]
+    assert sum("left out" in r.getMessage() for r in caplog.records) == 3

@@ -266,6 +266,41 @@ def test_lookups_in_an_unlisted_directory(sshd: Any, tmp_path: Path, poll: list[
         assert sorted(os.listdir(d)) == sorted([f"f{i}" for i in range(20)] + ["new"])
 
 
+@TRANSPORTS
+def test_follow_symlinks(sshd: Any, tmp_path: Path, transport: str) -> None:
+    """``-o follow_symlinks`` (sshfs's): a symlink on the server shows as what it points to, in
+    listings (READDIR's types, over several READDIR batches), lookups and stat; a dangling one
+    stays a symlink. Without it, symlinks are symlinks."""
+    remote = tmp_path / "remote"
+    (remote / "big").mkdir(parents=True)
+    (remote / "dir").mkdir()
+    (remote / "dir" / "inside").write_text("inside\n")
+    (remote / "file").write_text("12345")
+    for i in range(250):  # symlinks spread over three READDIR batches, among plain files
+        (remote / "big" / f"f{i:03}").write_text("x" * i)
+        if i % 7 == 0:
+            os.symlink(f"f{i:03}", remote / "big" / f"l{i:03}")
+    os.symlink("dir", remote / "to-dir")
+    os.symlink("file", remote / "to-file")
+    os.symlink("nowhere", remote / "dangling")
+    with sftpfs(sshd, remote, "--transport", transport, "-o", "follow_symlinks") as mnt:
+        with os.scandir(mnt) as it:  # types from the listing, without a stat
+            kinds = {e.name: ("dir" if e.is_dir(follow_symlinks=False) else "link" if e.is_symlink() else "file")
+                     for e in it}
+        assert kinds == {"big": "dir", "dir": "dir", "file": "file", "to-dir": "dir", "to-file": "file",
+                         "dangling": "link"}
+        assert Path(mnt, "to-dir", "inside").read_text() == "inside\n"
+        assert os.lstat(Path(mnt, "to-file")).st_size == 5 and not os.path.islink(Path(mnt, "to-file"))
+        assert os.readlink(Path(mnt, "dangling")) == "nowhere"
+        with os.scandir(Path(mnt, "big")) as it:
+            sizes = {e.name: e.stat(follow_symlinks=False).st_size for e in it}
+        assert sizes == {**{f"f{i:03}": i for i in range(250)}, **{f"l{i:03}": i for i in range(0, 250, 7)}}
+    with sftpfs(sshd, remote, "--transport", transport) as mnt:
+        assert os.path.islink(Path(mnt, "to-dir")) and os.readlink(Path(mnt, "to-dir")) == "dir"
+        with os.scandir(Path(mnt, "big")) as it:
+            assert sum(e.is_symlink() for e in it) == len(range(0, 250, 7))
+
+
 def test_large_listing_matches_server(sshd: Any, tmp_path: Path) -> None:
     """A directory of 1,500 entries (READDIRs in several waves) lists with every name, type, mode,
     size and mtime the server has, from os.scandir and from lstat of each name."""

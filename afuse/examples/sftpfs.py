@@ -74,11 +74,13 @@ from afuse.examples.sftpclient import (
     FXF_READ,
     FXF_TRUNC,
     FXF_WRITE,
+    FXP_ATTRS,
     FXP_CLOSE,
     FXP_LSTAT,
     FXP_NAME,
     FXP_READ,
     FXP_READDIR,
+    FXP_STAT,
     FXP_WRITE,
     Buffer,
     ConnectionLost,
@@ -89,6 +91,7 @@ from afuse.examples.sftpclient import (
     SftpError,
     check_status,
     data_of,
+    parse_attrs,
     parse_names,
     string,
 )
@@ -152,6 +155,9 @@ class SftpOptions:
     #: "user": the remote user's uid and gid (the owner of the login directory) are shown as this
     #: process's, and chown to these sets those (sshfs's ``idmap=user``); "none": ids as they are.
     idmap: str = "none"
+    #: Show a symlink on the server as what it points to (sshfs's ``follow_symlinks``): its type
+    #: and attributes are its target's (a dangling one stays a symlink).
+    follow_symlinks: bool = False
     #: SSH ciphers in order of preference; None: the client's own (``ssh``'s configuration; for
     #: asyncssh :data:`ASYNCSSH_CIPHERS`).
     ciphers: list[str] | None = None
@@ -724,8 +730,8 @@ class ListingProgress:
             await self._waiter.wait()
 
 
-async def list_directory(sftp: SftpClient, path: bytes, progress: ListingProgress | None = None
-                         ) -> dict[bytes, FileAttrs]:
+async def list_directory(sftp: SftpClient, path: bytes, progress: ListingProgress | None = None,
+                         follow_symlinks: bool = False) -> dict[bytes, FileAttrs]:
     """The entries of directory ``path`` (without ``.`` and ``..``) and their attributes, in the
     server's order, READDIR requests pipelined.
 
@@ -733,11 +739,13 @@ async def list_directory(sftp: SftpClient, path: bytes, progress: ListingProgres
     :data:`_READDIR_WINDOW` READDIRs on the handle are in flight at once (replies send more), the
     server answering them in order with successive batches until SSH_FX_EOF; each reply is decoded
     by :func:`parse_names` where it arrives (and handed to ``progress``), while the server reads on.
-    The handle's CLOSE is written at the end, its answer not waited for.
+    The handle's CLOSE is written at the end, its answer not waited for. ``follow_symlinks``: a
+    symlink's attributes are its target's (a STAT each, sent as its batch arrives; the batch is
+    handed on once they are answered, batches in order; a dangling one keeps its own).
     """
     progress = progress or ListingProgress()
     handle = await sftp.opendir(path)
-    listing = _Listing(sftp, handle, progress)
+    listing = _Listing(sftp, handle, progress, _join(path, b"") if follow_symlinks else None)
     try:
         listing.send(_READDIR_WINDOW)
         await listing.get()
@@ -751,19 +759,25 @@ class _Listing(Reply):
     """One directory listing's READDIRs: a window of requests in flight, each reply decoded where
     it arrives (the client hands every READDIR's answer to this one waiter)."""
 
-    def __init__(self, client: SftpClient, handle: bytes, progress: ListingProgress) -> None:
+    def __init__(self, client: SftpClient, handle: bytes, progress: ListingProgress,
+                 follow: bytes | None = None) -> None:
         super().__init__()
         self.client = client
         self.progress = progress  # the entries, as they arrive
         self.arg = (string(handle),)
         self.ended = False
         self.owed = 0
+        #: follow_symlinks: the directory's path prefix; batches waiting for their symlinks'
+        #: STATs ([names, STATs unanswered]), in order; the end seen (released once they are).
+        self.follow = follow
+        self.held: collections.deque[list[Any]] = collections.deque()
+        self.eof = False
 
     def send(self, n: int) -> None:
         self.client.send_many(FXP_READDIR, [self.arg] * n, self)
 
     def reply(self, pkttype: int, payload: Buffer) -> None:
-        if self.ended:
+        if self.ended or self.eof:
             return  # a READDIR sent before the end was seen: SSH_FX_EOF again
         try:
             if pkttype == FXP_NAME:
@@ -775,14 +789,18 @@ class _Listing(Reply):
                 if self.owed >= _READDIR_TOPUP:  # first: the server reads on while this batch is handed over
                     self.send(self.owed)
                     self.owed = 0
-                self.progress.arrived(names)
+                names = _valid_names(names, self.progress.by_name)
+                if self.follow is None:
+                    self.progress.arrived(names)
+                else:
+                    self._hold(names)
                 return
             try:
                 check_status(pkttype, payload, "READDIR")
             except SftpError as e:
                 if e.code == 1:  # SSH_FX_EOF: the end
-                    self.ended = True
-                    self.set(None)
+                    self.eof = True
+                    self.release()
                     return
                 raise
             raise ProtocolError("SSH_FX_OK in reply to READDIR")
@@ -794,6 +812,69 @@ class _Listing(Reply):
         if not self.ended:
             self.ended = True
             super().fail(exc)
+
+    def _hold(self, names: list[bytes]) -> None:
+        """follow_symlinks: STAT the batch's symlinks; hand it on once they are answered."""
+        by_name, prefix = self.progress.by_name, self.follow
+        assert prefix is not None
+        links = [n for n in names if (by_name[n][3] or 0) & 0o170000 == 0o120000]
+        batch = [names, len(links)]
+        self.held.append(batch)
+        for name in links:
+            self.client.send(FXP_STAT, string(prefix + name), waiter=_LinkStat(self, batch, name))
+        self.release()
+
+    def release(self) -> None:
+        """Hand on the batches whose symlinks are all answered, in order; end after the last."""
+        while self.held and self.held[0][1] == 0:
+            self.progress.arrived(self.held.popleft()[0])
+        if self.eof and not self.held and not self.ended:
+            self.ended = True
+            self.set(None)
+
+
+class _LinkStat(Reply):
+    """The STAT of a listed symlink (``follow_symlinks``): the target's attributes replace the
+    link's in the listing; a failure (dangling, no permission) keeps the link's own."""
+
+    __slots__ = ("batch", "listing", "name")
+
+    def __init__(self, listing: _Listing, batch: list[Any], name: bytes) -> None:
+        super().__init__()
+        self.listing, self.batch, self.name = listing, batch, name
+
+    def reply(self, pkttype: int, payload: Buffer) -> None:
+        listing = self.listing
+        if listing.ended:
+            return
+        if pkttype == FXP_ATTRS:
+            try:
+                listing.progress.by_name[self.name] = parse_attrs(payload, 0)[0]
+            except struct.error:
+                listing.fail(ProtocolError("truncated SSH_FXP_ATTRS"))
+                return
+        self.batch[1] -= 1
+        listing.release()
+
+    def fail(self, exc: BaseException) -> None:
+        self.listing.fail(exc)
+
+
+def _valid_names(names: list[bytes], attrs: dict[bytes, FileAttrs]) -> list[bytes]:
+    """``names`` without those no local directory can hold (empty, with ``/`` or NUL: a broken or
+    hostile server), each left out with a warning (checked for the batch at once)."""
+    joined = b"\0".join(names)
+    if b"/" not in joined and joined.count(b"\0") == len(names) - 1 and b"\0\0" not in joined \
+            and not joined.startswith(b"\0") and not joined.endswith(b"\0"):
+        return names
+    good = []
+    for name in names:
+        if name and b"/" not in name and b"\0" not in name:
+            good.append(name)
+        else:
+            attrs.pop(name, None)
+            log.warning("the server listed a name no directory can hold: %r (left out)", name)
+    return good
 
 
 #: READDIRs a listing keeps in flight, sent again :data:`_READDIR_TOPUP` at a time (one write, one
@@ -1309,11 +1390,24 @@ class SftpNode(Node):
         self.stale.clear()
 
     async def _lstat(self, path: bytes | None = None) -> FileAttrs | None:
+        """The name's own attributes (LSTAT); None if it does not exist."""
         try:
             return await self.fs.call(lambda s: s.lstat(path or self.path))
         except FUSEError as e:
             if e.errno == errno.ENOENT:
                 return None
+            raise
+
+    async def _attrs(self, path: bytes | None = None) -> FileAttrs | None:
+        """The attributes shown for the name: LSTAT's, or with ``follow_symlinks`` STAT's (LSTAT's
+        for a dangling symlink); None if it does not exist."""
+        if not self.fs.options.follow_symlinks:
+            return await self._lstat(path)
+        try:
+            return await self.fs.call(lambda s: s.stat(path or self.path))
+        except FUSEError as e:
+            if e.errno == errno.ENOENT:
+                return await self._lstat(path)  # dangling, or gone
             raise
 
     async def _then_status(self, send: Callable[[SftpClient], Reply], path: bytes, what: str) -> FileAttrs | None:
@@ -1353,8 +1447,9 @@ class SftpNode(Node):
         if task is None:
             version, started = self.listing_version, time.monotonic()
             progress = self.listing_progress = ListingProgress()
-            path = self.path
-            task = self.listing_task = self.fs.pool.spawn(self.fs.pool.run, lambda s: list_directory(s, path, progress))
+            path, follow = self.path, self.fs.options.follow_symlinks
+            task = self.listing_task = self.fs.pool.spawn(
+                self.fs.pool.run, lambda s: list_directory(s, path, progress, follow))
             self.listing_task_from = (version, started)
             task.add_callback(lambda r: self._listed(progress, r))
             task.add_callback(lambda _r: progress.finish())
@@ -1402,7 +1497,7 @@ class SftpNode(Node):
             a = listing.get(name)
             return None if a is None else self.fs.node_for(path, a, self.listed)
         when = time.monotonic()
-        a = await self._lstat(path)
+        a = await self._attrs(path)
         if listing is not None and listing is self.listing and name in self.stale:
             self.stale.discard(name)  # changed through the mount before ``when``: ``a`` is current
             if a is None:
@@ -1418,7 +1513,7 @@ class SftpNode(Node):
         timeout = self.fs.options.stat_timeout
         if time.monotonic() - self.fetched >= timeout or timeout == 0:
             when = time.monotonic()
-            a = await self._lstat()
+            a = await self._attrs()
             if a is None:
                 if not self.files:
                     raise FUSEError(errno.ENOENT)
@@ -1437,7 +1532,7 @@ class SftpNode(Node):
             perm = changes.mode & 0o7777
         if changes.new_uid is not None or changes.new_gid is not None:
             if changes.new_uid is None or changes.new_gid is None:
-                cur = await self._lstat() or cur
+                cur = await self._attrs() or cur
             idmap = self.fs.idmap
             uid, gid = changes.new_uid, changes.new_gid
             if idmap is not None:  # ids given here; the current ones are the server's already
@@ -1449,7 +1544,7 @@ class SftpNode(Node):
         mt = now if changes.mtime_now else changes.mtime_ns
         if at is not None or mt is not None:
             if at is None or mt is None:
-                cur = await self._lstat() or cur
+                cur = await self._attrs() or cur
             at = at if at is not None else (cur.atime or 0) * 1_000_000_000
             mt = mt if mt is not None else (cur.mtime or 0) * 1_000_000_000
             atime, mtime = at // 1_000_000_000, mt // 1_000_000_000  # SFTP v3: seconds
@@ -1809,7 +1904,7 @@ class SftpFS(NodeFS):
                 return
             async with limit:
                 try:
-                    a = await n._lstat()
+                    a = await n._attrs()
                 except FUSEError:
                     return
             old = n.sattrs
@@ -1883,7 +1978,8 @@ SSH_OPTIONS = frozenset("""AddressFamily BatchMode BindAddress BindInterface Cer
 
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
-                "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap"}
+                "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap",
+                "follow_symlinks"}
 
 
 def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
@@ -1941,6 +2037,8 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             setattr(o, key, n)
         elif key == "reconnect":
             o.reconnect = True
+        elif key == "follow_symlinks":
+            o.follow_symlinks = True
         elif key == "Ciphers":
             o.ciphers = value.replace(",", ":").split(":")
         elif key == "idmap":
@@ -1951,7 +2049,7 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             if not shlex.split(value):
                 raise ValueError("ssh_command is empty")
             o.ssh_command = value
-        if not eq and key not in ("reconnect",):
+        if not eq and key not in ("reconnect", "follow_symlinks"):
             raise ValueError(f"option {key} needs a value")
     if o.ssh_options and o.transport != "ssh":
         raise ValueError(f"-o {o.ssh_options[0]} is an option of the ssh client: it needs --transport ssh")
@@ -2064,7 +2162,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
                         "Port=N, Ciphers=A:B, ssh_command=CMD, readahead=BYTES, write_window=BYTES, reconnect, "
-                        "idmap=user|none, ssh's own (ProxyJump=, ServerAliveInterval=, Compression=, ...); "
+                        "idmap=user|none, follow_symlinks, ssh's own (ProxyJump=, ServerAliveInterval=, Compression=, ...); "
                         "others are mount options")
     p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
                    help="ssh: OpenSSH's client as a child process, as sshfs runs it (the default); "
