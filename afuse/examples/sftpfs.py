@@ -2162,8 +2162,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
                         "Port=N, Ciphers=A:B, ssh_command=CMD, readahead=BYTES, write_window=BYTES, reconnect, "
-                        "idmap=user|none, follow_symlinks, ssh's own (ProxyJump=, ServerAliveInterval=, Compression=, ...); "
-                        "others are mount options")
+                        "idmap=user|none, follow_symlinks, ssh's own (ProxyJump=, ServerAliveInterval=, "
+                        "Compression=, ...); others are mount options")
     p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
                    help="ssh: OpenSSH's client as a child process, as sshfs runs it (the default); "
                         "asyncssh: SSH in this process")
