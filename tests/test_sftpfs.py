@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import errno
 import getpass
+import grp
 import importlib.util
 import os
+import pwd
 import re
 import select
 import shutil
@@ -432,6 +434,45 @@ def test_idmap_user(tmp_path: Path, transport: str) -> None:
         with sftpfs(server, login, "--transport", transport) as mnt:  # idmap=none: as they are
             st = os.stat(Path(mnt) / "theirs")
             assert (st.st_uid, st.st_gid) == (4321, 4322)
+
+
+def test_idmap_file(tmp_path: Path) -> None:
+    """-o idmap=file,uidfile=F,gidfile=F (sshfs's): remote ids shown as the local user and group
+    the files name; unmapped ids pass unchanged, or with nomap=error are refused (EPERM); chown
+    maps back. Bad files are command-line errors."""
+    login = tmp_path / "login"
+    login.mkdir()
+    for name, owner in (("mapped", (4321, 4322)), ("unmapped", (555, 556)), ("theirs", (555, 556))):
+        (login / name).write_bytes(b"x")
+        os.chown(login / name, *owner)
+    nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    uidfile, gidfile = tmp_path / "uids", tmp_path / "gids"
+    uidfile.write_text("# local name:remote uid\nnobody:4321\n")
+    gidfile.write_text("nogroup:4322\n")
+    maps = f"idmap=file,uidfile={uidfile},gidfile={gidfile}"
+    with sshd_tool.running_sshd(sftp_server=f"internal-sftp -d {login}") as server:
+        with sftpfs(server, login, "-o", maps) as mnt:
+            st = os.stat(Path(mnt) / "mapped")
+            assert (st.st_uid, st.st_gid) == (nobody, nogroup)
+            st = os.stat(Path(mnt) / "unmapped")
+            assert (st.st_uid, st.st_gid) == (555, 556)
+            os.chown(Path(mnt) / "theirs", nobody, nogroup)  # mapped back on the server
+            assert (os.stat(login / "theirs").st_uid, os.stat(login / "theirs").st_gid) == (4321, 4322)
+        os.chown(login / "theirs", 555, 556)
+        with sftpfs(server, login, "-o", maps + ",nomap=error") as mnt:
+            assert os.stat(Path(mnt) / "mapped").st_uid == nobody
+            with pytest.raises(PermissionError):
+                os.stat(Path(mnt) / "unmapped")
+            with pytest.raises(PermissionError):
+                os.chown(Path(mnt) / "mapped", 777, -1)  # no mapping for it: refused
+            assert os.stat(login / "mapped").st_uid == 4321
+        for opts, why in (("idmap=file", "needs uidfile"), (f"uidfile={uidfile}", "go with idmap=file"),
+                          (f"idmap=file,uidfile={tmp_path / 'missing'}", "No such file"),
+                          (f"idmap=file,uidfile={gidfile}", "no local user named 'nogroup'"),
+                          (maps + ",nomap=maybe", "nomap must be")):
+            res = subprocess.run([sys.executable, "-m", "afuse.examples.sftpfs", server.target(str(login)),
+                                  str(tmp_path), "-o", opts], capture_output=True, text=True, timeout=60)
+            assert res.returncode == 2 and why in res.stderr, (opts, res.stderr)
 
 
 def _ssh_children_argv(port: int) -> list[list[str]]:

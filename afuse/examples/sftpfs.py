@@ -56,7 +56,7 @@ import struct
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import outcome
@@ -155,6 +155,10 @@ class SftpOptions:
     #: "user": the remote user's uid and gid (the owner of the login directory) are shown as this
     #: process's, and chown to these sets those (sshfs's ``idmap=user``); "none": ids as they are.
     idmap: str = "none"
+    #: ``idmap=file``'s maps (sshfs's ``uidfile``, ``gidfile``) and ``nomap`` ("ignore" or "error").
+    uidfile: str | None = None
+    gidfile: str | None = None
+    nomap: str = "ignore"
     #: Show a symlink on the server as what it points to (sshfs's ``follow_symlinks``): its type
     #: and attributes are its target's (a dangling one stays a symlink).
     follow_symlinks: bool = False
@@ -1246,23 +1250,68 @@ def _dir_items(prefix: bytes, names: Iterable[bytes], attrs: dict[bytes, FileAtt
             for name in names]
 
 
-class IdMap(NamedTuple):
-    """``idmap=user``: the remote user's ids and the local ones shown for them."""
+class IdMap:
+    """Ids on the server and the ids shown here for them (``idmap=user``, ``idmap=file``).
 
-    remote_uid: int
-    remote_gid: int
-    local_uid: int
-    local_gid: int
+    ``uids`` and ``gids`` map remote ids to local ones. An id without a mapping passes unchanged,
+    or with ``error`` (sshfs's ``nomap=error``) is refused: EPERM for the file's attributes or
+    the chown."""
+
+    def __init__(self, uids: dict[int, int], gids: dict[int, int], error: bool = False) -> None:
+        self.uids, self.gids, self.error = uids, gids, error
+        self._ruids = {v: k for k, v in uids.items()}
+        self._rgids = {v: k for k, v in gids.items()}
+
+    @classmethod
+    def user(cls, remote_uid: int, remote_gid: int, local_uid: int, local_gid: int) -> IdMap:
+        """``idmap=user``: the remote user's ids shown as the local user's."""
+        return cls({remote_uid: local_uid}, {remote_gid: local_gid})
+
+    @classmethod
+    def from_files(cls, uidfile: str | None, gidfile: str | None, error: bool = False) -> IdMap:
+        """``idmap=file``: sshfs's files, a ``NAME:REMOTE_ID`` per line; NAME is a local user (in
+        ``uidfile``) or group (in ``gidfile``), shown for REMOTE_ID. ValueError says what is wrong."""
+        import grp
+        import pwd
+
+        def read(path: str | None, local: Callable[[str], int], what: str) -> dict[int, int]:
+            if path is None:
+                return {}
+            out: dict[int, int] = {}
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except OSError as e:
+                raise ValueError(f"{what}file {path}: {e.strerror}") from None
+            for n, line in enumerate(lines, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                name, sep, rid = line.rpartition(":")
+                if not sep or not name or not rid.isdigit():
+                    raise ValueError(f"{path}:{n}: not NAME:ID: {line!r}")
+                try:
+                    out[int(rid)] = local(name)
+                except KeyError:
+                    raise ValueError(f"{path}:{n}: no local {what} named {name!r}") from None
+            return out
+
+        return cls(read(uidfile, lambda name: pwd.getpwnam(name).pw_uid, "user"),
+                   read(gidfile, lambda name: grp.getgrnam(name).gr_gid, "group"), error)
 
     def local(self, uid: int, gid: int) -> tuple[int, int]:
         """Remote ids as shown here."""
-        return (self.local_uid if uid == self.remote_uid else uid,
-                self.local_gid if gid == self.remote_gid else gid)
+        u, g = self.uids.get(uid), self.gids.get(gid)
+        if self.error and ((u is None and self.uids) or (g is None and self.gids)):
+            raise FUSEError(errno.EPERM, f"no mapping for remote uid {uid} or gid {gid} (nomap=error)")
+        return (uid if u is None else u, gid if g is None else g)
 
     def remote(self, uid: int, gid: int) -> tuple[int, int]:
-        """Ids given here (chown) as set on the server."""
-        return (self.remote_uid if uid == self.local_uid else uid,
-                self.remote_gid if gid == self.local_gid else gid)
+        """Ids given here (chown; -1: unchanged) as set on the server."""
+        u, g = self._ruids.get(uid), self._rgids.get(gid)
+        if self.error and ((u is None and uid != -1 and self._ruids) or (g is None and gid != -1 and self._rgids)):
+            raise FUSEError(errno.EPERM, f"no mapping for uid {uid} or gid {gid} (nomap=error)")
+        return (uid if u is None else u, gid if g is None else g)
 
 
 def _attr(a: FileAttrs, ino: int, idmap: IdMap | None = None) -> Attr:
@@ -1846,7 +1895,7 @@ class SftpFS(NodeFS):
     def __init__(self, pool: Pool, root_path: bytes, root_attrs: FileAttrs, idmap: IdMap | None = None) -> None:
         self.pool = pool
         self.options = pool.options
-        #: ``idmap=user``'s mapping, or None.
+        #: ``idmap=user`` or ``idmap=file``'s mapping, or None.
         self.idmap = idmap
         #: Path -> the live node for it (nodes the kernel holds, and the root).
         self.live: dict[bytes, SftpNode] = {}
@@ -1978,7 +2027,7 @@ SSH_OPTIONS = frozenset("""AddressFamily BatchMode BindAddress BindInterface Cer
 
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
-                "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap",
+                "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap", "uidfile", "gidfile", "nomap",
                 "follow_symlinks"}
 
 
@@ -2042,15 +2091,27 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
         elif key == "Ciphers":
             o.ciphers = value.replace(",", ":").split(":")
         elif key == "idmap":
-            if value not in ("user", "none"):
-                raise ValueError(f"idmap must be user or none, not {value!r} (idmap=file is not supported)")
+            if value not in ("user", "file", "none"):
+                raise ValueError(f"idmap must be user, file or none, not {value!r}")
             o.idmap = value
+        elif key in ("uidfile", "gidfile"):
+            setattr(o, key, value)
+        elif key == "nomap":
+            if value not in ("ignore", "error"):
+                raise ValueError(f"nomap must be ignore or error, not {value!r}")
+            o.nomap = value
         elif key == "ssh_command":
             if not shlex.split(value):
                 raise ValueError("ssh_command is empty")
             o.ssh_command = value
         if not eq and key not in ("reconnect", "follow_symlinks"):
             raise ValueError(f"option {key} needs a value")
+    if o.idmap == "file":
+        if o.uidfile is None and o.gidfile is None:
+            raise ValueError("idmap=file needs uidfile=FILE or gidfile=FILE")
+        IdMap.from_files(o.uidfile, o.gidfile)  # its errors now, before connecting
+    elif o.uidfile is not None or o.gidfile is not None:
+        raise ValueError("uidfile and gidfile go with idmap=file")
     if o.ssh_options and o.transport != "ssh":
         raise ValueError(f"-o {o.ssh_options[0]} is an option of the ssh client: it needs --transport ssh")
     if o.transport == "asyncssh" and importlib.util.find_spec("asyncssh") is None:
@@ -2085,8 +2146,11 @@ async def connect(pool: Pool) -> SftpFS:
         raise ConnectError(f"{root!r} is not a directory")
     idmap = None
     if home is not None:
-        idmap = IdMap(home.uid or 0, home.gid or 0, os.getuid(), os.getgid())
-        log.info("idmap=user: remote uid %d gid %d shown as %d %d", *idmap)
+        idmap = IdMap.user(home.uid or 0, home.gid or 0, os.getuid(), os.getgid())
+        log.info("idmap=user: remote uid %d gid %d shown as %d %d", home.uid or 0, home.gid or 0, os.getuid(),
+                 os.getgid())
+    elif options.idmap == "file":
+        idmap = IdMap.from_files(options.uidfile, options.gidfile, options.nomap == "error")
     return SftpFS(pool, root, a, idmap)
 
 
@@ -2162,7 +2226,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
                         "Port=N, Ciphers=A:B, ssh_command=CMD, readahead=BYTES, write_window=BYTES, reconnect, "
-                        "idmap=user|none, follow_symlinks, ssh's own (ProxyJump=, ServerAliveInterval=, "
+                        "idmap=user|file|none, uidfile=F, gidfile=F, nomap=ignore|error, follow_symlinks, "
+                        "ssh's own (ProxyJump=, ServerAliveInterval=, "
                         "Compression=, ...); others are mount options")
     p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
                    help="ssh: OpenSSH's client as a child process, as sshfs runs it (the default); "
