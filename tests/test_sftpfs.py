@@ -507,6 +507,13 @@ def test_ssh_options_reach_the_ssh_client(sshd: Any, tmp_path: Path) -> None:
         assert (Path(mnt) / "f").read_bytes() == data
         children = _ssh_children_argv(sshd.port)
         assert any("-oCompression=yes" in a and "-oServerAliveInterval=7" in a for a in children), children
+    # -o sftp_server: a subsystem name (-s), or a command for the remote shell (a path), as sshfs
+    o, _ = _options(make_parser().parse_args(["h:/d", "/m", "-o", "sftp_server=other"]))
+    assert ssh_argv(o)[-4:] == ["-s", "--", "h", "other"]
+    server = shutil.which("sftp-server") or "/usr/lib/openssh/sftp-server"
+    with sftpfs(sshd, remote, "-o", f"sftp_server={server} -l INFO") as mnt:
+        assert (Path(mnt) / "f").read_bytes() == data
+        assert any(a[-1] == f"{server} -l INFO" and "-s" not in a for a in _ssh_children_argv(sshd.port))
 
 
 def test_a_small_file_is_one_read(tmp_path: Path) -> None:
@@ -744,8 +751,10 @@ def test_command_line_errors(sshd: Any, tmp_path: Path) -> None:
     assert res.returncode == 2 and "70000" in res.stderr
     res = run(sshd.target(str(tmp_path)), str(tmp_path), "--poll-us", "-1")
     assert res.returncode == 2 and "--poll-us" in res.stderr
-    res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "idmap=file")
-    assert res.returncode == 2 and "idmap must be user or none" in res.stderr
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "idmap=group")
+    assert res.returncode == 2 and "idmap must be user, file or none" in res.stderr
+    res = run(sshd.target(str(tmp_path)), str(tmp_path), "--transport", "asyncssh", "-o", "sftp_server=/x/y")
+    assert res.returncode == 2 and "sftp_server needs --transport ssh" in res.stderr
     res = run(sshd.target(str(tmp_path)), str(tmp_path), "--transport", "asyncssh", "-o", "ProxyJump=far")
     assert res.returncode == 2 and "ProxyJump=far is an option of the ssh client" in res.stderr
     res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "Compression")

@@ -133,6 +133,9 @@ class SftpOptions:
     transport: str = "ssh"
     #: The ``ssh`` command and arguments of its own (the "ssh" transport), as sshfs's ``ssh_command``.
     ssh_command: str = "ssh"
+    #: The SFTP server to run (sshfs's ``sftp_server``): a subsystem name, or with a ``/`` a
+    #: command the remote shell runs (e.g. ``sudo -n /usr/lib/openssh/sftp-server``).
+    sftp_server: str = "sftp"
     #: Options for the ``ssh`` client as ``NAME=VALUE`` (``-o ProxyJump=...``, as sshfs passes
     #: them); they come first, so they win over sftpfs's own (ssh takes an option's first value).
     ssh_options: list[str] = attrs.Factory(list)
@@ -332,7 +335,8 @@ class _AsyncsshLink(_Link):
 
 
 def ssh_argv(o: SftpOptions) -> list[str]:
-    """The ``ssh`` command line that starts the remote SFTP subsystem, as sshfs runs it: no
+    """The ``ssh`` command line that starts the remote SFTP server (the ``sftp`` subsystem, or
+    ``sftp_server``), as sshfs runs it: no
     forwarding, no prompts (``BatchMode``), keepalives that notice a dead server within about the
     timeout, the options' port, user, keys, known hosts and ciphers."""
     argv = shlex.split(o.ssh_command)
@@ -354,7 +358,9 @@ def ssh_argv(o: SftpOptions) -> list[str]:
         argv += ["-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null", "-oLogLevel=ERROR"]
     elif o.known_hosts is not None:
         argv += ["-oStrictHostKeyChecking=yes", f"-oUserKnownHostsFile={o.known_hosts}"]
-    return [*argv, "-s", "--", o.host, "sftp"]
+    if "/" in o.sftp_server:
+        return [*argv, "--", o.host, o.sftp_server]
+    return [*argv, "-s", "--", o.host, o.sftp_server]
 
 
 async def read_pipe(fd: int, feed: Callable[[bytes], Any], stop: Callable[[], bool] = lambda: False) -> None:
@@ -2028,6 +2034,7 @@ SSH_OPTIONS = frozenset("""AddressFamily BatchMode BindAddress BindInterface Cer
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
                 "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap", "uidfile", "gidfile", "nomap",
+                "sftp_server",
                 "follow_symlinks"}
 
 
@@ -2100,6 +2107,10 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             if value not in ("ignore", "error"):
                 raise ValueError(f"nomap must be ignore or error, not {value!r}")
             o.nomap = value
+        elif key == "sftp_server":
+            if not value.strip():
+                raise ValueError("sftp_server is empty")
+            o.sftp_server = value
         elif key == "ssh_command":
             if not shlex.split(value):
                 raise ValueError("ssh_command is empty")
@@ -2112,6 +2123,8 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
         IdMap.from_files(o.uidfile, o.gidfile)  # its errors now, before connecting
     elif o.uidfile is not None or o.gidfile is not None:
         raise ValueError("uidfile and gidfile go with idmap=file")
+    if o.sftp_server != "sftp" and o.transport != "ssh":
+        raise ValueError("-o sftp_server needs --transport ssh")
     if o.ssh_options and o.transport != "ssh":
         raise ValueError(f"-o {o.ssh_options[0]} is an option of the ssh client: it needs --transport ssh")
     if o.transport == "asyncssh" and importlib.util.find_spec("asyncssh") is None:
@@ -2225,9 +2238,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
-                        "Port=N, Ciphers=A:B, ssh_command=CMD, readahead=BYTES, write_window=BYTES, reconnect, "
-                        "idmap=user|file|none, uidfile=F, gidfile=F, nomap=ignore|error, follow_symlinks, "
-                        "ssh's own (ProxyJump=, ServerAliveInterval=, "
+                        "Port=N, Ciphers=A:B, ssh_command=CMD, sftp_server=NAME|PATH, readahead=BYTES, "
+                        "write_window=BYTES, reconnect, idmap=user|file|none, uidfile=F, gidfile=F, "
+                        "nomap=ignore|error, follow_symlinks, ssh's own (ProxyJump=, ServerAliveInterval=, "
                         "Compression=, ...); others are mount options")
     p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
                    help="ssh: OpenSSH's client as a child process, as sshfs runs it (the default); "
