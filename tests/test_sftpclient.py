@@ -242,3 +242,17 @@ def test_a_listing_leaves_out_names_no_directory_can_hold(caplog: pytest.LogCapt
     listing.reply(FXP_NAME, payload)
     assert progress.names == [b"ok", b"fine"] and sorted(progress.by_name) == [b"fine", b"ok"]
     assert sum("left out" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_a_waiter_that_breaks_fails_its_request_and_the_session_goes_on() -> None:
+    class Broken(Reply):
+        def reply(self, pkttype: int, payload: bytes | memoryview) -> None:
+            raise RuntimeError("a bug in a waiter")
+
+    client = SftpClient(lambda pieces: None)
+    broken = client.send(FXP_READ, b"x", waiter=Broken())
+    fine = client.send(FXP_READ, b"y")
+    ok_status = struct.pack(">I", 0)
+    client.feed(_packet(FXP_STATUS, 0, ok_status) + _packet(FXP_STATUS, 1, ok_status))
+    assert isinstance(broken.error, RuntimeError)
+    assert fine.done and fine.error is None and client.closed is None

@@ -15,6 +15,7 @@ Only what sftpfs needs of SFTP v3 (draft-ietf-secsh-filexfer-02) and OpenSSH's e
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -54,6 +55,8 @@ _ERRNO = {FX_NO_SUCH_FILE: errno.ENOENT, FX_PERMISSION_DENIED: errno.EACCES, FX_
 MAX_PACKET = 4 << 20
 #: SSH_FXP_DATA packets at least this long are handed on as views of what was read (no copy).
 VIEW_MIN = 16 * 1024
+
+log = logging.getLogger("afuse.sftpfs")
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -424,7 +427,11 @@ class SftpClient:
             if waiter is None:
                 self.lost(ProtocolError(f"a reply ({pkttype}) to request {rid}, which was not sent"))
                 return
-            waiter.reply(pkttype, payload)
+            try:
+                waiter.reply(pkttype, payload)
+            except Exception as e:  # a waiter's own bug: its request fails, the session goes on
+                log.exception("SFTP reply %d to request %d", pkttype, rid)
+                waiter.fail(e)
 
     def lost(self, exc: BaseException) -> None:
         """The transport ended: every request waiting (and every later one) fails with ``exc``."""
