@@ -262,7 +262,7 @@ class _Link:
 class _AsyncsshLink(_Link):
     """SSH in this process: asyncssh's connection and an ``sftp`` subsystem channel (its crypto runs
     here, in Python and OpenSSL). asyncssh is asyncio code: this runs only with trio as the guest
-    of an asyncio loop (:func:`main` arranges it). Requests are written to the channel directly
+    of an asyncio loop (:func:`run` arranges it). Requests are written to the channel directly
     (both loops run in this thread); what arrives is fed to the client in trio with
     ``run_sync_soon``, one hop per batch of data, not per request."""
 
@@ -1645,7 +1645,7 @@ class SftpNode(Node):
                         prefix: bytes) -> AsyncGenerator[list[DirItem], int | None]:
         """The listing's entries as they arrive, in batches. The node layer sends (as the value of
         the ``yield``) how many more the kernel's buffer could take: the next batch waits for as
-        many (or the end), one wait on the asyncio side rather than one per SFTP reply."""
+        many (or the end): one wake-up per READDIR rather than one per SFTP reply."""
         i, want = 0, 1
         while True:
             names = progress.names
