@@ -16,6 +16,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -473,6 +474,53 @@ def test_idmap_file(tmp_path: Path) -> None:
             res = subprocess.run([sys.executable, "-m", "afuse.examples.sftpfs", server.target(str(login)),
                                   str(tmp_path), "-o", opts], capture_output=True, text=True, timeout=60)
             assert res.returncode == 2 and why in res.stderr, (opts, res.stderr)
+
+
+def test_directport(tmp_path: Path) -> None:
+    """-o directport=PORT (sshfs's): SFTP straight over TCP, no SSH, here to OpenSSH's sftp-server
+    behind a listener that gives each connection its own server (as socat or inetd would); when
+    the server goes away, requests fail EIO and the mount stays."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    data = os.urandom(700_000)
+    (remote / "f").write_bytes(data)
+    binary = shutil.which("sftp-server") or "/usr/lib/openssh/sftp-server"
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                servers.append(subprocess.Popen([binary, "-d", str(remote)], stdin=conn.fileno(), stdout=conn.fileno()))
+
+    threading.Thread(target=accept, daemon=True).start()
+    target = types.SimpleNamespace(target=lambda path: f"127.0.0.1:{path}", port=port,
+                                   identity=tmp_path / "unused", known_hosts=tmp_path / "unused")
+    try:
+        with sftpfs(target, remote, "-o", f"directport={port}") as mnt:
+            assert (Path(mnt) / "f").read_bytes() == data
+            (Path(mnt) / "g").write_bytes(data[:1000])
+            os.rename(Path(mnt) / "g", Path(mnt) / "h")
+            assert sorted(os.listdir(mnt)) == ["f", "h"] and (remote / "h").read_bytes() == data[:1000]
+            assert len(servers) == 1  # one connection
+            listener.close()
+            for proc in servers:
+                proc.kill()
+                proc.wait()
+            with pytest.raises(OSError) as e:
+                (Path(mnt) / "new").write_bytes(b"x")
+            assert e.value.errno == errno.EIO
+            assert _mounted(mnt)  # the mount stays (its root's stat may fail EIO: it changed)
+    finally:
+        listener.close()
+        for proc in servers:
+            proc.kill()
+            proc.wait()
 
 
 def _ssh_children_argv(port: int) -> list[list[str]]:

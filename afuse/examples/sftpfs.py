@@ -51,6 +51,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import struct
 import sys
@@ -136,6 +137,8 @@ class SftpOptions:
     #: The SFTP server to run (sshfs's ``sftp_server``): a subsystem name, or with a ``/`` a
     #: command the remote shell runs (e.g. ``sudo -n /usr/lib/openssh/sftp-server``).
     sftp_server: str = "sftp"
+    #: sshfs's ``directport``: SFTP straight over TCP to this port, no SSH (None: over SSH).
+    directport: int | None = None
     #: Options for the ``ssh`` client as ``NAME=VALUE`` (``-o ProxyJump=...``, as sshfs passes
     #: them); they come first, so they win over sftpfs's own (ssh takes an option's first value).
     ssh_options: list[str] = attrs.Factory(list)
@@ -216,7 +219,8 @@ class Connection:
 
     async def _connect(self) -> None:
         o = self.pool.options
-        start = _AsyncsshLink.start if o.transport == "asyncssh" else _SshProcess.start
+        start = (_TcpLink.start if o.directport is not None else _AsyncsshLink.start if o.transport == "asyncssh"
+                 else _SshProcess.start)
         link = await start(o, self.pool.tasks())
         self.link, self.sftp = link, link.client
         self.generation += 1
@@ -450,19 +454,63 @@ class PipeWriter:
         self.closing = True
         self.queue.clear()
         trio.lowlevel.notify_closing(self.fd)
+        with contextlib.suppress(OSError):  # a socket (directport): the peer sees the end, though
+            sock = socket.socket(fileno=self.fd)  # the reader's descriptor of it stays open
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            finally:
+                sock.detach()
         os.close(self.fd)
 
 
-class _SshProcess(_Link):
+class _FdLink(_Link):
+    """SFTP over a pair of descriptors in this process: ``writer`` for requests, ``out_fd`` read
+    by a task (:func:`read_pipe`) into the client."""
+
+    def __init__(self, writer: PipeWriter, out_fd: int) -> None:
+        self.writer, self.out_fd = writer, out_fd
+        self.client = SftpClient(writer.write)
+        self.closed = trio.Event()
+        self.aborted = False
+
+    async def _read(self) -> None:
+        try:
+            await read_pipe(self.out_fd, self.client.feed, lambda: self.aborted)
+        finally:
+            self.client.lost(ConnectionLost(self._gone))
+            self.closed.set()
+            await self._ended()
+
+    _gone = "the connection ended"
+
+    async def _ended(self) -> None:
+        """After the reader's end."""
+
+    def abort(self) -> None:
+        self.writer.abort()
+        if not self.aborted:
+            self.aborted = True
+            if not self.closed.is_set():
+                trio.lowlevel.notify_closing(self.out_fd)  # the reader ends (and closes it)
+
+    async def close(self) -> None:
+        self.writer.close()  # the peer sees the end
+        with trio.move_on_after(2):
+            await self.closed.wait()
+        self.abort()
+        await self.closed.wait()
+
+
+class _SshProcess(_FdLink):
     """SSH in a child process, as sshfs does it: OpenSSH's ``ssh`` client (``-s ... sftp``), the SFTP
     client speaking over its stdin and stdout from trio. Encryption then costs this process nothing:
     it runs in C, in the child, on another CPU."""
 
+    _gone = "the ssh client ended the session"
+
     def __init__(self, proc: trio.Process, writer: PipeWriter, out_fd: int) -> None:
-        self.proc, self.writer, self.out_fd = proc, writer, out_fd
-        self.client = SftpClient(writer.write)
-        self.closed = trio.Event()
-        self.aborted = False
+        super().__init__(writer, out_fd)
+        self.proc = proc
 
     @classmethod
     async def start(cls, o: SftpOptions, nursery: trio.Nursery) -> _SshProcess:
@@ -496,24 +544,15 @@ class _SshProcess(_Link):
             raise
         return self
 
-    async def _read(self) -> None:
-        try:
-            await read_pipe(self.out_fd, self.client.feed, lambda: self.aborted)
-        finally:
-            self.client.lost(ConnectionLost("the ssh client ended the session"))
-            self.closed.set()
-            if self.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                with trio.CancelScope(shield=True):
-                    await self.proc.wait()
+    async def _ended(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            with trio.CancelScope(shield=True):
+                await self.proc.wait()
 
     def abort(self) -> None:
-        self.writer.abort()
-        if not self.aborted:
-            self.aborted = True
-            if not self.closed.is_set():
-                trio.lowlevel.notify_closing(self.out_fd)  # the reader ends (and closes it)
+        super().abort()
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
@@ -524,6 +563,27 @@ class _SshProcess(_Link):
             await self.proc.wait()
         self.abort()
         await self.closed.wait()
+
+
+class _TcpLink(_FdLink):
+    """``-o directport=PORT`` (sshfs's): SFTP straight over TCP, no SSH, to a server that speaks it
+    unencrypted (``sftp-server`` behind ``socat`` or ``inetd``, on a trusted network)."""
+
+    _gone = "the server closed the connection"
+
+    @classmethod
+    async def start(cls, o: SftpOptions, nursery: trio.Nursery) -> _TcpLink:
+        assert o.directport is not None
+        stream = await trio.open_tcp_stream(o.host, o.directport)
+        fd = stream.socket.detach()  # non-blocking, TCP_NODELAY
+        self = cls(PipeWriter(os.dup(fd), nursery), fd)
+        nursery.start_soon(self._read)
+        try:
+            await self.client.start()
+        except BaseException:
+            self.abort()
+            raise
+        return self
 
 
 class Pool:
@@ -2034,7 +2094,7 @@ SSH_OPTIONS = frozenset("""AddressFamily BatchMode BindAddress BindInterface Cer
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
                 "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap", "uidfile", "gidfile", "nomap",
-                "sftp_server",
+                "sftp_server", "directport",
                 "follow_symlinks"}
 
 
@@ -2107,6 +2167,10 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             if value not in ("ignore", "error"):
                 raise ValueError(f"nomap must be ignore or error, not {value!r}")
             o.nomap = value
+        elif key == "directport":
+            o.directport = int(value)
+            if not 0 < o.directport < 65536:
+                raise ValueError(f"directport {o.directport} is not 1-65535")
         elif key == "sftp_server":
             if not value.strip():
                 raise ValueError("sftp_server is empty")
@@ -2129,7 +2193,10 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
         raise ValueError(f"-o {o.ssh_options[0]} is an option of the ssh client: it needs --transport ssh")
     if o.transport == "asyncssh" and importlib.util.find_spec("asyncssh") is None:
         raise ValueError("--transport asyncssh needs asyncssh: pip install 'afuse[sftp]'")
-    if o.transport == "ssh" and shutil.which(shlex.split(o.ssh_command)[0]) is None:
+    if o.directport is not None and (o.transport != "ssh" or o.ssh_options or o.sftp_server != "sftp"):
+        raise ValueError("directport speaks SFTP over TCP, without SSH: not with --transport asyncssh, "
+                         "ssh options or sftp_server")
+    if o.transport == "ssh" and o.directport is None and shutil.which(shlex.split(o.ssh_command)[0]) is None:
         raise ValueError(f"{shlex.split(o.ssh_command)[0]!r} not found (apt-get install openssh-client, "
                          "or --transport asyncssh)")
     return o, MountOptions.parse(",".join(mount))
@@ -2238,8 +2305,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
-                        "Port=N, Ciphers=A:B, ssh_command=CMD, sftp_server=NAME|PATH, readahead=BYTES, "
-                        "write_window=BYTES, reconnect, idmap=user|file|none, uidfile=F, gidfile=F, "
+                        "Port=N, Ciphers=A:B, ssh_command=CMD, sftp_server=NAME|PATH, directport=PORT, "
+                        "readahead=BYTES, write_window=BYTES, reconnect, idmap=user|file|none, uidfile=F, gidfile=F, "
                         "nomap=ignore|error, follow_symlinks, ssh's own (ProxyJump=, ServerAliveInterval=, "
                         "Compression=, ...); others are mount options")
     p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
