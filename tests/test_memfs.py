@@ -1375,3 +1375,34 @@ def test_direct_random_file_ops_match_a_model() -> None:
         assert used == fs.pool.used
 
     trio.run(main)
+
+
+def test_directory_offsets_survive_a_snapshot() -> None:
+    """A successor answers the directory offsets its predecessor gave the kernel: the offsets
+    (with the gaps removals leave) are in the snapshot, and kept from a directory's start, so a
+    journal redone makes them alike (a listing continued across a takeover loses no name)."""
+    import json
+
+    from afuse.examples.memfs import Dir
+
+    fs = MemFS()
+    root = fs.root
+    assert isinstance(root, Dir)
+    d = Dir(fs, stat.S_IFDIR | 0o755, 0, 0, root)
+    root.add_child(b"d", d)
+    for i in range(40):
+        d.add_child(b"f%02d" % i, File(fs, stat.S_IFREG | 0o644, 0, 0))
+    for i in range(0, 40, 3):
+        d.remove_child(b"f%02d" % i)  # gaps
+    d.add_child(b"late", File(fs, stat.S_IFREG | 0o644, 0, 0))
+    assert d._cookies is not None
+    before = dict(d._cookies.by_name)
+    assert max(before.values()) > len(before) + 2  # there are gaps to keep
+    successor = MemFS()
+    successor.restore_state(json.loads(json.dumps(fs.dump_state())))
+    d2 = successor.root.children[b"d"]  # type: ignore[index]
+    assert d2._cookies is not None and d2._cookies.by_name == before
+    offset = before[b"f20"]  # the kernel continues after this entry
+    assert d2._cookies.after(offset) == d._cookies.after(offset)
+    d2.add_child(b"new", File(successor, stat.S_IFREG | 0o644, 0, 0))
+    assert d2._cookies.by_name[b"new"] == d._cookies.next  # new names still come after every old one

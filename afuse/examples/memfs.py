@@ -39,6 +39,7 @@ from afuse.nodes.filestore import ContentStore, StoredData
 from afuse.nodes.journal import JournaledNodeFS, caller
 from afuse.nodes.journal import now as _now
 from afuse.nodes.locks import FileLocks, LockWaits
+from afuse.nodes.node import _Cookies
 from afuse.nodes.sparse import CHUNK, MAX_FILE_SIZE, ChunkPool, SparseData
 from afuse.state import CONTENT_DIR, SNAPSHOT, FileStateStore
 from afuse.wire import requests as r
@@ -691,7 +692,10 @@ class MemFS(JournaledNodeFS):
                     locks.append([n.key, n.locks.dump(self._fh_of)])
             elif isinstance(n, Dir):
                 assert n.children is not None
-                extra = [n.parent.key, [[_b64(k), c.key] for k, c in n.children.items()]]
+                ck = n._cookies
+                # the directory offsets too: a successor answers those its predecessor gave the kernel
+                cookies = None if ck is None else [ck.next, [ck.by_name.get(k, 0) for k in n.children]]
+                extra = [n.parent.key, [[_b64(k), c.key] for k, c in n.children.items()], cookies]
                 stack.extend(n.children.values())
             elif isinstance(n, Symlink):
                 extra = _b64(n.target)
@@ -743,6 +747,10 @@ class MemFS(JournaledNodeFS):
                 d.parent = made[extra[0]]  # type: ignore[assignment]
                 for name, child in extra[1]:
                     d.add_child(unb64(name), made[child])
+                if len(extra) > 2 and extra[2] is not None and all(extra[2][1]):
+                    next_cookie, cookies = extra[2]
+                    d._cookies = _Cookies.restored(
+                        next_cookie, zip((unb64(name) for name, _ in extra[1]), cookies, strict=True))
         self._serial, self._restored = state["next_serial"], made
         self.pool.capacity = state["capacity"] // CHUNK
         super().restore_state(state)

@@ -120,8 +120,12 @@ class JournaledNodeFS(NodeFS):
         """The bridge's tables (the subclass rebuilt its nodes first), the open files reopened now
         (opens must not block), then the journaled requests redone."""
         super().restore_state(state)
+        later = []
         for fh in list(self._pending):
-            _run_now(self._reopen(fh))
+            try:
+                _run_now(self._reopen(fh))
+            except FUSEError:  # its node is made by a request the journal redoes: after those
+                later.append(fh)
         self.restore_locks(state.get("locks", ()))
         self._redoing = True
         try:
@@ -129,6 +133,12 @@ class JournaledNodeFS(NodeFS):
                 self._redo(rec)
         finally:
             self._redoing = False
+        for fh in later:
+            if fh in self._pending:
+                try:
+                    _run_now(self._reopen(fh))
+                except FUSEError:  # stays pending: the kernel's next use of it is answered EBADF
+                    log.warning("restore: open file %d cannot be reopened", fh)
 
     #: True while :meth:`restore_state` redoes the journal (changes then are not journaled again).
     _redoing = False

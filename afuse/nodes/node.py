@@ -89,6 +89,18 @@ class _Cookies:
         for name in names:
             self.add(name)
 
+    @classmethod
+    def restored(cls, next_cookie: int, pairs: Iterable[tuple[bytes, int]]) -> _Cookies:
+        """Cookies as saved (``(name, cookie)`` pairs and the next cookie): a successor answers
+        offsets the kernel got from its predecessor."""
+        ck = cls(())
+        for name, c in sorted(pairs, key=lambda p: p[1]):
+            ck.by_name[name] = c
+            ck.offsets.append(c)
+            ck.names.append(name)
+        ck.next = max(next_cookie, (ck.offsets[-1] + 1) if ck.offsets else cls.FIRST)
+        return ck
+
     def add(self, name: bytes) -> None:
         if name not in self.by_name:
             c = self.by_name[name] = self.next
@@ -153,8 +165,10 @@ class Node:
         self._links = 0
         self._bridge: NodeFS | None = None
         self._backing: BackingFile | None = None
-        #: Directory offsets of the persistent children (made at the first listing).
-        self._cookies: _Cookies | None = None
+        #: Directory offsets of the persistent children, kept from the start: they then depend only
+        #: on the children's history, which a journal replays alike (a successor answers the
+        #: offsets its predecessor gave the kernel).
+        self._cookies: _Cookies | None = _Cookies(()) if self.children is not None else None
 
     def as_operations(self) -> Operations:
         """A :class:`~afuse.nodes.NodeFS` with this node as its root, so ``afuse.mount(node, path)`` works."""
