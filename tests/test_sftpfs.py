@@ -304,6 +304,27 @@ def test_follow_symlinks(sshd: Any, tmp_path: Path, transport: str) -> None:
             assert sum(e.is_symlink() for e in it) == len(range(0, 250, 7))
 
 
+def test_transform_symlinks(sshd: Any, tmp_path: Path) -> None:
+    """``-o transform_symlinks`` (sshfs's): an absolute symlink target inside the mounted directory
+    reads as relative to the link, so it points inside the mount; others read as they are."""
+    remote = tmp_path / "remote"
+    (remote / "a" / "b").mkdir(parents=True)
+    (remote / "c").mkdir()
+    (remote / "c" / "file").write_text("inside\n")
+    os.symlink(remote / "c" / "file", remote / "a" / "b" / "abs")
+    os.symlink(remote, remote / "a" / "top")
+    os.symlink("/etc/hostname", remote / "outside")
+    os.symlink("c/file", remote / "rel")
+    with sftpfs(sshd, remote, "-o", "transform_symlinks") as mnt:
+        assert os.readlink(Path(mnt, "a", "b", "abs")) == "../../c/file"
+        assert Path(mnt, "a", "b", "abs").read_text() == "inside\n"  # through the mount
+        assert os.readlink(Path(mnt, "a", "top")) == ".."
+        assert os.readlink(Path(mnt, "outside")) == "/etc/hostname"
+        assert os.readlink(Path(mnt, "rel")) == "c/file"
+    with sftpfs(sshd, remote) as mnt:
+        assert os.readlink(Path(mnt, "a", "b", "abs")) == str(remote / "c" / "file")
+
+
 def test_large_listing_matches_server(sshd: Any, tmp_path: Path) -> None:
     """A directory of 1,500 entries (READDIRs in several waves) lists with every name, type, mode,
     size and mtime the server has, from os.scandir and from lstat of each name."""

@@ -168,6 +168,9 @@ class SftpOptions:
     #: Show a symlink on the server as what it points to (sshfs's ``follow_symlinks``): its type
     #: and attributes are its target's (a dangling one stays a symlink).
     follow_symlinks: bool = False
+    #: Show an absolute symlink target inside the mounted directory as a relative one (sshfs's
+    #: ``transform_symlinks``), so it still points inside the mount.
+    transform_symlinks: bool = False
     #: SSH ciphers in order of preference; None: the client's own (``ssh``'s configuration; for
     #: asyncssh :data:`ASYNCSSH_CIPHERS`).
     ciphers: list[str] | None = None
@@ -1300,6 +1303,15 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return parent + name if parent.endswith(b"/") else parent + b"/" + name
 
 
+def _relative_target(target: bytes, link: bytes, root: bytes) -> bytes:
+    """``transform_symlinks``: ``target`` made relative to the directory of ``link`` when it is an
+    absolute path inside ``root`` (the mounted directory), as sshfs does; else as it is."""
+    inside = root.rstrip(b"/") + b"/"
+    if not target.startswith(b"/") or not (target + b"/").startswith(inside):
+        return target
+    return os.path.relpath(target, os.path.dirname(link) or b"/")
+
+
 def _ino(path: bytes) -> int:
     """An inode number for a remote path (SFTP v3 carries none): a 63-bit hash of the path, the
     same for the life of the process (as sshfs's numbers, not across mounts)."""
@@ -1683,11 +1695,14 @@ class SftpNode(Node):
         return await self.getattr()
 
     async def readlink(self) -> bytes:
-        """The symlink's target (cached ``link_timeout`` seconds)."""
+        """The symlink's target (cached ``link_timeout`` seconds); with ``transform_symlinks`` an
+        absolute target inside the mounted directory is made relative to the link."""
         if self.target is None or time.monotonic() - self.target_at >= self.fs.options.link_timeout:
             path = self.path
             self.target = await self.fs.call(lambda s: s.readlink(path))
             self.target_at = time.monotonic()
+        if self.fs.options.transform_symlinks:
+            return _relative_target(self.target, self.path, self.fs.root_path)
         return self.target
 
     async def readdir(self) -> list[DirItem] | AsyncIterator[list[DirItem]]:
@@ -1967,6 +1982,8 @@ class SftpFS(NodeFS):
         self.live: dict[bytes, SftpNode] = {}
         root = SftpNode(self, root_path, root_attrs)
         self.live[root_path] = root
+        #: The mounted directory's path on the server.
+        self.root_path = root_path
         self.entry_timeout = self.attr_timeout = pool.options.stat_timeout
         super().__init__(root, types=[SftpNode, SftpHandle])
         sftp = pool.conns[0].sftp
@@ -2094,7 +2111,7 @@ SSH_OPTIONS = frozenset("""AddressFamily BatchMode BindAddress BindInterface Cer
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
                 "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap", "uidfile", "gidfile", "nomap",
-                "sftp_server", "directport",
+                "sftp_server", "directport", "transform_symlinks",
                 "follow_symlinks"}
 
 
@@ -2155,6 +2172,8 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             o.reconnect = True
         elif key == "follow_symlinks":
             o.follow_symlinks = True
+        elif key == "transform_symlinks":
+            o.transform_symlinks = True
         elif key == "Ciphers":
             o.ciphers = value.replace(",", ":").split(":")
         elif key == "idmap":
@@ -2179,7 +2198,7 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             if not shlex.split(value):
                 raise ValueError("ssh_command is empty")
             o.ssh_command = value
-        if not eq and key not in ("reconnect", "follow_symlinks"):
+        if not eq and key not in ("reconnect", "follow_symlinks", "transform_symlinks"):
             raise ValueError(f"option {key} needs a value")
     if o.idmap == "file":
         if o.uidfile is None and o.gidfile is None:
@@ -2307,8 +2326,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
                         "Port=N, Ciphers=A:B, ssh_command=CMD, sftp_server=NAME|PATH, directport=PORT, "
                         "readahead=BYTES, write_window=BYTES, reconnect, idmap=user|file|none, uidfile=F, gidfile=F, "
-                        "nomap=ignore|error, follow_symlinks, ssh's own (ProxyJump=, ServerAliveInterval=, "
-                        "Compression=, ...); others are mount options")
+                        "nomap=ignore|error, follow_symlinks, transform_symlinks, ssh's own (ProxyJump=, "
+                        "ServerAliveInterval=, Compression=, ...); others are mount options")
     p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
                    help="ssh: OpenSSH's client as a child process, as sshfs runs it (the default); "
                         "asyncssh: SSH in this process")
