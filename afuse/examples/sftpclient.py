@@ -502,43 +502,36 @@ class SftpClient:
         pkttype, payload = await reply.get()
         check_status(pkttype, payload, what)
 
-    async def _handle(self, reply: Reply, what: str) -> bytes:
-        pkttype, payload = await reply.get()
-        if pkttype == FXP_HANDLE:
-            return _string_at(payload)[0]
-        check_status(pkttype, payload, what)
+    async def _expect(self, reply: Reply, pkttype: int, what: str) -> Buffer:
+        """The payload of ``reply`` if it is a ``pkttype``; a failure status is raised, anything
+        else is a ProtocolError."""
+        got, payload = await reply.get()
+        if got == pkttype:
+            return payload  # type: ignore[no-any-return]
+        check_status(got, payload, what)
         raise ProtocolError(f"SSH_FX_OK in reply to {what}")
+
+    async def handle(self, reply: Reply, what: str = "OPEN") -> bytes:
+        """Wait for an SSH_FXP_HANDLE reply."""
+        return _string_at(await self._expect(reply, FXP_HANDLE, what))[0]
 
     async def attrs(self, reply: Reply, what: str = "STAT") -> FileAttrs:
         """Wait for an SSH_FXP_ATTRS reply."""
-        pkttype, payload = await reply.get()
-        if pkttype == FXP_ATTRS:
-            try:
-                return parse_attrs(payload, 0)[0]
-            except struct.error:
-                raise ProtocolError("truncated SSH_FXP_ATTRS") from None
-        check_status(pkttype, payload, what)
-        raise ProtocolError(f"SSH_FX_OK in reply to {what}")
+        payload = await self._expect(reply, FXP_ATTRS, what)
+        try:
+            return parse_attrs(payload, 0)[0]
+        except struct.error:
+            raise ProtocolError("truncated SSH_FXP_ATTRS") from None
 
     async def _name(self, reply: Reply, what: str) -> bytes:
-        pkttype, payload = await reply.get()
-        if pkttype == FXP_NAME:
-            try:
-                (count,) = _U32.unpack_from(payload, 0)
-                if count < 1:
-                    raise ProtocolError(f"no name in reply to {what}")
-                return _string_at(payload, 4)[0]
-            except struct.error:
-                raise ProtocolError(f"truncated SSH_FXP_NAME in reply to {what}") from None
-        check_status(pkttype, payload, what)
-        raise ProtocolError(f"SSH_FX_OK in reply to {what}")
-
-    async def _extended_reply(self, reply: Reply, what: str) -> Buffer:
-        pkttype, payload = await reply.get()
-        if pkttype == FXP_EXTENDED_REPLY:
-            return payload  # type: ignore[no-any-return]
-        check_status(pkttype, payload, what)
-        raise ProtocolError(f"SSH_FX_OK in reply to {what}")
+        payload = await self._expect(reply, FXP_NAME, what)
+        try:
+            (count,) = _U32.unpack_from(payload, 0)
+            if count < 1:
+                raise ProtocolError(f"no name in reply to {what}")
+            return _string_at(payload, 4)[0]
+        except struct.error:
+            raise ProtocolError(f"truncated SSH_FXP_NAME in reply to {what}") from None
 
     async def lstat(self, path: bytes) -> FileAttrs:
         return await self.attrs(self.send(FXP_LSTAT, string(path)), "LSTAT")
@@ -566,12 +559,8 @@ class SftpClient:
         """OPEN: the handle."""
         return await self.handle(self.send_open(path, pflags, a or FileAttrs()))
 
-    async def handle(self, reply: Reply, what: str = "OPEN") -> bytes:
-        """Wait for an SSH_FXP_HANDLE reply."""
-        return await self._handle(reply, what)
-
     async def opendir(self, path: bytes) -> bytes:
-        return await self._handle(self.send(FXP_OPENDIR, string(path)), "OPENDIR")
+        return await self.handle(self.send(FXP_OPENDIR, string(path)), "OPENDIR")
 
     async def close(self, handle: bytes) -> None:
         await self.status(self.send(FXP_CLOSE, string(handle)), "CLOSE")
@@ -618,7 +607,8 @@ class SftpClient:
         """statvfs@openssh.com."""
         if not self.has(b"statvfs@openssh.com"):
             raise SftpError(FX_OP_UNSUPPORTED, "the server offers no statvfs@openssh.com")
-        p = await self._extended_reply(self.extended(b"statvfs@openssh.com", string(path)), "STATVFS")
+        p = await self._expect(self.extended(b"statvfs@openssh.com", string(path)), FXP_EXTENDED_REPLY,
+                               "STATVFS")
         try:
             return StatVfs(*struct.unpack_from(">11Q", p, 0))
         except struct.error:
