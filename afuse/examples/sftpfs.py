@@ -98,6 +98,7 @@ from afuse.examples.sftpclient import (
 )
 from afuse.nodes import DirItem, FileHandle, Node, NodeFS
 from afuse.wire.init import InitConfig
+from afuse.wire.replies import valid_name, valid_names
 from afuse.wire.requests import OpendirRequest, SetattrRequest
 from afuse.wire.types import Attr, FsStats, Handle
 
@@ -638,9 +639,7 @@ class Pool:
                     for c in self.conns:
                         n.start_soon(c.client)
         except BaseException as e:
-            found = _first_error(e, (OSError, ConnectionLost, trio.TooSlowError, FUSEError, SftpError)) \
-                if isinstance(e, BaseExceptionGroup | OSError | ConnectionLost | trio.TooSlowError | FUSEError
-                              | SftpError) else None
+            found = _first_error(e, (OSError, ConnectionLost, trio.TooSlowError, FUSEError, SftpError))
             with trio.CancelScope(shield=True):
                 await self.close()
             if found is None:
@@ -934,15 +933,13 @@ class _LinkStat(Reply):
 
 
 def _valid_names(names: list[bytes], attrs: dict[bytes, FileAttrs]) -> list[bytes]:
-    """``names`` without those no local directory can hold (empty, with ``/`` or NUL: a broken or
-    hostile server), each left out with a warning (checked for the batch at once)."""
-    joined = b"\0".join(names)
-    if b"/" not in joined and joined.count(b"\0") == len(names) - 1 and b"\0\0" not in joined \
-            and not joined.startswith(b"\0") and not joined.endswith(b"\0"):
+    """``names`` without those no local directory can hold (empty, too long, with ``/`` or NUL: a
+    broken or hostile server), each left out with a warning (checked for the batch at once)."""
+    if valid_names(names):
         return names
     good = []
     for name in names:
-        if name and b"/" not in name and b"\0" not in name:
+        if valid_name(name):
             good.append(name)
         else:
             attrs.pop(name, None)

@@ -215,6 +215,20 @@ def valid_name(name: object) -> bool:
     return isinstance(name, bytes) and 0 < len(name) <= 4095 and b"/" not in name and b"\0" not in name
 
 
+def valid_names(names: Sequence[object]) -> bool:
+    """Whether every one of ``names`` passes :func:`valid_name`, checked for the lot at once (in
+    C: a listing checks thousands)."""
+    if not names:
+        return True
+    if len(set(map(type, names))) != 1 or type(names[0]) is not bytes:
+        return False
+    lengths = list(map(len, names))  # type: ignore[arg-type]
+    if min(lengths) == 0 or max(lengths) > 4095:
+        return False
+    joined = b"\0".join(names)  # type: ignore[arg-type]
+    return b"/" not in joined and joined.count(b"\0") == len(names) - 1
+
+
 class DirBuffer:
     """Builds a READDIR or READDIRPLUS reply body without exceeding the kernel's ``size``."""
 
@@ -257,8 +271,6 @@ class DirBuffer:
                 reclen = (24 + n + 7) & ~7
                 if reclen > room:
                     break
-                if not 0 < n <= 4095:
-                    raise ValueError(f"invalid directory entry name {name!r}")
                 st = by_len.get(n) or _dirent_struct(n)
                 append(st.pack(it[2] or 0xFFFFFFFF, i + 1, n, (it[1] & 0o170000) >> 12, name))
                 i += 1
@@ -268,14 +280,9 @@ class DirBuffer:
             if isinstance(e, struct_error) and isinstance(name, str):
                 raise ValueError(f"invalid directory entry name {name!r}") from None
             raise
-        # The names' types and bytes, checked for the whole run at once (in C: a third of the cost
-        # of checking each name).
+        # The names, checked for the whole run at once (a third of the cost of checking each).
         names = [it[0] for it in items[start:i]]
-        bad = False
-        if names:
-            joined = b"\0".join(names) if len(set(map(type, names))) == 1 and type(names[0]) is bytes else b"/"
-            bad = b"/" in joined or joined.count(b"\0") != len(names) - 1
-        if bad:
+        if not valid_names(names):
             del parts[first:]
             name = next(name for name in names if not valid_name(name))
             raise ValueError(f"invalid directory entry name {name!r}")
