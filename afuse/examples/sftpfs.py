@@ -69,6 +69,7 @@ from afuse.device import MountOptions
 from afuse.errors import FUSEError, MountError
 from afuse.examples._cli import _poll_us
 from afuse.examples.sftpclient import (
+    FX_EOF,
     FXF_APPEND,
     FXF_CREAT,
     FXF_EXCL,
@@ -870,7 +871,7 @@ class _Listing(Reply):
             try:
                 check_status(pkttype, payload, "READDIR")
             except SftpError as e:
-                if e.code == 1:  # SSH_FX_EOF: the end
+                if e.code == FX_EOF:  # the end
                     self.eof = True
                     self.release()
                     return
