@@ -58,6 +58,25 @@ async def read_one(fd: int, buf: bytearray) -> int | None:
             raise
 
 
+def reusable_buffer(size: int) -> bytearray:
+    """A zeroed bytearray of ``size`` bytes with room to grow by one without moving, so that
+    :func:`unviewed` costs no copy."""
+    buf = bytearray(size + 1)
+    del buf[size:]
+    return buf
+
+
+def unviewed(buf: bytearray) -> bool:
+    """Whether no view of ``buf`` is left (its memory can be written again): a bytearray with a
+    view of it cannot change size."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return False
+    del buf[-1]
+    return True
+
+
 class ReaderPool:
     """Reader tasks over one connection's descriptors (see the module docstring)."""
 
@@ -88,6 +107,8 @@ class ReaderPool:
         #: Interrupts that arrived before their request (request id -> None), oldest first.
         self.early_interrupts: OrderedDict[int, None] = OrderedDict()
         self._fds: set[int] = set()  # descriptors this pool opened (and closes)
+        #: Request buffers of workers that ended, for the next ones (see :meth:`_worker`).
+        self._buffers: list[bytearray] = []
         self._lot = trio.lowlevel.ParkingLot()
         self._leader = False
         self._idle = 0
@@ -246,7 +267,12 @@ class ReaderPool:
         self._nursery.start_soon(self._worker, fd, permanent, owned)
 
     async def _worker(self, fd: int, permanent: bool, owned: bool) -> None:
-        buf = bytearray(self.bufsize)
+        # Workers come and go with blocking handlers; a new bytearray each time would fault in
+        # and zero ``bufsize`` (about 1 MiB) of fresh pages. A request's bytes are valid while
+        # it is served (a worker reads its next request into the same buffer), so an ended
+        # worker's buffer goes to the next one (not if a view of it was kept against that rule).
+        buffers = self._buffers
+        buf = buffers.pop() if buffers and len(buffers[-1]) == self.bufsize else reusable_buffer(self.bufsize)
         mv = memoryview(buf)
         bufs = (buf,)
         readv = os.readv
@@ -299,6 +325,13 @@ class ReaderPool:
                         return
         finally:
             self._workers -= 1
+            try:
+                mv.release()  # (its slices hold the buffer on their own)
+            except BufferError:
+                pass
+            else:
+                if len(buffers) < self.max_requests and len(buf) == self.bufsize and unviewed(buf):
+                    buffers.append(buf)
             if replace and not self._draining and not self.ended.is_set():
                 self._start_worker(fd, permanent, owned)
             elif owned:

@@ -120,3 +120,62 @@ def test_poll_reads_what_comes_and_gives_up_after_its_time() -> None:
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+@pytest.mark.trio
+async def test_ended_workers_buffers_are_reused_and_never_under_a_blocked_handler(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers come and go with blocking handlers; a new worker takes an ended one's buffer
+    (no fresh megabyte to fault in and zero each time), never one whose request is still being
+    served: a blocked handler's request stays intact while other workers read."""
+    import socket
+
+    import afuse.readers
+
+    made: list[int] = []
+    make = afuse.readers.reusable_buffer
+
+    def counting(size: int) -> bytearray:
+        made.append(size)
+        return make(size)
+
+    monkeypatch.setattr(afuse.readers, "reusable_buffer", counting)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one request per read, as /dev/fuse
+    a.setblocking(False)
+    pool = ReaderPool(a.fileno(), 1, 8, private_clones=False)
+    pool.open(clones=[])
+    pool.bufsize = 4096
+    intact: list[bool] = []
+    served = blocked_ones = 0
+    unique = iter(range(1, 1 << 30))
+
+    async def serve(fd: int, data: memoryview, wscope: trio.CancelScope) -> bool:
+        nonlocal served, blocked_ones
+        copy = data.tobytes()
+
+        async def handler() -> None:
+            if data[:1] == b"B":
+                await trio.sleep(0.003)  # blocks: the device goes to another worker
+                intact.append(data.tobytes() == copy)
+
+        _, blocked = await pool.drive(handler(), next(unique), wscope)
+        served += 1
+        blocked_ones += blocked
+        return blocked
+
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run, serve, trio.CancelScope())
+        for i in range(300):
+            b.send((b"B" if i % 3 else b"F") + os.urandom(3000))
+            sent += 1
+            if i % 10 == 9:
+                await trio.sleep(0.01)  # idle: the workers beyond the first end
+        with trio.fail_after(10):
+            while served < sent:
+                await trio.sleep(0.01)
+        await pool.drain()
+    a.close()
+    b.close()
+    assert blocked_ones == 200 and len(intact) == 200 and all(intact)
+    assert 1 < len(made) <= 8  # at most one buffer per worker alive at once, not one per worker started

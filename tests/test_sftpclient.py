@@ -9,6 +9,7 @@ import random
 import shutil
 import stat
 import struct
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from afuse.examples.sftpclient import (
     FXP_READ,
     FXP_STATUS,
     VIEW_MIN,
+    Buffer,
     ConnectionLost,
     FileAttrs,
     ProtocolError,
@@ -39,7 +41,8 @@ from afuse.examples.sftpclient import (
     parse_attrs,
     string,
 )
-from afuse.examples.sftpfs import PipeWriter, list_directory, read_pipe, write_many
+from afuse.examples.sftpfs import PipeWriter, ReadBuffer, list_directory, read_pipe, write_many
+from afuse.readers import reusable_buffer, unviewed
 
 SFTP_SERVER = shutil.which("sftp-server") or "/usr/lib/openssh/sftp-server"
 
@@ -67,6 +70,117 @@ def test_codec_hands_on_large_data_as_views_and_the_rest_as_bytes() -> None:
     small = _packet(FXP_DATA, 3, os.urandom(100))
     got = SftpCodec().receive(big + name + small)
     assert [type(p) for _, _, p in got] == [memoryview, bytes, bytes]
+
+
+def test_codec_frame_leaves_a_packet_begun_to_be_given_again() -> None:
+    """frame(): the whole packets at the start, the bytes they take, the size of the one begun;
+    the caller gives the rest again with what follows (no packet is copied to be completed)."""
+    rng = random.Random(5)
+    packets = [(rng.choice([FXP_STATUS, FXP_NAME, FXP_DATA]), i, os.urandom(rng.choice([0, 1, 9, 4096, 70_000])))
+               for i in range(300)]
+    stream = b"".join(_packet(*p) for p in packets)
+    codec, got, pos, held = SftpCodec(), [], 0, b""
+    while pos < len(stream):
+        n = rng.choice([1, 3, 4, 5, 100, 65536, 300_000])
+        data = held + stream[pos:pos + n]
+        pos += n
+        out, used, need = codec.frame(memoryview(data))
+        got += out
+        held = data[used:]
+        if held:  # the size of the packet begun: 4 until its length is in
+            assert need == (4 + struct.unpack_from(">I", held)[0] if len(held) >= 4 else 4)
+        else:
+            assert need == 0
+    assert not held
+    assert [(t, rid, bytes(p)) for t, rid, p in got] == packets
+    # DATA of VIEW_MIN or more stays a view of what was given; the rest is bytes.
+    assert {type(p) for t, _, p in got if t == FXP_DATA and len(p) >= VIEW_MIN} == {memoryview}
+    assert {type(p) for t, _, p in got if t != FXP_DATA} == {bytes}
+    with pytest.raises(ProtocolError):
+        SftpCodec().frame(struct.pack(">I", 2) + b"xx")
+
+
+def test_read_buffer_reads_in_place_and_reuses_a_buffer_once_unviewed() -> None:
+    rb = ReadBuffer()
+    first = rb.buf
+    room = rb.room()
+    room[:5] = b"hello"
+    room.release()
+    view = rb.filled(5)
+    rb.consumed(3)  # "lo" is left: the next read lands after it
+    assert bytes(rb.filled(0)) == b"lo"
+    kept = view[:3]  # a packet handed on, still in use
+    del view
+    rb.end = rb.start = len(rb.buf) - 10  # (as if the buffer had been read to its end)
+    rb.buf[rb.start:rb.end + 2] = b"lo"
+    rb.end += 2
+    room = rb.room()  # too little room: the next buffer, the rest copied to its start
+    assert rb.buf is not first and bytes(rb.buf[:2]) == b"lo" and rb.start == 0 and rb.end == 2
+    room.release()
+    assert bytes(kept) == b"hel"  # the old buffer is not written while viewed
+    rb.start = rb.end = len(rb.buf) - 10
+    rb.room().release()
+    assert rb.buf is not first  # still viewed: not used again
+    del kept
+    rb.start = rb.end = len(rb.buf) - 10
+    rb.room().release()
+    assert rb.buf is first  # no view left: used again
+
+
+def test_unviewed_tells_whether_a_view_of_a_buffer_is_left() -> None:
+    buf = reusable_buffer(1 << 20)
+    assert len(buf) == 1 << 20 and not any(buf[:4096])
+    assert unviewed(buf)
+    view = memoryview(buf)[10:20]
+    assert not unviewed(buf)
+    part = view[2:4]
+    del view
+    assert not unviewed(buf)  # a view of a view holds it too
+    del part
+    assert unviewed(buf) and len(buf) == 1 << 20
+
+
+def test_read_pipe_frames_packets_in_place_and_keeps_handed_on_data_intact() -> None:
+    """Packets of every size (DATA larger than a buffer too) arrive through read_pipe and
+    SftpClient-like framing intact, while views of earlier ones are kept or dropped at random:
+    buffers are read into again only once no view of them is left."""
+    rng = random.Random(11)
+    sizes = [0, 9, 4096, VIEW_MIN, 128 * 1024, 200_000, 3 << 19]
+    packets = [(FXP_DATA if rng.random() < 0.7 else FXP_NAME, i, os.urandom(rng.choice(sizes))) for i in range(160)]
+    stream = b"".join(_packet(*p) for p in packets)
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    os.set_blocking(w, True)
+
+    def writer() -> None:
+        pos = 0
+        while pos < len(stream):
+            pos += os.write(w, stream[pos:pos + rng.choice([1, 13, 4096, 65536, 300_000])])
+        os.close(w)
+
+    codec = SftpCodec()
+    got: list[tuple[int, int, bytes]] = []
+    live: list[tuple[int, int, Buffer]] = []  # handed-on payloads still in use
+
+    def feed(data: memoryview) -> tuple[int, int]:
+        out, used, need = codec.frame(data)
+        live.extend(out)
+        while live and rng.random() < 0.5:  # used and let go, in any order
+            t, rid, p = live.pop(rng.randrange(len(live)))
+            got.append((t, rid, bytes(p)))
+        return used, need
+
+    async def main() -> None:
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            with trio.fail_after(30):
+                await read_pipe(r, feed)
+        finally:
+            await trio.to_thread.run_sync(t.join)
+
+    trio.run(main)
+    got += [(t, rid, bytes(p)) for t, rid, p in live]
+    assert sorted(got, key=lambda p: p[1]) == packets
 
 
 def test_codec_refuses_impossible_lengths() -> None:
@@ -138,7 +252,7 @@ async def _server(nursery: trio.Nursery, cwd: Path) -> AsyncIterator[SftpClient]
     client = SftpClient(writer.write)
 
     async def reader() -> None:
-        await read_pipe(out_r, client.feed)
+        await read_pipe(out_r, client.feed_frames)
         client.lost(ConnectionLost("sftp-server ended"))
 
     nursery.start_soon(reader)

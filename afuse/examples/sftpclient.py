@@ -214,6 +214,9 @@ class SftpCodec:
     payload)`` (for SSH_FXP_VERSION the id is the version), the payload being what follows the
     id: bytes, or for an SSH_FXP_DATA of :data:`VIEW_MIN` bytes or more that arrived within one
     read, a view of what was read (the data then goes on without a copy).
+
+    :meth:`frame` is the same for a reader that keeps a packet begun in its own buffer and gives
+    it again with what follows it (then no packet is ever copied to be completed).
     """
 
     def __init__(self) -> None:
@@ -233,7 +236,7 @@ class SftpCodec:
         self._next_id = (rid + 1) & 0xFFFFFFFF
         return rid, [_HEAD.pack(sum(map(len, args)) + 5, pkttype, rid), *args]
 
-    def receive(self, data: bytes) -> list[tuple[int, int, Buffer]]:
+    def receive(self, data: Buffer) -> list[tuple[int, int, Buffer]]:
         """The packets ``data`` completes (with what came before). ProtocolError for a packet
         too short or too long to be SFTP.
 
@@ -281,14 +284,35 @@ class SftpCodec:
             self._need = 4 + u32(data, off)[0] if n - off >= 4 else 4
         return out
 
+    def frame(self, data: Buffer) -> tuple[list[tuple[int, int, Buffer]], int, int]:
+        """The whole packets at the start of ``data`` (as :meth:`receive` returns them), the bytes
+        they take, and the size of the packet begun after them (4 while its length is not in; 0
+        for none). The rest of ``data`` is to be given again, with what follows it.
+        ProtocolError for a packet too short or too long to be SFTP."""
+        out: list[tuple[int, int, Buffer]] = []
+        u32 = _U32.unpack_from
+        off, n = 0, len(data)
+        while n - off >= 4:
+            (length,) = u32(data, off)
+            if length < 5 or length > MAX_PACKET:
+                raise ProtocolError(f"SFTP packet of {length} bytes")
+            end = off + 4 + length
+            if end > n:
+                return out, off, 4 + length
+            self._emit(out, data, off, end)
+            off = end
+        return out, off, 4 if off < n else 0
+
     @staticmethod
-    def _emit(out: list[tuple[int, int, Buffer]], data: bytes, off: int, end: int) -> None:
+    def _emit(out: list[tuple[int, int, Buffer]], data: Buffer, off: int, end: int) -> None:
         pkttype = data[off + 4]
         (rid,) = _U32.unpack_from(data, off + 5)
         if pkttype == FXP_DATA and end - off >= VIEW_MIN:
             out.append((pkttype, rid, memoryview(data)[off + 9:end]))
-        else:
+        elif type(data) is bytes:
             out.append((pkttype, rid, data[off + 9:end]))
+        else:  # a view of a read buffer, which is read into again: the payload is copied
+            out.append((pkttype, rid, bytes(data[off + 9:end])))
 
 
 # -- replies --------------------------------------------------------------------------------------
@@ -411,13 +435,28 @@ class SftpClient:
 
     # transport side
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Buffer) -> None:
         """What the transport read: each packet completed goes to its request's waiter."""
         try:
             packets = self.codec.receive(data)
         except ProtocolError as e:
             self.lost(e)
             return
+        self._deliver(packets)
+
+    def feed_frames(self, data: Buffer) -> tuple[int, int]:
+        """What the transport read, after what the last call left (:meth:`SftpCodec.frame`):
+        each whole packet goes to its request's waiter. Returns the bytes taken and the size of
+        the packet begun after them (0: none); (all, 0) once the connection is lost."""
+        try:
+            packets, used, need = self.codec.frame(data)
+        except ProtocolError as e:
+            self.lost(e)
+            return len(data), 0
+        self._deliver(packets)
+        return used, need
+
+    def _deliver(self, packets: list[tuple[int, int, Buffer]]) -> None:
         pop = self.waiters.pop
         for pkttype, rid, payload in packets:
             if pkttype == FXP_VERSION:  # the id is the version
