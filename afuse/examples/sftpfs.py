@@ -854,11 +854,13 @@ class ListingProgress:
         #: No more entries will come (the listing ended, or failed).
         self.done = False
         self._waiter: trio.Event | None = None
+        self._until = sys.maxsize  # wake the waiters once more than this many arrived
 
     def arrived(self, names: list[bytes]) -> None:
         """``names`` (already in :attr:`by_name`) arrived."""
         self.names += names
-        self._wake()
+        if len(self.names) > self._until:
+            self._wake()
 
     def finish(self) -> None:
         self.done = True
@@ -866,14 +868,17 @@ class ListingProgress:
 
     def _wake(self) -> None:
         w, self._waiter = self._waiter, None
+        self._until = sys.maxsize
         if w is not None:
             w.set()
 
     async def wait_beyond(self, n: int) -> None:
-        """Return once more than ``n`` entries arrived, or none will."""
+        """Return once more than ``n`` entries arrived, or none will (woken only then: not by
+        each batch before)."""
         while len(self.names) <= n and not self.done:
             if self._waiter is None:
                 self._waiter = trio.Event()
+            self._until = min(self._until, n)
             await self._waiter.wait()
 
 
@@ -1665,10 +1670,17 @@ class SftpNode(Node):
         self.listed, self.misses = started, 0
         self.missed.clear()
         self.stale.clear()
-        get, prefix = self.fs.live.get, _join(self.path, b"")
-        for name, a in listing.items():  # fresher attributes for the nodes the kernel holds
-            child = get(prefix + name)
-            if child is not None and (a.permissions or 0) & 0o170000 == child.mode & 0o170000:
+        live, prefix = self.fs.live, _join(self.path, b"")
+        if len(live) < len(listing):  # the nodes the kernel holds are fewer: look through them
+            cut = len(prefix)
+            held = [(path[cut:], child) for path, child in live.items()
+                    if path.startswith(prefix) and b"/" not in path[cut:] and path[cut:] in listing]
+        else:
+            get = live.get
+            held = [(name, child) for name in listing if (child := get(prefix + name)) is not None]
+        for name, child in held:  # fresher attributes for the nodes the kernel holds
+            a = listing[name]
+            if (a.permissions or 0) & 0o170000 == child.mode & 0o170000:
                 child._set(a, started)
 
     async def lookup(self, name: bytes) -> Node | None:
