@@ -154,7 +154,7 @@ async def test_ended_workers_buffers_are_reused_and_never_under_a_blocked_handle
         copy = data.tobytes()
 
         async def handler() -> None:
-            if data[:1] == b"B":
+            if bytes(data[:1]) == b"B":
                 await trio.sleep(0.003)  # blocks: the device goes to another worker
                 intact.append(data.tobytes() == copy)
 

@@ -25,7 +25,7 @@ def test_read_pipe_delivers_everything_in_order_then_closes() -> None:
             pos += os.write(w, payload[pos:pos + rng.choice([1, 7, 1000, 65536, 200_000])])
         os.close(w)
 
-    got: list[bytes] = []
+    got: list[memoryview] = []
 
     async def main() -> None:
         t = threading.Thread(target=feed)
