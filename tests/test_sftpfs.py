@@ -544,6 +544,64 @@ def test_directport(tmp_path: Path) -> None:
             proc.wait()
 
 
+def test_passive_over_stdin_and_stdout(tmp_path: Path) -> None:
+    """-o passive (sshfs's; ``slave`` its older name): SFTP over sftpfs's stdin and stdout, here
+    joined to OpenSSH's sftp-server by two pipes (as dpipe would); ``ready`` goes to stderr. When
+    the server goes away requests fail EIO and the mount stays. Without a pipe or socket on stdin
+    and stdout, and with --reconnect, it is a clear error."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    data = os.urandom(600_000)
+    (remote / "f").write_bytes(data)
+    binary = shutil.which("sftp-server") or "/usr/lib/openssh/sftp-server"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "afuse.examples.sftpfs"]
+    for bad, stdin in ((["-o", "passive"], subprocess.DEVNULL), (["-o", "slave", "--reconnect"], None)):
+        out = subprocess.run([*cmd, f"server:{remote}", str(tmp_path), *bad], stdin=stdin, capture_output=True,
+                             text=True, env=env, timeout=60)
+        assert out.returncode == 2 and "passive" in out.stderr, out.stderr
+    to_fs_r, to_fs_w = os.pipe()
+    to_server_r, to_server_w = os.pipe()
+    server = subprocess.Popen([binary, "-d", str(remote)], stdin=to_server_r, stdout=to_fs_w)
+    mnt = tempfile.mkdtemp(prefix="afuse-sftpfs-")
+    errlog = tmp_path / "stderr"
+    with open(errlog, "wb") as err:
+        proc = subprocess.Popen([*cmd, f":{remote}", mnt, "-o", "passive"], stdin=to_fs_r, stdout=to_server_w,
+                                stderr=err, env=env)
+    for fd in (to_fs_r, to_fs_w, to_server_r, to_server_w):
+        os.close(fd)
+    try:
+        deadline = time.monotonic() + 30
+        while b"ready" not in errlog.read_bytes().splitlines() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _mounted(mnt), errlog.read_text()
+        m = Path(mnt)
+        assert (m / "f").read_bytes() == data
+        (m / "d").mkdir()
+        (m / "d" / "g").write_bytes(data[:5000])
+        assert sorted(os.listdir(m)) == ["d", "f"] and (remote / "d" / "g").read_bytes() == data[:5000]
+        server.kill()
+        server.wait()
+        with pytest.raises(OSError) as e:
+            (m / "new").write_bytes(b"x")
+        assert e.value.errno == errno.EIO
+        assert _mounted(mnt)  # the mount stays
+    finally:
+        server.kill()
+        server.wait()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(15)
+        if _mounted(mnt):
+            subprocess.run(["umount", "-l", mnt], check=False, timeout=15)
+        os.rmdir(mnt)
+    assert "Traceback" not in errlog.read_text()
+
+
 def _ssh_children_argv(port: int) -> list[list[str]]:
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -804,6 +862,8 @@ def test_command_line_errors(sshd: Any, tmp_path: Path) -> None:
 
     res = run("no-colon-here", str(tmp_path))
     assert res.returncode == 2 and "[USER@]HOST:[DIR]" in res.stderr
+    res = run(f":{tmp_path}", str(tmp_path))
+    assert res.returncode == 2 and "names no HOST" in res.stderr
     res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "cache_timeout=-1")
     assert res.returncode == 2 and "cache_timeout" in res.stderr
     port = sshd_tool.free_port()

@@ -142,6 +142,9 @@ class SftpOptions:
     sftp_server: str = "sftp"
     #: sshfs's ``directport``: SFTP straight over TCP to this port, no SSH (None: over SSH).
     directport: int | None = None
+    #: sshfs's ``passive`` (``slave``): SFTP over this process's stdin and stdout, which another
+    #: program connects to an SFTP server (no SSH started here; ``ready`` goes to stderr).
+    passive: bool = False
     #: Options for the ``ssh`` client as ``NAME=VALUE`` (``-o ProxyJump=...``, as sshfs passes
     #: them); they come first, so they win over sftpfs's own (ssh takes an option's first value).
     ssh_options: list[str] = attrs.Factory(list)
@@ -225,8 +228,8 @@ class Connection:
 
     async def _connect(self) -> None:
         o = self.pool.options
-        start = (_TcpLink.start if o.directport is not None else _AsyncsshLink.start if o.transport == "asyncssh"
-                 else _SshProcess.start)
+        start = (_TcpLink.start if o.directport is not None else _StdioLink.start if o.passive
+                 else _AsyncsshLink.start if o.transport == "asyncssh" else _SshProcess.start)
         link = await start(o, self.pool.tasks())
         self.link, self.sftp = link, link.client
         self.generation += 1
@@ -656,6 +659,31 @@ class _TcpLink(_FdLink):
         stream = await trio.open_tcp_stream(o.host, o.directport)
         fd = stream.socket.detach()  # non-blocking, TCP_NODELAY
         self = cls(PipeWriter(os.dup(fd), nursery), fd)
+        nursery.start_soon(self._read)
+        try:
+            await self.client.start()
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+
+class _StdioLink(_FdLink):
+    """``-o passive`` (sshfs's): SFTP over this process's stdin and stdout, connected to a server
+    by whoever started it (``dpipe``, ``socat``, an ``ssh`` the other way round). Once lost, it
+    is gone: there is nothing to reconnect to."""
+
+    _gone = "the SFTP server on stdin and stdout went away"
+
+    @classmethod
+    async def start(cls, o: SftpOptions, nursery: trio.Nursery) -> _StdioLink:
+        # Copies of the descriptors, so that closing them leaves 0 and 1 open (nothing else here
+        # may write to stdout: it is the server's). Non-blocking affects the pipes' other users
+        # too, as with any pipe trio reads.
+        rfd, wfd = os.dup(0), os.dup(1)
+        for fd in (rfd, wfd):
+            os.set_blocking(fd, False)
+        self = cls(PipeWriter(wfd, nursery), rfd)
         nursery.start_soon(self._read)
         try:
             await self.client.start()
@@ -2170,11 +2198,12 @@ class SftpFS(NodeFS):
 
 # -- command line -----------------------------------------------------------------------------------
 
-_REMOTE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/@\[\]]+):(?P<path>.*)$")
+_REMOTE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/@\[\]]*):(?P<path>.*)$")
 
 
 def parse_remote(spec: str) -> tuple[str | None, str, str]:
-    """``[USER@]HOST:[DIR]`` -> (user, host, dir); ValueError if it is not that."""
+    """``[USER@]HOST:[DIR]`` -> (user, host, dir); ValueError if it is not that (HOST may be
+    empty here: ``-o passive`` connects to no host)."""
     m = _REMOTE.match(spec)
     if m is None:
         raise ValueError(f"remote {spec!r} is not [USER@]HOST:[DIR]")
@@ -2195,7 +2224,7 @@ SSH_OPTIONS = frozenset("""AddressFamily BatchMode BindAddress BindInterface Cer
 _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout", "cache",
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
                 "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap", "uidfile", "gidfile", "nomap",
-                "sftp_server", "directport", "transform_symlinks",
+                "sftp_server", "directport", "transform_symlinks", "passive", "slave",
                 "follow_symlinks"}
 
 
@@ -2258,6 +2287,8 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             o.follow_symlinks = True
         elif key == "transform_symlinks":
             o.transform_symlinks = True
+        elif key in ("passive", "slave"):
+            o.passive = True
         elif key == "Ciphers":
             o.ciphers = value.replace(",", ":").split(":")
         elif key == "idmap":
@@ -2282,7 +2313,7 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
             if not shlex.split(value):
                 raise ValueError("ssh_command is empty")
             o.ssh_command = value
-        if not eq and key not in ("reconnect", "follow_symlinks", "transform_symlinks"):
+        if not eq and key not in ("reconnect", "follow_symlinks", "transform_symlinks", "passive", "slave"):
             raise ValueError(f"option {key} needs a value")
     if o.idmap == "file":
         if o.uidfile is None and o.gidfile is None:
@@ -2299,7 +2330,24 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
     if o.directport is not None and (o.transport != "ssh" or o.ssh_options or o.sftp_server != "sftp"):
         raise ValueError("directport speaks SFTP over TCP, without SSH: not with --transport asyncssh, "
                          "ssh options or sftp_server")
-    if o.transport == "ssh" and o.directport is None and shutil.which(shlex.split(o.ssh_command)[0]) is None:
+    if not o.host and not o.passive:
+        raise ValueError(f"remote {args.remote!r} names no HOST (only -o passive goes without one)")
+    if o.passive:
+        if o.directport is not None or o.transport != "ssh" or o.ssh_options or o.sftp_server != "sftp":
+            raise ValueError("passive speaks SFTP over stdin and stdout: not with directport, "
+                             "--transport asyncssh, ssh options or sftp_server")
+        if o.connections != 1 or o.reconnect:
+            raise ValueError("passive has one connection (stdin and stdout): not with --connections or --reconnect")
+        for fd, name in ((0, "stdin"), (1, "stdout")):
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError:
+                raise ValueError(f"passive: {name} is closed (connect it to an SFTP server)") from None
+            if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                raise ValueError(f"passive: {name} is not a pipe or a socket (connect it to an SFTP server, "
+                                 "e.g. with dpipe or socat)")
+    if (o.transport == "ssh" and o.directport is None and not o.passive
+            and shutil.which(shlex.split(o.ssh_command)[0]) is None):
         raise ValueError(f"{shlex.split(o.ssh_command)[0]!r} not found (apt-get install openssh-client, "
                          "or --transport asyncssh)")
     return o, MountOptions.parse(",".join(mount))
@@ -2409,6 +2457,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="comma-separated: cache_timeout=S, cache_stat_timeout=S, cache_dir_timeout=S, "
                         "cache_link_timeout=S, cache=yes|no, known_hosts=FILE (none: no check), IdentityFile=F, "
                         "Port=N, Ciphers=A:B, ssh_command=CMD, sftp_server=NAME|PATH, directport=PORT, "
+                        "passive (slave), "
                         "readahead=BYTES, write_window=BYTES, reconnect, idmap=user|file|none, uidfile=F, gidfile=F, "
                         "nomap=ignore|error, follow_symlinks, transform_symlinks, ssh's own (ProxyJump=, "
                         "ServerAliveInterval=, Compression=, ...); others are mount options")
@@ -2429,7 +2478,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 after an unmount, SIGTERM or SIGHUP; 130 after Ctrl-C; 1 if it cannot connect or
-    mount; 2 for bad arguments. Prints ``ready`` once mounted."""
+    mount; 2 for bad arguments. Prints ``ready`` once mounted (to stderr with ``-o passive``,
+    whose stdout is the SFTP server's)."""
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s sftpfs %(levelname)s %(message)s")
@@ -2443,7 +2493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # What exists now (modules, the connections, the mount) lives as long as the process:
         # the cyclic garbage collector need not walk it again at every full collection.
         gc.freeze()
-        print("ready", flush=True)
+        print("ready", file=sys.stderr if options.passive else sys.stdout, flush=True)
 
     try:
         stopped_by = run(options, args.mountpoint, mount_options, ready, poll_us=args.poll_us)
