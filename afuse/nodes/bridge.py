@@ -101,8 +101,6 @@ def _classes(root: Node) -> set[type]:
 
 _GENERATED: dict[tuple[type, frozenset[str]], type] = {}
 _DIR_ITEM = frozenset({DirItem})
-#: Entries (``.`` and ``..`` included) in the first READDIRPLUS of a listing, with READDIRPLUS_AUTO.
-_FIRST_PLUS = 34
 
 
 class _DirStream:
@@ -136,6 +134,9 @@ class NodeFS(Operations):
 
     #: How long the kernel may cache a name's absence (0: not at all; each miss asks again).
     negative_timeout: float = 0.0
+    #: Entries (``.`` and ``..`` included; at least 3) in the first READDIRPLUS of a listing when
+    #: the kernel chooses between READDIR and READDIRPLUS (READDIRPLUS_AUTO): see :meth:`readdirplus`.
+    first_readdirplus: int = 3
 
     def __init__(self, root: Node, *, types: Iterable[type] = (), generation: int = 0) -> None:
         if not isinstance(root, Node) or not root.is_dir:
@@ -340,7 +341,8 @@ class NodeFS(Operations):
         """Remember the serving session (notifications, passthrough)."""
         self._session = current_session()
         self._passthrough = negotiated.has(InitFlag.PASSTHROUGH)
-        self._first_plus = _FIRST_PLUS if negotiated.has(InitFlag.READDIRPLUS_AUTO) else None
+        auto = negotiated.has(InitFlag.READDIRPLUS_AUTO)
+        self._first_plus = max(3, self.first_readdirplus) if auto else None
 
     async def forget(self, req: r.ForgetRequest) -> None:
         """Drop lookup counts; a node left with none and outside the persistent tree is dropped."""
@@ -1193,11 +1195,11 @@ class NodeFS(Operations):
         """READDIRPLUS: as READDIR with entries; each entry the kernel takes counts one lookup.
 
         With READDIRPLUS_AUTO the kernel asks for READDIRPLUS at offset 0 of every listing, even
-        a plain ``ls``, and afterwards only when entries are being looked up (a lookup, or a stat
-        of an entry a READDIRPLUS made, advises it). So the first answer holds a few entries
-        (:data:`_FIRST_PLUS`): a plain listing goes on with plain READDIRs, without a node and
-        attributes for each of its first ~200 entries; ``ls -l`` and ``scandir`` + ``stat`` go
-        on with READDIRPLUS."""
+        a plain ``ls``, and afterwards only when entries are being looked up (a lookup, or a
+        path walk through an entry a READDIRPLUS made, advises it). So the first answer holds
+        :attr:`first_readdirplus` entries (3: the dots and one entry): a plain listing goes on
+        with plain READDIRs, without a node and attributes per entry, while ``ls -l`` or
+        ``scandir`` + ``stat``, by the ``stat`` of that one entry, go on with READDIRPLUS."""
         stream = self._stream(req)
         ck = self._cookies(stream.node)
         first = self._first_plus if req.offset == 0 else None
