@@ -17,6 +17,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -643,6 +644,39 @@ def test_ssh_options_reach_the_ssh_client(sshd: Any, tmp_path: Path) -> None:
         assert any(a[-1] == f"{server} -l INFO" and "-s" not in a for a in _ssh_children_argv(sshd.port))
 
 
+def test_sshfs_option_names_and_shown_owner_and_mode(sshd: Any, tmp_path: Path) -> None:
+    """sshfs's option names (max_conns, dir_cache, dcache_*) and libfuse's uid=, gid=, umask=:
+    every file shown with that owner and mode, while chmod and chown still reach the server."""
+    from afuse.examples.sftpfs import _options, make_parser
+
+    o, _ = _options(make_parser().parse_args(
+        ["h:/d", "/m", "-o", "max_conns=3,dcache_timeout=5,dcache_link_timeout=2,dir_cache=no"]))
+    assert (o.connections, o.stat_timeout, o.dir_timeout, o.link_timeout) == (3, 5.0, 0.0, 2.0)
+    o, _ = _options(make_parser().parse_args(["h:/d", "/m", "-o", "uid=4321,gid=4322,umask=027"]))
+    assert (o.uid, o.gid, o.umask) == (4321, 4322, 0o027)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "f").write_bytes(b"data")
+    (remote / "d").mkdir()
+    os.chmod(remote / "f", 0o600)
+    os.symlink("f", remote / "l")
+    with sftpfs(sshd, remote, "-o", "uid=4321,gid=4322,umask=027,max_conns=2,dir_cache=no") as mnt:
+        for name, kind in (("f", stat.S_IFREG), ("d", stat.S_IFDIR), ("l", stat.S_IFLNK)):
+            st = os.lstat(Path(mnt) / name)
+            assert (st.st_uid, st.st_gid, st.st_mode) == (4321, 4322, kind | 0o750), name
+        assert (Path(mnt) / "f").read_bytes() == b"data"
+        os.chmod(Path(mnt) / "f", 0o644)  # reaches the server; shown as umask says
+        assert stat.S_IMODE(os.stat(remote / "f").st_mode) == 0o644
+        assert stat.S_IMODE(os.stat(Path(mnt) / "f").st_mode) == 0o750
+        os.chown(Path(mnt) / "f", 555, 556)
+        assert (os.stat(remote / "f").st_uid, os.stat(remote / "f").st_gid) == (555, 556)
+        assert os.stat(Path(mnt) / "f").st_uid == 4321
+        assert len(_ssh_children_argv(sshd.port)) == 2  # max_conns=2: two connections
+        assert sorted(os.listdir(mnt)) == ["d", "f", "l"]
+        (remote / "new").write_bytes(b"n")  # dir_cache=no: the next listing asks the server
+        assert sorted(os.listdir(mnt)) == ["d", "f", "l", "new"]
+
+
 def test_a_small_file_is_one_read(tmp_path: Path) -> None:
     """Opening and reading a file smaller than a chunk sends one SFTP READ: a short answer that
     reaches the size known is the end of the file (asking for the rest would cost a round trip),
@@ -888,6 +922,12 @@ def test_command_line_errors(sshd: Any, tmp_path: Path) -> None:
     assert res.returncode == 2 and "ProxyJump=far is an option of the ssh client" in res.stderr
     res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", "Compression")
     assert res.returncode == 2 and "ssh option Compression needs a value" in res.stderr
+    for opt, why in (("password_stdin", "never asks for a password"), ("umask=999", "umask must be octal"),
+                     ("umask=1777", "umask 1777 is not 0-777"), ("uid=me", "uid must be a number"),
+                     ("gid=-1", "gid -1 is not a valid id"), ("max_conns=0", "max_conns must be >= 1"),
+                     ("dir_cache=maybe", "dir_cache must be yes or no"), ("dcache_timeout=-2", "cache_timeout")):
+        res = run(sshd.target(str(tmp_path)), str(tmp_path), "-o", opt)
+        assert res.returncode == 2 and why in res.stderr, (opt, res.stderr)
     wrong = tmp_path / "wrong_known_hosts"
     wrong.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 "
                      "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")

@@ -170,6 +170,12 @@ class SftpOptions:
     #: ``idmap=file``'s maps (sshfs's ``uidfile``, ``gidfile``) and ``nomap`` ("ignore" or "error").
     uidfile: str | None = None
     gidfile: str | None = None
+    #: libfuse's (and so sshfs's) ``uid=``, ``gid=`` and ``umask=``: every file shown with this
+    #: owner, group, and permission bits ``0o777 & ~umask`` (None: as the server has them). What
+    #: is shown only: chmod and chown still go to the server.
+    uid: int | None = None
+    gid: int | None = None
+    umask: int | None = None
     nomap: str = "ignore"
     #: Show a symlink on the server as what it points to (sshfs's ``follow_symlinks``): its type
     #: and attributes are its target's (a dangling one stays a symlink).
@@ -1497,7 +1503,9 @@ class IdMap:
         return (uid if u is None else u, gid if g is None else g)
 
 
-def _attr(a: FileAttrs, ino: int, idmap: IdMap | None = None) -> Attr:
+def _attr(a: FileAttrs, ino: int, idmap: IdMap | None = None,
+          shown: tuple[int | None, int | None, int | None] | None = None) -> Attr:
+    """The kernel's attributes for ``a``; ``shown``: the ``uid=``, ``gid=``, ``umask=`` options."""
     mtime = (a.mtime or 0) * 1_000_000_000
     atime = (a.atime or 0) * 1_000_000_000
     size = a.size or 0
@@ -1505,6 +1513,11 @@ def _attr(a: FileAttrs, ino: int, idmap: IdMap | None = None) -> Attr:
     uid, gid = a.uid or 0, a.gid or 0
     if idmap is not None:
         uid, gid = idmap.local(uid, gid)
+    if shown is not None:
+        uid = uid if shown[0] is None else shown[0]
+        gid = gid if shown[1] is None else shown[1]
+        if shown[2] is not None:
+            mode = (mode & 0o170000) | (0o777 & ~shown[2])
     return Attr(ino=ino, mode=mode, nlink=1, uid=uid, gid=gid, size=size,
                 blocks=(size + 511) // 512, atime_ns=atime, mtime_ns=mtime, ctime_ns=mtime,
                 blksize=_DIR_BLKSIZE if mode & 0o170000 == stat.S_IFDIR else CHUNK)
@@ -1760,7 +1773,7 @@ class SftpNode(Node):
                 a = await f.run(lambda c, h: c.fstat(h))
             self.fetched = -1e9  # answer what was just read, even if it changed meanwhile
             self._set(a, max(when, self.changed))
-        return _attr(self.sattrs, self.ino, self.fs.idmap)
+        return _attr(self.sattrs, self.ino, self.fs.idmap, self.fs.shown)
 
     async def setattr(self, changes: SetattrRequest) -> Attr:
         """chmod, chown, truncate, utimens: SETSTAT (FSETSTAT on an open file)."""
@@ -2090,6 +2103,9 @@ class SftpFS(NodeFS):
         self.options = pool.options
         #: ``idmap=user`` or ``idmap=file``'s mapping, or None.
         self.idmap = idmap
+        #: The ``uid=``, ``gid=``, ``umask=`` options (None: none given).
+        o = pool.options
+        self.shown = None if o.uid is None and o.gid is None and o.umask is None else (o.uid, o.gid, o.umask)
         #: Path -> the live node for it (nodes the kernel holds, and the root).
         self.live: dict[bytes, SftpNode] = {}
         root = SftpNode(self, root_path, root_attrs)
@@ -2225,7 +2241,21 @@ _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cac
                 "known_hosts", "UserKnownHostsFile", "IdentityFile", "Port", "readahead", "write_window",
                 "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap", "uidfile", "gidfile", "nomap",
                 "sftp_server", "directport", "transform_symlinks", "passive", "slave",
-                "follow_symlinks"}
+                "follow_symlinks", "max_conns", "dir_cache", "dcache_timeout", "dcache_stat_timeout",
+                "dcache_dir_timeout", "dcache_link_timeout", "uid", "gid", "umask", "password_stdin"}
+
+#: sshfs's options that sftpfs does not take, and why (a clear error rather than "unknown").
+_NOT_TAKEN = {
+    "password_stdin": "sftpfs logs in with keys (-i, an ssh agent, ~/.ssh/config) and never asks for a "
+                      "password",
+}
+
+
+def _int_option(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{key} must be a number, not {value!r}") from None
 
 
 def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
@@ -2250,6 +2280,10 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
         if key not in _OWN_OPTIONS:
             mount.append(opt)
             continue
+        if key in _NOT_TAKEN:
+            raise ValueError(f"-o {key}: {_NOT_TAKEN[key]}")
+        if key.startswith("dcache_"):  # sshfs 3's names for the cache_ options
+            key = key[1:]
         if key in ("cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout"):
             t = float(value)
             if t < 0:
@@ -2265,6 +2299,27 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
                 raise ValueError("cache must be yes or no")
             if value == "no":
                 o.stat_timeout = o.dir_timeout = o.link_timeout = 0.0
+        elif key == "dir_cache":
+            if value not in ("yes", "no"):
+                raise ValueError("dir_cache must be yes or no")
+            if value == "no":
+                o.dir_timeout = 0.0
+        elif key == "max_conns":
+            o.connections = _int_option(key, value)
+            if o.connections < 1:
+                raise ValueError("max_conns must be >= 1")
+        elif key in ("uid", "gid"):
+            n = _int_option(key, value)
+            if not 0 <= n < 0xFFFFFFFF:
+                raise ValueError(f"{key} {n} is not a valid id")
+            setattr(o, key, n)
+        elif key == "umask":
+            try:
+                o.umask = int(value, 8)
+            except ValueError:
+                raise ValueError(f"umask must be octal, not {value!r}") from None
+            if not 0 <= o.umask <= 0o777:
+                raise ValueError(f"umask {value} is not 0-777")
         elif key in ("known_hosts", "UserKnownHostsFile"):
             o.known_hosts = value
         elif key == "StrictHostKeyChecking":
@@ -2459,7 +2514,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "Port=N, Ciphers=A:B, ssh_command=CMD, sftp_server=NAME|PATH, directport=PORT, "
                         "passive (slave), "
                         "readahead=BYTES, write_window=BYTES, reconnect, idmap=user|file|none, uidfile=F, gidfile=F, "
-                        "nomap=ignore|error, follow_symlinks, transform_symlinks, ssh's own (ProxyJump=, "
+                        "nomap=ignore|error, follow_symlinks, transform_symlinks, uid=N, gid=N, umask=M, "
+                        "sshfs's max_conns=N, dir_cache=yes|no, dcache_timeout=S (and dcache_stat/dir/link_timeout), "
+                        "ssh's own (ProxyJump=, "
                         "ServerAliveInterval=, Compression=, ...); others are mount options")
     p.add_argument("--transport", choices=("ssh", "asyncssh"), default="ssh",
                    help="ssh: OpenSSH's client as a child process, as sshfs runs it (the default); "
