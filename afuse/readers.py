@@ -158,6 +158,7 @@ class ReaderPool:
 
     # -- running ---------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection  # Ctrl-C reaches the user's task, never this bookkeeping
     async def run(self, serve: Serve, scope: trio.CancelScope) -> None:
         """Read and ``serve`` requests until the connection ends, :meth:`drain`, or ``scope`` is cancelled."""
         self._serve = serve

@@ -310,6 +310,7 @@ class Session:
             self.backing = self.dispatcher.backing = BackingTable(self.mount.fd)
         self.ops.init(neg)
 
+    @trio.lowlevel.enable_ki_protection  # Ctrl-C reaches the user's task, never this bookkeeping
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve requests with the reader pool until the connection ends or :meth:`stop_readers`."""
         async with trio.open_nursery() as nursery:
@@ -531,6 +532,7 @@ class Takeover:
     resend: bool = True
 
 
+@trio.lowlevel.enable_ki_protection  # Ctrl-C reaches the user's task (or, run alone, its next wait)
 async def serve(
     ops: Operations | Mountable,
     mountpoint: str | os.PathLike[str],

@@ -354,6 +354,7 @@ class Uring:
 
     # -- serving ---------------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection  # Ctrl-C reaches the user's task, never this bookkeeping
     async def run(self, session: Session) -> None:
         """Serve requests from the ring until the connection ends or :meth:`stop`."""
         self._session = session

@@ -262,6 +262,48 @@ def test_mount_unmounts_on_keyboard_interrupt(tmp_path: Path) -> None:
         assert not is_mounted(mp)
 
 
+def test_ctrl_c_never_lands_in_the_reader_pools_bookkeeping(tmp_path: Path) -> None:
+    # Ctrl-C while the reader pool starts a worker: delivered to the block's task, not raised in
+    # the middle of the pool's nursery (where, between creating a nursery's __aexit__ and awaiting
+    # it, it once left the nursery unclosed and mount() raised an ExceptionGroup).
+    script = textwrap.dedent(
+        """
+        import signal, sys, trio, afuse
+        from afuse.examples.hello import HelloFS
+        from afuse.readers import ReaderPool
+
+        start, started = ReaderPool._start_worker, []
+
+        def start_worker(self, *args, **kwargs):
+            if not started:
+                signal.raise_signal(signal.SIGINT)  # its handler runs here, in the pool's frames
+            start(self, *args, **kwargs)
+            started.append(1)
+
+        ReaderPool._start_worker = start_worker
+
+        async def main():
+            async with afuse.mount(HelloFS(), sys.argv[1]):
+                await trio.sleep_forever()
+
+        try:
+            trio.run(main)
+        except BaseException as e:
+            print(type(e).__name__, len(started) > 0, flush=True)
+        """
+    )
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script, str(mp)], capture_output=True, text=True, timeout=TIMEOUT)
+    try:
+        assert (proc.returncode, proc.stdout) == (0, "KeyboardInterrupt True\n"), proc.stderr
+        assert "never awaited" not in proc.stderr, proc.stderr
+    finally:
+        if is_mounted(mp):
+            subprocess.run(["umount", "-l", str(mp)], check=False)
+    assert not is_mounted(mp)
+
+
 def test_run_outside_the_main_thread_refuses_before_mounting(mp: Path) -> None:
     # Signals can only be caught in the main thread: run says so instead of mounting.
     errors: list[BaseException] = []
