@@ -94,6 +94,7 @@ class Config:
     phases: tuple[int, ...] = (0, 20)  # added round trip, ms
     workloads: tuple[str, ...] = tuple(WORKLOADS)
     cipher: str = "aes128-gcm@openssh.com"  # both sides; "" leaves each its own default
+    settle: float = 0.0  # seconds idle between the set-up's sync and the timed run
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,6 +489,8 @@ def run_phase(rtt_ms: int, sshd: Any, base: str, cfg: Config, sides: list[str], 
                     os.mkdir(mount_dir)
                     wl.prepare(server_dir, cfg)
                     os.sync()  # neither side pays for the writeback of what came before
+                    if cfg.settle:  # nor for the kernel's deferred work after it; the CPUs go idle
+                        time.sleep(cfg.settle)
                     if request_log is not None:
                         request_log.since()
                     t = clock()
@@ -585,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                         "labelled columns; default sshfs,sftpfs")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="which workloads, comma-separated (default all: " + ",".join(WORKLOADS) + ")")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="seconds to stay idle between each set-up's sync and its timed run (default 0: "
+                        "timed right after the sync)")
     p.add_argument("--tmpdir", default=None, help="where the served directory and mountpoints go")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--count-requests", action="store_true",
@@ -597,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg, name, getattr(args, name))
     cfg.connections = args.connections
     cfg.cipher = args.cipher
+    if args.settle < 0:
+        p.error("--settle must be >= 0")
+    cfg.settle = args.settle
     cfg.phases = tuple(int(x) for x in args.phases.split(","))
     workloads = [w for w in args.workloads.split(",") if w]
     if not workloads or any(w not in WORKLOADS for w in workloads):
@@ -625,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     res.notes.append(NOT_NETEM)
     with open("/proc/loadavg") as f:
         res.notes.append("load average at start: " + " ".join(f.read().split()[:3]))
+    res.notes.append(f"each timed run starts {cfg.settle:g} s after the sync that ends its set-up"
+                     + (" (--settle)" if cfg.settle else " (right after it; --settle S waits)"))
     base = tempfile.mkdtemp(prefix="sftpbench-", dir=args.tmpdir)
     try:
         request_log = None
