@@ -2104,7 +2104,7 @@ class SftpFS(NodeFS):
         #: ``idmap=user`` or ``idmap=file``'s mapping, or None.
         self.idmap = idmap
         #: The ``uid=``, ``gid=``, ``umask=`` options (None: none given).
-        o = pool.options
+        o = self.options
         self.shown = None if o.uid is None and o.gid is None and o.umask is None else (o.uid, o.gid, o.umask)
         #: Path -> the live node for it (nodes the kernel holds, and the root).
         self.live: dict[bytes, SftpNode] = {}
@@ -2242,7 +2242,7 @@ _OWN_OPTIONS = {"cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cac
                 "reconnect", "StrictHostKeyChecking", "Ciphers", "ssh_command", "idmap", "uidfile", "gidfile", "nomap",
                 "sftp_server", "directport", "transform_symlinks", "passive", "slave",
                 "follow_symlinks", "max_conns", "dir_cache", "dcache_timeout", "dcache_stat_timeout",
-                "dcache_dir_timeout", "dcache_link_timeout", "uid", "gid", "umask", "password_stdin"}
+                "dcache_dir_timeout", "dcache_link_timeout", "uid", "gid", "umask"}
 
 #: sshfs's options that sftpfs does not take, and why (a clear error rather than "unknown").
 _NOT_TAKEN = {
@@ -2277,11 +2277,11 @@ def _options(args: argparse.Namespace) -> tuple[SftpOptions, MountOptions]:
                 raise ValueError(f"ssh option {key} needs a value")
             o.ssh_options.append(f"{key}={value}")
             continue
+        if key in _NOT_TAKEN:
+            raise ValueError(f"-o {key}: {_NOT_TAKEN[key]}")
         if key not in _OWN_OPTIONS:
             mount.append(opt)
             continue
-        if key in _NOT_TAKEN:
-            raise ValueError(f"-o {key}: {_NOT_TAKEN[key]}")
         if key.startswith("dcache_"):  # sshfs 3's names for the cache_ options
             key = key[1:]
         if key in ("cache_timeout", "cache_stat_timeout", "cache_dir_timeout", "cache_link_timeout"):
